@@ -1,0 +1,74 @@
+"""Keys and signatures, in RustDesk's formats (libsodium via PyNaCl).
+
+An ed25519 secret key is kept as libsodium's 64 bytes (seed || public key),
+base64 in a file with mode 0600, like hbbs's `id_ed25519`. Signatures use the
+combined form (64-byte signature || message), which is what IdPk travels in.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from agent.proto import message_pb2
+
+
+class KeyFileError(ValueError):
+    """A key file that exists but cannot be used; never silently replaced."""
+
+
+def load_or_create_signing_key(path: Path) -> SigningKey:
+    """Read a base64 64-byte (or 32-byte seed) ed25519 key; create one atomically if missing."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        key = SigningKey.generate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(bytes(key) + bytes(key.verify_key)).decode() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        pub = path.with_name(path.name + ".pub")
+        pub.write_text(public_key_b64(key) + "\n")
+        return key
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise KeyFileError(f"{path}: not base64") from None
+    if len(raw) == 64:
+        key = SigningKey(raw[:32])
+        if bytes(key.verify_key) != raw[32:]:
+            raise KeyFileError(f"{path}: public half does not match the seed")
+        return key
+    if len(raw) == 32:
+        return SigningKey(raw)
+    raise KeyFileError(f"{path}: expected a 64-byte ed25519 key, got {len(raw)} bytes")
+
+
+def public_key_b64(key: SigningKey) -> str:
+    """The text RustDesk clients configure as the server `key` (and send as licence_key)."""
+    return base64.b64encode(bytes(key.verify_key)).decode()
+
+
+def sign_id_pk(key: SigningKey, peer_id: str, pk: bytes) -> bytes:
+    """Combined signature over IdPk{id, pk}: what hbbs puts in PunchHoleResponse.pk."""
+    msg = message_pb2.IdPk(id=peer_id, pk=pk).SerializeToString()
+    return bytes(key.sign(msg))
+
+
+def open_signed_id_pk(verify_key: bytes, signed: bytes) -> tuple[str, bytes]:
+    """Check a combined-signed IdPk and return (id, pk); raises ValueError if forged or garbled."""
+    try:
+        msg = VerifyKey(verify_key).verify(signed)
+    except (BadSignatureError, ValueError, TypeError) as exc:
+        raise ValueError(f"bad signature: {exc}") from None
+    idpk = message_pb2.IdPk()
+    idpk.ParseFromString(msg)
+    return idpk.id, idpk.pk
