@@ -8,12 +8,12 @@ combined form (64-byte signature || message), which is what IdPk travels in.
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from agent.files import write_private
 from agent.proto import message_pb2
 
 
@@ -27,16 +27,8 @@ def load_or_create_signing_key(path: Path) -> SigningKey:
         text = path.read_text().strip()
     except FileNotFoundError:
         key = SigningKey.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(bytes(key) + bytes(key.verify_key)).decode() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        pub = path.with_name(path.name + ".pub")
-        pub.write_text(public_key_b64(key) + "\n")
+        write_private(path, base64.b64encode(bytes(key) + bytes(key.verify_key)) + b"\n")
+        path.with_name(path.name + ".pub").write_text(public_key_b64(key) + "\n")
         return key
     try:
         raw = base64.b64decode(text, validate=True)

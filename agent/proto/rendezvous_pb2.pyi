@@ -32,12 +32,14 @@ ASYMMETRIC: NatType
 SYMMETRIC: NatType
 
 class RegisterPeer(_message.Message):
-    __slots__ = ("id", "serial")
+    __slots__ = ("id", "serial", "nat_type")
     ID_FIELD_NUMBER: _ClassVar[int]
     SERIAL_FIELD_NUMBER: _ClassVar[int]
+    NAT_TYPE_FIELD_NUMBER: _ClassVar[int]
     id: str
     serial: int
-    def __init__(self, id: _Optional[str] = ..., serial: _Optional[int] = ...) -> None: ...
+    nat_type: NatType
+    def __init__(self, id: _Optional[str] = ..., serial: _Optional[int] = ..., nat_type: _Optional[_Union[NatType, str]] = ...) -> None: ...
 
 class RegisterPeerResponse(_message.Message):
     __slots__ = ("request_pk",)
@@ -134,10 +136,12 @@ class PunchHole(_message.Message):
     def __init__(self, socket_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., control_permissions: _Optional[_Union[ControlPermissions, _Mapping]] = ..., controlled_context: _Optional[_Union[ControlledContext, _Mapping]] = ...) -> None: ...
 
 class TestNatRequest(_message.Message):
-    __slots__ = ("serial",)
+    __slots__ = ("serial", "padding")
     SERIAL_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
     serial: int
-    def __init__(self, serial: _Optional[int] = ...) -> None: ...
+    padding: bytes
+    def __init__(self, serial: _Optional[int] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class TestNatResponse(_message.Message):
     __slots__ = ("port", "cu")

@@ -1,0 +1,226 @@
+"""Start and stop a private, lean, loopback-only Ray head, and attach a driver to it.
+
+DESIGN.md rule 3 and shared/notes/ray-feasibility.md: `ray start --head --block` with
+no monitor, no log monitor, no dashboard, the minimum object store, zero CPUs (so no
+idle workers are prestarted), usage stats off, a 1 s drain, its own temp dir and
+its own free ports, and `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` so every Ray port
+listens on 127.0.0.1 only. Token authentication stays on with a private token file
+in the temp dir (RAY_AUTH_TOKEN_PATH): the same RAY_AUTH_MODE and token must be in
+the environment of every process that talks to this head, which `RayHandle.env`
+carries. Stopping kills only what this head started (its process tree and anything
+naming its unique temp dir), never a machine-wide `ray stop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger("punchthrough.ray")
+
+MIN_OBJECT_STORE = 78_643_200
+"""75 MiB: below this Ray refuses to start."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+class RayStartError(RuntimeError):
+    """The private head did not come up; the message carries the tail of its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the usual small race is accepted)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def lean_env(token_path: Path | None) -> dict[str, str]:
+    """Variables every process that talks to a private head must share."""
+    env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "1",
+        "RAY_DEDUP_LOGS": "0",
+    }
+    if token_path is not None:
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    else:
+        env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """If our process dies without stopping the head, the head gets SIGTERM and tears itself down."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+@dataclass
+class RayHandle:
+    address: str
+    pid: int
+    temp_dir: Path
+    env: dict[str, str]
+    owns_temp_dir: bool = True
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def apply_env(self) -> None:
+        """Put this head's variables into os.environ (a driver must have them before ray.init)."""
+        os.environ.update(self.env)
+
+    def init_driver(self, namespace: str = "punchthrough") -> None:
+        """Attach this process as a Ray driver, quietly."""
+        self.apply_env()
+        init_driver(self.address, namespace=namespace)
+
+    def _ours(self) -> list[psutil.Process]:
+        procs: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.Error):
+            head = psutil.Process(self.pid)
+            procs[head.pid] = head
+            for c in head.children(recursive=True):
+                procs[c.pid] = c
+        # Anything else that names our unique temp dir was started by this head (workers
+        # re-parented after a crash, agents that outlive the raylet).
+        marker = str(self.temp_dir)
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if p.pid != os.getpid() and any(marker in part for part in (p.info["cmdline"] or [])):
+                    procs[p.pid] = p
+        return list(procs.values())
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM the head (it drains for <= 1 s), then SIGKILL whatever of ours is left."""
+        procs = self._ours()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=2.0)
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=1.0)
+        if self.owns_temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _ray_cli() -> str:
+    cand = Path(sys.executable).parent / "ray"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("ray")
+    if found is None:
+        raise RayStartError("the `ray` command was not found next to the Python interpreter or on PATH")
+    return found
+
+
+def start_private_head(
+    temp_dir: Path | None = None,
+    *,
+    object_store_bytes: int = MIN_OBJECT_STORE,
+    startup_timeout: float = 60.0,
+    auth: bool = True,
+) -> RayHandle:
+    """Start a lean loopback-only head and wait until it is up.
+
+    `temp_dir` should be short (Ray puts Unix sockets under it and the path limit is
+    107 bytes); by default a fresh /tmp/ptray-XXXX is created and removed on stop.
+    Call this from the main thread: the head is told to die with the thread that started it.
+    """
+    owns = temp_dir is None
+    tdir = Path(tempfile.mkdtemp(prefix="ptray-", dir="/tmp")) if temp_dir is None else Path(temp_dir)
+    tdir.mkdir(parents=True, exist_ok=True)
+    token_path: Path | None = None
+    if auth:
+        token_path = tdir / "auth_token"
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode())
+        finally:
+            os.close(fd)
+    env = lean_env(token_path)
+    port = free_port()
+    cmd = [
+        _ray_cli(),
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--temp-dir={tdir / 'ray'}",
+        "--num-cpus=0",
+        "--include-dashboard=False",
+        "--disable-usage-stats",
+        "--no-monitor",
+        "--include-log-monitor=False",
+        f"--object-store-memory={object_store_bytes}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        "--block",
+    ]
+    log_path = tdir / "head.log"
+    t0 = time.monotonic()
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            cmd,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    handle = RayHandle(f"127.0.0.1:{port}", proc.pid, tdir, env, owns, proc)
+    try:
+        while True:
+            text = log_path.read_bytes()
+            if b"Ray runtime started" in text:
+                break
+            if proc.poll() is not None:
+                raise RayStartError(f"ray start exited with {proc.returncode}: {_tail(text)}")
+            if time.monotonic() - t0 > startup_timeout:
+                raise RayStartError(f"ray start not up after {startup_timeout:.0f} s: {_tail(text)}")
+            time.sleep(0.05)
+    except BaseException:
+        handle.stop()
+        raise
+    log.info("private Ray head up at %s (pid %d) in %.1f s", handle.address, proc.pid, time.monotonic() - t0)
+    return handle
+
+
+def _tail(text: bytes, lines: int = 8) -> str:
+    return " | ".join(text.decode(errors="replace").strip().splitlines()[-lines:])
+
+
+def init_driver(address: str, namespace: str = "punchthrough") -> None:
+    """`ray.init` against an existing head with quiet logging (the caller set the environment)."""
+    import ray
+
+    ray.init(
+        address=address,
+        namespace=namespace,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        configure_logging=False,
+    )

@@ -1,0 +1,266 @@
+"""Relay replicas as Ray actors sharing one port (DESIGN.md rule 5).
+
+Each replica is an async actor (num_cpus=0, max_restarts=-1) that runs an ordinary
+RelayServer bound with SO_REUSEPORT, plus a Handoff (agent/relay_handoff.py): the
+kernel spreads accepted connections over the replicas of a host, and a replica that
+reads a uuid owned by a co-located sibling passes the socket to it, so both halves
+of a pair meet in one process. Bytes never travel through Ray; Ray only places,
+supervises and reports.
+
+Placement: replica i goes to alive node i mod (number of nodes), pinned with a hard
+NodeAffinitySchedulingStrategy. That spreads like SPREAD does, but deterministically:
+every replica knows at construction which siblings share its host (the fd-passing
+group), and a restarted replica (Ray re-runs `__init__` with the same arguments)
+comes back on the same host with the same group and socket name. Ray's SPREAD
+strategy is best effort and would leave the groups unknown until after placement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import types
+from collections import Counter, defaultdict
+from typing import Any
+
+from agent.relay_handoff import Handoff
+from agent.relay_server import RelayConfig, RelayServer, bind_listeners
+
+log = logging.getLogger("punchthrough.relay.pool")
+
+
+class RelayReplica:
+    """One replica as a plain asyncio object (what the Ray actor wraps; tests run it without Ray)."""
+
+    def __init__(self, cfg: RelayConfig, names: list[str], index: int) -> None:
+        self.cfg = cfg
+        self.handoff = Handoff(names, index)
+        self.server = RelayServer(cfg, router=self.handoff if len(names) > 1 else None)
+
+    async def start(self) -> dict[str, Any]:
+        await self.handoff.start(self.server.admit)
+        socks = bind_listeners(self.cfg.binds, self.cfg.port, reuse_port=True, backlog=self.cfg.backlog)
+        await self.server.start(socks)
+        return {"pid": os.getpid(), "port": self.server.port, "index": self.handoff.index}
+
+    def stats(self) -> dict[str, Any]:
+        st = self.server.stats()
+        st["handoff"] = self.handoff.stats()
+        st["pid"] = os.getpid()
+        return st
+
+    async def close(self) -> None:
+        await self.server.close()
+        await self.handoff.close()
+
+
+class _RelayActor:
+    """Ray wraps this class at one spot (relay_actor_class); servers start in __init__ so restarts serve."""
+
+    def __init__(self, cfg: dict[str, Any], names: list[str], index: int) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._replica = RelayReplica(RelayConfig(**cfg), names, index)
+        self._boot = asyncio.get_running_loop().create_task(self._replica.start())
+
+    async def ready(self) -> dict[str, Any]:
+        info = await asyncio.shield(self._boot)
+        import ray
+
+        info["node_id"] = ray.get_runtime_context().get_node_id()
+        return info
+
+    async def stats(self) -> dict[str, Any]:
+        await asyncio.shield(self._boot)
+        return self._replica.stats()
+
+    async def close(self) -> None:
+        await self._replica.close()
+
+
+_actor_cls: Any = None
+
+
+def relay_actor_class() -> Any:
+    global _actor_cls
+    if _actor_cls is None:
+        import ray
+
+        _actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_RelayActor)
+    return _actor_cls
+
+
+def plan_placement(node_ids: list[str], replicas: int) -> list[str]:
+    """Node for each replica: round robin over the (sorted) alive nodes."""
+    if not node_ids:
+        raise ValueError("no alive Ray node")
+    nodes = sorted(node_ids)
+    return [nodes[i % len(nodes)] for i in range(replicas)]
+
+
+def group_by_node(placement: list[str]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, node in enumerate(placement):
+        groups[node].append(i)
+    return dict(groups)
+
+
+def reserve_port(binds: list[str]) -> tuple[int, list[socket.socket]]:
+    """Pick a port free on every bind address and hold it with bound, non-listening
+    SO_REUSEPORT sockets, so replicas can bind it while nobody else can take it."""
+    for _ in range(20):
+        held: list[socket.socket] = []
+        port = 0
+        try:
+            for host in binds:
+                fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+                try:
+                    s = socket.socket(fam, socket.SOCK_STREAM)
+                except OSError:
+                    if host == "::":
+                        continue
+                    raise
+                held.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if fam == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    s.bind((host, port))
+                except OSError as exc:
+                    if host == "::" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                        held.pop().close()
+                        continue
+                    raise
+                port = s.getsockname()[1]
+            return port, held
+        except OSError as exc:
+            for s in held:
+                s.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, "could not reserve a common port")
+
+
+class RelayPool:
+    """Driver side: place, start, query and kill the replicas (Ray must be initialised)."""
+
+    def __init__(self, cfg: RelayConfig) -> None:
+        if cfg.replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        self.cfg = cfg
+        self.token = secrets.token_hex(4)
+        self.actors: list[Any] = []
+        self.infos: list[dict[str, Any]] = []
+        self.port = cfg.port
+
+    def start(self, timeout: float = 60.0) -> list[dict[str, Any]]:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        held: list[socket.socket] = []
+        if self.cfg.port == 0:
+            self.port, held = reserve_port(self.cfg.binds)
+        cfg = dataclasses.replace(self.cfg, port=self.port)
+        try:
+            list_nodes: Any = ray.nodes
+            nodes = [n["NodeID"] for n in list_nodes() if n.get("Alive")]
+            placement = plan_placement(nodes, cfg.replicas)
+            cls = relay_actor_class()
+            actors: list[Any] = [None] * cfg.replicas
+            for node, idxs in group_by_node(placement).items():
+                names = [f"pt-relay-{self.token}-{i}" for i in idxs]
+                for pos, i in enumerate(idxs):
+                    strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+                    actors[i] = cls.options(scheduling_strategy=strategy).remote(dataclasses.asdict(cfg), names, pos)
+            self.actors = actors
+            self.infos = list(ray.get([a.ready.remote() for a in actors], timeout=timeout))
+        finally:
+            for s in held:
+                s.close()
+        return self.infos
+
+    def stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Sum of the replicas' counters, plus each replica's own numbers."""
+        import ray
+
+        per = list(ray.get([a.stats.remote() for a in self.actors], timeout=timeout))
+        total: dict[str, Any] = {"replicas": per}
+        for key in ("pairs_active", "pairs_total", "waiting", "handshaking", "bytes_relayed", "handed_off"):
+            total[key] = sum(int(p[key]) for p in per)
+        drops: Counter[str] = Counter()
+        for p in per:
+            drops.update(p["drops"])
+        total["drops"] = dict(drops)
+        total["pump"] = per[0]["pump"] if per else None
+        total["limits"] = {
+            "stream_limit_bps": self.cfg.stream_limit_bps,
+            "total_limit_bps_per_replica": self.cfg.total_limit_bps,
+        }
+        return total
+
+    def stop(self) -> None:
+        import ray
+
+        for a in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(a, no_restart=True)
+        self.actors = []
+
+
+def run_pool(cfg: RelayConfig) -> int:
+    """`punchthrough relay --replicas N` / `--ray-address`: block until SIGINT/SIGTERM, then clean up.
+
+    Only a head we started is stopped (by its pids); an existing cluster is left alone.
+    """
+    from actors.ray_runtime import RayHandle, init_driver, start_private_head
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: types.FrameType | None) -> None:
+        stop.set()
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handle: RayHandle | None = None
+    pool: RelayPool | None = None
+    try:
+        if cfg.ray_address:
+            init_driver(cfg.ray_address)
+        else:
+            handle = start_private_head()
+            handle.init_driver()
+        if not stop.is_set():
+            pool = RelayPool(cfg)
+            infos = pool.start()
+            log.info(
+                "relay: %d replica(s) listening on port %d (pids %s)",
+                len(infos),
+                pool.port,
+                ", ".join(str(i["pid"]) for i in infos),
+            )
+        while not stop.wait(1.0):
+            pass
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                st = pool.stats()
+                st.pop("replicas", None)
+                log.info("relay: stopping (%s)", st)
+    finally:
+        if pool is not None:
+            pool.stop()
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        if handle is not None:
+            handle.stop()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return 0

@@ -1,0 +1,154 @@
+"""`punchthrough pipe` and `punchthrough connect -L`: user-side ends of a stream.
+
+Both ask the local agent's coordinator (control socket) to open a stream to a
+peer and hand it the local socket by fd; the agent's session owner pumps the
+encrypted session. `pipe` joins stdin/stdout to its end of a socketpair;
+`connect` hands over each accepted TCP connection directly, so its bytes never
+pass through this process at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import ctlproto
+from agent.addr import AddressError, parse_port, split_host_port
+from agent.runtime_paths import control_socket
+
+
+class ClientError(Exception):
+    """One line for the user; the CLI exits non-zero."""
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    bind_host: str
+    bind_port: int
+    target: str
+
+
+def parse_forward(text: str) -> ForwardSpec:
+    """`[BIND:]PORT:HOST:HOSTPORT` as ssh -L takes it (IPv6 hosts in brackets)."""
+    parts: list[str] = []
+    cur = ""
+    depth = 0
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == ":" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    if len(parts) == 3:
+        parts.insert(0, "127.0.0.1")
+    if len(parts) != 4 or depth != 0:
+        raise AddressError(f"-L wants [BIND:]PORT:HOST:HOSTPORT, got {text!r}")
+    bind, port, host, hostport = parts
+    bind = bind.strip("[]") or "127.0.0.1"
+    target = f"{host}:{hostport}"  # an IPv6 host keeps its brackets
+    split_host_port(target)
+    split_host_port(f"[{bind}]:1" if ":" in bind else f"{bind}:1")
+    return ForwardSpec(bind, parse_port(port, "local port"), target)
+
+
+def _open(state_dir: Path, peer: str, target: str, fd: int, path: str, password: str | None, timeout: float) -> Any:
+    request = {"op": "open", "peer": peer, "target": target, "path": path, "password": password}
+    ctl = control_socket(state_dir)
+    try:
+        reply = ctlproto.call(ctl, request, [fd], timeout=timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ClientError(f"no agent running for state dir {state_dir} (start it with `punchthrough up`)") from None
+    except TimeoutError:
+        raise ClientError(f"the agent did not open the stream within {timeout:.0f}s") from None
+    except (OSError, ctlproto.ControlError) as exc:
+        raise ClientError(f"agent control socket: {exc}") from None
+    if not reply.get("ok"):
+        raise ClientError(str(reply.get("error", "the agent refused")))
+    return reply
+
+
+def _session_error(state_dir: Path, sid: str) -> str:
+    with contextlib.suppress(Exception):
+        reply = ctlproto.call(control_socket(state_dir), {"op": "sessions"}, timeout=3)
+        for s in reply.get("sessions", []):
+            if s.get("id") == sid and s.get("error"):
+                return str(s["error"])
+    return "connection reset"
+
+
+def run_pipe(state_dir: Path, peer: str, target: str, path: str, password: str | None, timeout: float) -> int:
+    """stdin -> peer's target, target -> stdout. Exit 0 when the far side closed cleanly."""
+    mine, theirs = socket.socketpair()
+    try:
+        reply = _open(state_dir, peer, target, theirs.fileno(), path, password, timeout)
+    finally:
+        theirs.close()
+    stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
+
+    def upstream() -> None:
+        try:
+            while data := os.read(stdin_fd, 256 * 1024):
+                mine.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            mine.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=upstream, daemon=True).start()
+    try:
+        while data := mine.recv(256 * 1024):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(stdout_fd, view) :]
+    except ConnectionResetError:
+        raise ClientError(f"stream to {peer} failed: {_session_error(state_dir, reply.get('session', ''))}") from None
+    except BrokenPipeError:
+        return 0
+    finally:
+        mine.close()
+    return 0
+
+
+def run_forward(
+    state_dir: Path, peer: str, spec: ForwardSpec, path: str, password: str | None, timeout: float
+) -> int:
+    """Listen on spec.bind and hand every accepted connection to the agent; runs until interrupted."""
+    family = socket.AF_INET6 if ":" in spec.bind_host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((spec.bind_host, spec.bind_port))
+    except OSError as exc:
+        raise ClientError(f"cannot listen on {spec.bind_host}:{spec.bind_port}: {exc.strerror}") from None
+    listener.listen(128)
+    print(
+        f"forwarding {spec.bind_host}:{listener.getsockname()[1]} -> {spec.target} via peer {peer}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def serve(conn: socket.socket) -> None:
+        try:
+            _open(state_dir, peer, spec.target, conn.fileno(), path, password, timeout)
+        except ClientError as exc:
+            print(f"punchthrough: {exc}", file=sys.stderr, flush=True)
+        finally:
+            conn.close()
+
+    try:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    finally:
+        listener.close()

@@ -1,0 +1,177 @@
+"""The agent's typed configuration: one TOML file, every default written down here.
+
+`punchthrough config` prints the defaults as a TOML file; every option is also a
+flag of `punchthrough up`. Loading rejects unknown keys and wrong types with one
+line naming the key, so a typo never turns silently into a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from agent.addr import AddressError, split_host_port
+
+PATHS = ("auto", "relay", "direct")
+
+
+class ConfigError(ValueError):
+    """A config file or flag that cannot be used; the message is one line for people."""
+
+
+@dataclass
+class AgentSection:
+    server: str = ""
+    """Rendezvous server HOST[:PORT] (port 21116). Empty: run an embedded rendezvous and relay here."""
+    server_key: str = ""
+    """Base64 ed25519 key of the rendezvous server. Empty: the embedded server's key, else trust on first use."""
+    nat_test_port: int = 0
+    """The rendezvous server's NAT-test port; 0 means its port - 1, as RustDesk does."""
+    relay: str = ""
+    """Relay HOST:PORT for sessions this agent starts. Empty: the rendezvous host, port + 1."""
+    relay_key: str = ""
+    """Key the relay wants in RequestRelay.licence_key (empty: none)."""
+    path: str = "auto"
+    """Default path policy for outgoing sessions: auto, relay or direct."""
+    connect_timeout: float = 10.0
+    """Seconds a session may take to come up before `connect`/`pipe` give up."""
+
+
+@dataclass
+class AccessSection:
+    allow: list[str] = field(default_factory=list)
+    """Peer IDs allowed to connect to this agent (their key is pinned on first contact)."""
+    password_file: str = ""
+    """File holding a password that also admits a peer (or set PUNCHTHROUGH_PASSWORD)."""
+    allow_targets: list[str] = field(default_factory=list)
+    """HOST:PORT targets peers may reach through this agent; nothing else is forwarded."""
+
+
+@dataclass
+class EmbeddedSection:
+    rendezvous_port: int = 21116
+    """Port of the embedded rendezvous server (NAT-test port is one below)."""
+    relay_port: int = 21117
+    """Port of the embedded relay server."""
+    bind: str = "0.0.0.0"
+    """Address the embedded servers bind."""
+
+
+@dataclass
+class RaySection:
+    gcs_port: int = 0
+    """Port of this agent's private Ray head; 0 picks a free one."""
+
+
+@dataclass
+class Config:
+    agent: AgentSection = field(default_factory=AgentSection)
+    access: AccessSection = field(default_factory=AccessSection)
+    embedded: EmbeddedSection = field(default_factory=EmbeddedSection)
+    ray: RaySection = field(default_factory=RaySection)
+
+    def validate(self) -> Config:
+        if self.agent.path not in PATHS:
+            raise ConfigError(f"agent.path must be one of {', '.join(PATHS)}, got {self.agent.path!r}")
+        try:
+            if self.agent.server:
+                split_host_port(self.agent.server, 21116)
+            if self.agent.relay:
+                split_host_port(self.agent.relay, 21117)
+            for target in self.access.allow_targets:
+                split_host_port(target)
+        except AddressError as exc:
+            raise ConfigError(str(exc)) from None
+        for name in ("rendezvous_port", "relay_port"):
+            port = getattr(self.embedded, name)
+            if not 1 <= port <= 0xFFFF:
+                raise ConfigError(f"embedded.{name} must be within 1-65535, got {port}")
+        if self.agent.connect_timeout <= 0:
+            raise ConfigError("agent.connect_timeout must be positive")
+        return self
+
+
+def _fill(section: Any, values: dict[str, Any], where: str) -> None:
+    hints = get_type_hints(type(section))
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {where}.{key}")
+        want = hints[key]
+        ok = (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+            if want == list[str]
+            else isinstance(value, want) and not (want is int and isinstance(value, bool))
+        )
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(f"{where}.{key} must be {getattr(want, '__name__', str(want))}, got {value!r}")
+        setattr(section, key, value)
+
+
+def load(path: Path | None) -> Config:
+    """Defaults, overlaid with `path` when given (a missing file is an error, not a default)."""
+    cfg = Config()
+    if path is None:
+        return cfg
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path}: {exc}") from None
+    for name, values in data.items():
+        if name not in {f.name for f in dataclasses.fields(Config)}:
+            raise ConfigError(f"unknown section [{name}] in {path}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        _fill(getattr(cfg, name), values, name)
+    return cfg.validate()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string right after each field) from the class source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def dump(cfg: Config) -> str:
+    """The whole config as TOML, each key with its documentation."""
+    lines: list[str] = []
+    for sec in dataclasses.fields(Config):
+        section = getattr(cfg, sec.name)
+        docs = _docs(type(section))
+        lines.append(f"[{sec.name}]")
+        for f in dataclasses.fields(section):
+            if f.name in docs:
+                lines.append(f"# {docs[f.name]}")
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,391 @@
+"""The coordinator: the agent's control plane.
+
+It answers the control socket (ops queries, and stream requests from `pipe` and
+`connect`), asks the rendezvous server for a path to a peer, starts the strategy
+that can reach it, and tells the session owner what to expect. It receives the
+server's pushes from the registrar and answers them. It keeps the table of
+actors (pid, restarts, CPU, memory) and the outcome of every strategy attempt.
+It never touches session bytes: local stream sockets pass through it by fd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent import ctlproto
+from agent.addr import split_host_port
+from agent.config import Config
+from agent.handshake import HandshakeError, Policy, trusted_peer_key
+from agent.identity import Identity
+from agent.pins import PinMismatch, PinStore
+from agent.refs import Ref
+
+log = logging.getLogger(__name__)
+
+VERSION = "punchthrough-0.1"
+MAX_ATTEMPT_RECORDS = 256
+
+
+@dataclass
+class ActorInfo:
+    name: str
+    pid: int
+    registered: float
+    restarts: int = 0
+    proc: psutil.Process | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        state, cpu, rss = "dead", 0.0, 0
+        try:
+            if self.proc is None or self.proc.pid != self.pid:
+                self.proc = psutil.Process(self.pid)
+            if self.proc.is_running() and self.proc.status() != psutil.STATUS_ZOMBIE:
+                state = "alive"
+                cpu = self.proc.cpu_percent(interval=None)
+                rss = self.proc.memory_info().rss
+        except psutil.Error:
+            pass
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "state": state,
+            "restarts": self.restarts,
+            "cpu_percent": cpu,
+            "rss": rss,
+            "since": round(time.time() - self.registered, 1),
+        }
+
+
+@dataclass
+class Attempt:
+    strategy: str
+    outcome: str
+    reason: str = ""
+    elapsed_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "elapsed_ms": self.elapsed_ms,
+        }
+
+
+@dataclass
+class SessionPlan:
+    id: str
+    peer: str
+    role: str
+    attempts: list[Attempt] = field(default_factory=list)
+    error: str = ""
+
+
+def read_password(cfg: Config) -> str | None:
+    """PUNCHTHROUGH_PASSWORD, else the configured password file; never a command-line argument."""
+    env = os.environ.get("PUNCHTHROUGH_PASSWORD")
+    if env:
+        return env
+    if cfg.access.password_file:
+        text = Path(cfg.access.password_file).read_text().strip()
+        return text or None
+    return None
+
+
+def build_policy(cfg: Config, pins: PinStore) -> Policy | None:
+    """Who may connect to us, from the config; None when nobody is admitted."""
+    password = read_password(cfg)
+    allowed = set(cfg.access.allow)
+    if not allowed and password is None:
+        return None
+    pinned = {pid: key for pid in allowed if (key := pins.get(pid)) is not None}
+    return Policy.of(allowed, pinned, password, cfg.access.allow_targets)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        cfg: Config,
+        identity: Identity,
+        server: str,
+        server_key: bytes | None,
+        control_socket: Path,
+        sessions_socket: Path,
+        registrar: Ref,
+        nat_probe: Ref,
+        relay: Ref,
+        embedded: bool = False,
+    ) -> None:
+        self.state_dir = state_dir
+        self.cfg = cfg
+        self.identity = identity
+        self.server = server
+        self.server_addr = split_host_port(server, 21116)
+        self.server_key = server_key
+        self.sessions_socket = sessions_socket
+        self.registrar = registrar
+        self.nat_probe = nat_probe
+        self.relay = relay
+        self.embedded = embedded
+        self.started = time.monotonic()
+        self.actors: dict[str, ActorInfo] = {}
+        self.plans: dict[str, SessionPlan] = {}
+        self.pushes: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ctl = ctlproto.ControlServer(control_socket, self._handle)
+        self.register_actor("coordinator", os.getpid())
+
+    async def start(self) -> None:
+        await self._ctl.start()
+
+    async def close(self) -> None:
+        await self._ctl.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    # ---- actors -------------------------------------------------------------------------
+
+    def register_actor(self, name: str, pid: int) -> None:
+        """Called by every actor from its __init__: a second call for a name is a restart."""
+        info = self.actors.get(name)
+        if info is None:
+            self.actors[name] = ActorInfo(name, pid, time.time())
+        elif info.pid != pid:
+            info.pid, info.restarts, info.registered, info.proc = pid, info.restarts + 1, time.time(), None
+        log.info("actor %s is up (pid %d)", name, pid)
+
+    def set_restarts(self, name: str, restarts: int) -> None:
+        if name in self.actors:
+            self.actors[name].restarts = restarts
+
+    # ---- control socket -----------------------------------------------------------------
+
+    async def _handle(self, req: dict[str, Any], fds: list[int]) -> Any:
+        op = req.get("op")
+        if op != "open":
+            for fd in fds:
+                os.close(fd)
+        if op == "status":
+            return await self.status()
+        if op == "actors":
+            return {"ok": True, "actors": [a.as_dict() for a in self.actors.values()]}
+        if op == "sessions":
+            return await self.sessions()
+        if op == "netcheck":
+            verdict = await self.nat_probe.call("measure")
+            return {"ok": True, "nat": verdict.as_dict()}
+        if op == "open":
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                return {"ok": False, "error": "open needs exactly one stream socket"}
+            try:
+                return await self.open_stream(req, fds[0])
+            finally:
+                os.close(fds[0])
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+    async def status(self) -> dict[str, Any]:
+        registration = await self._safe(self.registrar, "status")
+        nat_status = await self._safe(self.nat_probe, "status")
+        nat = nat_status.get("latest") or nat_status
+        sessions = await self._session_list()
+        return {
+            "ok": True,
+            "id": self.identity.peer_id,
+            "fingerprint": self.identity.fingerprint,
+            "server": self.server,
+            "embedded": self.embedded,
+            "registration": registration,
+            "nat": nat,
+            "sessions_active": sum(s.get("state") in ("handshake", "open") for s in sessions),
+            "sessions_total": len(sessions),
+            "pushes": dict(self.pushes),
+            "uptime": round(time.monotonic() - self.started, 1),
+            "version": VERSION,
+        }
+
+    async def _safe(self, ref: Ref, method: str) -> Any:
+        try:
+            return await asyncio.wait_for(ref.call(method), 3)
+        except Exception as exc:  # a sick actor must not break status
+            return {"error": f"{method} unavailable: {exc or type(exc).__name__}"}
+
+    async def _session_list(self) -> list[dict[str, Any]]:
+        try:
+            reply = await ctlproto.acall(self.sessions_socket, {"op": "list"}, timeout=3)
+            return list(reply.get("sessions", []))
+        except (OSError, TimeoutError, ctlproto.ControlError):
+            return []
+
+    async def sessions(self) -> dict[str, Any]:
+        live = {s["id"]: s for s in await self._session_list()}
+        out = []
+        for sid, plan in self.plans.items():
+            entry = live.pop(sid, {"id": sid, "peer": plan.peer, "role": plan.role, "state": "failed"})
+            entry["attempts"] = [a.as_dict() for a in plan.attempts]
+            if plan.error and not entry.get("error"):
+                entry["error"] = plan.error
+            out.append(entry)
+        out.extend(dict(s, attempts=[]) for s in live.values())
+        return {"ok": True, "sessions": out}
+
+    def _plan(self, sid: str, peer: str, role: str) -> SessionPlan:
+        plan = self.plans[sid] = SessionPlan(sid, peer, role)
+        while len(self.plans) > MAX_ATTEMPT_RECORDS:
+            del self.plans[next(iter(self.plans))]
+        return plan
+
+    # ---- A side: open a stream to a peer --------------------------------------------------
+
+    def relay_address(self) -> str:
+        if self.cfg.agent.relay:
+            return self.cfg.agent.relay
+        host, port = self.server_addr
+        return f"[{host}]:{port + 1}" if ":" in host else f"{host}:{port + 1}"
+
+    def _trusted_key(self, peer: str, signed_pk: bytes) -> tuple[bytes, str]:
+        pins = PinStore(self.state_dir)
+        pinned = pins.get(peer)
+        if self.server_key is None and signed_pk and pinned is None:
+            # No server key configured: trust on first use of what the server vouches for.
+            return _unverified_idpk(peer, signed_pk), "first use"
+        if self.server_key is None:
+            return trusted_peer_key(peer, pinned=pinned)
+        return trusted_peer_key(peer, server_key=self.server_key, signed_id_pk=signed_pk or None, pinned=pinned)
+
+    async def open_stream(self, req: dict[str, Any], local_fd: int) -> dict[str, Any]:
+        from agent.rendezvous_client import RendezvousError, request_relay
+
+        peer = str(req.get("peer", ""))
+        target = str(req.get("target", ""))
+        path = str(req.get("path") or self.cfg.agent.path)
+        sid = uuidlib.uuid4().hex[:12]
+        plan = self._plan(sid, peer, "initiator")
+        timeout = float(self.cfg.agent.connect_timeout)
+
+        def fail(reason: str) -> dict[str, Any]:
+            plan.error = reason
+            return {"ok": False, "error": reason, "session": sid}
+
+        if not peer:
+            return fail("no peer ID given")
+        if peer == self.identity.peer_id:
+            return fail("that is this agent's own ID")
+        if path == "direct":
+            plan.attempts.append(Attempt("direct", "unavailable", "no direct strategy in this version"))
+            return fail("no direct path to this peer: this version connects through the relay only (use --path relay)")
+        started = time.monotonic()
+        pair_uuid = str(uuidlib.uuid4())
+        relay = self.relay_address()
+        try:
+            rr = await request_relay(self.server_addr, peer, pair_uuid, relay_server=relay, timeout=timeout)
+        except RendezvousError as exc:
+            plan.attempts.append(Attempt("relay", "error", str(exc), _ms(started)))
+            return fail(str(exc))
+        try:
+            peer_pk, key_source = self._trusted_key(peer, rr.pk if rr.WhichOneof("union") == "pk" else b"")
+        except (HandshakeError, PinMismatch) as exc:
+            plan.attempts.append(Attempt("relay", "refused", str(exc), _ms(started)))
+            return fail(str(exc))
+        dial = await self.relay.call("dial", sid, rr.relay_server or relay, rr.uuid or pair_uuid, peer, "initiator")
+        if not dial.get("ok"):
+            plan.attempts.append(Attempt("relay", "error", str(dial.get("reason")), _ms(started)))
+            return fail(str(dial.get("reason")))
+        request = {
+            "op": "initiate",
+            "session": sid,
+            "peer": peer,
+            "peer_pk": peer_pk,
+            "target": target,
+            "password": req.get("password"),
+            "path": "relay",
+            "key_source": key_source,
+            "wait": timeout,
+        }
+        try:
+            reply = await ctlproto.acall(self.sessions_socket, request, [local_fd], timeout=timeout + 15)
+        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
+            reply = {"ok": False, "error": f"session owner unavailable: {exc or type(exc).__name__}"}
+        if not reply.get("ok"):
+            plan.attempts.append(Attempt("relay", "error", str(reply.get("error")), _ms(started)))
+            return fail(str(reply.get("error")))
+        plan.attempts.append(Attempt("relay", "won", "", _ms(started)))
+        if key_source == "first use":
+            with contextlib.suppress(PinMismatch):
+                PinStore(self.state_dir).check_and_pin(peer, peer_pk)
+        return {"ok": True, "session": sid, "path": "relay", "elapsed_ms": _ms(started)}
+
+    # ---- B side: pushes from the rendezvous server ----------------------------------------------
+
+    async def on_push(self, kind: str, msg: Any, source: Any = None) -> None:
+        self.pushes[kind] = self.pushes.get(kind, 0) + 1
+        if kind == "request_relay":
+            task = asyncio.get_running_loop().create_task(self._answer_relay(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer_relay(self, msg: Any) -> None:
+        from agent.rendezvous_client import RendezvousError, send_relay_response
+
+        sid = uuidlib.uuid4().hex[:12]
+        plan = self._plan(sid, str(msg.id) if msg.id != self.identity.peer_id else "", "responder")
+        started = time.monotonic()
+        relay = msg.relay_server or self.relay_address()
+        try:
+            await send_relay_response(
+                self.server_addr, bytes(msg.socket_addr), self.identity.peer_id, msg.uuid, relay, VERSION
+            )
+        except RendezvousError as exc:
+            plan.attempts.append(Attempt("relay", "error", str(exc), _ms(started)))
+            plan.error = str(exc)
+            return
+        dial = await self.relay.call("dial", sid, relay, msg.uuid, self.identity.peer_id, "responder")
+        outcome = "won" if dial.get("ok") else "error"
+        plan.attempts.append(Attempt("relay", outcome, str(dial.get("reason", "")), _ms(started)))
+        if not dial.get("ok"):
+            plan.error = str(dial.get("reason"))
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
+
+
+def _unverified_idpk(peer: str, signed: bytes) -> bytes:
+    """The key inside a signed IdPk whose signature we cannot check (no server key configured)."""
+    from agent.proto import message_pb2
+
+    idpk = message_pb2.IdPk()
+    try:
+        idpk.ParseFromString(signed[64:])
+    except Exception:
+        raise HandshakeError(f"rendezvous server sent a malformed key for peer {peer}") from None
+    if idpk.id != peer or len(idpk.pk) != 32:
+        raise HandshakeError(f"rendezvous server sent a key for the wrong peer (asked for {peer})")
+    return bytes(idpk.pk)
+
+
+def server_key_from(cfg: Config, embedded_key_file: Path | None) -> bytes | None:
+    """The rendezvous server's verify key: configured, else the embedded server's, else None (TOFU)."""
+    text = cfg.agent.server_key
+    if not text and embedded_key_file is not None and embedded_key_file.exists():
+        text = embedded_key_file.with_name(embedded_key_file.name + ".pub").read_text().strip()
+    if not text:
+        return None
+    key = base64.b64decode(text)
+    if len(key) != 32:
+        raise ValueError("agent.server_key must be a base64 32-byte ed25519 public key")
+    return key

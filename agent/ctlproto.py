@@ -1,0 +1,265 @@
+"""Local control messages: msgpack over a Unix stream socket, with optional fds (SCM_RIGHTS).
+
+One protocol serves the ops CLI (status queries), the user CLI (`pipe`/`connect`
+hand over the socket of a stream) and the actors (a strategy hands its connected
+transport to the session owner). A message is a 4-byte big-endian length and a
+msgpack map; file descriptors ride on the first byte of a message. Bytes of a
+session never pass here, only the sockets that carry them.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+MAX_MESSAGE = 1 << 20
+MAX_FDS = 4
+_HEAD = struct.Struct(">I")
+
+
+class ControlError(Exception):
+    """The peer on the control socket broke the protocol or went away."""
+
+
+def pack(obj: Any) -> bytes:
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    if len(body) > MAX_MESSAGE:
+        raise ControlError(f"control message of {len(body)} bytes is too large")
+    return _HEAD.pack(len(body)) + body
+
+
+def unpack(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ControlError(f"bad control message: {exc}") from None
+
+
+def _split_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - (len(data) % arr.itemsize)])
+            fds.extend(arr)
+    return fds
+
+
+# ---- blocking side (CLIs) -------------------------------------------------------------------
+
+
+def send(sock: socket.socket, obj: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
+    data = pack(obj)
+    if fds:
+        sent = socket.send_fds(sock, [data], list(fds))
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+def recv(sock: socket.socket) -> tuple[Any, list[int]]:
+    """One message and any fds that came with it; ControlError on EOF or garbage."""
+    head = b""
+    fds: list[int] = []
+    while len(head) < 4:
+        msg, anc, _flags, _addr = sock.recvmsg(4 - len(head), socket.CMSG_SPACE(MAX_FDS * 4))
+        if not msg:
+            raise ControlError("control socket closed")
+        fds += _split_fds(anc)
+        head += msg
+    (length,) = _HEAD.unpack(head)
+    if length > MAX_MESSAGE:
+        raise ControlError(f"control message of {length} bytes is too large")
+    body = b""
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        if not chunk:
+            raise ControlError("control socket closed mid-message")
+        body += chunk
+    return unpack(body), fds
+
+
+def call(path: Path | str, obj: Any, fds: list[int] | tuple[int, ...] = (), timeout: float = 10.0) -> Any:
+    """One request, one reply (for ops queries)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        send(sock, obj, fds)
+        reply, extra = recv(sock)
+        for fd in extra:
+            os.close(fd)
+        return reply
+
+
+# ---- asyncio side (actors) ------------------------------------------------------------------
+
+
+async def _wait_ready(sock: socket.socket, writable: bool = False) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    add(sock.fileno(), ready)
+    try:
+        await fut
+    finally:
+        remove(sock.fileno())
+
+
+async def arecv(sock: socket.socket) -> tuple[Any, list[int]]:
+    """Async twin of `recv` for a non-blocking socket."""
+    head = b""
+    fds: list[int] = []
+    while len(head) < 4:
+        await _wait_ready(sock)
+        try:
+            msg, anc, _flags, _addr = sock.recvmsg(4 - len(head), socket.CMSG_SPACE(MAX_FDS * 4))
+        except BlockingIOError:
+            continue
+        fds += _split_fds(anc)
+        if not msg:
+            _close_fds(fds)
+            raise ControlError("control socket closed")
+        head += msg
+    (length,) = _HEAD.unpack(head)
+    if length > MAX_MESSAGE:
+        _close_fds(fds)
+        raise ControlError(f"control message of {length} bytes is too large")
+    loop = asyncio.get_running_loop()
+    body = b""
+    while len(body) < length:
+        chunk = await loop.sock_recv(sock, length - len(body))
+        if not chunk:
+            _close_fds(fds)
+            raise ControlError("control socket closed mid-message")
+        body += chunk
+    try:
+        return unpack(body), fds
+    except ControlError:
+        _close_fds(fds)
+        raise
+
+
+async def asend(sock: socket.socket, obj: Any, fds: list[int] | tuple[int, ...] = ()) -> None:
+    data = pack(obj)
+    loop = asyncio.get_running_loop()
+    if fds:
+        while True:
+            try:
+                sent = socket.send_fds(sock, [data], list(fds))
+                break
+            except BlockingIOError:
+                await _wait_ready(sock, writable=True)
+        data = data[sent:]
+    if data:
+        await loop.sock_sendall(sock, data)
+
+
+async def acall(path: Path | str, obj: Any, fds: list[int] | tuple[int, ...] = (), timeout: float = 10.0) -> Any:
+    """Async one request, one reply (used between actors)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, str(path))
+            await asend(sock, obj, fds)
+            reply, extra = await arecv(sock)
+        _close_fds(extra)
+        return reply
+    finally:
+        sock.close()
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+Handler = Callable[[Any, list[int]], Awaitable[Any]]
+
+
+class ControlServer:
+    """Serves one request/one reply per connection; the handler owns any fds it is given.
+
+    A handler exception becomes {"ok": False, "error": "..."}: a bad request never
+    takes the server down.
+    """
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self.errors = 0
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.path))  # mode 0600: only this user may drive the agent
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._sock = sock
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            conn.setblocking(False)
+            task = loop.create_task(self._serve(conn))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            request, fds = await asyncio.wait_for(arecv(conn), 30)
+        except (ControlError, OSError, TimeoutError):
+            self.errors += 1
+            conn.close()
+            return
+        try:
+            if not isinstance(request, dict):
+                _close_fds(fds)
+                raise ControlError("request must be a map")
+            reply = await self.handler(request, fds)
+        except Exception as exc:  # the handler's failure is the client's answer, not our crash
+            self.errors += 1
+            reply = {"ok": False, "error": str(exc) or type(exc).__name__}
+        try:
+            await asend(conn, reply)
+        except (OSError, ControlError):
+            self.errors += 1
+        finally:
+            conn.close()
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for task in list(self._conns):
+            task.cancel()
+        if self._sock:
+            self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

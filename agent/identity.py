@@ -1,0 +1,81 @@
+"""This agent's identity: an ed25519 key, the ID it registers, and the uuid that owns the ID.
+
+The ID is ten digits derived from the public key (so an ID names a key, and a
+newcomer needs no configuration); `salt` moves to the next candidate if the
+rendezvous server says the ID is bound to someone else. Everything is written
+atomically with mode 0600, so a crash mid-write never leaves half an identity.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from agent.crypto import KeyFileError, load_or_create_signing_key
+from agent.files import write_private
+
+KEY_FILE = "id_ed25519"
+IDENTITY_FILE = "identity.json"
+
+
+def derive_id(public_key: bytes, salt: int = 0) -> str:
+    """Ten digits, first one non-zero (RustDesk-style numeric IDs are easy to read out)."""
+    digest = hashlib.sha256(b"punchthrough-id:" + salt.to_bytes(4, "big") + public_key).digest()
+    return str(1_000_000_000 + int.from_bytes(digest[:8], "big") % 9_000_000_000)
+
+
+def fingerprint(public_key: bytes) -> str:
+    """Short, comparable form of a key for people: SHA256:<base64 of the hash>, as ssh prints."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(public_key).digest()).decode().rstrip("=")
+
+
+@dataclass
+class Identity:
+    signing_key: SigningKey
+    peer_id: str
+    uuid: bytes
+    salt: int
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.public_key)
+
+
+def load_or_create(state_dir: Path) -> Identity:
+    """Read the identity from `state_dir`, creating key and ID on first run."""
+    key = load_or_create_signing_key(state_dir / KEY_FILE)
+    path = state_dir / IDENTITY_FILE
+    try:
+        raw = json.loads(path.read_text())
+        salt = int(raw["salt"])
+        uuid = bytes.fromhex(raw["uuid"])
+        if raw["id"] != derive_id(bytes(key.verify_key), salt) or len(uuid) != 16:
+            raise KeyFileError(f"{path}: does not belong to the key in {state_dir / KEY_FILE}")
+    except FileNotFoundError:
+        salt, uuid = 0, secrets.token_bytes(16)
+        save(state_dir, Identity(key, derive_id(bytes(key.verify_key), salt), uuid, salt))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise KeyFileError(f"{path}: unreadable identity ({exc})") from None
+    return Identity(key, derive_id(bytes(key.verify_key), salt), uuid, salt)
+
+
+def save(state_dir: Path, ident: Identity) -> None:
+    data = {"id": ident.peer_id, "salt": ident.salt, "uuid": ident.uuid.hex()}
+    write_private(state_dir / IDENTITY_FILE, (json.dumps(data) + "\n").encode())
+
+
+def next_id(state_dir: Path, ident: Identity) -> Identity:
+    """The ID was taken by another uuid (UUID_MISMATCH): move to the next derived one."""
+    new = Identity(ident.signing_key, derive_id(ident.public_key, ident.salt + 1), ident.uuid, ident.salt + 1)
+    save(state_dir, new)
+    return new

@@ -1,0 +1,38 @@
+"""Small asyncio socket helpers shared by the strategies and the session owner."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from agent.addr import split_host_port
+
+
+async def connect_tcp(address: str, default_port: int | None = None, timeout: float = 5.0) -> socket.socket:
+    """A connected non-blocking TCP socket (IPv4 or IPv6, first address that answers)."""
+    host, port = split_host_port(address, default_port)
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    async with asyncio.timeout(timeout):
+        for family, type_, proto, _name, sockaddr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, sockaddr)
+            except OSError as exc:
+                sock.close()
+                last = exc
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+    raise last or OSError(f"no address for {address}")
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for people: 'connection refused' rather than '[Errno 111] Connection refused'."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,275 @@
+"""The agent's registrar: keeps this agent's ID registered at the rendezvous server (asyncio shell).
+
+One UDP socket, as RustDesk's `start_udp`: registrations go out from it and the
+server's pushes (PunchHole, FetchLocalAddr, RequestRelay, ...) come back to it,
+because the server sends them to the address it last saw us register from.
+Every decision is in `registrar_core.RegistrarCore`; this class moves datagrams,
+runs the 1 s tick, and calls back into the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from agent.addr import SockAddr
+from agent.registrar_core import (
+    REGISTERED,
+    IdTaken,
+    Push,
+    Registered,
+    RegistrarCore,
+    StateChanged,
+)
+
+log = logging.getLogger("punchthrough.registrar")
+
+
+class IdentityLike(Protocol):
+    """What the registrar needs of agent.identity.Identity."""
+
+    @property
+    def peer_id(self) -> str: ...
+    @property
+    def uuid(self) -> bytes: ...
+    @property
+    def public_key(self) -> bytes: ...
+
+
+PushHandler = Callable[[str, Any, tuple[str, int]], Awaitable[None] | None]
+"""on_push(kind, sub-message, server address): kind is the RendezvousMessage member name."""
+IdTakenHandler = Callable[[IdentityLike], IdentityLike | Awaitable[IdentityLike]]
+"""on_id_taken(current identity) -> the identity to register instead (e.g. agent.identity.next_id)."""
+
+
+class RegistrarError(Exception):
+    """The registrar cannot start (server name does not resolve, no socket); one line."""
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, owner: Registrar) -> None:
+        self.owner = owner
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.owner._datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.owner.send_errors += 1
+
+
+async def resolve(server: tuple[str, int], kind: socket.SocketKind, timeout: float = 3.0) -> tuple[int, Any]:
+    """(family, sockaddr) of the server's first address; RegistrarError with one line if it fails."""
+    host, port = server
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, port, type=kind)
+    except TimeoutError:
+        raise RegistrarError(f"cannot resolve {host}: timed out after {timeout:g} s") from None
+    except OSError as exc:
+        raise RegistrarError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    if not infos:
+        raise RegistrarError(f"cannot resolve {host}: no address")
+    family, _type, _proto, _name, sockaddr = infos[0]
+    return int(family), sockaddr
+
+
+class Registrar:
+    """Registers `identity` at `server` and hands the server's pushes to `on_push`.
+
+    `registered` is set while the server has confirmed our key and cleared when that
+    stops being true (server unreachable, restarted, or the ID was taken).
+    """
+
+    def __init__(
+        self,
+        server: tuple[str, int],
+        identity: IdentityLike,
+        on_push: PushHandler,
+        nat_type_getter: Callable[[], int] = lambda: 0,
+        interval: float = 4.0,
+        *,
+        on_id_taken: IdTakenHandler | None = None,
+        tick: float = 1.0,
+        reply_timeout: float = 3.0,
+        max_backoff: float = 30.0,
+        bind: str | None = None,
+    ) -> None:
+        self.server = server
+        self.identity = identity
+        self.on_push = on_push
+        self.nat_type_getter = nat_type_getter
+        self.on_id_taken = on_id_taken
+        self.interval = interval
+        self.tick = tick
+        self.reply_timeout = reply_timeout
+        self.max_backoff = max_backoff
+        self.bind = bind
+        self.registered = asyncio.Event()
+        self.core: RegistrarCore | None = None
+        self.send_errors = 0
+        self.push_errors = 0
+        self._transport: asyncio.DatagramTransport | None = None
+        self._server_addr: Any = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Resolve the server, open the socket and start registering (returns at once)."""
+        if self._transport is not None:
+            return
+        family, sockaddr = await resolve(self.server, socket.SOCK_DGRAM)
+        self._server_addr = sockaddr[:2]
+        self.core = RegistrarCore(
+            SockAddr.of(sockaddr[0], sockaddr[1]),
+            self.identity.peer_id,
+            self.identity.uuid,
+            self.identity.public_key,
+            interval=self.interval,
+            reply_timeout=self.reply_timeout,
+            max_backoff=self.max_backoff,
+        )
+        loop = asyncio.get_running_loop()
+        local = self.bind or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Protocol(self), local_addr=(local, 0), family=family
+            )
+        except OSError as exc:
+            raise RegistrarError(f"cannot open a UDP socket on {local}: {exc.strerror or exc}") from None
+        self._transport = transport
+        self._loop_task = loop.create_task(self._run(), name="registrar")
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._transport is not None:
+            self._transport.close()
+        self.registered.clear()
+
+    async def __aenter__(self) -> Registrar:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        """Our UDP socket's local address (the server sees its NAT mapping)."""
+        if self._transport is None:
+            return None
+        name = self._transport.get_extra_info("sockname")
+        return (str(name[0]), int(name[1]))
+
+    def status(self) -> dict[str, Any]:
+        if self.core is None:
+            return {"state": "not started", "id": self.identity.peer_id, "server": f"{self.server[0]}:{self.server[1]}"}
+        out = self.core.status(asyncio.get_running_loop().time())
+        out["local"] = self.local_address
+        out["send_errors"] = self.send_errors
+        out["push_errors"] = self.push_errors
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    async def _run(self) -> None:
+        while True:
+            self._flush()
+            await asyncio.sleep(self.tick)
+
+    def _flush(self) -> None:
+        core, transport = self.core, self._transport
+        if core is None or transport is None or transport.is_closing():
+            return
+        try:
+            core.set_nat_type(int(self.nat_type_getter()))
+        except Exception:
+            log.exception("nat_type_getter failed")
+        for datagram in core.datagrams_to_send(asyncio.get_running_loop().time()):
+            try:
+                transport.sendto(datagram, self._server_addr)
+            except OSError:
+                self.send_errors += 1
+        self._handle_events()
+
+    def _datagram(self, data: bytes, addr: Any) -> None:
+        core = self.core
+        if core is None or self._closed:
+            return
+        now = asyncio.get_running_loop().time()
+        try:
+            source = SockAddr.of(str(addr[0]), int(addr[1]))
+        except (ValueError, TypeError, IndexError):
+            core.drops.drop("bad_source", repr(addr), now)
+            return
+        core.receive_datagram(data, source, now)
+        self._handle_events()
+        self._flush()
+
+    def _handle_events(self) -> None:
+        core = self.core
+        if core is None:
+            return
+        for event in core.next_events():
+            if isinstance(event, Push):
+                self._deliver(event)
+            elif isinstance(event, Registered):
+                log.info("registered %s at %s:%s", event.peer_id, *self.server)
+                self.registered.set()
+            elif isinstance(event, StateChanged):
+                if event.new != REGISTERED:
+                    self.registered.clear()
+                log.info("registrar %s -> %s", event.old, event.new)
+            elif isinstance(event, IdTaken):
+                log.warning("ID %s belongs to another machine at %s:%s", event.peer_id, *self.server)
+                self._spawn(self._change_id())
+
+    def _deliver(self, push: Push) -> None:
+        try:
+            result = self.on_push(push.kind, push.message, self._server_addr)
+        except Exception:
+            self.push_errors += 1
+            log.exception("on_push failed for %s", push.kind)
+            return
+        if inspect.isawaitable(result):
+            self._spawn(result)
+
+    def _spawn(self, aw: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(aw)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.push_errors += 1
+            log.error("registrar callback failed: %s", task.exception())
+
+    async def _change_id(self) -> None:
+        core = self.core
+        if self.on_id_taken is None or core is None:
+            return
+        old = self.identity
+        new = self.on_id_taken(old)
+        if inspect.isawaitable(new):
+            new = await new
+        if new.peer_id == old.peer_id:
+            raise RegistrarError(f"on_id_taken returned the taken ID {old.peer_id} again")
+        self.identity = new
+        log.info("registering new ID %s instead of %s", new.peer_id, old.peer_id)
+        core.set_identity(new.peer_id, new.uuid, new.public_key)
+        self._flush()

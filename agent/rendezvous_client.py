@@ -1,0 +1,364 @@
+"""One-shot TCP requests to the rendezvous server (RustDesk sections 6.3, 6.6, 6.8), asyncio.
+
+A (the side that connects) asks for a peer with PunchHoleRequest or RequestRelay and
+waits on the same connection, because the server parks the connection under A's
+address and answers on it when B has replied. B answers pushes on fresh
+connections (RelayResponse here). Each call opens its own connection: the server
+matches answers by A's address, so two requests must never share one.
+
+Failures become RendezvousError subclasses whose message is one line for people
+("peer 123456789 is offline"), so the coordinator can record them as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent import messages
+from agent.addr import SockAddr
+from agent.messages import MessageError
+from agent.proto import rendezvous_pb2 as pb
+from agent.wire import FrameDecoder, FrameError, encode_frame
+
+MAX_REPLY = 64 * 1024
+"""Largest frame we accept from the server (real answers are a few hundred bytes)."""
+
+
+class RendezvousError(Exception):
+    """A request to the rendezvous server failed; str() is one line for people."""
+
+
+class PeerUnavailable(RendezvousError):
+    """The server answered that the peer cannot be reached (unknown, offline, key mismatch)."""
+
+    def __init__(self, message: str, failure: int | None = None) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+class RelayRefused(RendezvousError):
+    """B (or the server on its behalf) refused the relay; `reason` is the refuse_reason text."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line: 'connection refused', not "[Errno 111] Connect call failed ('127.0.0.1', 9)"."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.errno and exc.errno in errno.errorcode:
+        return os.strerror(exc.errno).lower()
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def _where(server: tuple[str, int]) -> str:
+    host, port = server
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def open_tcp(
+    server: tuple[str, int], timeout: float, bind: tuple[str, int] | None = None, reuse: bool = False
+) -> socket.socket:
+    """A connected non-blocking TCP socket to the server, optionally from a chosen local address.
+
+    `reuse` sets SO_REUSEADDR and SO_REUSEPORT before binding, so the same local
+    port can later be used again to punch or listen (section 10, item 4).
+    """
+    loop = asyncio.get_running_loop()
+    where = _where(server)
+    last: OSError | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(server[0], server[1], type=socket.SOCK_STREAM)
+            if bind is not None:
+                want = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
+                infos = [i for i in infos if i[0] == want] or infos
+            for family, type_, proto, _name, sockaddr in infos:
+                sock = socket.socket(family, type_, proto)
+                try:
+                    sock.setblocking(False)
+                    if reuse:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        if hasattr(socket, "SO_REUSEPORT"):
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    if bind is not None:
+                        sock.bind(bind)
+                    await loop.sock_connect(sock, sockaddr)
+                except OSError as exc:
+                    sock.close()
+                    last = exc
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+    except TimeoutError:
+        raise RendezvousError(f"rendezvous server {where}: connect timed out after {timeout:g} s") from None
+    except OSError as exc:
+        raise RendezvousError(f"rendezvous server {where}: {describe_error(exc)}") from None
+    if last is None:
+        raise RendezvousError(f"rendezvous server {where}: no address")
+    raise RendezvousError(f"rendezvous server {where}: {describe_error(last)}")
+
+
+class _Conn:
+    """Framed request/answer on one TCP connection."""
+
+    def __init__(self, sock: socket.socket, server: tuple[str, int]) -> None:
+        self.sock = sock
+        self.where = _where(server)
+        self.decoder = FrameDecoder(MAX_REPLY)
+        self.pending: list[bytes] = []
+
+    async def send(self, payload: bytes) -> None:
+        try:
+            await asyncio.get_running_loop().sock_sendall(self.sock, encode_frame(payload))
+        except OSError as exc:
+            raise RendezvousError(f"rendezvous server {self.where}: send failed: {describe_error(exc)}") from None
+
+    async def receive(self, kinds: Sequence[str]) -> tuple[str, Any]:
+        """Next message of one of `kinds`; empty frames (heartbeats) and other kinds are skipped."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while self.pending:
+                payload = self.pending.pop(0)
+                if not payload:
+                    continue
+                try:
+                    kind, sub = messages.parse(payload, max_len=MAX_REPLY)
+                except MessageError as exc:
+                    raise RendezvousError(f"rendezvous server {self.where}: unreadable answer ({exc})") from None
+                if kind in kinds:
+                    return kind, sub
+            try:
+                chunk = await loop.sock_recv(self.sock, 65536)
+            except OSError as exc:
+                raise RendezvousError(f"rendezvous server {self.where}: {describe_error(exc)}") from None
+            if not chunk:
+                raise RendezvousError(f"rendezvous server {self.where} closed the connection without answering")
+            try:
+                self.pending.extend(self.decoder.feed(chunk))
+            except FrameError as exc:
+                raise RendezvousError(f"rendezvous server {self.where}: {exc}") from None
+
+    def local_address(self) -> SockAddr:
+        name = self.sock.getsockname()
+        return SockAddr.of(name[0], name[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- A: punch hole
+
+
+@dataclass(frozen=True)
+class PunchResult:
+    """The server's answer to A's PunchHoleRequest, and what A needs to punch from the same port."""
+
+    response: pb.PunchHoleResponse | pb.RelayResponse
+    """PunchHoleResponse (B answered with PunchHoleSent or LocalAddr) or RelayResponse (relay chosen)."""
+    local_address: SockAddr
+    """Local address of the request's connection (closed on return, free to reuse)."""
+    elapsed: float
+    """Seconds from connect to answer (RustDesk's punch_time)."""
+
+
+def failure_text(peer_id: str, resp: pb.PunchHoleResponse) -> str:
+    """RustDesk's texts for a PunchHoleResponse without an address, naming the peer."""
+    if resp.other_failure:
+        return f"peer {peer_id}: {resp.other_failure}"
+    F = pb.PunchHoleResponse
+    return {
+        F.ID_NOT_EXIST: f"peer {peer_id} does not exist",
+        F.OFFLINE: f"peer {peer_id} is offline",
+        F.LICENSE_MISMATCH: "key mismatch: the rendezvous server's key is not the one configured",
+        F.LICENSE_OVERUSE: "key overuse",
+    }.get(resp.failure, f"peer {peer_id}: failure {resp.failure}")
+
+
+def refuse_text(peer_id: str, reason: str) -> str:
+    """The server's refuse reasons (RustDesk's wording) as the same texts as punch failures."""
+    known = {"ID does not exist": "does not exist", "Remote desktop is offline": "is offline"}
+    if reason in known:
+        return f"peer {peer_id} {known[reason]}"
+    return f"peer {peer_id} refused the relay: {reason}"
+
+
+async def punch_hole_exchange(
+    server: tuple[str, int],
+    peer_id: str,
+    nat_type: int,
+    licence_key: str = "",
+    udp_port: int = 0,
+    force_relay: bool = False,
+    timeout: float = 10.0,
+    *,
+    conn_type: int = 0,
+    version: str = "",
+    socket_addr_v6: bytes = b"",
+    bind: tuple[str, int] | None = None,
+    resend_after: Sequence[float] = (3.0, 6.0),
+) -> PunchResult:
+    """PunchHoleRequest on a fresh connection; the answer plus the local address it came from.
+
+    The request is sent again on the same connection after each `resend_after`
+    delay (RustDesk: 3 tries) since the server's UDP push to B may be lost. The
+    socket is bound with SO_REUSEADDR/SO_REUSEPORT so A can punch from its port.
+    Raises PeerUnavailable for the server's failures and RendezvousError otherwise.
+    """
+    req = pb.PunchHoleRequest(
+        id=peer_id,
+        nat_type=nat_type,  # type: ignore[arg-type]
+        licence_key=licence_key,
+        conn_type=conn_type,  # type: ignore[arg-type]
+        version=version,
+        udp_port=udp_port,
+        force_relay=force_relay,
+        socket_addr_v6=socket_addr_v6,
+    )
+    payload = messages.build(punch_hole_request=req)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    started = time.monotonic()
+    sock = await open_tcp(server, timeout, bind=bind, reuse=True)
+    conn = _Conn(sock, server)
+    try:
+        local = conn.local_address()
+        await conn.send(payload)
+        waits = [*resend_after, float("inf")]
+        for i, wait in enumerate(waits):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                async with asyncio.timeout(min(wait, left)):
+                    kind, answer = await conn.receive(("punch_hole_response", "relay_response"))
+            except TimeoutError:
+                if i + 1 < len(waits) and deadline - loop.time() > 0:
+                    await conn.send(payload)
+                continue
+            if kind == "relay_response":
+                if answer.refuse_reason:
+                    raise RelayRefused(refuse_text(peer_id, answer.refuse_reason), answer.refuse_reason)
+            elif not answer.socket_addr:
+                raise PeerUnavailable(failure_text(peer_id, answer), answer.failure)
+            return PunchResult(answer, local, time.monotonic() - started)
+    finally:
+        conn.close()
+    raise RendezvousError(f"no answer about peer {peer_id} from {_where(server)} within {timeout:g} s")
+
+
+async def punch_hole_request(
+    server: tuple[str, int],
+    peer_id: str,
+    nat_type: int,
+    licence_key: str = "",
+    udp_port: int = 0,
+    force_relay: bool = False,
+    timeout: float = 10.0,
+    **options: Any,
+) -> pb.PunchHoleResponse | pb.RelayResponse:
+    """`punch_hole_exchange` without the local address: just the server's answer."""
+    result = await punch_hole_exchange(
+        server, peer_id, nat_type, licence_key, udp_port, force_relay, timeout, **options
+    )
+    return result.response
+
+
+# --------------------------------------------------------------------------- A: relay
+
+
+async def request_relay(
+    server: tuple[str, int],
+    peer_id: str,
+    uuid: str,
+    relay_server: str = "",
+    secure: bool = True,
+    timeout: float = 10.0,
+    *,
+    conn_type: int = 0,
+) -> pb.RelayResponse:
+    """RequestRelay on a fresh connection; B's RelayResponse (with the server-signed pk).
+
+    Raises RelayRefused when B or the server refuse (unknown or offline peer), and
+    RendezvousError on timeout or a broken connection.
+    """
+    req = pb.RequestRelay(
+        id=peer_id,
+        uuid=uuid,
+        relay_server=relay_server,
+        secure=secure,
+        conn_type=conn_type,  # type: ignore[arg-type]
+    )
+    sock = await open_tcp(server, timeout)
+    conn = _Conn(sock, server)
+    try:
+        await conn.send(messages.build(request_relay=req))
+        try:
+            async with asyncio.timeout(timeout):
+                _kind, answer = await conn.receive(("relay_response",))
+        except TimeoutError:
+            raise RendezvousError(
+                f"no relay answer from peer {peer_id} via {_where(server)} within {timeout:g} s"
+            ) from None
+    finally:
+        conn.close()
+    if answer.refuse_reason:
+        raise RelayRefused(refuse_text(peer_id, answer.refuse_reason), answer.refuse_reason)
+    resp: pb.RelayResponse = answer
+    return resp
+
+
+# --------------------------------------------------------------------------- B: answers
+
+
+async def send_relay_response(
+    server: tuple[str, int],
+    socket_addr: bytes,
+    peer_id: str,
+    uuid: str,
+    relay_server: str,
+    version: str,
+    *,
+    socket_addr_v6: bytes = b"",
+    refuse_reason: str = "",
+    timeout: float = 3.0,
+) -> None:
+    """B's answer to a RequestRelay push: RelayResponse on a fresh connection, then close.
+
+    `socket_addr` is copied from the push (it names A's parked request); a non-empty
+    `version` makes the server sign our key for A; `refuse_reason` turns A away.
+    """
+    resp = pb.RelayResponse(
+        socket_addr=socket_addr,
+        uuid=uuid,
+        relay_server=relay_server,
+        id=peer_id,
+        refuse_reason=refuse_reason,
+        version=version,
+        socket_addr_v6=socket_addr_v6,
+    )
+    sock = await open_tcp(server, timeout)
+    conn = _Conn(sock, server)
+    try:
+        await asyncio.wait_for(conn.send(messages.build(relay_response=resp)), timeout)
+    except TimeoutError:
+        raise RendezvousError(f"rendezvous server {conn.where}: send timed out after {timeout:g} s") from None
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        conn.close()

@@ -1,0 +1,653 @@
+"""The rendezvous server's decisions (the hbbs role), sans-IO.
+
+Input is a datagram or a TCP frame payload with its observed source address and
+the current time; output is a list of actions (send this datagram, send this frame
+on that connection, close it, make this row durable). No sockets, no clocks: the
+asyncio shell in `rendezvous_server.py` owns those, and tests drive this class
+directly with a fake `now`.
+
+Where we differ from upstream hbbs, and why:
+
+* Never answer a UDP source with more bytes than it sent (UDP sources can be spoofed,
+  so a bigger answer would make us an amplifier). A reply that would be larger is
+  dropped and counted; a client that needs it pads its request (TestNatRequest.padding).
+* Loopback has no admin powers; ConfigUpdate over UDP is ignored.
+* An empty PunchHoleRequest.licence_key is accepted (the server still signs B's key, so
+  a client with no key configured can connect and verify the key later; a client that
+  names a different key gets LICENSE_MISMATCH).
+* Relay decision: A's explicit force_relay or --always-relay wins over the same-LAN
+  path (the user or operator asked for the relay); then same public IP -> LAN; then
+  both peers SYMMETRIC -> relay; else punch. The relay push is a RequestRelay to B
+  carrying a fresh uuid, so A's reply is a RelayResponse without an extra round trip.
+* An accepted RegisterPk refreshes B's address at once (upstream waits for the next
+  RegisterPeer, so a peer is "offline" for up to 15 s after a server restart).
+* Answers from B are matched to A's pending request by A's address *and* the target
+  ID; a UDP PunchHoleSent is only accepted for a request that carried a udp_port.
+* A's RequestRelay for an unknown or offline ID gets RelayResponse{refuse_reason} at
+  once instead of silence (A fails fast instead of after 18 s).
+* Pushes to one peer are rate limited (a token bucket per ID) so TCP requests cannot
+  turn the server into a datagram cannon aimed at a registered address.
+* The per-IP distinct-ID window is a fixed day from the first ID (upstream restarts
+  the day on every registration, so a steady trickle never resets it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import uuid as uuid_mod
+from array import array
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from nacl.signing import SigningKey
+
+from agent import addr as addrmod
+from agent import messages
+from agent.addr import SockAddr, to_v4_if_mapped
+from agent.crypto import public_key_b64, sign_id_pk
+from agent.proto import rendezvous_pb2 as pb
+from agent.registry import PeerRow
+from agent.stats import DropStats
+
+log = logging.getLogger("punchthrough.rendezvous")
+
+ID_RE = re.compile(r"[A-Za-z0-9_-]{6,64}")
+MAX_UUID = 256
+"""RegisterPk.uuid is a machine-uid string; anything longer is not one."""
+MAX_PK = 64
+MAX_RELAY_UUID = 128
+MAX_RELAY_SERVER = 255
+V6_MANGLED_LEN = 18
+MAX_TCP_MESSAGE = 64 * 1024
+
+Role = Literal["main", "nat"]
+"""Which TCP listener a connection came in on: the main port or the NAT-test port (port-1)."""
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class SendUdp:
+    addr: SockAddr
+    payload: bytes
+    via: int
+    """Index of the local UDP endpoint to send from (the one the peer registered through)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendTcp:
+    conn: int
+    payload: bytes
+    """One serialized RendezvousMessage; the shell frames it."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseTcp:
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Make this binding durable. Actions after it in the same list must wait until it is."""
+
+    row: PeerRow
+
+
+Action = SendUdp | SendTcp | CloseTcp | Persist
+
+
+class PeerLookup(Protocol):
+    """Read side of the registry (agent.registry.Registry fits)."""
+
+    def get(self, peer_id: str) -> PeerRow | None: ...
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Timers and caps; defaults are upstream's numbers where upstream has one."""
+
+    reg_timeout: float = 30.0  # online = last registration younger than this
+    pending_ttl: float = 30.0  # A's parked request waits this long for B's answer
+    max_pending: int = 4096
+    max_peers: int = 1_000_000  # in-memory peer cache (the DB holds the rest)
+    max_ip_states: int = 4096  # per-IP RegisterPk limiter entries
+    ip_block_window: float = 60.0
+    ip_block_limit: int = 30  # RegisterPk per IP without a 60 s pause
+    ip_ids_window: float = 86400.0
+    ip_ids_limit: int = 300  # distinct IDs per IP per window
+    id_pk_window: float = 6.0
+    id_pk_limit: int = 3  # the 4th RegisterPk for one ID inside the window is refused
+    push_burst: float = 20.0  # pushes (PunchHole/FetchLocalAddr/RequestRelay) to one peer
+    push_rate: float = 10.0  # ... refilled per second
+    log_interval: float = 10.0
+    max_log_sources: int = 4096
+
+
+@dataclass(slots=True)
+class Peer:
+    id: str
+    uuid: bytes
+    pk: bytes
+    last_ip: str
+    addr: SockAddr | None = None
+    via: int = 0
+    last_reg: float = -math.inf
+    nat_type: int = pb.UNKNOWN_NAT
+    pk_count: int = 0
+    pk_time: float = -math.inf
+    push_tokens: float = -1.0  # < 0: full bucket on first use
+    push_time: float = 0.0
+
+
+@dataclass(slots=True)
+class _IpState:
+    count: int
+    last: float
+    ids_since: float
+    ids: array[int] = field(default_factory=lambda: array("Q"))
+    """Hashes of the IDs seen in the window: 8 bytes each, so 300 IDs cost 2.4 KB per IP."""
+
+
+@dataclass(slots=True)
+class Pending:
+    """A's parked request: which connection to answer and what it asked for."""
+
+    conn: int
+    target: str
+    created: float
+    udp_port: int = 0
+    relay_server: str = ""
+    uuid: str = ""
+
+
+def valid_id(peer_id: str) -> bool:
+    return ID_RE.fullmatch(peer_id) is not None
+
+
+def _v6(data: bytes) -> bytes:
+    """Copy an IPv6 AddrMangle field only when it has the one valid length."""
+    return data if len(data) == V6_MANGLED_LEN else b""
+
+
+class RendezvousCore:
+    """All of hbbs' state and decisions. Call from one thread (the event loop)."""
+
+    def __init__(
+        self,
+        store: PeerLookup,
+        signing_key: SigningKey,
+        *,
+        relays: Sequence[str] = (),
+        always_relay: bool = False,
+        limits: Limits | None = None,
+        new_uuid: Callable[[], str] = lambda: str(uuid_mod.uuid4()),
+    ) -> None:
+        self.store = store
+        self.key = signing_key
+        self.public_key_b64 = public_key_b64(signing_key)
+        self.relays = list(relays)
+        self.always_relay = always_relay
+        self.limits = limits or Limits()
+        self.new_uuid = new_uuid
+        self.peers: OrderedDict[str, Peer] = OrderedDict()
+        self.pending: OrderedDict[SockAddr, Pending] = OrderedDict()
+        self._conn_pending: dict[int, SockAddr] = {}
+        self.ip_states: OrderedDict[str, _IpState] = OrderedDict()
+        self.drops = DropStats(self.limits.log_interval, self.limits.max_log_sources)
+        self.messages: Counter[str] = Counter()
+        self.events: Counter[str] = Counter()
+        self._relay_index = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    def drop(self, reason: str, source: SockAddr | str, now: float, detail: str = "") -> list[Action]:
+        """Count a dropped input; log it at most once per source IP per interval."""
+        host = source.host if isinstance(source, SockAddr) else source
+        if self.drops.drop(reason, host, now):
+            log.info("dropped input from %s: %s%s", source, reason, f" ({detail})" if detail else "")
+        return []
+
+    def _reply_udp(self, src: SockAddr, via: int, request_len: int, payload: bytes, now: float) -> list[Action]:
+        """The amplification rule: an answer to a UDP source is never larger than its request."""
+        if len(payload) > request_len:
+            return self.drop("reply_larger_than_request", src, now, f"{len(payload)} > {request_len} bytes")
+        return [SendUdp(src, payload, via)]
+
+    @staticmethod
+    def _mangle(a: SockAddr, now: float) -> bytes:
+        return addrmod.encode(a, int(now * 1_000_000))
+
+    @staticmethod
+    def _demangle(data: bytes) -> SockAddr:
+        return to_v4_if_mapped(addrmod.decode(data))
+
+    def next_relay(self) -> str:
+        if not self.relays:
+            return ""
+        relay = self.relays[self._relay_index % len(self.relays)]
+        self._relay_index += 1
+        return relay
+
+    def is_online(self, peer: Peer, now: float) -> bool:
+        return peer.addr is not None and now - peer.last_reg < self.limits.reg_timeout
+
+    def _remember(self, peer: Peer) -> None:
+        self.peers[peer.id] = peer
+        self.peers.move_to_end(peer.id)
+        while len(self.peers) > self.limits.max_peers:
+            self.peers.popitem(last=False)
+            self.events["peer_evicted"] += 1
+
+    def lookup(self, peer_id: str) -> Peer | None:
+        """Memory first, then the database (a DB-only peer is loaded, offline)."""
+        peer = self.peers.get(peer_id)
+        if peer is not None:
+            self.peers.move_to_end(peer_id)
+            return peer
+        row = self.store.get(peer_id)
+        if row is None:
+            return None
+        peer = Peer(row.id, row.uuid, row.pk, row.last_ip)
+        self._remember(peer)
+        return peer
+
+    def signed_pk(self, peer_id: str) -> bytes:
+        """hbbs' signature over IdPk{id, pk}; empty when the ID is unknown."""
+        peer = self.lookup(peer_id) if valid_id(peer_id) else None
+        if peer is None or not peer.pk:
+            return b""
+        return sign_id_pk(self.key, peer.id, peer.pk)
+
+    def _take_push_token(self, peer: Peer, now: float) -> bool:
+        lim = self.limits
+        if peer.push_tokens < 0:
+            peer.push_tokens = lim.push_burst
+        else:
+            peer.push_tokens = min(lim.push_burst, peer.push_tokens + (now - peer.push_time) * lim.push_rate)
+        peer.push_time = now
+        if peer.push_tokens < 1.0:
+            return False
+        peer.push_tokens -= 1.0
+        return True
+
+    # ------------------------------------------------------------------ pending requests
+
+    def _park(self, conn: int, a: SockAddr, pending: Pending) -> None:
+        old = self.pending.pop(a, None)
+        if old is not None and self._conn_pending.get(old.conn) == a:
+            del self._conn_pending[old.conn]
+        prev_key = self._conn_pending.get(conn)
+        if prev_key is not None and prev_key != a:
+            self.pending.pop(prev_key, None)
+        self.pending[a] = pending
+        self._conn_pending[conn] = a
+        while len(self.pending) > self.limits.max_pending:
+            _key, evicted = self.pending.popitem(last=False)
+            self._conn_pending.pop(evicted.conn, None)
+            self.events["pending_evicted"] += 1
+
+    def _take(self, a: SockAddr, answer_id: str | None, src: SockAddr, now: float) -> Pending | None:
+        """Remove and return A's pending request that this answer from B belongs to."""
+        p = self.pending.get(a)
+        if p is None or now - p.created >= self.limits.pending_ttl:
+            if p is not None:
+                self._unpark(a)
+            self.drop("no_pending_request", src, now, f"for {a}")
+            return None
+        if answer_id is not None and answer_id != p.target:
+            self.drop("pending_id_mismatch", src, now, f"{answer_id!r} answered a request for {p.target!r}")
+            return None
+        self._unpark(a)
+        return p
+
+    def _unpark(self, a: SockAddr) -> None:
+        p = self.pending.pop(a, None)
+        if p is not None and self._conn_pending.get(p.conn) == a:
+            del self._conn_pending[p.conn]
+
+    def tcp_closed(self, conn: int) -> None:
+        """A's connection went away: nobody is left to answer."""
+        a = self._conn_pending.pop(conn, None)
+        if a is not None:
+            p = self.pending.get(a)
+            if p is not None and p.conn == conn:
+                del self.pending[a]
+
+    def tick(self, now: float) -> None:
+        """Expire parked requests (oldest first; the table is in creation order)."""
+        ttl = self.limits.pending_ttl
+        while self.pending:
+            a, p = next(iter(self.pending.items()))
+            if now - p.created < ttl:
+                break
+            self._unpark(a)
+            self.events["pending_expired"] += 1
+
+    # ------------------------------------------------------------------ UDP
+
+    def handle_udp(self, data: bytes, src: SockAddr, via: int, now: float) -> list[Action]:
+        src = to_v4_if_mapped(src)
+        try:
+            kind, msg = messages.parse(data)
+        except messages.MessageError as exc:
+            return self.drop(exc.reason, src, now, "udp")
+        self.messages[f"udp.{kind}"] += 1
+        if kind == "register_peer":
+            return self._register_peer(msg, src, via, len(data), now)
+        if kind == "register_pk":
+            return self._register_pk(msg, src, via, len(data), now)
+        if kind == "test_nat_request":
+            reply = messages.build(test_nat_response=pb.TestNatResponse(port=src.port))
+            return self._reply_udp(src, via, len(data), reply, now)
+        if kind == "punch_hole_sent":
+            return self._hole_sent_udp(msg, src, now)
+        return self.drop("wrong_kind", src, now, f"udp {kind}")
+
+    def _register_peer(self, rp: Any, src: SockAddr, via: int, req_len: int, now: float) -> list[Action]:
+        if not valid_id(rp.id):
+            return self.drop("invalid_id", src, now, "register_peer")
+        peer = self.peers.get(rp.id)  # memory only, as upstream: unknown -> ask for RegisterPk
+        if peer is None or not peer.pk:
+            request_pk = True
+        else:
+            self.peers.move_to_end(rp.id)
+            if peer.addr is not None:
+                request_pk = peer.addr.ip != src.ip
+            else:
+                request_pk = bool(peer.last_ip) and peer.last_ip != src.host
+            if not request_pk:
+                peer.addr = src
+                peer.via = via
+                peer.last_reg = now
+                peer.nat_type = rp.nat_type
+        reply = messages.build(register_peer_response=pb.RegisterPeerResponse(request_pk=request_pk))
+        return self._reply_udp(src, via, req_len, reply, now)
+
+    def _pk_result(self, src: SockAddr, via: int, req_len: int, result: int, now: float) -> list[Action]:
+        reply = messages.build(register_pk_response=pb.RegisterPkResponse(result=result))  # type: ignore[arg-type]
+        return self._reply_udp(src, via, req_len, reply, now)
+
+    def ip_allows(self, ip: str, peer_id: str, now: float) -> bool:
+        """Upstream's check_ip_blocker: registrations per IP without a pause, distinct IDs per day."""
+        lim = self.limits
+        st = self.ip_states.get(ip)
+        if st is None:
+            st = _IpState(count=0, last=now, ids_since=now)
+            self.ip_states[ip] = st
+            while len(self.ip_states) > lim.max_ip_states:
+                self.ip_states.popitem(last=False)
+        else:
+            self.ip_states.move_to_end(ip)
+        if now - st.last > lim.ip_block_window:
+            st.count = 0
+        elif st.count >= lim.ip_block_limit:
+            return False
+        st.count += 1
+        st.last = now
+        if now - st.ids_since > lim.ip_ids_window:
+            st.ids = array("Q")
+            st.ids_since = now
+        h = hash(peer_id) & 0xFFFF_FFFF_FFFF_FFFF
+        if h not in st.ids:
+            if len(st.ids) >= lim.ip_ids_limit:
+                return False
+            st.ids.append(h)
+        return True
+
+    def _register_pk(self, rk: Any, src: SockAddr, via: int, req_len: int, now: float) -> list[Action]:
+        R = pb.RegisterPkResponse
+        if not rk.uuid or not rk.pk:
+            return self.drop("missing_uuid_or_pk", src, now)
+        if len(rk.uuid) > MAX_UUID or len(rk.pk) > MAX_PK:
+            return self.drop("field_too_long", src, now, "register_pk")
+        if not valid_id(rk.id):
+            return self._pk_result(src, via, req_len, R.INVALID_ID_FORMAT, now)
+        ip = src.host
+        if not self.ip_allows(ip, rk.id, now):
+            self.events["register_pk_ip_blocked"] += 1
+            return self._pk_result(src, via, req_len, R.TOO_FREQUENT, now)
+        peer = self.lookup(rk.id)
+        actions: list[Action] = []
+        if peer is None:
+            peer = Peer(rk.id, bytes(rk.uuid), bytes(rk.pk), ip)
+            self._remember(peer)
+            changed = True
+        elif peer.uuid != rk.uuid or (peer.last_ip and peer.last_ip != ip and peer.pk != rk.pk):
+            # The ID belongs to the first uuid that registered it; the same uuid may move to a
+            # new IP or change its key, but not both at once (upstream's rule).
+            self.events["register_pk_uuid_mismatch"] += 1
+            return self._pk_result(src, via, req_len, R.UUID_MISMATCH, now)
+        else:
+            if now - peer.pk_time > self.limits.id_pk_window:
+                peer.pk_count = 0
+            elif peer.pk_count >= self.limits.id_pk_limit:
+                self.events["register_pk_id_too_frequent"] += 1
+                return self._pk_result(src, via, req_len, R.TOO_FREQUENT, now)
+            changed = peer.pk != rk.pk or peer.last_ip != ip
+            peer.pk = bytes(rk.pk)
+            peer.last_ip = ip
+        peer.pk_count += 1
+        peer.pk_time = now
+        peer.addr = src
+        peer.via = via
+        peer.last_reg = now
+        if changed:
+            actions.append(Persist(PeerRow(peer.id, peer.uuid, peer.pk, ip)))
+        return actions + self._pk_result(src, via, req_len, R.OK, now)
+
+    def _hole_sent_udp(self, phs: Any, src: SockAddr, now: float) -> list[Action]:
+        """B's UDP punch socket announced itself: its source is B's UDP mapping, A gets it (is_udp)."""
+        a = self._demangle(phs.socket_addr)
+        p = self.pending.get(a)
+        if p is not None and p.udp_port <= 0:
+            return self.drop("udp_hole_sent_without_udp_request", src, now)
+        p = self._take(a, phs.id, src, now)
+        if p is None:
+            return []
+        resp = pb.PunchHoleResponse(
+            socket_addr=self._mangle(src, now),
+            pk=self.signed_pk(phs.id) if phs.version else b"",
+            relay_server=phs.relay_server or p.relay_server,
+            nat_type=phs.nat_type,
+            is_udp=True,
+            socket_addr_v6=_v6(phs.socket_addr_v6),
+        )
+        return [SendTcp(p.conn, messages.build(punch_hole_response=resp))]
+
+    # ------------------------------------------------------------------ TCP
+
+    def handle_tcp(self, conn: int, src: SockAddr, role: Role, payload: bytes, now: float) -> list[Action]:
+        src = to_v4_if_mapped(src)
+        try:
+            kind, msg = messages.parse(payload, max_len=MAX_TCP_MESSAGE)
+        except messages.MessageError as exc:
+            return self.drop(exc.reason, src, now, f"tcp {role}")
+        self.messages[f"tcp.{kind}"] += 1
+        if kind == "test_nat_request":
+            return [SendTcp(conn, messages.build(test_nat_response=pb.TestNatResponse(port=src.port)))]
+        if kind == "online_request":
+            return [SendTcp(conn, self._online(msg.peers, now))]
+        if role != "main":
+            return self.drop("wrong_kind", src, now, f"tcp nat-port {kind}")
+        if kind == "punch_hole_request":
+            return self._punch_request(conn, src, msg, now)
+        if kind == "request_relay":
+            return self._relay_request(conn, src, msg, now)
+        if kind == "punch_hole_sent":
+            return [*self._hole_sent_tcp(conn, src, msg, now), CloseTcp(conn)]
+        if kind == "local_addr":
+            return [*self._local_addr(src, msg, now), CloseTcp(conn)]
+        if kind == "relay_response":
+            return [*self._relay_response(src, msg, now), CloseTcp(conn)]
+        if kind == "register_pk":
+            reply = pb.RegisterPkResponse(result=pb.RegisterPkResponse.NOT_SUPPORT)
+            return [SendTcp(conn, messages.build(register_pk_response=reply))]
+        return self.drop("wrong_kind", src, now, f"tcp {kind}")
+
+    def _online(self, ids: Sequence[str], now: float) -> bytes:
+        states = bytearray((len(ids) + 7) // 8)
+        for i, peer_id in enumerate(ids):
+            peer = self.peers.get(peer_id)
+            if peer is not None and self.is_online(peer, now):
+                states[i // 8] |= 0x80 >> (i % 8)
+        return messages.build(online_response=pb.OnlineResponse(states=bytes(states)))
+
+    def _punch_request(self, conn: int, a: SockAddr, req: Any, now: float) -> list[Action]:
+        Failure = pb.PunchHoleResponse
+
+        def fail(failure: int) -> list[Action]:
+            resp = pb.PunchHoleResponse(failure=failure)  # type: ignore[arg-type]
+            return [SendTcp(conn, messages.build(punch_hole_response=resp))]
+
+        if req.licence_key and req.licence_key != self.public_key_b64:
+            self.events["licence_mismatch"] += 1
+            return fail(Failure.LICENSE_MISMATCH)
+        peer = self.lookup(req.id) if valid_id(req.id) else None
+        if peer is None:
+            self.events["punch_id_not_exist"] += 1
+            return fail(Failure.ID_NOT_EXIST)
+        if not self.is_online(peer, now) or peer.addr is None:
+            self.events["punch_offline"] += 1
+            return fail(Failure.OFFLINE)
+        if not self._take_push_token(peer, now):
+            return self.drop("push_rate_limited", a, now, f"to {peer.id}")
+        relay = self.next_relay()
+        udp_port = req.udp_port if 0 < req.udp_port <= 0xFFFF else 0
+        pending = Pending(conn, peer.id, now, udp_port=udp_port, relay_server=relay)
+        mangled_a = self._mangle(a, now)
+        a_v6 = _v6(req.socket_addr_v6)
+        if req.force_relay or self.always_relay:
+            decision = "relay"
+        elif a.ip == peer.addr.ip:
+            decision = "lan"
+        elif req.nat_type == pb.SYMMETRIC and peer.nat_type == pb.SYMMETRIC:
+            decision = "relay"
+        else:
+            decision = "punch"
+        self.events[f"punch_{decision}"] += 1
+        if decision == "relay":
+            pending.uuid = self.new_uuid()
+            push = messages.build(
+                request_relay=pb.RequestRelay(
+                    id=peer.id,
+                    uuid=pending.uuid,
+                    socket_addr=mangled_a,
+                    relay_server=relay,
+                    secure=True,
+                    conn_type=req.conn_type,
+                )
+            )
+        elif decision == "lan":
+            push = messages.build(
+                fetch_local_addr=pb.FetchLocalAddr(socket_addr=mangled_a, relay_server=relay, socket_addr_v6=a_v6)
+            )
+        else:
+            push = messages.build(
+                punch_hole=pb.PunchHole(
+                    socket_addr=mangled_a,
+                    relay_server=relay,
+                    nat_type=req.nat_type,
+                    udp_port=udp_port,
+                    force_relay=req.force_relay,
+                    socket_addr_v6=a_v6,
+                )
+            )
+        self._park(conn, a, pending)
+        return [SendUdp(peer.addr, push, peer.via)]
+
+    def _relay_request(self, conn: int, a: SockAddr, rr: Any, now: float) -> list[Action]:
+        """A asks for a relay directly: forward to B over UDP with A's address filled in."""
+
+        def refuse(reason: str) -> list[Action]:
+            resp = pb.RelayResponse(uuid=rr.uuid, refuse_reason=reason)
+            return [SendTcp(conn, messages.build(relay_response=resp))]
+
+        if len(rr.uuid) > MAX_RELAY_UUID or len(rr.relay_server) > MAX_RELAY_SERVER:
+            return self.drop("field_too_long", a, now, "request_relay")
+        peer = self.lookup(rr.id) if valid_id(rr.id) else None
+        if peer is None:
+            return refuse("ID does not exist")
+        if not self.is_online(peer, now) or peer.addr is None:
+            return refuse("Remote desktop is offline")
+        if not self._take_push_token(peer, now):
+            return self.drop("push_rate_limited", a, now, f"to {peer.id}")
+        pending = Pending(
+            conn, peer.id, now, relay_server=rr.relay_server or self.next_relay(), uuid=rr.uuid or self.new_uuid()
+        )
+        push = pb.RequestRelay(
+            id=peer.id,
+            uuid=pending.uuid,
+            socket_addr=self._mangle(a, now),
+            relay_server=pending.relay_server,
+            secure=rr.secure,
+            conn_type=rr.conn_type,
+        )
+        self._park(conn, a, pending)
+        self.events["relay_request_forwarded"] += 1
+        return [SendUdp(peer.addr, messages.build(request_relay=push), peer.via)]
+
+    def _hole_sent_tcp(self, conn: int, b: SockAddr, phs: Any, now: float) -> list[Action]:
+        p = self._take(self._demangle(phs.socket_addr), phs.id, b, now)
+        if p is None:
+            return []
+        resp = pb.PunchHoleResponse(
+            socket_addr=self._mangle(b, now),
+            pk=self.signed_pk(phs.id) if phs.version else b"",
+            relay_server=phs.relay_server or p.relay_server,
+            nat_type=phs.nat_type,
+            socket_addr_v6=_v6(phs.socket_addr_v6),
+        )
+        return [SendTcp(p.conn, messages.build(punch_hole_response=resp))]
+
+    def _local_addr(self, b: SockAddr, la: Any, now: float) -> list[Action]:
+        if not la.local_addr or len(la.local_addr) > V6_MANGLED_LEN:
+            return self.drop("bad_local_addr", b, now)
+        p = self._take(self._demangle(la.socket_addr), la.id, b, now)
+        if p is None:
+            return []
+        resp = pb.PunchHoleResponse(
+            socket_addr=la.local_addr,
+            pk=self.signed_pk(la.id) if la.version else b"",
+            relay_server=la.relay_server or p.relay_server,
+            is_local=True,
+            socket_addr_v6=_v6(la.socket_addr_v6),
+        )
+        return [SendTcp(p.conn, messages.build(punch_hole_response=resp))]
+
+    def _relay_response(self, b: SockAddr, rr: Any, now: float) -> list[Action]:
+        has_id = rr.WhichOneof("union") == "id"
+        p = self._take(self._demangle(rr.socket_addr), rr.id if has_id else None, b, now)
+        if p is None:
+            return []
+        out = pb.RelayResponse()
+        out.CopyFrom(rr)
+        out.ClearField("socket_addr")
+        if has_id and rr.version:
+            out.pk = self.signed_pk(rr.id)
+        if not out.uuid:
+            out.uuid = p.uuid
+        if not out.relay_server:
+            out.relay_server = p.relay_server
+        return [SendTcp(p.conn, messages.build(relay_response=out))]
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self, now: float) -> dict[str, Any]:
+        online = sum(1 for peer in self.peers.values() if self.is_online(peer, now))
+        return {
+            "messages": dict(self.messages),
+            "drops": self.drops.snapshot(),
+            "events": dict(self.events),
+            "peers_in_memory": len(self.peers),
+            "peers_online": online,
+            "pending_requests": len(self.pending),
+            "ip_limiter_entries": len(self.ip_states),
+        }

@@ -1,0 +1,36 @@
+"""Where a running agent's sockets live, derived from its state directory.
+
+Unix socket paths are limited to ~107 bytes; a deep state directory (pytest's
+tmp dirs, long home paths) falls back to a private short directory in /tmp
+named after a hash of the state directory, so both CLIs find the same place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+_MAX_SOCK_PATH = 100
+
+
+def runtime_dir(state_dir: Path) -> Path:
+    state_dir = state_dir.resolve()
+    if len(str(state_dir / "sessions.sock")) < _MAX_SOCK_PATH:
+        return state_dir
+    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:16]
+    short = Path("/tmp") / f"punchthrough-{os.getuid()}-{digest}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    if short.stat().st_uid != os.getuid():
+        raise PermissionError(f"{short} belongs to another user")
+    return short
+
+
+def control_socket(state_dir: Path) -> Path:
+    """The coordinator's socket: ops queries and stream requests from `pipe`/`connect`."""
+    return runtime_dir(state_dir) / "control.sock"
+
+
+def sessions_socket(state_dir: Path) -> Path:
+    """The session owner's socket: strategies hand it their connected transports."""
+    return runtime_dir(state_dir) / "sessions.sock"

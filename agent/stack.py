@@ -1,0 +1,246 @@
+"""Assembling an agent from its components, either all in one process or one per Ray actor.
+
+`load_runtime` reads everything a component needs from the state directory (the
+effective config written by `punchthrough up`, the identity, the embedded
+server's key), so each Ray actor can rebuild its component on its own after a
+restart. `build_component` makes one component given references to the others;
+`LocalAgent` wires them all in one event loop for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import config as configmod
+from agent import identity as identitymod
+from agent.addr import split_host_port
+from agent.config import Config
+from agent.coordinator import Coordinator, build_policy, server_key_from
+from agent.crypto import load_or_create_signing_key
+from agent.identity import Identity
+from agent.pins import PinMismatch, PinStore
+from agent.refs import LocalRef, Ref
+from agent.runtime_paths import control_socket, sessions_socket
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.toml"
+COMPONENTS = ("servers", "sessions", "relay", "nat_probe", "registrar", "coordinator")
+"""Start order: each may call the ones before it."""
+
+
+@dataclass
+class Runtime:
+    state_dir: Path
+    cfg: Config
+    identity: Identity
+    server: str
+    server_key: bytes | None
+    embedded: bool
+
+    @property
+    def server_addr(self) -> tuple[str, int]:
+        return split_host_port(self.server, 21116)
+
+    @property
+    def embedded_dir(self) -> Path:
+        return self.state_dir / "server"
+
+
+def load_runtime(state_dir: Path) -> Runtime:
+    path = state_dir / CONFIG_FILE
+    cfg = configmod.load(path if path.exists() else None)
+    ident = identitymod.load_or_create(state_dir)
+    embedded = not cfg.agent.server
+    server = cfg.agent.server or f"127.0.0.1:{cfg.embedded.rendezvous_port}"
+    key_file = state_dir / "server" / "id_ed25519"
+    if embedded:
+        load_or_create_signing_key(key_file)
+    return Runtime(state_dir, cfg, ident, server, server_key_from(cfg, key_file if embedded else None), embedded)
+
+
+class EmbeddedServers:
+    """The zero-configuration default: a rendezvous and a relay server inside the agent."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.rendezvous: Any = None
+        self.relay: Any = None
+
+    async def start(self) -> None:
+        from agent.relay_server import RelayConfig, start_relay
+        from agent.rendezvous_server import RendezvousConfig, start_rendezvous
+
+        emb = self.rt.cfg.embedded
+        self.rendezvous = await start_rendezvous(
+            RendezvousConfig(
+                binds=[emb.bind],
+                port=emb.rendezvous_port,
+                db_path=self.rt.embedded_dir / "rendezvous.sqlite3",
+                key_file=self.rt.embedded_dir / "id_ed25519",
+            )
+        )
+        self.relay = await start_relay(RelayConfig(binds=[emb.bind], port=emb.relay_port))
+
+    async def close(self) -> None:
+        for server in (self.relay, self.rendezvous):
+            if server is not None:
+                await server.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "rendezvous": self.rendezvous.stats() if self.rendezvous else None,
+            "relay": self.relay.stats() if self.relay else None,
+        }
+
+
+class RegistrarComponent:
+    """The registrar plus what it needs from its neighbours: the NAT type, and where pushes go."""
+
+    def __init__(self, rt: Runtime, coordinator: Ref, nat_probe: Ref) -> None:
+        from agent.registrar import Registrar
+
+        self.rt = rt
+        self.coordinator = coordinator
+        self.nat_probe = nat_probe
+        self.nat_type = 0
+        self.registrar = Registrar(
+            rt.server_addr, rt.identity, self._push, lambda: self.nat_type, on_id_taken=self._id_taken
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def _push(self, kind: str, msg: Any, source: tuple[str, int]) -> None:
+        await self.coordinator.call("on_push", kind, msg, source)
+
+    def _id_taken(self, ident: Any) -> Identity:
+        new = identitymod.next_id(self.rt.state_dir, self.rt.identity)
+        log.warning("ID %s is bound to another machine; now registering as %s", self.rt.identity.peer_id, new.peer_id)
+        self.rt.identity = new
+        return new
+
+    async def _follow_nat(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                self.nat_type = int((await self.nat_probe.call("status"))["nat_type"])
+            await asyncio.sleep(5)
+
+    async def start(self) -> None:
+        await self.registrar.start()
+        self._task = asyncio.get_running_loop().create_task(self._follow_nat())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self.registrar.close()
+
+    def status(self) -> dict[str, Any]:
+        return self.registrar.status()
+
+
+def _policy_factory(rt: Runtime) -> Any:
+    def factory() -> Any:
+        return build_policy(rt.cfg, PinStore(rt.state_dir))
+
+    return factory
+
+
+def _pin_admitted(rt: Runtime) -> Any:
+    def pin(peer: str, key: bytes, how: str) -> None:
+        with contextlib.suppress(PinMismatch):
+            PinStore(rt.state_dir).check_and_pin(peer, key)
+
+    return pin
+
+
+async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
+    """Construct and start one component; `refs` reach the others."""
+    from agent.nat_probe import NatProbe
+    from agent.sessions import SessionOwner
+    from agent.strategies.relay import RelayStrategy
+
+    comp: Any
+    if kind == "servers":
+        comp = EmbeddedServers(rt)
+    elif kind == "sessions":
+        comp = SessionOwner(
+            sessions_socket(rt.state_dir),
+            rt.identity.peer_id,
+            rt.identity.signing_key,
+            _policy_factory(rt),
+            on_admitted=_pin_admitted(rt),
+        )
+    elif kind == "relay":
+        comp = RelayStrategy(sessions_socket(rt.state_dir), rt.cfg.agent.relay_key)
+    elif kind == "nat_probe":
+        comp = NatProbe(rt.server_addr, rt.cfg.agent.nat_test_port or None)
+    elif kind == "registrar":
+        comp = RegistrarComponent(rt, refs["coordinator"], refs["nat_probe"])
+    elif kind == "coordinator":
+        comp = Coordinator(
+            state_dir=rt.state_dir,
+            cfg=rt.cfg,
+            identity=rt.identity,
+            server=rt.server,
+            server_key=rt.server_key,
+            control_socket=control_socket(rt.state_dir),
+            sessions_socket=sessions_socket(rt.state_dir),
+            registrar=refs["registrar"],
+            nat_probe=refs["nat_probe"],
+            relay=refs["relay"],
+            embedded=rt.embedded,
+        )
+    else:
+        raise ValueError(f"unknown component {kind!r}")
+    if hasattr(comp, "start"):
+        await comp.start()
+    return comp
+
+
+class _LateRef:
+    """A LocalRef to a component built later (the registrar needs the coordinator and vice versa)."""
+
+    def __init__(self, agent: LocalAgent, kind: str) -> None:
+        self.agent, self.kind = agent, kind
+
+    async def call(self, method: str, *args: Any) -> Any:
+        return await LocalRef(self.agent.components[self.kind]).call(method, *args)
+
+
+class LocalAgent:
+    """Every component in this process and event loop: the agent without Ray, for tests."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.components: dict[str, Any] = {}
+
+    async def start(self) -> LocalAgent:
+        rt = load_runtime(self.state_dir)
+        refs: dict[str, Ref] = {kind: _LateRef(self, kind) for kind in COMPONENTS}
+        for kind in COMPONENTS:
+            if kind == "servers" and not rt.embedded:
+                continue
+            self.components[kind] = await build_component(kind, rt, refs)
+        coordinator = self.components["coordinator"]
+        for kind in self.components:
+            coordinator.register_actor(kind, os.getpid())
+        return self
+
+    async def close(self) -> None:
+        for kind in reversed(COMPONENTS):
+            comp = self.components.pop(kind, None)
+            if comp is not None and hasattr(comp, "close"):
+                with contextlib.suppress(Exception):
+                    await comp.close()
+
+
+def write_config(state_dir: Path, cfg: Config) -> None:
+    """The effective config of a running agent, where every actor reads it."""
+    from agent.files import write_private
+
+    write_private(state_dir / CONFIG_FILE, configmod.dump(cfg).encode())

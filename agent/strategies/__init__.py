@@ -1,0 +1,1 @@
+"""Connection strategies: each gets a connected transport socket to the peer and hands it on."""

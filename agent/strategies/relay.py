@@ -1,0 +1,65 @@
+"""The relay strategy: reach the peer through a relay server by a shared uuid.
+
+Both sides connect to the relay and send RequestRelay{uuid} as the first frame;
+the relay pairs them and then copies bytes. The connected socket goes to the
+session owner (fd passing) which runs the encrypted handshake: the relay only
+ever sees ciphertext.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import ctlproto, messages
+from agent.netutil import connect_tcp, describe_error
+from agent.proto import rendezvous_pb2 as pb
+from agent.wire import encode_frame
+
+DEFAULT_RELAY_PORT = 21117
+
+
+class RelayStrategy:
+    def __init__(self, sessions_socket: Path, relay_key: str = "", timeout: float = 5.0) -> None:
+        self.sessions_socket = sessions_socket
+        self.relay_key = relay_key
+        self.timeout = timeout
+        self.attempts = 0
+        self.failures = 0
+
+    async def dial(self, session: str, relay: str, uuid: str, peer_id: str, role: str) -> dict[str, Any]:
+        """Connect to `relay`, join `uuid`, hand the socket to the session owner. Never raises.
+
+        `role` says which side of the handshake the session owner must run on it:
+        "initiator" (we asked for the peer) or "responder" (the peer asked for us).
+        """
+        self.attempts += 1
+        started = time.monotonic()
+        try:
+            sock = await connect_tcp(relay, DEFAULT_RELAY_PORT, self.timeout)
+        except (OSError, TimeoutError, ValueError) as exc:
+            self.failures += 1
+            return {"ok": False, "reason": f"relay {relay}: {describe_error(exc)}"}
+        try:
+            request = pb.RequestRelay(
+                id=peer_id, uuid=uuid, licence_key=self.relay_key, conn_type=pb.PORT_FORWARD
+            )
+            await asyncio.get_running_loop().sock_sendall(sock, encode_frame(messages.build(request_relay=request)))
+            op = "transport" if role == "initiator" else "respond"
+            reply = await ctlproto.acall(
+                self.sessions_socket, {"op": op, "session": session, "path": "relay"}, [sock.fileno()]
+            )
+        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
+            self.failures += 1
+            return {"ok": False, "reason": f"relay {relay}: {describe_error(exc)}"}
+        finally:
+            sock.close()  # the session owner has its own copy now
+        if not reply.get("ok"):
+            self.failures += 1
+            return {"ok": False, "reason": str(reply.get("error", "session owner refused the transport"))}
+        return {"ok": True, "elapsed_ms": round((time.monotonic() - started) * 1000, 1)}
+
+    def status(self) -> dict[str, Any]:
+        return {"attempts": self.attempts, "failures": self.failures}

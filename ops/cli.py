@@ -1,0 +1,150 @@
+"""`punchthrough-ops`: what a running agent is doing, from its coordinator's control socket.
+
+No Ray driver is attached (a query takes ~0.15 s and works while Ray is sick).
+Tables for people, `--json` for scripts (the JSON keys are stable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent import ctlproto
+from agent.paths import default_state_dir
+from agent.runtime_paths import control_socket
+
+COMMANDS = ("status", "actors", "sessions", "netcheck")
+
+
+class OpsError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise OpsError(message)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def render_status(st: dict[str, Any]) -> str:
+    reg = st.get("registration", {})
+    nat = st.get("nat") or {}
+    lines = [
+        f"id            {st.get('id')}  ({st.get('fingerprint')})",
+        f"server        {st.get('server')}{'  (embedded)' if st.get('embedded') else ''}",
+        f"registration  {reg.get('state', '-')}  last reply {_age(reg.get('last_reply_age'))} ago",
+        f"nat           {nat.get('nat_name', 'unknown')}"
+        + (f"  measured {_age(time.time() - nat['measured_at'])} ago" if nat.get("measured_at") else "")
+        + (f"  error: {nat['error']}" if nat.get("error") else ""),
+        f"sessions      {st.get('sessions_active', 0)} active, {st.get('sessions_total', 0)} total",
+        f"uptime        {_age(st.get('uptime'))}",
+    ]
+    return "\n".join(lines)
+
+
+def render_actors(st: dict[str, Any]) -> str:
+    rows = [
+        [
+            a["name"],
+            a.get("pid", "-"),
+            a.get("state", "-"),
+            a.get("restarts", 0),
+            f"{a.get('cpu_percent', 0.0):.1f}%",
+            _bytes(a.get("rss", 0)),
+        ]
+        for a in st.get("actors", [])
+    ]
+    return table(["ACTOR", "PID", "STATE", "RESTARTS", "CPU", "RSS"], rows)
+
+
+def render_sessions(st: dict[str, Any]) -> str:
+    rows = []
+    for s in st.get("sessions", []):
+        attempts = ", ".join(
+            f"{a['strategy']}:{a['outcome']}" + (f"({a['reason']})" if a.get("reason") else "")
+            for a in s.get("attempts", [])
+        )
+        rows.append(
+            [
+                s["id"],
+                s.get("peer", "-"),
+                s.get("role", "-"),
+                s.get("path", "-"),
+                s.get("state", "-"),
+                _bytes(s.get("bytes_out", 0)),
+                _bytes(s.get("bytes_in", 0)),
+                _age(s.get("age")),
+                attempts or "-",
+            ]
+        )
+    if not rows:
+        return "no sessions"
+    return table(["SESSION", "PEER", "ROLE", "PATH", "STATE", "OUT", "IN", "AGE", "ATTEMPTS"], rows)
+
+
+def render_netcheck(st: dict[str, Any]) -> str:
+    nat = st.get("nat") or {}
+    return "\n".join(f"{k:14}{v}" for k, v in nat.items())
+
+
+RENDER = {"status": render_status, "actors": render_actors, "sessions": render_sessions, "netcheck": render_netcheck}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="punchthrough-ops", description="show what a running punchthrough agent is doing")
+    parser.add_argument("--state-dir", type=Path, default=None, help="agent state dir (env PUNCHTHROUGH_STATE_DIR)")
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    try:
+        args = parser.parse_args(argv)
+        state_dir = args.state_dir or default_state_dir()
+        path = control_socket(state_dir)
+        try:
+            reply = ctlproto.call(path, {"op": args.command}, timeout=30 if args.command == "netcheck" else 5)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise OpsError(f"no agent running for state dir {state_dir} (start it with `punchthrough up`)") from None
+        except (TimeoutError, OSError, ctlproto.ControlError) as exc:
+            raise OpsError(f"agent at {path} did not answer: {exc}") from None
+        if not reply.get("ok", False):
+            raise OpsError(str(reply.get("error", "agent refused the request")))
+        if args.json:
+            reply.pop("ok", None)
+            print(json.dumps(reply, indent=2, sort_keys=True, default=str))
+        else:
+            print(RENDER[args.command](reply))
+        return 0
+    except OpsError as exc:
+        print(f"punchthrough-ops: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

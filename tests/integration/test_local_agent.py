@@ -1,0 +1,108 @@
+"""Two agents (all components in-process, no Ray) reach each other by ID through a real relay."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.stack import LocalAgent
+from tests.agent_fixtures import (
+    Servers,
+    agent_config,
+    echo_server,
+    open_stream,
+    prepare_state,
+    start_servers,
+    wait_registered,
+)
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    servers = await start_servers(tmp_path / "srv")
+    echo, echo_addr = await echo_server()
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_id = prepare_state(a_dir, agent_config(servers))
+    b_id = prepare_state(b_dir, agent_config(servers, allow=[a_id], allow_targets=[echo_addr]))
+    a, b = await LocalAgent(a_dir).start(), await LocalAgent(b_dir).start()
+    await wait_registered(a)
+    await wait_registered(b)
+    yield {"servers": servers, "a": a, "b": b, "a_dir": a_dir, "b_dir": b_dir, "a_id": a_id, "b_id": b_id,
+           "echo": echo_addr, "tmp": tmp_path}
+    await a.close()
+    await b.close()
+    echo.close()
+    await servers.rendezvous.close()
+    await servers.relay.close()
+
+
+async def _transfer(sock: socket.socket, payload: bytes) -> bytes:
+    loop = asyncio.get_running_loop()
+
+    async def send() -> None:
+        await loop.sock_sendall(sock, payload)
+        sock.shutdown(socket.SHUT_WR)
+
+    sender = asyncio.ensure_future(send())
+    chunks = []
+    while data := await loop.sock_recv(sock, 1 << 18):
+        chunks.append(data)
+    await sender
+    return b"".join(chunks)
+
+
+async def test_echo_through_relay(lab: dict[str, Any]) -> None:
+    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"])
+    assert sock is not None, reply
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    got = await asyncio.wait_for(_transfer(sock, payload), 60)
+    sock.close()
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
+    sessions = (await lab["a"].components["coordinator"].sessions())["sessions"]
+    assert sessions[0]["path"] == "relay" and sessions[0]["attempts"][0]["outcome"] == "won"
+    relay_stats = lab["servers"].relay.stats()
+    assert relay_stats, relay_stats
+
+
+async def test_concurrent_streams(lab: dict[str, Any]) -> None:
+    async def one(i: int) -> bool:
+        sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"])
+        assert sock is not None, reply
+        data = os.urandom(100_000 + i)
+        got = await _transfer(sock, data)
+        sock.close()
+        return got == data
+
+    assert all(await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(6))), 60))
+
+
+async def test_disallowed_target(lab: dict[str, Any]) -> None:
+    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], "127.0.0.1:1")
+    assert sock is None
+    assert "not allowed" in reply["error"]
+
+
+async def test_unknown_peer(lab: dict[str, Any]) -> None:
+    sock, reply = await open_stream(lab["a_dir"], "1999999999", lab["echo"])
+    assert sock is None
+    assert "1999999999" in reply["error"]
+
+
+async def test_unlisted_peer_refused(lab: dict[str, Any], tmp_path: Path) -> None:
+    c_dir = tmp_path / "c"
+    prepare_state(c_dir, agent_config(lab["servers"]))
+    c = await LocalAgent(c_dir).start()
+    try:
+        await wait_registered(c)
+        sock, reply = await open_stream(c_dir, lab["b_id"], lab["echo"])
+        assert sock is None
+        assert "not allowed" in reply["error"]
+    finally:
+        await c.close()

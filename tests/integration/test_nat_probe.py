@@ -1,0 +1,213 @@
+"""NAT probe on loopback against the real rendezvous server, and against broken servers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent.nat_core import NatType
+from agent.nat_probe import NatProbe, measure_nat, udp_mapping_probe
+from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
+
+
+def closed_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    """A port nothing listens on (bound then released, on TCP and UDP)."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def serve(tmp_path: Path, host: str = "127.0.0.1") -> RendezvousServer:
+    cfg = RendezvousConfig(port=0, binds=[host], db_path=tmp_path / "peers.db", key_file=tmp_path / "id_ed25519")
+    return await start_rendezvous(cfg)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RendezvousServer]:
+    srv = await serve(tmp_path)
+    yield srv
+    await srv.close()
+
+
+async def test_loopback_is_asymmetric_and_udp_maps_to_itself(server: RendezvousServer) -> None:
+    v = await measure_nat(("127.0.0.1", server.tcp_port), server.nat_port)
+    assert v.error == "" and v.udp_error == ""
+    assert v.nat_type == NatType.ASYMMETRIC
+    assert v.port1 == v.port2 == v.local_tcp_port  # no NAT: the server sees our own port
+    assert v.udp_mapped_port == v.udp_local_port is not None
+    assert v.as_dict()["nat_name"] == "ASYMMETRIC"
+    stats = server.stats()["messages"]
+    assert stats["tcp.test_nat_request"] == 2
+    assert stats["udp.test_nat_request"] >= 1
+
+
+async def test_ipv6_loopback(tmp_path: Path) -> None:
+    srv = await serve(tmp_path, "::1")
+    try:
+        v = await measure_nat(("::1", srv.tcp_port), srv.nat_port)
+    finally:
+        await srv.close()
+    assert (v.nat_type, v.error, v.udp_error) == (NatType.ASYMMETRIC, "", "")
+    assert v.udp_mapped_port == v.udp_local_port
+
+
+async def test_default_nat_port_is_main_port_minus_one(tmp_path: Path) -> None:
+    cfg = RendezvousConfig(port=0, binds=["127.0.0.1"], db_path=tmp_path / "p.db", key_file=tmp_path / "k")
+    srv = await start_rendezvous(cfg)
+    port = srv.tcp_port
+    await srv.close()
+    cfg.port = port  # reopen on a fixed port: its NAT-test port is port - 1
+    try:
+        srv = await start_rendezvous(cfg)
+    except Exception:
+        pytest.skip("port pair no longer free")
+    try:
+        assert srv.nat_port == port - 1
+        v = await measure_nat(("127.0.0.1", port))
+    finally:
+        await srv.close()
+    assert v.nat_type == NatType.ASYMMETRIC
+
+
+async def test_server_down_gives_a_clean_error_verdict() -> None:
+    port = closed_port()
+    v = await measure_nat(("127.0.0.1", port), closed_port(), timeout=3.0, udp_give_up=2.0)
+    assert v.nat_type == NatType.UNKNOWN_NAT
+    assert v.error == f"main port 127.0.0.1:{port}: connection refused"
+    assert v.udp_error == f"no UDP: 127.0.0.1:{port}: connection refused"  # ICMP, not the 2 s give-up
+    assert v.port1 is None and v.udp_mapped_port is None
+
+
+async def test_nat_test_port_down(server: RendezvousServer) -> None:
+    port = closed_port()
+    v = await measure_nat(("127.0.0.1", server.tcp_port), port)
+    assert v.nat_type == NatType.UNKNOWN_NAT
+    assert v.port1 == v.local_tcp_port
+    assert v.error == f"NAT-test port 127.0.0.1:{port}: connection refused"
+    assert v.udp_mapped_port is not None  # UDP still measured
+
+
+async def _silent_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read()  # never answers, holds the connection until the client goes
+    writer.close()
+
+
+async def _closing_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(1)
+    writer.close()
+
+
+async def _garbage_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(1)
+    writer.write(b"\x10\xff\xff\xff\xff")  # a 4-byte frame that is not a protobuf
+    await writer.drain()
+    await reader.read()
+    writer.close()
+
+
+async def _oversized_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(1)
+    writer.write(b"\xff\xff\xff\xff")  # declares a 1 GiB frame
+    await writer.drain()
+    await reader.read()
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("handler", "expect"),
+    [
+        (_silent_tcp, "no answer within 0.2 s"),
+        (_closing_tcp, "closed the connection without answering"),
+        (_garbage_tcp, "unreadable answer"),
+        (_oversized_tcp, "unreadable answer"),
+    ],
+)
+async def test_broken_servers(handler: object, expect: str) -> None:
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0)  # type: ignore[arg-type]
+    port = srv.sockets[0].getsockname()[1]
+    silent_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        silent_udp.bind(("127.0.0.1", port))  # takes datagrams, never answers
+        v = await measure_nat(("127.0.0.1", port), port, timeout=0.2, udp_give_up=0.2)
+    finally:
+        silent_udp.close()
+        srv.close()
+        await srv.wait_closed()
+    assert v.nat_type == NatType.UNKNOWN_NAT
+    assert v.error.startswith(f"main port 127.0.0.1:{port}: ")
+    assert expect in v.error
+    assert v.udp_error == f"no UDP answer from 127.0.0.1:{port} within 0.2 s"
+
+
+async def test_connect_timeout_is_reported() -> None:
+    # A listener with a full backlog never completes new handshakes.
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    port = lst.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            f.setblocking(False)
+            try:
+                f.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(f)
+        v = await measure_nat(("127.0.0.1", port), port, timeout=0.2, udp_give_up=0.1)
+    finally:
+        for f in fillers:
+            f.close()
+        lst.close()
+    assert v.nat_type == NatType.UNKNOWN_NAT
+    assert v.error == f"main port 127.0.0.1:{port}: no connect within 0.2 s"
+
+
+async def test_unpadded_udp_request_gets_no_answer(server: RendezvousServer) -> None:
+    """Why we pad: the server never answers a UDP source with more bytes than it sent."""
+    obs = await udp_mapping_probe(socket.AF_INET, "127.0.0.1", server.udp_port, give_up=0.3, padding=0)
+    assert obs.mapped_port is None
+    assert "no UDP answer" in obs.error
+    assert server.stats()["drops"].get("reply_larger_than_request", 0) >= 1
+
+
+async def test_probe_loop_measures_and_keeps_last_known_type(tmp_path: Path) -> None:
+    srv = await serve(tmp_path)
+    probe = NatProbe(("127.0.0.1", srv.tcp_port), srv.nat_port, interval=300.0)
+    assert probe.verdict is None and probe.nat_type == NatType.UNKNOWN_NAT
+    await probe.start()
+    try:
+        await asyncio.wait_for(probe.known.wait(), 10)
+        assert probe.nat_type == NatType.ASYMMETRIC
+        status = probe.status()
+        assert status["nat_name"] == "ASYMMETRIC"
+        assert status["measurements"] == 1
+        assert status["latest"]["nat_type"] == 1
+        assert 0 < status["next_in"] <= 300
+        await srv.close()
+        v = await probe.measure()  # server gone: the new verdict says so ...
+        assert v.nat_type == NatType.UNKNOWN_NAT and "connection refused" in v.error
+        assert probe.verdict is v
+        assert probe.nat_type == NatType.ASYMMETRIC  # ... but the registrar keeps the known type
+    finally:
+        await probe.close()
+        await srv.close()
+
+
+async def test_probe_loop_against_dead_server_closes_cleanly() -> None:
+    probe = NatProbe(("127.0.0.1", closed_port()), closed_port(), udp_give_up=0.2)
+    await probe.start()
+    for _ in range(200):
+        if probe.verdict is not None:
+            break
+        await asyncio.sleep(0.01)
+    await probe.close()
+    assert probe.verdict is not None
+    assert probe.verdict.error.endswith("connection refused")
+    assert probe.status()["nat_type"] == 0
+    assert not probe.known.is_set()
