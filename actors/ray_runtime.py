@@ -217,6 +217,7 @@ def init_driver(address: str, namespace: str = "punchthrough") -> None:
     """`ray.init` against an existing head with quiet logging (the caller set the environment)."""
     import ray
 
+    _refresh_ray_env()
     ray.init(
         address=address,
         namespace=namespace,
@@ -224,3 +225,24 @@ def init_driver(address: str, namespace: str = "punchthrough") -> None:
         logging_level=logging.WARNING,
         configure_logging=False,
     )
+
+
+def _refresh_ray_env() -> None:
+    """Make an already imported ray see the current environment.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once at import time (a driver that
+    imported ray earlier would rewrite 127.0.0.1 to the host's routable IP and hang),
+    caches RAY_AUTH_MODE in its C++ config, and caches the auth token (a second private
+    head in the same process has another). These are private APIs, each guarded.
+    """
+    with contextlib.suppress(Exception):
+        from ray._private import ray_constants
+
+        flag = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        if flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = flag.lower() in ("1", "true")
+    with contextlib.suppress(Exception):
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")  # what ray itself does after changing RAY_AUTH_MODE
+        AuthenticationTokenLoader.instance().reset_cache()

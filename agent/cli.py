@@ -7,12 +7,22 @@ no traceback for bad flags, bad addresses or unusable files.
 from __future__ import annotations
 
 import argparse
+import base64
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from agent import config, identity
 from agent.addr import AddressError, split_host_port
+from agent.config import PATHS, Config
+from agent.crypto import KeyFileError
 from agent.paths import default_state_dir
+from agent.stack import write_config
+
+AGENT_COMMANDS = ("up", "down", "id", "config", "connect", "pipe")
 
 DEFAULT_RENDEZVOUS_PORT = 21116
 DEFAULT_RELAY_PORT = 21117
@@ -87,11 +97,156 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a private one")
     rl.add_argument("--stream-limit", type=_positive, default=0.0, help="per-stream limit in Mbit/s (0 = off)")
     rl.add_argument("--total-limit", type=_positive, default=0.0, help="total limit in Mbit/s (0 = off)")
+
+    up = sub.add_parser("up", help="start this agent (private Ray + actors; embedded servers unless --server)")
+    up.add_argument("--config", type=Path, default=None, help="TOML config (see `punchthrough config`)")
+    up.add_argument("--server", type=_host_port_default(21116), default=None, help="rendezvous HOST[:PORT]")
+    up.add_argument("--server-key", default=None, help="base64 public key of the rendezvous server")
+    up.add_argument("--relay", type=_host_port_default(21117), default=None, help="relay HOST[:PORT] to use")
+    up.add_argument("--allow", action="append", default=None, metavar="PEER_ID", help="peer allowed in (repeatable)")
+    up.add_argument("--password-file", default=None, help="file with a password that also admits peers")
+    up.add_argument(
+        "--allow-target",
+        action="append",
+        default=None,
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="forward target peers may reach (repeatable)",
+    )
+    up.add_argument("--path", choices=PATHS, default=None, help="default path policy for outgoing sessions")
+    up.add_argument("--foreground", action="store_true", help="stay in the foreground (Ctrl-C stops the agent)")
+    up.add_argument("--keep-config", action="store_true", help=argparse.SUPPRESS)
+
+    sub.add_parser("down", help="stop this agent (only its own Ray, never a global `ray stop`)")
+    idp = sub.add_parser("id", help="print this agent's ID and key fingerprint")
+    idp.add_argument("--json", action="store_true")
+    cfgp = sub.add_parser("config", help="print the config with every default (or the given file, checked)")
+    cfgp.add_argument("--config", type=Path, default=None)
+
+    for name, helptext in (
+        ("connect", "forward a local port through a peer (like ssh -L)"),
+        ("pipe", "join stdin/stdout to HOST:PORT as seen from a peer (ProxyCommand)"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("peer", help="peer ID")
+        if name == "connect":
+            p.add_argument("-L", dest="forward", required=True, metavar="[BIND:]PORT:HOST:HOSTPORT")
+        else:
+            p.add_argument("target", type=_host_port, metavar="HOST:PORT")
+        p.add_argument("--path", choices=PATHS, default="auto")
+        p.add_argument("--password-file", type=Path, default=None, help="password for the peer")
+        p.add_argument("--timeout", type=_positive, default=30.0, help="seconds to wait for the stream to open")
+
+    sv = sub.add_parser("serve", help="run a rendezvous and a relay server together (both roles, one process)")
+    sv.add_argument(
+        "--bind", action="append", default=None, help="address to bind (repeatable; default 0.0.0.0 and ::)"
+    )
+    sv.add_argument("--port", type=_port, default=DEFAULT_RENDEZVOUS_PORT, help="rendezvous port; relay is port+1")
     return parser
+
+
+def _host_port_default(port: int) -> Any:
+    def parse(text: str) -> str:
+        try:
+            split_host_port(text, port)
+        except AddressError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return parse
+
+
+def _password(path: Path | None) -> str | None:
+    """The peer's password: --password-file, else PUNCHTHROUGH_PASSWORD, never a flag value."""
+    if path is None:
+        return os.environ.get("PUNCHTHROUGH_PASSWORD") or None
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise CliError(f"cannot read --password-file {path}: {exc.strerror}") from None
+    if not text:
+        raise CliError(f"--password-file {path} is empty")
+    return text
+
+
+def _effective_config(args: argparse.Namespace) -> Config:
+    try:
+        cfg = config.load(args.config)
+        if args.server is not None:
+            cfg.agent.server = args.server
+        if args.server_key is not None:
+            cfg.agent.server_key = args.server_key
+        if args.relay is not None:
+            cfg.agent.relay = args.relay
+        if args.allow is not None:
+            cfg.access.allow = args.allow
+        if args.password_file is not None:
+            cfg.access.password_file = str(Path(args.password_file).resolve())
+            Path(cfg.access.password_file).read_text()
+        if args.allow_target is not None:
+            cfg.access.allow_targets = args.allow_target
+        if args.path is not None:
+            cfg.agent.path = args.path
+        return cfg.validate()
+    except config.ConfigError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot read --password-file: {exc.strerror}") from None
+
+
+def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
+    from agent import client, runner
+
+    state_dir = state_dir.resolve()
+    try:
+        if args.command == "up":
+            if not args.keep_config:
+                cfg = _effective_config(args)
+                if runner.running_pid(state_dir) is not None:
+                    raise CliError(f"an agent already runs for state dir {state_dir} (`punchthrough down` stops it)")
+                state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                write_config(state_dir, cfg)
+            identity.load_or_create(state_dir)
+            if args.foreground:
+                return runner.supervise(state_dir)
+            return runner.start_background(state_dir)
+        if args.command == "down":
+            return runner.down(state_dir)
+        if args.command == "id":
+            ident = identity.load_or_create(state_dir)
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "id": ident.peer_id,
+                            "fingerprint": ident.fingerprint,
+                            "public_key": base64.b64encode(ident.public_key).decode(),
+                        }
+                    )
+                )
+            else:
+                print(f"{ident.peer_id}  {ident.fingerprint}")
+            return 0
+        if args.command == "config":
+            print(config.dump(config.load(args.config)), end="")
+            return 0
+        password = _password(args.password_file)
+        if args.command == "pipe":
+            return client.run_pipe(state_dir, args.peer, args.target, args.path, password, args.timeout)
+        spec = client.parse_forward(args.forward)
+        return client.run_forward(state_dir, args.peer, spec, args.path, password, args.timeout)
+    except (client.ClientError, runner.RunnerError, config.ConfigError, AddressError, KeyFileError) as exc:
+        raise CliError(str(exc)) from None
 
 
 def _run(args: argparse.Namespace) -> int:
     state_dir: Path = args.state_dir or default_state_dir()
+    if args.command in AGENT_COMMANDS:
+        return _run_agent_command(args, state_dir)
+    if args.command == "serve":
+        from agent.servers import run_servers
+
+        return run_servers(args.bind or ["0.0.0.0", "::"], args.port, state_dir)
     if args.command == "rendezvous":
         from agent.rendezvous_server import RendezvousConfig, run_rendezvous
 

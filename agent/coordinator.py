@@ -146,7 +146,6 @@ class Coordinator:
         self.pushes: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctl = ctlproto.ControlServer(control_socket, self._handle)
-        self.register_actor("coordinator", os.getpid())
 
     async def start(self) -> None:
         await self._ctl.start()
@@ -158,18 +157,15 @@ class Coordinator:
 
     # ---- actors -------------------------------------------------------------------------
 
-    def register_actor(self, name: str, pid: int) -> None:
-        """Called by every actor from its __init__: a second call for a name is a restart."""
+    def register_actor(self, name: str, pid: int, restarts: int | None = None) -> None:
+        """Called by every actor when it (re)starts; a new pid for a known name is a restart."""
         info = self.actors.get(name)
         if info is None:
-            self.actors[name] = ActorInfo(name, pid, time.time())
+            self.actors[name] = ActorInfo(name, pid, time.time(), restarts or 0)
         elif info.pid != pid:
-            info.pid, info.restarts, info.registered, info.proc = pid, info.restarts + 1, time.time(), None
+            info.pid, info.registered, info.proc = pid, time.time(), None
+            info.restarts = restarts if restarts is not None else info.restarts + 1
         log.info("actor %s is up (pid %d)", name, pid)
-
-    def set_restarts(self, name: str, restarts: int) -> None:
-        if name in self.actors:
-            self.actors[name].restarts = restarts
 
     # ---- control socket -----------------------------------------------------------------
 

@@ -19,6 +19,20 @@ agent/secure_channel.py). Here each direction gets its own key, HMAC-SHA256 of
 the session key over a label and the transcript hash. Same framing, same
 counter nonces, no repeated (key, nonce) pair.
 
+A shell, on either side (a chunk may carry the last handshake frame *and* the
+first data frames, so the rest of that feed already belongs to the channel):
+
+    send(m.start())                               # each payload goes out as encode_frame(p)
+    for payload in decoder.feed(chunk):
+        if m.done:
+            deliver(m.channel.open(payload))
+            continue
+        try:
+            send(m.receive(payload))
+        except HandshakeError as exc:
+            send(exc.reply); close(); record(exc.reason)
+    # afterwards: encode_frame(m.channel.seal(data)) out, m.channel.open(payload) in
+
 Why the auth step binds a transcript: a signature or password proof over
 sha256(B's signed_id payload, A's public_key payload) is worthless in any other
 session, because B's ephemeral key and A's session key are fresh each time. A
@@ -335,6 +349,8 @@ class Initiator(_Machine):
             raise HandshakeError(f"{who} signed its key exchange as peer {_show(idpk.id)}")
         if len(idpk.pk) != KEY_BYTES:
             raise HandshakeError(f"{who} sent an ephemeral key of {len(idpk.pk)} bytes, expected {KEY_BYTES}")
+        if idpk.pk[31] & 0x80:
+            raise HandshakeError(f"{who} sent a non-canonical ephemeral key (top bit set)")
         try:
             box = Box(self._eph, PublicKey(idpk.pk))
             sealed = box.encrypt(self._session_key, ZERO_NONCE).ciphertext
@@ -471,6 +487,9 @@ class Responder(_Machine):
             raise HandshakeError(f"{who} sent an empty PublicKey (it could not verify us); encryption is mandatory")
         if len(pk.asymmetric_value) != KEY_BYTES:
             raise HandshakeError(f"{who} sent an ephemeral key of {len(pk.asymmetric_value)} bytes, expected 32")
+        if pk.asymmetric_value[31] & 0x80:
+            # X25519 ignores this bit: accepting it would let a bit flip pass the key exchange unnoticed
+            raise HandshakeError(f"{who} sent a non-canonical ephemeral key (top bit set)")
         if len(pk.symmetric_value) != SEALED_KEY_BYTES:
             raise HandshakeError(
                 f"{who} sent a sealed session key of {len(pk.symmetric_value)} bytes, expected {SEALED_KEY_BYTES}"

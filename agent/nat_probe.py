@@ -257,15 +257,13 @@ class NatProbe:
 
     async def _run(self) -> None:
         retry: float | None = None
-        loop = asyncio.get_running_loop()
         while True:
             verdict = await self.measure()
             delay, retry = next_measurement_delay(verdict, retry, self.interval)
-            self._next_at = loop.time() + delay
+            self._next_at = time.monotonic() + delay
             await asyncio.sleep(delay)
 
     def status(self) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
         return {
             "server": _where(*self.server),
             "nat_type": self.nat_type,
@@ -273,5 +271,5 @@ class NatProbe:
             "measurements": self.measurements,
             "latest": self._verdict.as_dict() if self._verdict else None,
             "last_known": self._last_known.as_dict() if self._last_known else None,
-            "next_in": None if self._next_at is None else round(max(0.0, self._next_at - loop.time()), 3),
+            "next_in": None if self._next_at is None else round(max(0.0, self._next_at - time.monotonic()), 3),
         }

@@ -27,7 +27,11 @@ class LocalRef:
 
 
 class RayRef:
-    """A named actor in the agent's namespace; the handle survives the actor's restarts."""
+    """A named actor in the agent's namespace (actors.agent_actors.ComponentActor).
+
+    The handle survives the actor's restarts; every call goes through the actor's
+    single `call(method, *args)` entry point.
+    """
 
     def __init__(self, name: str, namespace: str) -> None:
         self.name = name
@@ -39,4 +43,4 @@ class RayRef:
 
         if self._handle is None:
             self._handle = ray.get_actor(self.name, namespace=self.namespace)
-        return await getattr(self._handle, method).remote(*args)
+        return await self._handle.call.remote(method, *args)

@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -70,11 +71,11 @@ async def resolve(server: tuple[str, int], kind: socket.SocketKind, timeout: flo
         async with asyncio.timeout(timeout):
             infos = await loop.getaddrinfo(host, port, type=kind)
     except TimeoutError:
-        raise RegistrarError(f"cannot resolve {host}: timed out after {timeout:g} s") from None
+        raise RegistrarError(f"cannot resolve {host!r}: timed out after {timeout:g} s") from None
     except OSError as exc:
-        raise RegistrarError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+        raise RegistrarError(f"cannot resolve {host!r}: {exc.strerror or exc}") from None
     if not infos:
-        raise RegistrarError(f"cannot resolve {host}: no address")
+        raise RegistrarError(f"cannot resolve {host!r}: no address")
     family, _type, _proto, _name, sockaddr = infos[0]
     return int(family), sockaddr
 
@@ -178,7 +179,7 @@ class Registrar:
     def status(self) -> dict[str, Any]:
         if self.core is None:
             return {"state": "not started", "id": self.identity.peer_id, "server": f"{self.server[0]}:{self.server[1]}"}
-        out = self.core.status(asyncio.get_running_loop().time())
+        out = self.core.status(time.monotonic())
         out["local"] = self.local_address
         out["send_errors"] = self.send_errors
         out["push_errors"] = self.push_errors
@@ -199,7 +200,7 @@ class Registrar:
             core.set_nat_type(int(self.nat_type_getter()))
         except Exception:
             log.exception("nat_type_getter failed")
-        for datagram in core.datagrams_to_send(asyncio.get_running_loop().time()):
+        for datagram in core.datagrams_to_send(time.monotonic()):
             try:
                 transport.sendto(datagram, self._server_addr)
             except OSError:
@@ -210,7 +211,7 @@ class Registrar:
         core = self.core
         if core is None or self._closed:
             return
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         try:
             source = SockAddr.of(str(addr[0]), int(addr[1]))
         except (ValueError, TypeError, IndexError):

@@ -62,9 +62,7 @@ class Registry:
         self._db.execute(_SCHEMA)
 
     def get(self, peer_id: str) -> PeerRow | None:
-        row = self._db.execute(
-            "SELECT id, uuid, pk, last_ip, created_at FROM peer WHERE id = ?", (peer_id,)
-        ).fetchone()
+        row = self._db.execute("SELECT id, uuid, pk, last_ip, created_at FROM peer WHERE id = ?", (peer_id,)).fetchone()
         if row is None:
             return None
         return PeerRow(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])

@@ -24,6 +24,7 @@ from typing import Any
 
 from agent import messages
 from agent.addr import SockAddr
+from agent.addr import encode as mangle
 from agent.messages import MessageError
 from agent.proto import rendezvous_pb2 as pb
 from agent.wire import FrameDecoder, FrameError, encode_frame
@@ -352,13 +353,89 @@ async def send_relay_response(
         version=version,
         socket_addr_v6=socket_addr_v6,
     )
-    sock = await open_tcp(server, timeout)
+    await _send_one(server, messages.build(relay_response=resp), timeout, None)
+
+
+async def _send_one(
+    server: tuple[str, int], payload: bytes, timeout: float, bind: tuple[str, int] | None
+) -> SockAddr:
+    """Send one message on a fresh (reusable-port) connection, close it, return its local address."""
+    sock = await open_tcp(server, timeout, bind=bind, reuse=True)
     conn = _Conn(sock, server)
     try:
-        await asyncio.wait_for(conn.send(messages.build(relay_response=resp)), timeout)
+        local = conn.local_address()
+        await asyncio.wait_for(conn.send(payload), timeout)
     except TimeoutError:
         raise RendezvousError(f"rendezvous server {conn.where}: send timed out after {timeout:g} s") from None
     finally:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
         conn.close()
+    return local
+
+
+async def send_punch_hole_sent(
+    server: tuple[str, int],
+    socket_addr: bytes,
+    peer_id: str,
+    relay_server: str,
+    nat_type: int,
+    version: str,
+    *,
+    socket_addr_v6: bytes = b"",
+    bind: tuple[str, int] | None = None,
+    timeout: float = 3.0,
+) -> SockAddr:
+    """B's answer to a PunchHole push: the server hands A the source address of this connection.
+
+    Returns that local address: B listens on it (SO_REUSEADDR/SO_REUSEPORT) for A's
+    connection, as RustDesk does (section 6.5, TCP path).
+    """
+    msg = pb.PunchHoleSent(
+        socket_addr=socket_addr,
+        id=peer_id,
+        relay_server=relay_server,
+        nat_type=nat_type,  # type: ignore[arg-type]
+        version=version,
+        socket_addr_v6=socket_addr_v6,
+    )
+    return await _send_one(server, messages.build(punch_hole_sent=msg), timeout, bind)
+
+
+async def send_local_addr(
+    server: tuple[str, int],
+    socket_addr: bytes,
+    peer_id: str,
+    relay_server: str,
+    version: str,
+    *,
+    local_addr: bytes | None = None,
+    socket_addr_v6: bytes = b"",
+    bind: tuple[str, int] | None = None,
+    timeout: float = 3.0,
+) -> SockAddr:
+    """B's answer to a FetchLocalAddr push (same LAN): A is told to dial `local_addr`.
+
+    Without `local_addr` the connection's own local address (its LAN address) is
+    sent, as RustDesk does. Returns the local address (B listens on it).
+    """
+    sock = await open_tcp(server, timeout, bind=bind, reuse=True)
+    conn = _Conn(sock, server)
+    try:
+        local = conn.local_address()
+        msg = pb.LocalAddr(
+            socket_addr=socket_addr,
+            local_addr=local_addr if local_addr is not None else mangle(local, int(time.time() * 1_000_000)),
+            relay_server=relay_server,
+            id=peer_id,
+            version=version,
+            socket_addr_v6=socket_addr_v6,
+        )
+        await asyncio.wait_for(conn.send(messages.build(local_addr=msg)), timeout)
+    except TimeoutError:
+        raise RendezvousError(f"rendezvous server {conn.where}: send timed out after {timeout:g} s") from None
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        conn.close()
+    return local

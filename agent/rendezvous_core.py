@@ -38,6 +38,7 @@ import math
 import re
 import uuid as uuid_mod
 from array import array
+from bisect import bisect_left
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ class _IpState:
     last: float
     ids_since: float
     ids: array[int] = field(default_factory=lambda: array("Q"))
-    """Hashes of the IDs seen in the window: 8 bytes each, so 300 IDs cost 2.4 KB per IP."""
+    """Sorted hashes of the IDs seen in the window: 8 bytes each, so 300 IDs cost 2.4 KB per IP."""
 
 
 @dataclass(slots=True)
@@ -396,10 +397,12 @@ class RendezvousCore:
             st.ids = array("Q")
             st.ids_since = now
         h = hash(peer_id) & 0xFFFF_FFFF_FFFF_FFFF
-        if h not in st.ids:
-            if len(st.ids) >= lim.ip_ids_limit:
+        ids = st.ids
+        pos = bisect_left(ids, h)  # kept sorted: O(log n) lookups even with a raised limit
+        if pos == len(ids) or ids[pos] != h:
+            if len(ids) >= lim.ip_ids_limit:
                 return False
-            st.ids.append(h)
+            ids.insert(pos, h)
         return True
 
     def _register_pk(self, rk: Any, src: SockAddr, via: int, req_len: int, now: float) -> list[Action]:

@@ -227,7 +227,7 @@ class LocalAgent:
                 continue
             self.components[kind] = await build_component(kind, rt, refs)
         coordinator = self.components["coordinator"]
-        for kind in self.components:
+        for kind in ("coordinator", *self.components):
             coordinator.register_actor(kind, os.getpid())
         return self
 

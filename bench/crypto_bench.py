@@ -35,7 +35,7 @@ from agent.secure_channel import SecureChannel, nonce_for
 from agent.wire import FrameDecoder, encode_frame, encode_header
 
 
-def _rate(step: Callable[[], None], seconds: float) -> float:
+def _rate(step: Callable[[], object], seconds: float) -> float:
     """Calls per second of `step`, best of three timed runs of about `seconds` each."""
     n = 1
     while True:  # calibrate: grow the batch until one batch takes >= seconds / 10
@@ -46,7 +46,7 @@ def _rate(step: Callable[[], None], seconds: float) -> float:
         if dt >= seconds / 10:
             break
         n *= 2
-    batch = max(1, int(n * seconds / max(dt, 1e-9) / 1))
+    batch = max(1, int(n * seconds / max(dt, 1e-9)))
     best = 0.0
     for _ in range(3):
         t = time.perf_counter()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,14 +93,53 @@ async def test_nat_test_port_down(server: RendezvousServer) -> None:
     assert v.udp_mapped_port is not None  # UDP still measured
 
 
+class FakeTcpServer:
+    """A TCP server whose handler misbehaves; closing it also ends every open connection."""
+
+    def __init__(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> None:
+        self.handler = handler
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        self.writers.append(writer)
+        try:
+            await self.handler(reader, writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> FakeTcpServer:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for w in self.writers:
+            with contextlib.suppress(Exception):
+                await w.wait_closed()
+        await self.server.wait_closed()
+
+
 async def _silent_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await reader.read()  # never answers, holds the connection until the client goes
-    writer.close()
 
 
 async def _closing_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await reader.read(1)
-    writer.close()
 
 
 async def _garbage_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -106,7 +147,6 @@ async def _garbage_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     writer.write(b"\x10\xff\xff\xff\xff")  # a 4-byte frame that is not a protobuf
     await writer.drain()
     await reader.read()
-    writer.close()
 
 
 async def _oversized_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -114,7 +154,6 @@ async def _oversized_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     writer.write(b"\xff\xff\xff\xff")  # declares a 1 GiB frame
     await writer.drain()
     await reader.read()
-    writer.close()
 
 
 @pytest.mark.parametrize(
@@ -126,17 +165,15 @@ async def _oversized_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWri
         (_oversized_tcp, "unreadable answer"),
     ],
 )
-async def test_broken_servers(handler: object, expect: str) -> None:
-    srv = await asyncio.start_server(handler, "127.0.0.1", 0)  # type: ignore[arg-type]
-    port = srv.sockets[0].getsockname()[1]
+async def test_broken_servers(handler: Any, expect: str) -> None:
     silent_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        silent_udp.bind(("127.0.0.1", port))  # takes datagrams, never answers
-        v = await measure_nat(("127.0.0.1", port), port, timeout=0.2, udp_give_up=0.2)
+        async with FakeTcpServer(handler) as srv:
+            port = srv.port
+            silent_udp.bind(("127.0.0.1", port))  # takes datagrams, never answers
+            v = await measure_nat(("127.0.0.1", port), port, timeout=0.2, udp_give_up=0.2)
     finally:
         silent_udp.close()
-        srv.close()
-        await srv.wait_closed()
     assert v.nat_type == NatType.UNKNOWN_NAT
     assert v.error.startswith(f"main port 127.0.0.1:{port}: ")
     assert expect in v.error
@@ -154,10 +191,8 @@ async def test_connect_timeout_is_reported() -> None:
         for _ in range(4):
             f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             f.setblocking(False)
-            try:
+            with contextlib.suppress(BlockingIOError):
                 f.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
             fillers.append(f)
         v = await measure_nat(("127.0.0.1", port), port, timeout=0.2, udp_give_up=0.1)
     finally:

@@ -282,7 +282,9 @@ def test_udp_punch_path(server: ServerThread) -> None:
     kind, ph = udp_recv(b)
     assert (kind, ph.udp_port) == ("punch_hole", 40000)
     b_punch = udp_socket()  # B's fresh UDP punch socket announces itself
-    b_punch.sendto(messages.build(punch_hole_sent=pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, version="1")), server.udp)
+    b_punch.sendto(
+        messages.build(punch_hole_sent=pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, version="1")), server.udp
+    )
     kind, resp = a.recv()
     host, port = b_punch.getsockname()
     assert resp.is_udp and addrmod.decode(resp.socket_addr) == SockAddr.of(host, port)
@@ -383,7 +385,9 @@ def test_online_request_on_nat_port(server: ServerThread) -> None:
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
 def test_ipv6_registration_and_nat_test(server: ServerThread) -> None:
     b = udp_socket("::1")
-    kind, msg = udp_ask(b, ("::1", server.server.udp_port), register_pk=pb.RegisterPk(id="v6peer01", uuid=b"u6", pk=B_PK))
+    kind, msg = udp_ask(
+        b, ("::1", server.server.udp_port), register_pk=pb.RegisterPk(id="v6peer01", uuid=b"u6", pk=B_PK)
+    )
     assert (kind, msg.result) == ("register_pk_response", 0)
     c = TcpClient(("::1", server.server.nat_port), bind="::1")
     c.send(test_nat_request=pb.TestNatRequest())
@@ -458,7 +462,7 @@ def test_run_rendezvous_stops_cleanly_on_signal(tmp_path: Path, sig: int) -> Non
 
 
 def register_to(s: socket.socket, to: tuple[str, int]) -> int:
-    kind, msg = udp_ask(s, to, register_pk=pb.RegisterPk(id=B_ID, uuid=B_UUID, pk=B_PK))
+    _, msg = udp_ask(s, to, register_pk=pb.RegisterPk(id=B_ID, uuid=B_UUID, pk=B_PK))
     return int(msg.result)
 
 

@@ -305,6 +305,8 @@ def test_bad_ephemeral_keys() -> None:
     a_refuses(signed_id_from(B_SIGN, B_ID, b"\x09" * 31), "ephemeral key of 31 bytes")
     a_refuses(signed_id_from(B_SIGN, B_ID, b""), "ephemeral key of 0 bytes")
     a_refuses(signed_id_from(B_SIGN, B_ID, bytes(32)), "unusable ephemeral key")
+    b_pub = bytes(B_EPH.public_key)
+    a_refuses(signed_id_from(B_SIGN, B_ID, b_pub[:31] + bytes([b_pub[31] | 0x80])), "non-canonical ephemeral key")
 
 
 def test_a_refuses_plaintext_fallback_and_wrong_messages() -> None:
@@ -366,6 +368,7 @@ def test_b_refuses_bad_public_key() -> None:
     b_refuses(public_key_msg(b"", b""), "empty PublicKey")
     b_refuses(public_key_msg(a_pub[:31], sealed), "ephemeral key of 31 bytes")
     b_refuses(public_key_msg(a_pub + b"\x00", sealed), "ephemeral key of 33 bytes")
+    b_refuses(public_key_msg(a_pub[:31] + bytes([a_pub[31] | 0x80]), sealed), "non-canonical ephemeral key")
     b_refuses(public_key_msg(a_pub, sealed[:47]), "sealed session key of 47 bytes")
     b_refuses(public_key_msg(a_pub, sealed), "does not open", make_b())  # sealed for B_EPH, not this session
     b_refuses(public_key_msg(bytes(32), sealed), "does not open")
@@ -624,34 +627,34 @@ def test_garbage_to_a_auth_result(junk: bytes) -> None:
     assert_dead(a)
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.sampled_from(["signed_id", "public_key", "sealed_auth", "reply"]), st.data())
-def test_truncated_or_flipped_at_each_step(step: str, data: st.DataObject) -> None:
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 3), st.data())
+def test_truncated_or_flipped_at_each_step(which: int, data: st.DataObject) -> None:
+    """Any truncation or bit flip of any of the four messages stops the handshake before A is done.
+
+    Some flips are invisible to the step that reads them (X25519 ignores the top bit of a
+    public key; protobuf skips what it does not know), so the run goes on: the transcript
+    binding must then catch it at the auth step.
+    """
+
+    def wire(n: int, msg: bytes) -> bytes:
+        if n != which:
+            return msg
+        if data.draw(st.booleans()):
+            return msg[: data.draw(st.integers(0, len(msg) - 1))]
+        i = data.draw(st.integers(0, len(msg) - 1))
+        return msg[:i] + bytes([msg[i] ^ (1 << data.draw(st.integers(0, 7)))]) + msg[i + 1 :]
+
     a, b = make_a(), make_b()
     a.start()
-    (signed_id,) = b.start()
-    msgs = {"signed_id": signed_id}
-    if step != "signed_id":
-        msgs["public_key"], msgs["sealed_auth"] = a.receive(signed_id)
-        if step != "public_key":
-            b.receive(msgs["public_key"])
-        if step == "reply":
-            (msgs["reply"],) = b.receive(msgs["sealed_auth"])
-    good = msgs[step]
-    if data.draw(st.booleans()):
-        bad = good[: data.draw(st.integers(0, len(good) - 1))]
-    else:
-        i = data.draw(st.integers(0, len(good) - 1))
-        bad = good[:i] + bytes([good[i] ^ (1 << data.draw(st.integers(0, 7)))]) + good[i + 1 :]
-    target = a if step in ("signed_id", "reply") else b
-    try:
-        target.receive(bad)
-    except HandshakeError:
-        assert_dead(target)
-    else:
-        # protobuf may ignore a flipped bit in a tag it skips; then the message must be equivalent
-        assert step == "signed_id" or step == "public_key"
-        assert pb.Message.FromString(bad) == pb.Message.FromString(good)
+    with pytest.raises(HandshakeError):
+        (m0,) = b.start()
+        m1, m2 = a.receive(wire(0, m0))
+        b.receive(wire(1, m1))
+        (m3,) = b.receive(wire(2, m2))
+        a.receive(wire(3, m3))
+    assert not a.done
+    assert b.done == (which == 3)
 
 
 # ---------------------------------------------------------------- API misuse

@@ -69,7 +69,9 @@ class Harness:
                 assert len(a.payload) <= len(data), "amplification"
         return actions
 
-    def tcp(self, conn: int, src: SockAddr, role: str = "main", raw: bytes | None = None, **member: Any) -> list[Action]:
+    def tcp(
+        self, conn: int, src: SockAddr, role: str = "main", raw: bytes | None = None, **member: Any
+    ) -> list[Action]:
         data = raw if raw is not None else messages.build(**member)
         return self._apply(self.core.handle_tcp(conn, src, role, data, self.now))  # type: ignore[arg-type]
 
@@ -339,7 +341,7 @@ def udp_messages(draw: st.DrawFn) -> bytes:
     kind = draw(st.sampled_from(["register_peer", "register_pk", "test_nat_request", "punch_hole_sent", "junk"]))
     if kind == "junk":
         return draw(st.binary(max_size=64))
-    sub = pb.RendezvousMessage.DESCRIPTOR.fields_by_name[kind].message_type._concrete_class()
+    sub: Any = getattr(pb.RendezvousMessage(), kind)
     for name, value in draw(_fields).items():
         if name in sub.DESCRIPTOR.fields_by_name:
             setattr(sub, name, value)
@@ -498,7 +500,11 @@ def test_different_ip_punch_hole_then_punch_hole_sent() -> None:
     b_tcp = sa("198.51.100.7:40555")
     b_v6 = addrmod.encode(sa("[2001:db8::b]:6000"), 0)
     phs = pb.PunchHoleSent(
-        socket_addr=ph.socket_addr, id=B_ID, relay_server="r1:21117", nat_type=pb.ASYMMETRIC, version="1.4.2",
+        socket_addr=ph.socket_addr,
+        id=B_ID,
+        relay_server="r1:21117",
+        nat_type=pb.ASYMMETRIC,
+        version="1.4.2",
         socket_addr_v6=b_v6,
     )
     acts = h.tcp(B_CONN, b_tcp, punch_hole_sent=phs)
@@ -568,7 +574,11 @@ def test_forced_relay_request_relay_then_relay_response(how: str) -> None:
     kind, rr = parsed(push.payload)
     assert kind == "request_relay"
     assert (rr.id, rr.uuid, rr.relay_server, rr.secure, rr.conn_type) == (
-        B_ID, "uuid-1", "relay.example.com:21117", True, pb.PORT_FORWARD,
+        B_ID,
+        "uuid-1",
+        "relay.example.com:21117",
+        True,
+        pb.PORT_FORWARD,
     )
     assert addrmod.decode(rr.socket_addr) == a
 
@@ -588,7 +598,9 @@ def test_relay_response_keeps_b_choices_and_refusal() -> None:
     online_b(h)
     ph = parsed(only(h.tcp(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp).payload)[1]
     # B decided on relay itself (B-initiated): its uuid and relay win; no version: id stays
-    rr = pb.RelayResponse(socket_addr=ph.socket_addr, id=B_ID, uuid="b-uuid", relay_server="b-relay:2", refuse_reason="no")
+    rr = pb.RelayResponse(
+        socket_addr=ph.socket_addr, id=B_ID, uuid="b-uuid", relay_server="b-relay:2", refuse_reason="no"
+    )
     out = parsed(only(h.tcp(B_CONN, B_UDP, relay_response=rr), SendTcp).payload)[1]
     assert (out.uuid, out.relay_server, out.refuse_reason, out.id) == ("b-uuid", "b-relay:2", "no", B_ID)
 
@@ -634,7 +646,9 @@ def test_request_relay_fills_uuid_and_relay_when_missing() -> None:
     assert (fwd.uuid, fwd.relay_server) == ("uuid-1", "r1:1")
 
 
-@pytest.mark.parametrize(("setup", "reason"), [("unknown", "ID does not exist"), ("offline", "Remote desktop is offline")])
+@pytest.mark.parametrize(
+    ("setup", "reason"), [("unknown", "ID does not exist"), ("offline", "Remote desktop is offline")]
+)
 def test_request_relay_unknown_or_offline_refused(setup: str, reason: str) -> None:
     h = Harness()
     if setup == "offline":
@@ -650,7 +664,7 @@ def test_request_relay_unknown_or_offline_refused(setup: str, reason: str) -> No
 
 def park(h: Harness, conn: int = A_CONN, a: SockAddr = A_TCP) -> bytes:
     push = only(h.tcp(conn, a, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp)
-    return parsed(push.payload)[1].socket_addr  # type: ignore[no-any-return]
+    return parsed(push.payload)[1].socket_addr
 
 
 def test_answer_without_pending_dropped_and_b_closed() -> None:

@@ -1,0 +1,144 @@
+"""`punchthrough up` / `down`: the agent's life cycle on one machine.
+
+`up` writes the effective config into the state directory and starts a
+supervisor process (`up --foreground`, detached unless asked to stay). The
+supervisor starts a private lean Ray head, creates one actor per component and
+then just waits for a signal. Killing the supervisor in any way takes its Ray
+head down with it (the head dies with its parent), so an agent never leaves
+orphans behind; `down` signals exactly that supervisor, never a `ray stop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent import ctlproto
+from agent.runtime_paths import control_socket, runtime_dir
+from agent.stack import COMPONENTS, load_runtime
+
+PID_FILE = "agent.pid"
+
+
+class RunnerError(Exception):
+    """One line for the user."""
+
+
+def running_pid(state_dir: Path) -> int | None:
+    """The supervisor's pid if an agent runs for this state dir."""
+    try:
+        pid = int((state_dir / PID_FILE).read_text().split()[0])
+        proc = psutil.Process(pid)
+        if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and "up" in proc.cmdline():
+            return pid
+    except (FileNotFoundError, ValueError, IndexError, psutil.Error):
+        pass
+    return None
+
+
+def query(state_dir: Path, op: str, timeout: float = 3.0) -> dict[str, Any] | None:
+    try:
+        reply = ctlproto.call(control_socket(state_dir), {"op": op}, timeout=timeout)
+    except (OSError, ctlproto.ControlError):
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
+def start_background(state_dir: Path, wait: float = 90.0) -> int:
+    """Spawn the supervisor detached and wait until the agent is registered (or say why not)."""
+    logs = state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "agent.cli", "--state-dir", str(state_dir), "up", "--foreground", "--keep-config"]
+    with open(logs / "agent.log", "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + wait
+    status: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (logs / "agent.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise RunnerError(f"agent exited with status {proc.returncode}: {' | '.join(tail)}")
+        status = query(state_dir, "status")
+        if status and status.get("registration", {}).get("state") == "registered":
+            break
+        time.sleep(0.2)
+    if not status:
+        raise RunnerError(f"agent did not come up within {wait:.0f}s (see {logs / 'agent.log'})")
+    state = status.get("registration", {}).get("state", "unknown")
+    print(
+        f"punchthrough agent {status['id']} is up (pid {proc.pid}); server {status['server']}"
+        f"{' (embedded)' if status.get('embedded') else ''}; registration: {state}",
+        flush=True,
+    )
+    return 0
+
+
+def supervise(state_dir: Path) -> int:
+    """The foreground agent: private Ray head + actors, until SIGTERM/SIGINT."""
+    from actors.ray_runtime import start_private_head
+
+    (state_dir / PID_FILE).write_text(f"{os.getpid()} up\n")
+    shutil.rmtree(runtime_dir(state_dir) / "boots", ignore_errors=True)
+    rt = load_runtime(state_dir)
+    stopping = False
+
+    def stop(_sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    head = start_private_head()
+    head.apply_env()  # before Ray is imported here: it reads some of these at import time
+    import ray
+
+    from actors.agent_actors import ComponentActor, namespace_for
+
+    try:
+        ns = namespace_for(state_dir)
+        head.init_driver(ns)
+        for kind in COMPONENTS:
+            if kind == "servers" and not rt.embedded:
+                continue
+            ComponentActor.options(  # type: ignore[attr-defined]
+                name=kind, namespace=ns, lifetime="detached", get_if_exists=True
+            ).remote(kind, str(state_dir), ns)
+        print(f"agent {rt.identity.peer_id} supervising Ray head {head.address} (pid {head.pid})", flush=True)
+        while not stopping:
+            time.sleep(0.2)
+            if not head.alive():
+                print("Ray head died; stopping", flush=True)
+                return 1
+        return 0
+    finally:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        head.stop()
+        for path in (state_dir / PID_FILE, control_socket(state_dir)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def down(state_dir: Path, timeout: float = 20.0) -> int:
+    pid = running_pid(state_dir)
+    if pid is None:
+        raise RunnerError(f"no agent running for state dir {state_dir}")
+    os.kill(pid, signal.SIGTERM)
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.TimeoutExpired:
+        os.kill(pid, signal.SIGKILL)  # its Ray head dies with it
+    except psutil.NoSuchProcess:
+        pass
+    print(f"punchthrough agent (pid {pid}) stopped")
+    return 0

@@ -1,0 +1,59 @@
+"""`punchthrough serve`: a rendezvous server and a relay server in one process (hbbs + hbbr).
+
+The relay listens on the rendezvous port + 1, which is where RustDesk clients
+and our agents look for it when the server names no relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from agent.relay_server import RelayConfig, start_relay
+from agent.rendezvous_server import RendezvousConfig, StartupError, start_rendezvous
+
+log = logging.getLogger(__name__)
+
+
+async def serve_both(binds: list[str], port: int, state_dir: Path) -> int:
+    rendezvous = await start_rendezvous(
+        RendezvousConfig(
+            binds=binds, port=port, db_path=state_dir / "rendezvous.sqlite3", key_file=state_dir / "id_ed25519"
+        )
+    )
+    try:
+        relay = await start_relay(RelayConfig(binds=binds, port=port + 1))
+    except BaseException:
+        await rendezvous.close()
+        raise
+    log.info(
+        "serving rendezvous on %s (NAT test %s) and relay on %s; server key %s",
+        rendezvous.ports["tcp"],
+        rendezvous.ports["nat_test"],
+        relay.port,
+        rendezvous.public_key_b64,
+    )
+    print(f"key: {rendezvous.public_key_b64}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await relay.close()
+        await rendezvous.close()
+    return 0
+
+
+def run_servers(binds: list[str], port: int, state_dir: Path) -> int:
+    try:
+        return asyncio.run(serve_both(binds, port, state_dir))
+    except StartupError as exc:
+        raise SystemExit(f"punchthrough: {exc}") from None

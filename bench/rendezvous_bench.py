@@ -1,0 +1,230 @@
+"""Rendezvous server benchmark: RegisterPeer throughput against a bare asyncio UDP echo, memory per ID.
+
+    python bench/rendezvous_bench.py [--peers 10000] [--seconds 4] [--window 64] [--mem-ids 100000]
+
+The server (or the echo baseline) runs in a child process and a closed-loop client in
+this one keeps `window` datagrams in flight, so both numbers are "answered per
+second" on the same machine in the same run; the ratio says what the rendezvous
+logic costs over the bare asyncio datagram path. The `peers` IDs are bound first
+(database rows preloaded in one transaction, then one RegisterPk each so they are in
+memory and online); the per-IP RegisterPk limits are lifted for that preload only.
+Memory per ID is the RSS growth of a child process that registers `mem-ids` IDs
+through the core (no sockets), divided by the count. Traffic goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import multiprocessing as mp
+import os
+import socket
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent import messages
+from agent.proto import rendezvous_pb2 as pb
+
+PK = bytes(range(32))
+LIFTED_LIMITS = {"ip_block_limit": 10**9, "ip_ids_limit": 10**9}
+
+
+def peer_id(i: int) -> str:
+    return f"{1_000_000_000 + i}"
+
+
+def uuid_of(i: int) -> bytes:
+    return b"bench-uuid-%d" % i
+
+
+# --------------------------------------------------------------------------- children
+
+
+def _run_rendezvous(tmp: str, conn: Connection) -> None:
+    from agent.rendezvous_core import Limits
+    from agent.rendezvous_server import RendezvousConfig, start_rendezvous
+
+    async def main() -> None:
+        cfg = RendezvousConfig(
+            binds=["127.0.0.1"],
+            port=0,
+            db_path=Path(tmp) / "rv.sqlite3",
+            key_file=Path(tmp) / "id_ed25519",
+            limits=Limits(**LIFTED_LIMITS),
+        )
+        server = await start_rendezvous(cfg)
+        conn.send(server.udp_port)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # wait for "stop"
+        conn.send(server.stats())
+        await server.close()
+
+    asyncio.run(main())
+
+
+def _run_echo(conn: Connection) -> None:
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            self.transport.sendto(data, addr)  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        conn.send(transport.get_extra_info("sockname")[1])
+        await loop.run_in_executor(None, conn.recv)
+        conn.send({})
+        transport.close()
+
+    asyncio.run(main())
+
+
+def _memory_per_id(n: int, tmp: str, conn: Connection) -> None:
+    import psutil
+    from nacl.signing import SigningKey
+
+    from agent.addr import SockAddr
+    from agent.registry import Registry
+    from agent.rendezvous_core import Limits, RendezvousCore
+
+    proc = psutil.Process()
+    registry = Registry(Path(tmp) / "mem.sqlite3")
+    core = RendezvousCore(registry, SigningKey.generate(), limits=Limits(**LIFTED_LIMITS))
+    datagrams = [messages.build(register_pk=pb.RegisterPk(id=peer_id(i), uuid=uuid_of(i), pk=PK)) for i in range(n)]
+    srcs = [SockAddr.of(f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", 40000) for i in range(n)]
+    gc.collect()
+    before = proc.memory_info().rss
+    t0 = time.perf_counter()
+    for i in range(n):
+        core.handle_udp(datagrams[i], srcs[i], 0, 1000.0)  # Persist actions are ignored: memory only
+    elapsed = time.perf_counter() - t0
+    gc.collect()
+    after = proc.memory_info().rss
+    assert len(core.peers) == n
+    conn.send(((after - before) / n, n / elapsed))
+
+
+# --------------------------------------------------------------------------- client
+
+
+def closed_loop(port: int, payloads: list[bytes], seconds: float, window: int) -> tuple[float, int]:
+    """Keep `window` requests in flight for `seconds`; returns (answers per second, lost)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.connect(("127.0.0.1", port))
+    s.settimeout(0.2)
+    n = len(payloads)
+    sent = got = lost = 0
+    for _ in range(window):
+        s.send(payloads[sent % n])
+        sent += 1
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        try:
+            s.recv(2048)
+            got += 1
+        except TimeoutError:
+            lost += 1  # refill the window so a lost datagram does not stall the loop
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+        s.send(payloads[sent % n])
+        sent += 1
+    s.close()
+    return got / (now - t0), lost
+
+
+def register_all(port: int, n: int, window: int) -> None:
+    """One RegisterPk per ID (rows exist, nothing changes on disk), so all are in memory and online."""
+    payloads = [messages.build(register_pk=pb.RegisterPk(id=peer_id(i), uuid=uuid_of(i), pk=PK)) for i in range(n)]
+    ok_reply = messages.build(register_pk_response=pb.RegisterPkResponse())
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    s.connect(("127.0.0.1", port))
+    s.settimeout(2.0)
+    sent = min(window, n)
+    for i in range(sent):
+        s.send(payloads[i])
+    for _ in range(n):
+        reply = s.recv(2048)
+        if reply != ok_reply:
+            raise SystemExit(f"registration failed: {messages.parse(reply)}")
+        if sent < n:
+            s.send(payloads[sent])
+            sent += 1
+    s.close()
+
+
+def start_child(target: object, *args: object) -> tuple[mp.process.BaseProcess, Connection, int]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(*args, child), daemon=True)  # type: ignore[arg-type]
+    proc.start()
+    port = parent.recv()
+    return proc, parent, port
+
+
+def stop_child(proc: mp.process.BaseProcess, conn: Connection) -> dict:  # type: ignore[type-arg]
+    conn.send("stop")
+    result = conn.recv()
+    proc.join(10)
+    return result  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--peers", type=int, default=10_000)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--mem-ids", type=int, default=100_000)
+    args = ap.parse_args()
+    print(f"cpus: {os.cpu_count()}, python {sys.version.split()[0]}, peers {args.peers}, window {args.window}")
+
+    with tempfile.TemporaryDirectory(prefix="rv-bench-") as tmp:
+        from agent.registry import PeerRow, Registry
+
+        t0 = time.perf_counter()
+        reg = Registry(Path(tmp) / "rv.sqlite3")
+        reg.put_many(PeerRow(peer_id(i), uuid_of(i), PK, "127.0.0.1") for i in range(args.peers))
+        reg.close()
+        print(f"preloaded {args.peers} rows in {time.perf_counter() - t0:.2f} s")
+
+        proc, conn, port = start_child(_run_rendezvous, tmp)
+        t0 = time.perf_counter()
+        register_all(port, args.peers, args.window)
+        rate = args.peers / (time.perf_counter() - t0)
+        print(f"RegisterPk of {args.peers} known IDs (DB read each, no write): {rate:,.0f}/s")
+        beats = [messages.build(register_peer=pb.RegisterPeer(id=peer_id(i))) for i in range(args.peers)]
+        rv_rate, rv_lost = closed_loop(port, beats, args.seconds, args.window)
+        stats = stop_child(proc, conn)
+        assert stats["peers_online"] == args.peers, stats["peers_online"]
+
+        proc, conn, port = start_child(_run_echo)
+        echo_rate, echo_lost = closed_loop(port, beats, args.seconds, args.window)
+        stop_child(proc, conn)
+
+        print(f"RegisterPeer answered:   {rv_rate:10,.0f}/s  (lost {rv_lost})")
+        print(f"asyncio UDP echo:        {echo_rate:10,.0f}/s  (lost {echo_lost})")
+        print(f"ratio rendezvous / echo: {rv_rate / echo_rate:10.2f}")
+        print(f"heartbeat capacity at one RegisterPeer per 15 s: ~{rv_rate * 15:,.0f} online peers per process")
+
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_memory_per_id, args=(args.mem_ids, tmp, child), daemon=True)
+        p.start()
+        per_id, reg_rate = parent.recv()
+        p.join(10)
+        print(f"memory per registered ID: {per_id:,.0f} bytes (RSS delta over {args.mem_ids:,} IDs)")
+        print(f"core RegisterPk (new ID, no I/O): {reg_rate:,.0f}/s")
+
+
+if __name__ == "__main__":
+    main()

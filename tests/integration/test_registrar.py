@@ -1,0 +1,269 @@
+"""Registrar against the real rendezvous server on loopback: register, pushes, restarts, ID conflicts."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import identity as identitymod
+from agent import messages
+from agent.proto import rendezvous_pb2 as pb
+from agent.registrar import Registrar, RegistrarError
+from agent.registrar_core import REGISTERED, UNREACHABLE
+from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
+
+FAST: dict[str, Any] = {"tick": 0.02, "reply_timeout": 0.1, "max_backoff": 0.2}
+"""Registrar timers scaled down so a test sees resends and back-off in a fraction of a second."""
+
+
+@dataclass
+class FakeIdentity:
+    peer_id: str
+    uuid: bytes
+    public_key: bytes
+
+
+def ident(peer_id: str = "1234567890") -> FakeIdentity:
+    return FakeIdentity(peer_id, secrets.token_bytes(16), secrets.token_bytes(32))
+
+
+def config(tmp_path: Path, host: str = "127.0.0.1", port: int = 0) -> RendezvousConfig:
+    return RendezvousConfig(port=port, binds=[host], db_path=tmp_path / "peers.db", key_file=tmp_path / "id_ed25519")
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RendezvousServer]:
+    srv = await start_rendezvous(config(tmp_path))
+    yield srv
+    await srv.close()
+
+
+class Pushes:
+    """on_push that records (kind, message, source) and wakes waiters."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any, tuple[str, int]]] = []
+        self.event = asyncio.Event()
+
+    def __call__(self, kind: str, msg: Any, source: tuple[str, int]) -> None:
+        self.items.append((kind, msg, source))
+        self.event.set()
+
+    async def wait(self, n: int = 1, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.items) < n:
+                self.event.clear()
+                await self.event.wait()
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+async def test_registers_and_announces_nat_type(server: RendezvousServer) -> None:
+    me = ident()
+    reg = Registrar(("127.0.0.1", server.udp_port), me, Pushes(), lambda: pb.ASYMMETRIC, interval=0.2, **FAST)
+    await reg.start()
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        await until(lambda: reg.status()["register_peer_sent"] >= 2)
+        peer = server.core.peers[me.peer_id]
+        assert peer.pk == me.public_key and peer.uuid == me.uuid
+        assert peer.nat_type == pb.ASYMMETRIC
+        assert server.stats()["peers_online"] == 1
+        st = reg.status()
+        assert st["state"] == REGISTERED
+        assert st["id"] == me.peer_id
+        assert st["replies"] >= 2 and st["drops"] == {}
+        assert st["local"] == reg.local_address
+        assert st["last_reply_age"] is not None
+    finally:
+        await reg.close()
+    assert not reg.registered.is_set()
+
+
+async def test_ipv6_server(tmp_path: Path) -> None:
+    srv = await start_rendezvous(config(tmp_path, "::1"))
+    reg = Registrar(("::1", srv.udp_port), ident(), Pushes(), **FAST)
+    try:
+        await reg.start()
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        assert reg.local_address is not None and ":" in reg.local_address[0]
+    finally:
+        await reg.close()
+        await srv.close()
+
+
+async def test_pushes_reach_the_callback_and_foreign_datagrams_do_not(server: RendezvousServer) -> None:
+    pushes = Pushes()
+    me = ident()
+    reg = Registrar(("127.0.0.1", server.udp_port), me, pushes, **FAST)
+    await reg.start()
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        assert reg.local_address is not None
+        # Somebody else fakes a push: dropped, counted, never delivered.
+        fake = messages.build(punch_hole=pb.PunchHole(relay_server="evil:1"))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(fake, reg.local_address)
+            s.sendto(b"\xff garbage", reg.local_address)
+        await until(lambda: reg.status()["drops"].get("foreign_source", 0) == 2)
+        # A real push: A asks the server for a relay to us; the server forwards over UDP.
+        from agent.rendezvous_client import request_relay
+
+        task = asyncio.create_task(request_relay(("127.0.0.1", server.tcp_port), me.peer_id, "pair-1", timeout=0.5))
+        await pushes.wait(1)
+        kind, msg, source = pushes.items[0]
+        assert kind == "request_relay"
+        assert msg.uuid == "pair-1"
+        assert source == ("127.0.0.1", server.udp_port)
+        with pytest.raises(Exception, match="no relay answer"):
+            await task
+        assert reg.status()["pushes_received"] == 1
+    finally:
+        await reg.close()
+
+
+async def test_async_and_failing_push_handlers(server: RendezvousServer) -> None:
+    seen: list[str] = []
+
+    async def handler(kind: str, msg: Any, source: tuple[str, int]) -> None:
+        await asyncio.sleep(0)
+        seen.append(msg.uuid)
+        if msg.uuid == "boom":
+            raise RuntimeError("handler bug")
+
+    me = ident()
+    reg = Registrar(("127.0.0.1", server.udp_port), me, handler, **FAST)
+    await reg.start()
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        from agent.rendezvous_client import request_relay
+
+        for uuid in ("boom", "fine"):
+            with pytest.raises(Exception, match="no relay answer"):
+                await request_relay(("127.0.0.1", server.tcp_port), me.peer_id, uuid, timeout=0.2)
+        await until(lambda: len(seen) == 2)
+        await until(lambda: reg.status()["push_errors"] == 1)
+        assert seen == ["boom", "fine"]
+        assert reg.status()["state"] == REGISTERED  # the loop survived the failing handler
+    finally:
+        await reg.close()
+
+
+async def test_server_down_then_restarted_on_the_same_port(tmp_path: Path) -> None:
+    srv = await start_rendezvous(config(tmp_path))
+    port = srv.udp_port
+    me = ident()
+    reg = Registrar(("127.0.0.1", port), me, Pushes(), interval=0.1, **FAST)
+    await reg.start()
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        await srv.close()
+        await until(lambda: reg.status()["state"] == UNREACHABLE)
+        assert not reg.registered.is_set()
+        assert reg.status()["consecutive_timeouts"] >= 2
+        try:
+            srv = await start_rendezvous(config(tmp_path, port=port))
+        except Exception:
+            pytest.skip("port no longer free")
+        # The new server has an empty memory: RegisterPeer -> request_pk -> RegisterPk -> registered.
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        await until(lambda: srv.stats()["peers_online"] == 1)
+        assert srv.core.peers[me.peer_id].uuid == me.uuid
+        assert srv.stats()["messages"].get("udp.register_pk", 0) >= 1
+    finally:
+        await reg.close()
+        await srv.close()
+
+
+async def test_unreachable_server_backs_off() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        reg = Registrar(("127.0.0.1", port), ident(), Pushes(), **FAST)
+        await reg.start()
+        try:
+            await until(lambda: reg.status()["state"] == UNREACHABLE)
+            st = reg.status()
+            assert st["replies"] == 0
+            assert st["register_pk_sent"] >= 3
+            assert st["last_reply_age"] is None
+            s.setblocking(False)
+            received = 0
+            while True:
+                try:
+                    data = s.recv(2048)
+                except BlockingIOError:
+                    break
+                assert messages.parse(data)[0] == "register_pk"
+                received += 1
+            assert received >= 3
+        finally:
+            await reg.close()
+
+
+async def test_id_taken_moves_to_the_next_id(server: RendezvousServer, tmp_path: Path) -> None:
+    owner = ident("5555555555")
+    first = Registrar(("127.0.0.1", server.udp_port), owner, Pushes(), **FAST)
+    await first.start()
+    await asyncio.wait_for(first.registered.wait(), 5)
+    await first.close()
+
+    state = tmp_path / "b"
+    state.mkdir()
+    real = identitymod.load_or_create(state)
+    real.peer_id = owner.peer_id  # claims an ID another uuid already holds
+    calls: list[str] = []
+
+    def on_id_taken(current: Any) -> Any:
+        calls.append(current.peer_id)
+        return identitymod.next_id(state, current)
+
+    reg = Registrar(("127.0.0.1", server.udp_port), real, Pushes(), on_id_taken=on_id_taken, **FAST)
+    await reg.start()
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        assert calls == ["5555555555"]
+        assert reg.identity.peer_id != "5555555555"
+        assert reg.status()["id"] == reg.identity.peer_id
+        assert server.core.peers[reg.identity.peer_id].uuid == real.uuid
+        assert server.core.peers["5555555555"].uuid == owner.uuid  # the owner keeps its ID
+        assert identitymod.load_or_create(state).peer_id == reg.identity.peer_id  # persisted
+    finally:
+        await reg.close()
+
+
+async def test_id_taken_without_handler_stays_put(server: RendezvousServer) -> None:
+    owner = ident("6666666666")
+    a = Registrar(("127.0.0.1", server.udp_port), owner, Pushes(), **FAST)
+    await a.start()
+    await asyncio.wait_for(a.registered.wait(), 5)
+    await a.close()
+    b = Registrar(("127.0.0.1", server.udp_port), ident("6666666666"), Pushes(), **FAST)
+    await b.start()
+    try:
+        await until(lambda: b.status()["state"].startswith("id_taken"))
+        sent = b.status()["registrations_sent"]
+        await asyncio.sleep(0.3)
+        assert b.status()["registrations_sent"] == sent  # no hammering while waiting for a new ID
+        assert not b.registered.is_set()
+    finally:
+        await b.close()
+
+
+async def test_unresolvable_server_is_a_clean_error() -> None:
+    reg = Registrar(("", 21116), ident(), Pushes())  # fails locally: no DNS query leaves the host
+    with pytest.raises(RegistrarError, match="cannot resolve"):
+        await reg.start()
+    assert reg.status()["state"] == "not started"
+    await reg.close()
