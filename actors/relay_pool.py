@@ -236,6 +236,9 @@ def run_pool(cfg: RelayConfig) -> int:
         else:
             handle = start_private_head()
             handle.init_driver()
+        # ray.init installs its own SIGTERM handler (sys.exit(15)); ours stops cleanly with 0.
+        for sig in old:
+            signal.signal(sig, on_signal)
         if not stop.is_set():
             pool = RelayPool(cfg)
             infos = pool.start()

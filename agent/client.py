@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,11 @@ from typing import Any
 from agent import ctlproto
 from agent.addr import AddressError, parse_port, split_host_port
 from agent.runtime_paths import control_socket
+
+
+RESTART_PATIENCE = 5.0
+"""Seconds `pipe`/`connect` wait for a restarting coordinator of a running agent."""
+PID_FILE = "agent.pid"
 
 
 class ClientError(Exception):
@@ -65,10 +71,18 @@ def parse_forward(text: str) -> ForwardSpec:
 def _open(state_dir: Path, peer: str, target: str, fd: int, path: str, password: str | None, timeout: float) -> Any:
     request = {"op": "open", "peer": peer, "target": target, "path": path, "password": password}
     ctl = control_socket(state_dir)
-    try:
-        reply = ctlproto.call(ctl, request, [fd], timeout=timeout)
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise ClientError(f"no agent running for state dir {state_dir} (start it with `punchthrough up`)") from None
+    patience = time.monotonic() + RESTART_PATIENCE
+    while True:
+        try:
+            reply = ctlproto.call(ctl, request, [fd], timeout=timeout)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            # The coordinator restarts within a second or so after a crash; wait while the agent runs.
+            if time.monotonic() > patience or not (state_dir / PID_FILE).exists():
+                raise ClientError(
+                    f"no agent running for state dir {state_dir} (start it with `punchthrough up`)"
+                ) from None
+            time.sleep(0.1)
     except TimeoutError:
         raise ClientError(f"the agent did not open the stream within {timeout:.0f}s") from None
     except (OSError, ctlproto.ControlError) as exc:
@@ -120,9 +134,7 @@ def run_pipe(state_dir: Path, peer: str, target: str, path: str, password: str |
     return 0
 
 
-def run_forward(
-    state_dir: Path, peer: str, spec: ForwardSpec, path: str, password: str | None, timeout: float
-) -> int:
+def run_forward(state_dir: Path, peer: str, spec: ForwardSpec, path: str, password: str | None, timeout: float) -> int:
     """Listen on spec.bind and hand every accepted connection to the agent; runs until interrupted."""
     family = socket.AF_INET6 if ":" in spec.bind_host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)

@@ -30,11 +30,14 @@ from agent.handshake import HandshakeError, Policy, trusted_peer_key
 from agent.identity import Identity
 from agent.pins import PinMismatch, PinStore
 from agent.refs import Ref
+from agent.rendezvous_client import RelayRefused, RendezvousError, request_relay, send_relay_response
 
 log = logging.getLogger(__name__)
 
 VERSION = "punchthrough-0.1"
 MAX_ATTEMPT_RECORDS = 256
+RELAY_REQUEST_WAITS = (2.0, 3.0, 30.0)
+"""Seconds to wait for the peer's answer before asking the rendezvous server again."""
 
 
 @dataclass
@@ -90,6 +93,8 @@ class SessionPlan:
     role: str
     attempts: list[Attempt] = field(default_factory=list)
     error: str = ""
+    path: str = ""
+    created: float = field(default_factory=time.monotonic)
 
 
 def read_password(cfg: Config) -> str | None:
@@ -231,7 +236,16 @@ class Coordinator:
         live = {s["id"]: s for s in await self._session_list()}
         out = []
         for sid, plan in self.plans.items():
-            entry = live.pop(sid, {"id": sid, "peer": plan.peer, "role": plan.role, "state": "failed"})
+            entry = live.pop(sid, None) or {
+                "id": sid,
+                "peer": plan.peer,
+                "role": plan.role,
+                "path": plan.path,
+                "state": "failed",
+                "bytes_out": 0,
+                "bytes_in": 0,
+                "age": round(time.monotonic() - plan.created, 3),
+            }
             entry["attempts"] = [a.as_dict() for a in plan.attempts]
             if plan.error and not entry.get("error"):
                 entry["error"] = plan.error
@@ -264,8 +278,6 @@ class Coordinator:
         return trusted_peer_key(peer, server_key=self.server_key, signed_id_pk=signed_pk or None, pinned=pinned)
 
     async def open_stream(self, req: dict[str, Any], local_fd: int) -> dict[str, Any]:
-        from agent.rendezvous_client import RendezvousError, request_relay
-
         peer = str(req.get("peer", ""))
         target = str(req.get("target", ""))
         path = str(req.get("path") or self.cfg.agent.path)
@@ -285,10 +297,9 @@ class Coordinator:
             plan.attempts.append(Attempt("direct", "unavailable", "no direct strategy in this version"))
             return fail("no direct path to this peer: this version connects through the relay only (use --path relay)")
         started = time.monotonic()
-        pair_uuid = str(uuidlib.uuid4())
         relay = self.relay_address()
         try:
-            rr = await request_relay(self.server_addr, peer, pair_uuid, relay_server=relay, timeout=timeout)
+            rr = await self._request_relay(peer, relay, started + timeout)
         except RendezvousError as exc:
             plan.attempts.append(Attempt("relay", "error", str(exc), _ms(started)))
             return fail(str(exc))
@@ -297,7 +308,7 @@ class Coordinator:
         except (HandshakeError, PinMismatch) as exc:
             plan.attempts.append(Attempt("relay", "refused", str(exc), _ms(started)))
             return fail(str(exc))
-        dial = await self.relay.call("dial", sid, rr.relay_server or relay, rr.uuid or pair_uuid, peer, "initiator")
+        dial = await self.relay.call("dial", sid, rr.relay_server or relay, rr.uuid, peer, "initiator")
         if not dial.get("ok"):
             plan.attempts.append(Attempt("relay", "error", str(dial.get("reason")), _ms(started)))
             return fail(str(dial.get("reason")))
@@ -313,17 +324,40 @@ class Coordinator:
             "wait": timeout,
         }
         try:
-            reply = await ctlproto.acall(self.sessions_socket, request, [local_fd], timeout=timeout + 15)
+            reply = await ctlproto.acall(self.sessions_socket, request, [local_fd], timeout=timeout + 15, patience=5)
         except (OSError, TimeoutError, ctlproto.ControlError) as exc:
             reply = {"ok": False, "error": f"session owner unavailable: {exc or type(exc).__name__}"}
         if not reply.get("ok"):
             plan.attempts.append(Attempt("relay", "error", str(reply.get("error")), _ms(started)))
             return fail(str(reply.get("error")))
         plan.attempts.append(Attempt("relay", "won", "", _ms(started)))
-        if key_source == "first use":
+        plan.path = "relay"
+        if key_source != "pinned":  # remember the key, so a later server cannot swap it (like known_hosts)
             with contextlib.suppress(PinMismatch):
                 PinStore(self.state_dir).check_and_pin(peer, peer_pk)
         return {"ok": True, "session": sid, "path": "relay", "elapsed_ms": _ms(started)}
+
+    async def _request_relay(self, peer: str, relay: str, deadline: float) -> Any:
+        """RequestRelay, asked again on silence: a push lost in flight (UDP, or the peer's registrar
+        restarting) costs one short wait, not the whole budget. RustDesk also asks three times."""
+        waits = RELAY_REQUEST_WAITS
+        for i, wait in enumerate(waits):
+            left = deadline - time.monotonic()
+            last = i == len(waits) - 1 or left <= wait
+            pair_uuid = str(uuidlib.uuid4())  # fresh each time: a late answer must not pair with a retry
+            try:
+                rr = await request_relay(
+                    self.server_addr, peer, pair_uuid, relay_server=relay, timeout=max(0.5, left if last else wait)
+                )
+                if not rr.uuid:
+                    rr.uuid = pair_uuid
+                return rr
+            except RelayRefused:
+                raise
+            except RendezvousError:
+                if last:
+                    raise
+        raise RendezvousError(f"no relay answer from peer {peer}")  # pragma: no cover - loop returns or raises
 
     # ---- B side: pushes from the rendezvous server ----------------------------------------------
 
@@ -335,8 +369,6 @@ class Coordinator:
             task.add_done_callback(self._tasks.discard)
 
     async def _answer_relay(self, msg: Any) -> None:
-        from agent.rendezvous_client import RendezvousError, send_relay_response
-
         sid = uuidlib.uuid4().hex[:12]
         plan = self._plan(sid, str(msg.id) if msg.id != self.identity.peer_id else "", "responder")
         started = time.monotonic()
@@ -351,6 +383,7 @@ class Coordinator:
             return
         dial = await self.relay.call("dial", sid, relay, msg.uuid, self.identity.peer_id, "responder")
         outcome = "won" if dial.get("ok") else "error"
+        plan.path = "relay"
         plan.attempts.append(Attempt("relay", outcome, str(dial.get("reason", "")), _ms(started)))
         if not dial.get("ok"):
             plan.error = str(dial.get("reason"))

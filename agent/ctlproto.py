@@ -168,19 +168,45 @@ async def asend(sock: socket.socket, obj: Any, fds: list[int] | tuple[int, ...] 
         await loop.sock_sendall(sock, data)
 
 
-async def acall(path: Path | str, obj: Any, fds: list[int] | tuple[int, ...] = (), timeout: float = 10.0) -> Any:
-    """Async one request, one reply (used between actors)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
+async def _connect(path: Path | str, patience: float) -> socket.socket:
+    """Connect, waiting up to `patience` seconds for a restarting server to listen again.
+
+    Nothing was sent when the connect fails, so retrying cannot duplicate a request.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def acall(
+    path: Path | str,
+    obj: Any,
+    fds: list[int] | tuple[int, ...] = (),
+    timeout: float = 10.0,
+    patience: float = 0.0,
+) -> Any:
+    """Async one request, one reply (used between actors); `patience` rides out a peer's restart."""
+    sock: socket.socket | None = None
     try:
         async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, str(path))
+            sock = await _connect(path, patience)
             await asend(sock, obj, fds)
             reply, extra = await arecv(sock)
         _close_fds(extra)
         return reply
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
 
 
 def _close_fds(fds: list[int]) -> None:

@@ -263,7 +263,7 @@ class _SpliceDirection:
             now = 0.0
             if throttle is not None:
                 now = self.pump.now()
-                granted = throttle.take(want, now)
+                granted = throttle.take(want, now, THROTTLE_QUANTUM)
                 if granted <= 0:
                     self._stop_read()
                     delay = throttle.wait_time(min(want, THROTTLE_QUANTUM), now)
@@ -402,7 +402,7 @@ class AsyncioPump(PairPump):
             now = 0.0
             if throttle is not None:
                 now = loop.time()
-                granted = throttle.take(want, now)
+                granted = throttle.take(want, now, THROTTLE_QUANTUM)
                 if granted <= 0:
                     await asyncio.sleep(throttle.wait_time(THROTTLE_QUANTUM, now))
                     continue

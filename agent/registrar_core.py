@@ -317,4 +317,3 @@ class RegistrarCore:
         if new != self.state:
             self._events.append(StateChanged(self.state, new))
             self.state = new
-

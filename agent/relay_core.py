@@ -318,16 +318,21 @@ class Throttle:
         self.waits = 0
         self.throttled_s = 0.0
 
-    def take(self, want: int, now: float) -> int:
+    def take(self, want: int, now: float, quantum: int = 1) -> int:
         """Reserve and return how many of `want` bytes may be moved now (0 = wait).
 
-        Reserve first, move, then refund the shortfall: between the two no other stream
-        can spend the same tokens, so shared buckets stay exact.
+        Grants smaller than `quantum` (capped at the smallest burst) are refused, so a
+        throttled stream sleeps until a useful amount has accrued instead of spinning
+        on a few bytes at a time. Reserve first, move, then refund the shortfall:
+        between the two no other stream can spend the same tokens, so shared buckets
+        stay exact.
         """
         g = want
+        floor = min(want, quantum)
         for b in self.buckets:
             g = min(g, b.available(now))
-        if g <= 0:
+            floor = min(floor, int(b.burst))
+        if g <= 0 or g < floor:
             return 0
         for b in self.buckets:
             b.take(g, now)

@@ -153,9 +153,7 @@ class RelayServer:
         self.cfg = cfg
         self.router = router
         self.pump_kind: PumpKind = default_kind() if cfg.pump == "auto" else cfg.pump
-        self.table: core.PairingTable[_Waiter] = core.PairingTable(
-            cfg.pair_timeout, cfg.max_waiting, cfg.max_pairs
-        )
+        self.table: core.PairingTable[_Waiter] = core.PairingTable(cfg.pair_timeout, cfg.max_waiting, cfg.max_pairs)
         self.drops = DropStats(cfg.log_interval)
         self.meter = Meter()
         self.pairs_total = 0
@@ -163,6 +161,7 @@ class RelayServer:
         self.handed_off = 0
         self.throttle_waits = 0
         self.throttled_s = 0.0
+        self._throttles: set[core.Throttle] = set()
         self._listeners: list[socket.socket] = []
         self._handshakes: set[asyncio.Task[None]] = set()
         self._pairs: set[asyncio.Task[None]] = set()
@@ -236,8 +235,8 @@ class RelayServer:
             "limits": {
                 "stream_limit_bps": self.cfg.stream_limit_bps,
                 "total_limit_bps": self.cfg.total_limit_bps,
-                "throttle_waits": self.throttle_waits,
-                "throttled_s": round(self.throttled_s, 3),
+                "throttle_waits": self.throttle_waits + sum(t.waits for t in self._throttles),
+                "throttled_s": round(self.throttled_s + sum(t.throttled_s for t in self._throttles), 3),
             },
         }
 
@@ -418,6 +417,7 @@ class RelayServer:
             buckets.append(self._total_bucket)
         if buckets:
             throttle = core.Throttle(buckets)
+            self._throttles.add(throttle)
         reason = "error"
         try:
             pump = make_pump(
@@ -431,9 +431,7 @@ class RelayServer:
             log.debug("relay: paired %s <-> %s (uuid %s)", first.peer, second.peer, uuid)
             result = await pump.run()
             reason = result.reason
-            log.debug(
-                "relay: pair %s ended (%s), %d / %d bytes", uuid, reason, result.a_to_b, result.b_to_a
-            )
+            log.debug("relay: pair %s ended (%s), %d / %d bytes", uuid, reason, result.a_to_b, result.b_to_a)
         except asyncio.CancelledError:
             reason = "cancelled"
             raise
@@ -443,6 +441,7 @@ class RelayServer:
             self.table.release(uuid)
             self.pair_ends[reason.split(":", 1)[0]] += 1
             if throttle is not None:
+                self._throttles.discard(throttle)
                 self.throttle_waits += throttle.waits
                 self.throttled_s += throttle.throttled_s
 

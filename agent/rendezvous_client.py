@@ -356,9 +356,7 @@ async def send_relay_response(
     await _send_one(server, messages.build(relay_response=resp), timeout, None)
 
 
-async def _send_one(
-    server: tuple[str, int], payload: bytes, timeout: float, bind: tuple[str, int] | None
-) -> SockAddr:
+async def _send_one(server: tuple[str, int], payload: bytes, timeout: float, bind: tuple[str, int] | None) -> SockAddr:
     """Send one message on a fresh (reusable-port) connection, close it, return its local address."""
     sock = await open_tcp(server, timeout, bind=bind, reuse=True)
     conn = _Conn(sock, server)

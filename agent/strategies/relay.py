@@ -19,6 +19,8 @@ from agent.proto import rendezvous_pb2 as pb
 from agent.wire import encode_frame
 
 DEFAULT_RELAY_PORT = 21117
+HANDOVER_PATIENCE = 5.0
+"""Seconds to wait for a restarting session owner before giving the transport up."""
 
 
 class RelayStrategy:
@@ -43,17 +45,23 @@ class RelayStrategy:
             self.failures += 1
             return {"ok": False, "reason": f"relay {relay}: {describe_error(exc)}"}
         try:
-            request = pb.RequestRelay(
-                id=peer_id, uuid=uuid, licence_key=self.relay_key, conn_type=pb.PORT_FORWARD
-            )
+            request = pb.RequestRelay(id=peer_id, uuid=uuid, licence_key=self.relay_key, conn_type=pb.PORT_FORWARD)
             await asyncio.get_running_loop().sock_sendall(sock, encode_frame(messages.build(request_relay=request)))
-            op = "transport" if role == "initiator" else "respond"
+        except OSError as exc:
+            sock.close()
+            self.failures += 1
+            return {"ok": False, "reason": f"relay {relay}: {describe_error(exc)}"}
+        op = "transport" if role == "initiator" else "respond"
+        try:
             reply = await ctlproto.acall(
-                self.sessions_socket, {"op": op, "session": session, "path": "relay"}, [sock.fileno()]
+                self.sessions_socket,
+                {"op": op, "session": session, "path": "relay"},
+                [sock.fileno()],
+                patience=HANDOVER_PATIENCE,
             )
         except (OSError, TimeoutError, ctlproto.ControlError) as exc:
             self.failures += 1
-            return {"ok": False, "reason": f"relay {relay}: {describe_error(exc)}"}
+            return {"ok": False, "reason": f"session owner unavailable: {describe_error(exc)}"}
         finally:
             sock.close()  # the session owner has its own copy now
         if not reply.get("ok"):

@@ -1,0 +1,293 @@
+"""The whole agent on real Ray, end to end: three agents (each with its own state dir and private
+Ray head) and a rendezvous+relay server process, on loopback.
+
+Covers issue 3's acceptance: `pipe` and `connect -L` move 100 MB with matching SHA-256 both ways;
+wrong password, unlisted peer, changed key and disallowed target each fail with one clear line;
+SIGKILL of every actor in turn and the agent serves again (status shows the restart); a restarted
+rendezvous server sees the agents again. Times are printed, not asserted against tight bounds
+(shared machines are noisy); the bounds below only catch a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import ctlproto, messages
+from agent.proto import rendezvous_pb2 as pb
+from agent.runtime_paths import control_socket
+from agent.wire import FrameDecoder, encode_frame
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
+
+PT = [sys.executable, "-m", "agent.cli"]
+OPS = [sys.executable, "-m", "ops.cli"]
+MB100 = 100 * 1024 * 1024
+
+
+def free_triple() -> int:
+    """A port P with P-1 and P+1 also free (rendezvous, NAT test, relay)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        ok = True
+        for p in (port - 1, port, port + 1):
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, kind) as t:
+                    try:
+                        t.bind(("127.0.0.1", p))
+                    except OSError:
+                        ok = False
+        if ok:
+            return port
+    raise RuntimeError("no free port triple")
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(1 << 18):
+            self.request.sendall(data)
+
+
+class _EchoServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def pt(state: Path, *args: str, input: bytes | None = None, timeout: float = 120, env: dict[str, str] | None = None
+       ) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*PT, "--state-dir", str(state), *args], input=input, capture_output=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+class Lab:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_triple()
+        self.server = f"127.0.0.1:{self.port}"
+        self.serve: subprocess.Popen[bytes] | None = None
+        self.key = ""
+        self.echo = _EchoServer(("127.0.0.1", 0), _Echo)
+        threading.Thread(target=self.echo.serve_forever, daemon=True).start()
+        self.target = f"127.0.0.1:{self.echo.server_address[1]}"
+        self.dirs = {name: root / name for name in ("a", "b", "c")}
+        self.ids: dict[str, str] = {}
+
+    def start_server(self) -> None:
+        self.serve = subprocess.Popen(
+            [*PT, "--state-dir", str(self.root / "srv"), "serve", "--bind", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        assert self.serve.stdout is not None
+        line = self.serve.stdout.readline().decode()
+        assert line.startswith("key: "), line
+        self.key = line.split()[1]
+
+    def kill_server(self) -> None:
+        assert self.serve is not None
+        self.serve.kill()
+        self.serve.wait()
+
+    def up(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*PT, "--state-dir", str(self.dirs[name]), "up", "--server", self.server,
+                                 "--server-key", self.key, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def ops(self, name: str, what: str) -> Any:
+        out = subprocess.run([*OPS, "--state-dir", str(self.dirs[name]), what, "--json"], capture_output=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    lab = Lab(tmp_path_factory.mktemp("e2e"))
+    lab.start_server()
+    for name, state in lab.dirs.items():
+        out = pt(state, "id", "--json")
+        lab.ids[name] = json.loads(out.stdout)["id"]
+    pw = lab.root / "b.password"
+    pw.write_text("correct horse\n")
+    started = time.monotonic()
+    procs = [
+        lab.up("b", "--allow", lab.ids["a"], "--allow-target", lab.target, "--password-file", str(pw)),
+        lab.up("a"),
+        lab.up("c"),
+    ]
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err.decode()
+        print(f"\n3 agents up and registered in {time.monotonic() - started:.1f}s")
+        yield lab
+    finally:
+        for state in lab.dirs.values():
+            with contextlib.suppress(Exception):
+                pt(state, "down", timeout=60)
+        with contextlib.suppress(Exception):
+            lab.kill_server()
+        lab.echo.shutdown()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_pipe_100mb_both_ways(lab: Lab) -> None:
+    payload = os.urandom(MB100)
+    started = time.monotonic()
+    out = pt(lab.dirs["a"], "pipe", lab.ids["b"], lab.target, input=payload, timeout=300)
+    took = time.monotonic() - started
+    assert out.returncode == 0, out.stderr
+    assert sha(out.stdout) == sha(payload)
+    print(f"\npipe: 100 MiB each way through the relay in {took:.1f}s ({2 * 100 / took:.0f} MiB/s total)")
+
+
+def test_forward_100mb_both_ways_and_concurrent(lab: Lab) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        local_port = s.getsockname()[1]
+    fwd = subprocess.Popen([*PT, "--state-dir", str(lab.dirs["a"]), "connect", lab.ids["b"], "-L",
+                            f"127.0.0.1:{local_port}:{lab.target}"], stderr=subprocess.PIPE)
+    try:
+        assert fwd.stderr is not None
+        assert b"forwarding" in fwd.stderr.readline()
+
+        def transfer(size: int) -> bool:
+            data = os.urandom(size)
+            with socket.create_connection(("127.0.0.1", local_port), timeout=60) as c:
+                sender = threading.Thread(target=lambda: (c.sendall(data), c.shutdown(socket.SHUT_WR)))
+                sender.start()
+                got = bytearray()
+                while chunk := c.recv(1 << 18):
+                    got += chunk
+                sender.join()
+            return sha(bytes(got)) == sha(data)
+
+        started = time.monotonic()
+        assert transfer(MB100)
+        print(f"\n-L: 100 MiB each way in {time.monotonic() - started:.1f}s")
+        results: list[bool] = []
+        threads = [threading.Thread(target=lambda: results.append(transfer(2_000_000))) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert results == [True] * 8
+    finally:
+        fwd.send_signal(signal.SIGINT)
+        fwd.wait(10)
+
+
+def _one_line_failure(out: subprocess.CompletedProcess[bytes], expect: str) -> None:
+    assert out.returncode != 0
+    lines = out.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("punchthrough: "), lines
+    assert expect in lines[0], lines[0]
+
+
+def test_disallowed_target(lab: Lab) -> None:
+    _one_line_failure(pt(lab.dirs["a"], "pipe", lab.ids["b"], "127.0.0.1:9", input=b""), "not allowed")
+
+
+def test_unlisted_peer_and_passwords(lab: Lab) -> None:
+    c, b = lab.dirs["c"], lab.ids["b"]
+    _one_line_failure(pt(c, "pipe", b, lab.target, input=b""), "password required")
+    _one_line_failure(pt(c, "pipe", b, lab.target, input=b"", env={"PUNCHTHROUGH_PASSWORD": "wrong"}), "wrong password")
+    ok = pt(c, "pipe", b, lab.target, input=b"hello", env={"PUNCHTHROUGH_PASSWORD": "correct horse"})
+    assert ok.returncode == 0 and ok.stdout == b"hello", ok.stderr
+
+
+def test_changed_peer_key_refused(lab: Lab) -> None:
+    pins = lab.dirs["a"] / "known_peers.json"
+    original = pins.read_text()
+    forged = json.loads(original)
+    forged[lab.ids["b"]] = "A" * 43 + "="  # a different 32-byte key pinned for B
+    pins.write_text(json.dumps(forged))
+    try:
+        _one_line_failure(pt(lab.dirs["a"], "pipe", lab.ids["b"], lab.target, input=b""), "pinned")
+    finally:
+        pins.write_text(original)
+
+
+def _pipe_works(lab: Lab, deadline: float) -> float:
+    started = time.monotonic()
+    errors: list[str] = []
+    while time.monotonic() - started < deadline:
+        out = pt(lab.dirs["a"], "pipe", lab.ids["b"], lab.target, input=b"ping", timeout=30)
+        if out.returncode == 0 and out.stdout == b"ping":
+            if errors:
+                print(f"  ({len(errors)} failed tries first, last: {errors[-1]})")
+            return time.monotonic() - started
+        errors.append(out.stderr.decode().strip())
+        time.sleep(0.1)
+    raise AssertionError(f"no working session within {deadline}s: {out.stderr.decode()}")
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_sigkill_each_actor(lab: Lab, side: str) -> None:
+    actors = {a["name"]: a for a in lab.ops(side, "actors")["actors"]}
+    assert set(actors) >= {"coordinator", "registrar", "nat_probe", "relay", "sessions"}
+    for name, info in actors.items():
+        os.kill(info["pid"], signal.SIGKILL)
+        took = _pipe_works(lab, 30)
+        print(f"\nagent {side}: {name} killed, serving again after {took:.2f}s")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            now = {a["name"]: a for a in lab.ops(side, "actors")["actors"]}
+            if now[name]["pid"] != info["pid"] and now[name]["state"] == "alive":
+                break
+            time.sleep(0.2)
+        assert now[name]["restarts"] >= info["restarts"] + 1, now[name]
+        assert now[name]["pid"] != info["pid"]
+
+
+def _online(port: int, peer: str) -> bool:
+    with socket.create_connection(("127.0.0.1", port - 1), timeout=3) as s:
+        s.sendall(encode_frame(messages.build(online_request=pb.OnlineRequest(id="probe", peers=[peer]))))
+        dec = FrameDecoder()
+        while not (frames := dec.feed(s.recv(4096))):
+            pass
+    kind, msg = messages.parse(frames[0])
+    return kind == "online_response" and bool(msg.states) and bool(msg.states[0] & 0x80)
+
+
+def test_rendezvous_restart_reregisters(lab: Lab) -> None:
+    assert _online(lab.port, lab.ids["b"])
+    lab.kill_server()
+    lab.start_server()
+    started = time.monotonic()
+    while not (_online(lab.port, lab.ids["a"]) and _online(lab.port, lab.ids["b"])):
+        assert time.monotonic() - started < 30, "agents did not re-register"
+        time.sleep(0.1)
+    print(f"\nrendezvous restarted: both agents registered again after {time.monotonic() - started:.2f}s")
+    _pipe_works(lab, 10)
+
+
+def test_status_tables(lab: Lab) -> None:
+    st = lab.ops("a", "status")
+    assert st["id"] == lab.ids["a"] and st["registration"]["state"] == "registered"
+    assert st["nat"]["nat_name"] in ("ASYMMETRIC", "SYMMETRIC", "UNKNOWN_NAT")
+    sessions = lab.ops("a", "sessions")["sessions"]
+    assert any(s["path"] == "relay" and s["attempts"] and s["attempts"][-1]["outcome"] == "won" for s in sessions)
+    text = subprocess.run([*OPS, "--state-dir", str(lab.dirs["a"]), "actors"], capture_output=True, timeout=30)
+    assert b"coordinator" in text.stdout and b"RESTARTS" in text.stdout
+    assert control_socket(lab.dirs["a"]).exists()
+    assert ctlproto.call(control_socket(lab.dirs["a"]), {"op": "nonsense"})["ok"] is False
