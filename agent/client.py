@@ -83,10 +83,10 @@ def _open(state_dir: Path, peer: str, target: str, fd: int, path: str, password:
                     f"no agent running for state dir {state_dir} (start it with `punchthrough up`)"
                 ) from None
             time.sleep(0.1)
-    except TimeoutError:
-        raise ClientError(f"the agent did not open the stream within {timeout:.0f}s") from None
-    except (OSError, ctlproto.ControlError) as exc:
-        raise ClientError(f"agent control socket: {exc}") from None
+        except TimeoutError:
+            raise ClientError(f"the agent did not open the stream within {timeout:.0f}s") from None
+        except (OSError, ctlproto.ControlError) as exc:
+            raise ClientError(f"agent control socket: {exc}") from None
     if not reply.get("ok"):
         raise ClientError(str(reply.get("error", "the agent refused")))
     return reply
