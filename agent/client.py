@@ -23,7 +23,6 @@ from agent import ctlproto
 from agent.addr import AddressError, parse_port, split_host_port
 from agent.runtime_paths import control_socket
 
-
 RESTART_PATIENCE = 5.0
 """Seconds `pipe`/`connect` wait for a restarting coordinator of a running agent."""
 PID_FILE = "agent.pid"
