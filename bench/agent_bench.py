@@ -92,7 +92,7 @@ def fmt_mib(n: float) -> str:
 def pct(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100)."""
     ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
     return ordered[k]
 
 
@@ -114,7 +114,7 @@ def free_port_run(n: int) -> int:
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
+            base = int(s.getsockname()[1])
         if base + n < 65535 and all(_bindable(base + i) for i in range(n)):
             return base
     raise SystemExit("no run of free ports found")
@@ -161,9 +161,7 @@ class Owned:
             self.stop_proc(proc)
         for state in reversed(self.agents):
             if (state / "agent.pid").exists():
-                subprocess.run(
-                    [PT, "--state-dir", str(state), "down"], capture_output=True, timeout=40, check=False
-                )
+                subprocess.run([PT, "--state-dir", str(state), "down"], capture_output=True, timeout=40, check=False)
         for srv in self.servers:
             srv.shutdown()
             srv.server_close()
@@ -201,8 +199,9 @@ class Agent:
         return int((self.state / "agent.pid").read_text().split()[0])
 
     def ops(self, what: str) -> dict[str, Any]:
-        res = subprocess.run([PT_OPS, "--state-dir", str(self.state), what, "--json"],
-                             capture_output=True, timeout=15, check=True)
+        res = subprocess.run(
+            [PT_OPS, "--state-dir", str(self.state), what, "--json"], capture_output=True, timeout=15, check=True
+        )
         return json.loads(res.stdout)  # type: ignore[no-any-return]
 
     def actor_pids(self) -> dict[str, int]:
@@ -242,6 +241,8 @@ def _label(p: psutil.Process) -> str:
     if len(cmd) > 1 and cmd[1].endswith("/ray") and "start" in cmd:
         return "ray start --block"
     base = Path(cmd[0]).name if cmd else name
+    if base.startswith("python") and len(cmd) > 2 and cmd[1] == "-m":
+        return f"python -m {cmd[2]}"
     if base.startswith("python") and len(cmd) > 1:
         return f"python {Path(cmd[1]).name}"
     return base
@@ -279,10 +280,12 @@ def footprint(supervisor: int) -> Footprint:
 
 def print_footprint(title: str, fp: Footprint) -> None:
     verdict = "meets" if fp.pss <= GOAL_PSS else "MISSES"
-    print(f"{title}: {fp.count} processes, RSS {fmt_mib(fp.rss)}, PSS {fmt_mib(fp.pss)}, USS {fmt_mib(fp.uss)}"
-          f"  ({verdict} goal PSS <= {GOAL_PSS // MiB} MiB; PSS/goal {fp.pss / GOAL_PSS:.2f})")
-    for label, n, r, s in fp.rows:
-        print(f"    {n:2d} x {label:40s} RSS {fmt_mib(r):>11s}  PSS {fmt_mib(s):>11s}")
+    print(
+        f"{title}: {fp.count} processes, RSS {fmt_mib(fp.rss)}, PSS {fmt_mib(fp.pss)}, USS {fmt_mib(fp.uss)}"
+        f"  ({verdict} goal PSS <= {GOAL_PSS // MiB} MiB; PSS/goal {fp.pss / GOAL_PSS:.2f})"
+    )
+    for label, n, r, p in fp.rows:
+        print(f"    {n:2d} x {label:40s} RSS {fmt_mib(r):>11s}  PSS {fmt_mib(p):>11s}")
 
 
 # --------------------------------------------------------------------------- echo target
@@ -324,8 +327,12 @@ def spawn_floor(runs: int, state: Path) -> float:
 
 def pipe_first_byte(owned: Owned, a: Agent, peer: str, target: str, timeout: float = 20.0) -> float:
     t0 = time.perf_counter()
-    proc = owned.popen(a.cmd("pipe", peer, target, "--path", "relay"),
-                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = owned.popen(
+        a.cmd("pipe", peer, target, "--path", "relay"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         proc.stdin.write(b"x")
@@ -422,8 +429,12 @@ def raw_relay_pair(relay_port: int, nbytes: int, timeout: float = 120.0) -> floa
 def forward(owned: Owned, a: Agent, peer: str, target: str) -> Iterator[int]:
     """`connect -L` on a free port for the duration of the block."""
     port = free_port()
-    proc = owned.popen(a.cmd("connect", peer, "-L", f"127.0.0.1:{port}:{target}", "--path", "relay"),
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = owned.popen(
+        a.cmd("connect", peer, "-L", f"127.0.0.1:{port}:{target}", "--path", "relay"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert proc.stderr is not None
         ready, _, _ = select.select([proc.stderr], [], [], 20)
@@ -447,9 +458,28 @@ def profile_transfer(owned: Owned, pids: dict[str, int], run: Any, seconds_hint:
     spies = {}
     for name, pid in pids.items():
         out = outdir / f"{name}.txt"
-        spies[name] = (out, owned.popen([spy, "record", "--pid", str(pid), "-d", str(duration), "-r", "250",
-                                         "-f", "raw", "--nonblocking", "-o", str(out)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        spies[name] = (
+            out,
+            owned.popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "-d",
+                    str(duration),
+                    "-r",
+                    "250",
+                    "-f",
+                    "raw",
+                    "--nonblocking",
+                    "-o",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            ),
+        )
     time.sleep(0.7)  # py-spy attaches
     run()
     for name, (out, proc) in spies.items():
@@ -461,16 +491,22 @@ def profile_transfer(owned: Owned, pids: dict[str, int], run: Any, seconds_hint:
             print(f"  {name}: py-spy wrote nothing")
             continue
         leaf: collections.Counter[str] = collections.Counter()
-        total = 0
+        total = in_loop = 0
         for line in out.read_text().splitlines():
             stack, _, n = line.rpartition(" ")
             if not n.isdigit():
                 continue
             total += int(n)
+            if "run_forever" not in stack:
+                continue  # Ray's own threads (mostly the blocked main thread), not the actor's event loop
+            in_loop += int(n)
             leaf[stack.split(";")[-1]] += int(n)
-        print(f"  {name} (pid {pids[name]}): {total} samples, hottest frames (self time) -> {out}")
-        for frame, n in leaf.most_common(8):
-            print(f"    {n / max(total, 1) * 100:5.1f}%  {frame}")
+        print(
+            f"  {name} (pid {pids[name]}): {in_loop} of {total} samples in the actor's event loop thread; "
+            f"hottest frames there (self time):"
+        )
+        for frame, hits in leaf.most_common(8):
+            print(f"    {hits / max(in_loop, 1) * 100:5.1f}%  {frame}")
 
 
 # --------------------------------------------------------------------------- main
@@ -478,8 +514,10 @@ def profile_transfer(owned: Owned, pids: dict[str, int], run: Any, seconds_hint:
 
 def run(args: argparse.Namespace, owned: Owned, tmp: Path) -> None:
     nbytes: int = args.bytes
-    print(f"cpus: {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}, python {sys.version.split()[0]}, "
-          f"transfer {nbytes / MiB:.0f} MiB, CLI {PT}")
+    print(
+        f"cpus: {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}, python {sys.version.split()[0]}, "
+        f"transfer {nbytes / MiB:.0f} MiB, CLI {PT}"
+    )
     echo_port = start_echo(owned)
     iperf_port = free_port()
     base = free_port_run(3)
@@ -491,16 +529,29 @@ def run(args: argparse.Namespace, owned: Owned, tmp: Path) -> None:
     cfg.write_text(f'[embedded]\nrendezvous_port = {rv_port}\nrelay_port = {relay_port}\nbind = "127.0.0.1"\n')
 
     # ---- 1. footprint
-    b.up(owned, "--config", str(cfg), "--allow", a.peer_id,
-         "--allow-target", f"127.0.0.1:{echo_port}", "--allow-target", f"127.0.0.1:{iperf_port}")
+    b.up(
+        owned,
+        "--config",
+        str(cfg),
+        "--allow",
+        a.peer_id,
+        "--allow-target",
+        f"127.0.0.1:{echo_port}",
+        "--allow-target",
+        f"127.0.0.1:{iperf_port}",
+    )
     print(f"\n== 1. footprint (rendezvous :{rv_port}, relay :{relay_port})")
-    print(f"B `up` (embedded servers) -> registered: {b.up_seconds:.2f} s"
-          + (f"  (of which Ray head start {b.head_seconds:.2f} s)" if b.head_seconds else ""))
+    print(
+        f"B `up` (embedded servers) -> registered: {b.up_seconds:.2f} s"
+        + (f"  (of which Ray head start {b.head_seconds:.2f} s)" if b.head_seconds else "")
+    )
     print_footprint("B after up", footprint(b.supervisor_pid()))
     server_key = (b.state / "server" / "id_ed25519.pub").read_text().strip()
     a.up(owned, "--server", f"127.0.0.1:{rv_port}", "--relay", f"127.0.0.1:{relay_port}", "--server-key", server_key)
-    print(f"A `up` (no embedded servers) -> registered: {a.up_seconds:.2f} s"
-          + (f"  (of which Ray head start {a.head_seconds:.2f} s)" if a.head_seconds else ""))
+    print(
+        f"A `up` (no embedded servers) -> registered: {a.up_seconds:.2f} s"
+        + (f"  (of which Ray head start {a.head_seconds:.2f} s)" if a.head_seconds else "")
+    )
     print_footprint("A after up", footprint(a.supervisor_pid()))
 
     # ---- 2. pipe latency
@@ -510,19 +561,29 @@ def run(args: argparse.Namespace, owned: Owned, tmp: Path) -> None:
     times = [pipe_first_byte(owned, a, b.peer_id, target) for _ in range(args.pipe_runs)]
     floor = spawn_floor(5, a.state)
     med, p90 = statistics.median(times), pct(times, 90)
-    relay_ms = [x["elapsed_ms"] for s in a.ops("sessions").get("sessions", []) for x in s.get("attempts", [])
-                if x.get("strategy") == "relay" and "elapsed_ms" in x]
-    print(f"first byte: median {med * 1000:.0f} ms, p90 {p90 * 1000:.0f} ms, min {min(times) * 1000:.0f} ms, "
-          f"max {max(times) * 1000:.0f} ms (warm-up {warm * 1000:.0f} ms)")
-    print(f"floor: spawning `punchthrough id --json` {floor * 1000:.0f} ms (median of 5); "
-          f"agent-side share of the median {max(med - floor, 0) * 1000:.0f} ms; "
-          f"relay dial per session (agent's own timer) median {statistics.median(relay_ms):.0f} ms"
-          if relay_ms else f"floor: spawning `punchthrough id --json` {floor * 1000:.0f} ms")
+    relay_ms = [
+        x["elapsed_ms"]
+        for s in a.ops("sessions").get("sessions", [])
+        for x in s.get("attempts", [])
+        if x.get("strategy") == "relay" and "elapsed_ms" in x
+    ]
+    print(
+        f"first byte: median {med * 1000:.0f} ms, p90 {p90 * 1000:.0f} ms, min {min(times) * 1000:.0f} ms, "
+        f"max {max(times) * 1000:.0f} ms (warm-up {warm * 1000:.0f} ms)"
+    )
+    print(
+        f"floor: spawning `punchthrough id --json` {floor * 1000:.0f} ms (median of 5); "
+        f"agent-side share of the median {max(med - floor, 0) * 1000:.0f} ms; "
+        f"relay dial per session (agent's own timer) median {statistics.median(relay_ms):.0f} ms"
+        if relay_ms
+        else f"floor: spawning `punchthrough id --json` {floor * 1000:.0f} ms"
+    )
 
     # ---- 3. throughput
     print(f"\n== 3. throughput, {nbytes / MiB:.0f} MiB per transfer, best and median of {args.repeat} (MB = 10^6 B)")
-    iperf_srv = owned.popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    owned.popen(
+        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     time.sleep(0.3)
     a_pids, b_pids = a.actor_pids(), b.actor_pids()
     path_pids = {"A sessions": a_pids["sessions"], "B sessions": b_pids["sessions"]}
@@ -547,22 +608,31 @@ def run(args: argparse.Namespace, owned: Owned, tmp: Path) -> None:
         measure("agent tunnel B->A (-R)", lambda: iperf(fport, nbytes, True))
         raw = max(results["raw relay pair"])
         for label, vals in results.items():
-            print(f"{label:24s} best {max(vals):8.1f} MB/s  median {statistics.median(vals):8.1f} MB/s"
-                  f"  ({', '.join(f'{v:.0f}' for v in vals)})  best/raw-pair best {max(vals) / raw:5.2f}")
+            print(
+                f"{label:24s} best {max(vals):8.1f} MB/s  median {statistics.median(vals):8.1f} MB/s"
+                f"  ({', '.join(f'{v:.0f}' for v in vals)})  best/raw-pair best {max(vals) / raw:5.2f}"
+            )
         print("CPU seconds per GiB moved (all processes on the path, summed over the runs):")
         for label, per in cpu.items():
             if any(v > 0.005 for v in per.values()):
                 print(f"    {label:24s} " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()))
         worst = min(max(results["agent tunnel A->B"]), max(results["agent tunnel B->A (-R)"]))
         ratio = worst / raw
-        print(f"encrypted session / raw relay pair (worse direction, best runs): {ratio:.2f} "
-              f"({'meets' if ratio >= GOAL_RATIO else 'MISSES'} goal >= {GOAL_RATIO:.2f})")
+        print(
+            f"encrypted session / raw relay pair (worse direction, best runs): {ratio:.2f} "
+            f"({'meets' if ratio >= GOAL_RATIO else 'MISSES'} goal >= {GOAL_RATIO:.2f})"
+        )
         if args.profile == "always" or (args.profile == "auto" and ratio < GOAL_RATIO):
             outdir = Path(args.profile_dir) if args.profile_dir else tmp / "profile"
             print("\nprofile: py-spy on both sessions actors during one A->B tunnel transfer")
             secs = nbytes / (max(results["agent tunnel A->B"]) * 1e6)
-            profile_transfer(owned, {"A sessions": a_pids["sessions"], "B sessions": b_pids["sessions"]},
-                             lambda: iperf(fport, nbytes, False), secs, outdir)
+            profile_transfer(
+                owned,
+                {"A sessions": a_pids["sessions"], "B sessions": b_pids["sessions"]},
+                lambda: iperf(fport, nbytes, False),
+                secs,
+                outdir,
+            )
 
     b_after = footprint(b.supervisor_pid())
     print(f"\nB after the transfers: {b_after.count} processes, RSS {fmt_mib(b_after.rss)}, PSS {fmt_mib(b_after.pss)}")
@@ -573,8 +643,12 @@ def main() -> None:
     ap.add_argument("--bytes", type=parse_size, default=1 << 30, help="bytes per transfer (default 1G = 1 GiB)")
     ap.add_argument("--pipe-runs", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=3, help="transfers per measurement")
-    ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
-                    help="py-spy the sessions actors (auto: only when below the throughput goal)")
+    ap.add_argument(
+        "--profile",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="py-spy the sessions actors (auto: only when below the throughput goal)",
+    )
     ap.add_argument("--profile-dir", default=None, help="keep py-spy raw output here (default: discarded)")
     args = ap.parse_args()
 

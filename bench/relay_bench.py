@@ -177,6 +177,13 @@ class Result:
     seconds: float
     relay_cpu: float
     gen_cpu: float
+    machine: dict[str, float]
+    """Machine-wide CPU during the run, % of one core: user, system, softirq, idle."""
+
+
+def machine_cpu(before: object, after: object, seconds: float) -> dict[str, float]:
+    keys = ("user", "system", "softirq", "idle")
+    return {k: (getattr(after, k, 0.0) - getattr(before, k, 0.0)) / seconds * 100 for k in keys}
 
 
 def run_streams(
@@ -196,19 +203,29 @@ def run_streams(
     me = psutil.Process()
     c0 = cpu_seconds(relay_pids)
     g0 = sum(me.cpu_times()[:2])
+    m0 = psutil.cpu_times()
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     dt = time.perf_counter() - t0
+    m1 = psutil.cpu_times()
     c1 = cpu_seconds(relay_pids)
     g1 = sum(me.cpu_times()[:2])
     for s, r in socks:
         s.close()
         r.close()
     assert sorted(got) == [per_stream] * streams, (got, per_stream)
-    return Result(streams * per_stream / dt / MB, dt, (c1 - c0) / dt, (g1 - g0) / dt)
+    return Result(streams * per_stream / dt / MB, dt, (c1 - c0) / dt, (g1 - g0) / dt, machine_cpu(m0, m1, dt))
+
+
+def median(results: list[Result]) -> Result:
+    """The run with the median throughput, annotated with the spread."""
+    ordered = sorted(results, key=lambda r: r.mbps)
+    mid = ordered[len(ordered) // 2]
+    mid.spread = (ordered[0].mbps, ordered[-1].mbps)  # type: ignore[attr-defined]
+    return mid
 
 
 def direct_pair() -> Callable[[int], tuple[socket.socket, socket.socket]]:
@@ -247,13 +264,13 @@ def relay_pair(port: int, uuids: list[str]) -> Callable[[int], tuple[socket.sock
     return connect
 
 
-def balanced_uuids(n: int, replicas: int) -> list[str]:
+def balanced_uuids(n: int, replicas: int, salt: int = 0) -> list[str]:
     """n uuids, n/replicas owned by each replica (see the module docstring)."""
     out: list[str] = []
     want = {k: n // replicas + (1 if k < n % replicas else 0) for k in range(replicas)}
     i = 0
     while len(out) < n:
-        u = f"bench-{os.getpid()}-{i}"
+        u = f"bench-{os.getpid()}-{salt}-{i}"
         k = owner_index(u, replicas)
         if want[k] > 0:
             want[k] -= 1
@@ -268,7 +285,10 @@ def balanced_uuids(n: int, replicas: int) -> list[str]:
 @contextmanager
 def socat_to(target_port: int) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
-    proc = spawn(["socat", f"TCP-LISTEN:{port},bind={HOST},reuseaddr,fork", f"TCP:{HOST}:{target_port}"])
+    proc = spawn(
+        ["socat", f"TCP-LISTEN:{port},bind={HOST},reuseaddr,fork", f"TCP:{HOST}:{target_port}"],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_listening_quiet(port, proc)
         yield port, proc
@@ -349,12 +369,23 @@ def iperf3_server() -> Iterator[int]:
 
 
 def row(name: str, r: Result, base: float | None = None) -> None:
-    ratio = f"{r.mbps / base:5.2f}x" if base else "     "
+    ratio = f"{r.mbps / base:5.2f}x" if base else "      "
+    lo, hi = getattr(r, "spread", (r.mbps, r.mbps))
+    m = r.machine
     print(
-        f"  {name:<34} {r.mbps:9.0f} MB/s  {ratio}  {r.seconds:6.2f} s"
-        f"  relay cpu {r.relay_cpu * 100:4.0f} %  gen cpu {r.gen_cpu * 100:4.0f} %",
+        f"  {name:<30} {r.mbps:6.0f} MB/s ({lo:5.0f}-{hi:5.0f}) {ratio}"
+        f"  relay {r.relay_cpu * 100:3.0f}%  gen {r.gen_cpu * 100:3.0f}%"
+        f"  | machine usr {m['user']:3.0f} sys {m['system']:3.0f} sirq {m['softirq']:3.0f} idle {m['idle']:3.0f}",
         flush=True,
     )
+
+
+def iperf_row(name: str, runs: list[float], base: float | None = None) -> float:
+    runs = sorted(runs)
+    mid = runs[len(runs) // 2]
+    ratio = f"{mid / base:5.2f}x" if base else "      "
+    print(f"  {name:<30} {mid:6.0f} MB/s ({runs[0]:5.0f}-{runs[-1]:5.0f}) {ratio}", flush=True)
+    return mid
 
 
 def main() -> int:
@@ -363,6 +394,7 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--stream-mib", type=int, default=384, help="bytes per stream in the aggregate runs")
     ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per row (the median is shown)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--pump", default="auto", help=argparse.SUPPRESS)
@@ -372,50 +404,60 @@ def main() -> int:
         return serve(args.port, args.pump, args.replicas)
 
     size = args.size_mib * MIB
+    rep = args.repeat
     t_start = time.monotonic()
-    print(f"relay bench: {os.cpu_count()} cores, single stream {args.size_mib} MiB, "
-          f"aggregate {args.streams} x {args.stream_mib} MiB", flush=True)
+    print(
+        f"relay bench: {os.cpu_count()} cores; single stream {args.size_mib} MiB, "
+        f"aggregate {args.streams} x {args.stream_mib} MiB; median of {rep} runs (min-max); "
+        "cpu in % of one core",
+        flush=True,
+    )
     src = Source()
     try:
-        print("baselines")
+        print("baselines (iperf3: its own client and server; gen: our generator, see docstring)")
         with iperf3_server() as ip:
-            ip_direct = iperf3(ip, size)
-            print(f"  {'iperf3 direct':<34} {ip_direct:9.0f} MB/s", flush=True)
+            ip_direct = iperf_row("iperf3 direct", [iperf3(ip, size) for _ in range(rep)])
             with socat_to(ip) as (sp, _):
-                ip_socat = iperf3(sp, size)
-            print(f"  {'iperf3 via socat':<34} {ip_socat:9.0f} MB/s  {ip_socat / ip_direct:5.2f}x of direct", flush=True)
+                iperf_row("iperf3 via socat", [iperf3(sp, size) for _ in range(rep)], ip_direct)
 
         listener = socket.socket()
         listener.bind((HOST, 0))
         listener.listen(64)
-        gen_direct = run_streams(direct_pair(), 1, size, src, [])
+        gen_direct = median([run_streams(direct_pair(), 1, size, src, []) for _ in range(rep)])
         row("gen direct", gen_direct)
         with socat_to(listener.getsockname()[1]) as (sp, sproc):
-            gen_socat = run_streams(forward_pair(sp, listener), 1, size, src, [sproc.pid])
+            gen_socat = median(
+                [run_streams(forward_pair(sp, listener), 1, size, src, [sproc.pid]) for _ in range(rep)]
+            )
         row("gen via socat", gen_socat, gen_direct.mbps)
         listener.close()
 
-        print("relay, one stream (ratio to socat)")
+        print("relay, one paired stream (ratio to gen via socat)")
         single: dict[str, Result] = {}
         for pump in ("splice", "asyncio"):
             with relay_process(pump, 1) as (port, pids):
-                single[pump] = run_streams(relay_pair(port, [f"one-{pump}"]), 1, size, src, pids)
-            row(f"relay {pump} pump", single[pump], gen_socat.mbps)
-        best = max(single, key=lambda k: single[k].mbps)
-        print(f"  splice / asyncio: {single['splice'].mbps / single['asyncio'].mbps:.2f}x; "
-              f"default pump is splice where available (faster here: {best})")
+                single[pump] = median(
+                    [run_streams(relay_pair(port, [f"one-{pump}-{i}"]), 1, size, src, pids) for i in range(rep)]
+                )
+            row(f"relay, {pump} pump", single[pump], gen_socat.mbps)
+        print(
+            f"  splice / asyncio: {single['splice'].mbps / single['asyncio'].mbps:.2f}x;"
+            f" relay splice / gen direct: {single['splice'].mbps / gen_direct.mbps:.2f}x"
+        )
 
-        print(f"aggregate, {args.streams} concurrent streams (splice pump)")
+        print(f"aggregate, {args.streams} concurrent paired streams, splice pump")
         per = args.stream_mib * MIB
         agg: dict[int, Result] = {}
-        reps = [1] if args.skip_ray else [1, 2]
-        for n in reps:
+        for n in [1] if args.skip_ray else [1, 2]:
             t0 = time.monotonic()
             with relay_process("splice", n) as (port, pids):
                 startup = time.monotonic() - t0
-                uuids = balanced_uuids(args.streams, n)
-                agg[n] = run_streams(relay_pair(port, uuids), args.streams, per, src, pids)
-            row(f"{n} replica(s) [{len(pids)} pumping pid(s), up in {startup:.1f} s]", agg[n], agg.get(1, agg[n]).mbps)
+                runs = [
+                    run_streams(relay_pair(port, balanced_uuids(args.streams, n, k)), args.streams, per, src, pids)
+                    for k in range(rep)
+                ]
+                agg[n] = median(runs)
+            row(f"{n} replica(s), {len(pids)} pid(s), up {startup:3.1f} s", agg[n], agg.get(1, agg[n]).mbps)
         if 2 in agg:
             print(f"  2 replicas / 1 replica: {agg[2].mbps / agg[1].mbps:.2f}x")
         print(f"total bench time {time.monotonic() - t_start:.0f} s")

@@ -1,0 +1,173 @@
+"""The connection plan: which strategies to race, when each starts, and how long each may take.
+
+Pure: from what both sides know (NAT verdicts, same LAN, IPv6, UDP reachability)
+and the user's policy, decide the race. RustDesk tries its paths in series with
+18 s timeouts and gives up on direct as soon as either side is symmetric; we
+start every path that theory allows at once and the relay after a short stagger
+(Happy Eyeballs), so a user waits for the fastest working path, never for the sum
+of the failures. The reason for every choice is kept, so `punchthrough-ops
+sessions` can say why a strategy was or was not tried.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from agent.proto import rendezvous_pb2 as pb
+
+
+class Strategy(enum.StrEnum):
+    LAN = "lan"
+    IPV6 = "ipv6"
+    TCP_PUNCH = "tcp_punch"
+    UDP_PUNCH = "udp_punch"
+    DIRECT = "direct"
+    RELAY = "relay"
+
+
+class Mode(enum.StrEnum):
+    AUTO = "auto"
+    DIRECT_ONLY = "direct-only"
+    RELAY_ONLY = "relay-only"
+
+
+POLICY_WORDS = ("auto", "direct-only", "relay-only", "disable-udp", "disable-tcp-punch", "disable-ipv6")
+
+
+@dataclass(frozen=True)
+class Policy:
+    mode: Mode = Mode.AUTO
+    udp: bool = True
+    tcp_punch: bool = True
+    ipv6: bool = True
+
+    @classmethod
+    def parse(cls, words: str | list[str]) -> Policy:
+        """`auto`, `direct-only`, `relay-only`, plus any of `disable-udp`, `disable-tcp-punch`, `disable-ipv6`
+        (comma-separated or a list); `relay`/`direct` are accepted as the CLI's short forms."""
+        items = [w.strip() for w in (words.split(",") if isinstance(words, str) else words) if w.strip()]
+        mode, udp, tcp, v6 = Mode.AUTO, True, True, True
+        for w in items:
+            if w in ("auto", "direct-only", "relay-only"):
+                mode = Mode(w)
+            elif w == "relay":
+                mode = Mode.RELAY_ONLY
+            elif w == "direct":
+                mode = Mode.DIRECT_ONLY
+            elif w == "disable-udp":
+                udp = False
+            elif w == "disable-tcp-punch":
+                tcp = False
+            elif w == "disable-ipv6":
+                v6 = False
+            else:
+                raise ValueError(f"unknown path policy {w!r} (use {', '.join(POLICY_WORDS)})")
+        return cls(mode, udp, tcp, v6)
+
+
+@dataclass(frozen=True)
+class Situation:
+    """What the initiator knows when it plans (ours from our NAT probe, the peer's from the server)."""
+
+    our_nat: int = pb.UNKNOWN_NAT
+    peer_nat: int = pb.UNKNOWN_NAT
+    same_lan: bool = False
+    our_udp: bool = False
+    """We have a UDP mapping to offer (the NAT probe got an answer)."""
+    peer_udp: bool = False
+    """The peer answered with a UDP mapping (PunchHoleResponse.is_udp)."""
+    v6_both: bool = False
+    direct_address: bool = False
+    """The user named the peer by IP[:PORT] (direct-server port): no rendezvous at all."""
+
+
+@dataclass(frozen=True)
+class Step:
+    strategy: Strategy
+    delay: float
+    """Seconds after the plan starts before this strategy starts (relay: earlier if all others fail)."""
+    budget: float
+    """Seconds this strategy may take, its authenticated handshake included."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...]
+    skipped: tuple[tuple[Strategy, str], ...]
+    """Strategies not tried, each with the reason (shown in ops)."""
+
+    def strategies(self) -> list[Strategy]:
+        return [s.strategy for s in self.steps]
+
+
+RELAY_STAGGER = 1.0
+"""Head start of the direct paths before the relay joins the race (libp2p uses 0.5 s; a punch
+through two NATs on a real WAN needs about one RTT to the server plus one to the peer)."""
+LAN_BUDGET = 2.0
+PUNCH_BUDGET = 6.0
+RELAY_BUDGET = 10.0
+DIRECT_BUDGET = 5.0
+
+
+def make_plan(sit: Situation, policy: Policy = Policy()) -> Plan:
+    steps: list[Step] = []
+    skipped: list[tuple[Strategy, str]] = []
+    if sit.direct_address:
+        if policy.mode is Mode.RELAY_ONLY:
+            return Plan((), ((Strategy.DIRECT, "relay-only policy, but the peer was named by address"),))
+        return Plan((Step(Strategy.DIRECT, 0.0, DIRECT_BUDGET),), ())
+    if policy.mode is Mode.RELAY_ONLY:
+        why = "relay-only policy"
+        skipped += [(s, why) for s in (Strategy.LAN, Strategy.IPV6, Strategy.TCP_PUNCH, Strategy.UDP_PUNCH)]
+        return Plan((Step(Strategy.RELAY, 0.0, RELAY_BUDGET),), tuple(skipped))
+
+    both_symmetric = sit.our_nat == pb.SYMMETRIC and sit.peer_nat == pb.SYMMETRIC
+    if sit.same_lan:
+        steps.append(Step(Strategy.LAN, 0.0, LAN_BUDGET))
+    else:
+        skipped.append((Strategy.LAN, "not on the same LAN"))
+    if not policy.ipv6:
+        skipped.append((Strategy.IPV6, "disabled by policy"))
+    elif sit.v6_both:
+        steps.append(Step(Strategy.IPV6, 0.0, PUNCH_BUDGET))
+    else:
+        skipped.append((Strategy.IPV6, "no global IPv6 on both sides"))
+    if not policy.tcp_punch:
+        skipped.append((Strategy.TCP_PUNCH, "disabled by policy"))
+    elif both_symmetric:
+        skipped.append((Strategy.TCP_PUNCH, "both sides map per destination (symmetric)"))
+    elif not sit.same_lan:
+        steps.append(Step(Strategy.TCP_PUNCH, 0.0, PUNCH_BUDGET))
+    else:
+        skipped.append((Strategy.TCP_PUNCH, "same LAN: direct LAN connection instead"))
+    if not policy.udp:
+        skipped.append((Strategy.UDP_PUNCH, "disabled by policy"))
+    elif both_symmetric:
+        skipped.append((Strategy.UDP_PUNCH, "both sides map per destination (symmetric)"))
+    elif not (sit.our_udp and sit.peer_udp):
+        skipped.append(
+            (
+                Strategy.UDP_PUNCH,
+                "no UDP mapping on "
+                + (
+                    "either side"
+                    if not (sit.our_udp or sit.peer_udp)
+                    else "our side"
+                    if not sit.our_udp
+                    else "the peer's side"
+                ),
+            )
+        )
+    elif not sit.same_lan:
+        # A symmetric side facing an endpoint-independent one can still meet it through the
+        # peer-reflexive address (RustDesk gives up here).
+        steps.append(Step(Strategy.UDP_PUNCH, 0.0, PUNCH_BUDGET))
+    else:
+        skipped.append((Strategy.UDP_PUNCH, "same LAN: direct LAN connection instead"))
+    if policy.mode is Mode.DIRECT_ONLY:
+        skipped.append((Strategy.RELAY, "direct-only policy"))
+    else:
+        delay = RELAY_STAGGER if steps else 0.0
+        steps.append(Step(Strategy.RELAY, delay, RELAY_BUDGET))
+    return Plan(tuple(steps), tuple(skipped))

@@ -1,0 +1,100 @@
+"""The connection plan: the seed's decision tree, raced, for every combination of inputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.plan import RELAY_STAGGER, Mode, Policy, Situation, Strategy, make_plan
+from agent.proto import rendezvous_pb2 as pb
+
+NATS = (pb.UNKNOWN_NAT, pb.ASYMMETRIC, pb.SYMMETRIC)
+
+
+def test_both_cone_races_punches_then_relay() -> None:
+    plan = make_plan(Situation(pb.ASYMMETRIC, pb.ASYMMETRIC, our_udp=True, peer_udp=True))
+    assert plan.strategies() == [Strategy.TCP_PUNCH, Strategy.UDP_PUNCH, Strategy.RELAY]
+    relay = plan.steps[-1]
+    assert relay.delay == RELAY_STAGGER
+    assert all(s.delay == 0 for s in plan.steps[:-1])
+
+
+def test_same_lan_goes_lan_first() -> None:
+    plan = make_plan(Situation(pb.ASYMMETRIC, pb.ASYMMETRIC, same_lan=True, our_udp=True, peer_udp=True))
+    assert plan.strategies() == [Strategy.LAN, Strategy.RELAY]
+
+
+def test_both_symmetric_goes_straight_to_relay() -> None:
+    plan = make_plan(Situation(pb.SYMMETRIC, pb.SYMMETRIC, our_udp=True, peer_udp=True))
+    assert plan.strategies() == [Strategy.RELAY]
+    assert plan.steps[0].delay == 0
+    assert dict(plan.skipped)[Strategy.UDP_PUNCH].startswith("both sides")
+
+
+def test_one_symmetric_still_tries_direct() -> None:
+    """RustDesk relays when either side is symmetric; a full cone on the other side can still be punched."""
+    plan = make_plan(Situation(pb.SYMMETRIC, pb.ASYMMETRIC, our_udp=True, peer_udp=True))
+    assert Strategy.UDP_PUNCH in plan.strategies() and Strategy.TCP_PUNCH in plan.strategies()
+
+
+def test_ipv6_when_both_have_it() -> None:
+    plan = make_plan(Situation(pb.SYMMETRIC, pb.SYMMETRIC, v6_both=True))
+    assert plan.strategies() == [Strategy.IPV6, Strategy.RELAY]
+
+
+def test_policies() -> None:
+    sit = Situation(pb.ASYMMETRIC, pb.ASYMMETRIC, v6_both=True, our_udp=True, peer_udp=True)
+    assert make_plan(sit, Policy.parse("relay-only")).strategies() == [Strategy.RELAY]
+    assert Strategy.RELAY not in make_plan(sit, Policy.parse("direct-only")).strategies()
+    assert Strategy.UDP_PUNCH not in make_plan(sit, Policy.parse("disable-udp")).strategies()
+    assert Strategy.TCP_PUNCH not in make_plan(sit, Policy.parse("disable-tcp-punch")).strategies()
+    assert Strategy.IPV6 not in make_plan(sit, Policy.parse(["disable-ipv6"])).strategies()
+    assert Policy.parse("relay").mode is Mode.RELAY_ONLY and Policy.parse("direct").mode is Mode.DIRECT_ONLY
+
+
+def test_direct_address_skips_everything_else() -> None:
+    assert make_plan(Situation(direct_address=True)).strategies() == [Strategy.DIRECT]
+    assert make_plan(Situation(direct_address=True), Policy.parse("relay-only")).strategies() == []
+
+
+@pytest.mark.parametrize("bad", ["fast", "relay-only,bogus", "DISABLE-UDP"])
+def test_bad_policy_words(bad: str) -> None:
+    with pytest.raises(ValueError, match="unknown path policy"):
+        Policy.parse(bad)
+
+
+@given(
+    st.sampled_from(NATS), st.sampled_from(NATS), st.booleans(), st.booleans(), st.booleans(), st.booleans(),
+    st.sampled_from(list(Mode)), st.booleans(), st.booleans(), st.booleans(),
+)
+def test_plan_invariants(ours, peers, lan, oudp, pudp, v6, mode, udp, tcp, ipv6) -> None:
+    sit = Situation(ours, peers, lan, oudp, pudp, v6)
+    plan = make_plan(sit, Policy(mode, udp, tcp, ipv6))
+    names = plan.strategies()
+    assert len(names) == len(set(names))
+    tried_or_skipped = set(names) | {s for s, _ in plan.skipped}
+    assert tried_or_skipped >= {Strategy.LAN, Strategy.IPV6, Strategy.TCP_PUNCH, Strategy.UDP_PUNCH}
+    assert (Strategy.RELAY in names) == (mode is not Mode.DIRECT_ONLY)
+    if mode is Mode.RELAY_ONLY:
+        assert names == [Strategy.RELAY]
+    if Strategy.RELAY in names:
+        relay = plan.steps[names.index(Strategy.RELAY)]
+        assert relay.delay == (RELAY_STAGGER if len(names) > 1 else 0.0)
+    assert all(s.budget > 0 for s in plan.steps)
+    if ours == pb.SYMMETRIC and peers == pb.SYMMETRIC:
+        assert Strategy.UDP_PUNCH not in names and Strategy.TCP_PUNCH not in names
+    if not udp:
+        assert Strategy.UDP_PUNCH not in names
+    if not tcp:
+        assert Strategy.TCP_PUNCH not in names
+    if not ipv6:
+        assert Strategy.IPV6 not in names
+
+
+def test_every_combination_has_a_path_unless_direct_only_and_hopeless() -> None:
+    for ours, peers, lan, v6 in itertools.product(NATS, NATS, (False, True), (False, True)):
+        plan = make_plan(Situation(ours, peers, lan, True, True, v6))
+        assert plan.steps, (ours, peers, lan, v6)
