@@ -103,10 +103,11 @@ class RayHandle:
                 procs[c.pid] = c
         # Anything else that names our unique temp dir was started by this head (workers
         # re-parented after a crash, agents that outlive the raylet).
-        marker = str(self.temp_dir)
+        marker = str(self.temp_dir / "ray")
         for p in psutil.process_iter(["cmdline"]):
             with contextlib.suppress(psutil.Error):
-                if p.pid != os.getpid() and any(marker in part for part in (p.info["cmdline"] or [])):
+                parts = p.info["cmdline"] or []
+                if p.pid != os.getpid() and any(x.endswith(marker) or marker + "/" in x for x in parts):
                     procs[p.pid] = p
         return list(procs.values())
 

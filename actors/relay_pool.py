@@ -46,9 +46,11 @@ class RelayReplica:
         self.server = RelayServer(cfg, router=self.handoff if len(names) > 1 else None)
 
     async def start(self) -> dict[str, Any]:
-        await self.handoff.start(self.server.admit)
+        # Server first, so a socket handed over from a sibling always finds it running
+        # (a sibling that finds our handoff socket not bound yet retries for a moment).
         socks = bind_listeners(self.cfg.binds, self.cfg.port, reuse_port=True, backlog=self.cfg.backlog)
         await self.server.start(socks)
+        await self.handoff.start(self.server.admit)
         return {"pid": os.getpid(), "port": self.server.port, "index": self.handoff.index}
 
     def stats(self) -> dict[str, Any]:

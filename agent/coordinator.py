@@ -26,9 +26,11 @@ import psutil
 from agent import ctlproto
 from agent.addr import split_host_port
 from agent.config import Config
-from agent.handshake import HandshakeError, Policy, trusted_peer_key
+from agent.handshake import HandshakeError, trusted_peer_key
+from agent.handshake import Policy as AccessPolicy
 from agent.identity import Identity
 from agent.pins import PinMismatch, PinStore
+from agent.plan import Mode, Policy
 from agent.refs import Ref
 from agent.rendezvous_client import RelayRefused, RendezvousError, request_relay, send_relay_response
 
@@ -108,14 +110,14 @@ def read_password(cfg: Config) -> str | None:
     return None
 
 
-def build_policy(cfg: Config, pins: PinStore) -> Policy | None:
+def build_policy(cfg: Config, pins: PinStore) -> AccessPolicy | None:
     """Who may connect to us, from the config; None when nobody is admitted."""
     password = read_password(cfg)
     allowed = set(cfg.access.allow)
     if not allowed and password is None:
         return None
     pinned = {pid: key for pid in allowed if (key := pins.get(pid)) is not None}
-    return Policy.of(allowed, pinned, password, cfg.access.allow_targets)
+    return AccessPolicy.of(allowed, pinned, password, cfg.access.allow_targets)
 
 
 class Coordinator:
@@ -278,9 +280,10 @@ class Coordinator:
         return trusted_peer_key(peer, server_key=self.server_key, signed_id_pk=signed_pk or None, pinned=pinned)
 
     async def open_stream(self, req: dict[str, Any], local_fd: int) -> dict[str, Any]:
+        """A's side: race every strategy the plan allows; the session owner keeps the first
+        transport whose authenticated handshake completes."""
         peer = str(req.get("peer", ""))
         target = str(req.get("target", ""))
-        path = str(req.get("path") or self.cfg.agent.path)
         sid = uuidlib.uuid4().hex[:12]
         plan = self._plan(sid, peer, "initiator")
         timeout = float(self.cfg.agent.connect_timeout)
@@ -289,53 +292,60 @@ class Coordinator:
             plan.error = reason
             return {"ok": False, "error": reason, "session": sid}
 
+        try:
+            policy = Policy.parse(str(req.get("path") or self.cfg.agent.path))
+        except ValueError as exc:
+            return fail(str(exc))
         if not peer:
             return fail("no peer ID given")
         if peer == self.identity.peer_id:
             return fail("that is this agent's own ID")
-        if path == "direct":
-            plan.attempts.append(Attempt("direct", "unavailable", "no direct strategy in this version"))
-            return fail("no direct path to this peer: this version connects through the relay only (use --path relay)")
         started = time.monotonic()
-        relay = self.relay_address()
+        deadline = started + timeout
+        keys: dict[str, tuple[bytes, str]] = {}
+        race = Race(self, plan, sid, peer, started, deadline, keys)
+        initiate = asyncio.ensure_future(
+            ctlproto.acall(
+                self.sessions_socket,
+                {
+                    "op": "initiate",
+                    "session": sid,
+                    "peer": peer,
+                    "target": target,
+                    "password": req.get("password"),
+                    "wait": timeout,
+                },
+                [local_fd],
+                timeout=timeout + 15,
+                patience=5,
+            )
+        )
+        strategies = [asyncio.ensure_future(c) for c in race.coroutines(policy)]
+        all_done = asyncio.ensure_future(asyncio.gather(*strategies, return_exceptions=True))
         try:
-            rr = await self._request_relay(peer, relay, started + timeout)
-        except RendezvousError as exc:
-            plan.attempts.append(Attempt("relay", "error", str(exc), _ms(started)))
-            return fail(str(exc))
-        try:
-            peer_pk, key_source = self._trusted_key(peer, rr.pk if rr.WhichOneof("union") == "pk" else b"")
-        except (HandshakeError, PinMismatch) as exc:
-            plan.attempts.append(Attempt("relay", "refused", str(exc), _ms(started)))
-            return fail(str(exc))
-        dial = await self.relay.call("dial", sid, rr.relay_server or relay, rr.uuid, peer, "initiator")
-        if not dial.get("ok"):
-            plan.attempts.append(Attempt("relay", "error", str(dial.get("reason")), _ms(started)))
-            return fail(str(dial.get("reason")))
-        request = {
-            "op": "initiate",
-            "session": sid,
-            "peer": peer,
-            "peer_pk": peer_pk,
-            "target": target,
-            "password": req.get("password"),
-            "path": "relay",
-            "key_source": key_source,
-            "wait": timeout,
-        }
-        try:
-            reply = await ctlproto.acall(self.sessions_socket, request, [local_fd], timeout=timeout + 15, patience=5)
+            done, _ = await asyncio.wait({initiate, all_done}, return_when=asyncio.FIRST_COMPLETED)
+            if initiate not in done:
+                with contextlib.suppress(OSError, TimeoutError, ctlproto.ControlError):
+                    await ctlproto.acall(self.sessions_socket, {"op": "transports_done", "session": sid}, timeout=5)
+            reply = await initiate
         except (OSError, TimeoutError, ctlproto.ControlError) as exc:
             reply = {"ok": False, "error": f"session owner unavailable: {exc or type(exc).__name__}"}
+        finally:
+            for task in strategies:
+                task.cancel()
+            all_done.cancel()
+        race.settle(reply.get("transports", []))
         if not reply.get("ok"):
-            plan.attempts.append(Attempt("relay", "error", str(reply.get("error")), _ms(started)))
-            return fail(str(reply.get("error")))
-        plan.attempts.append(Attempt("relay", "won", "", _ms(started)))
-        plan.path = "relay"
-        if key_source != "pinned":  # remember the key, so a later server cannot swap it (like known_hosts)
+            error = str(reply.get("error"))
+            if error == "no path to the peer" and race.errors:
+                error = race.errors[0]
+            return fail(error)
+        plan.path = str(reply.get("path", ""))
+        pk, source = keys.get(plan.path, (b"", "pinned"))
+        if pk and source != "pinned":  # remember the key, so a later server cannot swap it (like known_hosts)
             with contextlib.suppress(PinMismatch):
-                PinStore(self.state_dir).check_and_pin(peer, peer_pk)
-        return {"ok": True, "session": sid, "path": "relay", "elapsed_ms": _ms(started)}
+                PinStore(self.state_dir).check_and_pin(peer, pk)
+        return {"ok": True, "session": sid, "path": plan.path, "elapsed_ms": _ms(started)}
 
     async def _request_relay(self, peer: str, relay: str, deadline: float) -> Any:
         """RequestRelay, asked again on silence: a push lost in flight (UDP, or the peer's registrar
@@ -418,3 +428,70 @@ def server_key_from(cfg: Config, embedded_key_file: Path | None) -> bytes | None
     if len(key) != 32:
         raise ValueError("agent.server_key must be a base64 32-byte ed25519 public key")
     return key
+
+
+class Race:
+    """One session's strategies, as coroutines that each hand a transport to the session owner."""
+
+    def __init__(
+        self,
+        coord: Coordinator,
+        plan: SessionPlan,
+        sid: str,
+        peer: str,
+        started: float,
+        deadline: float,
+        keys: dict[str, tuple[bytes, str]],
+    ) -> None:
+        self.coord, self.plan, self.sid, self.peer = coord, plan, sid, peer
+        self.started, self.deadline, self.keys = started, deadline, keys
+        self.errors: list[str] = []
+        self.handed: set[str] = set()
+
+    def coroutines(self, policy: Policy) -> list[Any]:
+        if policy.mode is Mode.DIRECT_ONLY:
+            self._record("relay", "skipped", "direct-only policy")
+            self.errors.append(f"no direct path to peer {self.peer} is available yet; this agent only relays")
+            return []
+        return [self.relay()]
+
+    def _record(self, strategy: str, outcome: str, reason: str = "") -> None:
+        self.plan.attempts.append(Attempt(strategy, outcome, reason, _ms(self.started)))
+        if outcome == "error":
+            self.errors.append(reason)
+
+    def settle(self, transports: list[dict[str, Any]]) -> None:
+        """Fold the session owner's per-transport outcomes (won / lost the race / failed) into the attempts."""
+        for t in transports:
+            for attempt in self.plan.attempts:
+                if attempt.strategy == t.get("path") and attempt.outcome == "connected":
+                    attempt.outcome = str(t.get("outcome"))
+                    attempt.reason = str(t.get("reason", ""))
+                    break
+        for attempt in self.plan.attempts:
+            if attempt.outcome == "connected":
+                attempt.outcome = "cancelled"
+
+    async def relay(self) -> None:
+        coord = self.coord
+        relay = coord.relay_address()
+        try:
+            rr = await coord._request_relay(self.peer, relay, self.deadline)
+            pk, source = coord._trusted_key(self.peer, rr.pk if rr.WhichOneof("union") == "pk" else b"")
+        except (RendezvousError, HandshakeError, PinMismatch) as exc:
+            self._record("relay", "error", str(exc))
+            return
+        self.keys["relay"] = (pk, source)
+        dial = await coord.relay.call(
+            "dial",
+            self.sid,
+            rr.relay_server or relay,
+            rr.uuid,
+            self.peer,
+            "initiator",
+            {"peer_pk": pk, "key_source": source},
+        )
+        if dial.get("ok"):
+            self._record("relay", "connected")
+        else:
+            self._record("relay", "error", str(dial.get("reason")))

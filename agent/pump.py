@@ -342,10 +342,10 @@ class SplicePump(PairPump):
     kind: PumpKind = "splice"
 
     def _start(self) -> None:
-        self._dirs = [
-            _SpliceDirection(self, self.a, self.b, self.a_rest, True),
-            _SpliceDirection(self, self.b, self.a, self.b_rest, False),
-        ]
+        self._dirs: list[_SpliceDirection] = []
+        # One at a time, so the pipes of the first are closed by _stop if the second fails (EMFILE).
+        self._dirs.append(_SpliceDirection(self, self.a, self.b, self.a_rest, True))
+        self._dirs.append(_SpliceDirection(self, self.b, self.a, self.b_rest, False))
         for d in self._dirs:
             d.start()
 

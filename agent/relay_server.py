@@ -35,6 +35,9 @@ from agent.wire import FrameError
 log = logging.getLogger("punchthrough.relay")
 
 DEFAULT_PORT = 21117
+REFUSE_LINGER = 2.0
+"""Seconds a refused connection may take to read its reason and hang up."""
+REFUSE_DRAIN_MAX = 1 << 20
 
 
 @dataclass
@@ -290,7 +293,6 @@ class RelayServer:
                 return payload
 
     async def _handshake(self, conn: socket.socket, peer: str) -> None:
-        loop = asyncio.get_running_loop()
         keep = False
         try:
             try:
@@ -314,10 +316,7 @@ class RelayServer:
                 return
             if isinstance(decision, core.Refuse):
                 self._drop(decision.reason, peer)
-                with contextlib.suppress(OSError, TimeoutError):
-                    async with asyncio.timeout(2.0):
-                        await loop.sock_sendall(conn, decision.reply)
-                    conn.shutdown(socket.SHUT_WR)
+                await self._refuse(conn, decision.reply)
                 return
             uuid = decision.uuid
             if self.router is not None and not self.router.is_local(uuid):
@@ -331,6 +330,21 @@ class RelayServer:
             if not keep:
                 conn.close()
         self.admit(conn, uuid, peer)
+
+    async def _refuse(self, conn: socket.socket, reply: bytes) -> None:
+        """Send the reason, then drain briefly before closing: closing with unread input
+        would send a RST, and a RST can destroy the reason before the client reads it."""
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(REFUSE_LINGER):
+                await loop.sock_sendall(conn, reply)
+                conn.shutdown(socket.SHUT_WR)
+                drained = 0
+                while drained < REFUSE_DRAIN_MAX:
+                    chunk = await loop.sock_recv(conn, 65536)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
 
     # ------------------------------------------------------------------ pairing
     def admit(self, conn: socket.socket, uuid: str, peer: str) -> None:

@@ -1,9 +1,13 @@
-"""The session owner: runs the encrypted handshake on transports the strategies hand over,
-then pumps each session's bytes between the transport and the local stream.
+"""The session owner: runs the encrypted handshake on every transport the strategies hand over,
+picks the first one that authenticates, and pumps that session's bytes.
 
 It is the only place that touches session bytes; the coordinator tells it what
 to expect over its control socket, and strategies pass connected sockets to it by
-fd passing. Every session ends in a recorded outcome (done, failed with a reason).
+fd passing. On the initiating side several transports may race for one session:
+the first authenticated handshake wins, A sends SELECT on it and closes the rest
+(their outcome is recorded as "lost the race"). The responder opens the forward
+target only once it is selected, so a losing path never touches the target.
+Every session and every transport ends in a recorded outcome.
 """
 
 from __future__ import annotations
@@ -28,12 +32,17 @@ from agent.wire import encode_frame
 
 log = logging.getLogger(__name__)
 
+SELECT = b"\x00"
+"""A's first sealed frame on the transport it chose."""
 OPEN_OK = b"\x00"
 OPEN_FAILED = b"\x01"
-"""B's first sealed frame after the handshake: did the forward target accept the connection?"""
+"""B's first sealed frame once selected: did the forward target accept the connection?"""
 
 MAX_SESSIONS_KEPT = 256
 """Finished sessions kept for `punchthrough-ops sessions` (the oldest are forgotten first)."""
+MAX_PENDING = 256
+"""Sessions with transports waiting for their `initiate`: bounded, like all per-peer state."""
+SELECT_TIMEOUT = 30.0
 
 
 @dataclass
@@ -46,6 +55,7 @@ class SessionRecord:
     state: str = "waiting"
     error: str = ""
     admitted_by: str = ""
+    transports: list[dict[str, Any]] = field(default_factory=list)
     stats: PumpStats = field(default_factory=PumpStats)
     created: float = field(default_factory=time.monotonic)
 
@@ -62,7 +72,23 @@ class SessionRecord:
             "bytes_out": self.stats.bytes_out,
             "bytes_in": self.stats.bytes_in,
             "age": round(time.monotonic() - self.created, 3),
+            "transports": list(self.transports),
         }
+
+
+@dataclass
+class Race:
+    """Transports arriving for one initiating session."""
+
+    queue: asyncio.Queue[tuple[dict[str, Any], socket.socket]] = field(default_factory=asyncio.Queue)
+    no_more: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Won:
+    path: str
+    sock: socket.socket
+    codec: StreamCodec
 
 
 class SessionOwner:
@@ -82,7 +108,7 @@ class SessionOwner:
         self.on_admitted = on_admitted
         self.handshake_timeout = handshake_timeout
         self.sessions: dict[str, SessionRecord] = {}
-        self._transports: dict[str, asyncio.Future[socket.socket]] = {}
+        self._races: dict[str, Race] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._server = ctlproto.ControlServer(socket_path, self._handle)
 
@@ -93,10 +119,9 @@ class SessionOwner:
         await self._server.close()
         for task in list(self._tasks):
             task.cancel()
-        for fut in self._transports.values():
-            if fut.done() and not fut.cancelled():
-                fut.result().close()
-            fut.cancel()
+        for race in self._races.values():
+            while not race.queue.empty():
+                race.queue.get_nowait()[1].close()
 
     def status(self) -> dict[str, Any]:
         active = sum(s.state in ("handshake", "open") for s in self.sessions.values())
@@ -115,11 +140,15 @@ class SessionOwner:
         try:
             if op == "list":
                 return {"ok": True, "sessions": self.session_list()}
-            if op == "transport" and len(socks) == 1:
-                return self._on_transport(str(req.get("session", "")), socks.pop())
-            if op == "initiate" and len(socks) == 1:
+            sid = str(req.get("session", ""))
+            if op == "transport" and len(socks) == 1 and sid:
+                return self._on_transport(sid, req, socks.pop())
+            if op == "transports_done" and sid:
+                self._race(sid).no_more.set()
+                return {"ok": True}
+            if op == "initiate" and len(socks) == 1 and sid:
                 return await self._initiate(req, socks.pop())
-            if op == "respond" and len(socks) == 1:
+            if op == "respond" and len(socks) == 1 and sid:
                 return self._respond(req, socks.pop())
             return {"ok": False, "error": f"bad request {op!r} with {len(fds)} fds"}
         finally:
@@ -131,59 +160,145 @@ class SessionOwner:
         if rec is None:
             rec = self.sessions[sid] = SessionRecord(sid, role)
             while len(self.sessions) > MAX_SESSIONS_KEPT:
-                oldest = next((k for k, s in self.sessions.items() if s.state in ("done", "failed")), None)
+                oldest = next((k for k, s in self.sessions.items() if s.state in ("done", "failed", "lost")), None)
                 if oldest is None:
                     break
                 del self.sessions[oldest]
         return rec
 
-    def _transport_future(self, sid: str) -> asyncio.Future[socket.socket]:
-        fut = self._transports.get(sid)
-        if fut is None:
-            fut = self._transports[sid] = asyncio.get_running_loop().create_future()
-        return fut
+    def _race(self, sid: str) -> Race:
+        race = self._races.get(sid)
+        if race is None:
+            if len(self._races) >= MAX_PENDING:
+                oldest = next(iter(self._races))
+                self._drop_race(oldest)
+            race = self._races[sid] = Race()
+        return race
 
-    def _on_transport(self, sid: str, sock: socket.socket) -> dict[str, Any]:
-        """A strategy delivers a connected transport for an initiating session."""
-        fut = self._transport_future(sid)
-        if fut.done() or len(self._transports) > 1024:
-            return {"ok": False, "error": "session already has a transport"}
-        fut.set_result(sock)
+    def _drop_race(self, sid: str) -> None:
+        race = self._races.pop(sid, None)
+        if race is not None:
+            while not race.queue.empty():
+                race.queue.get_nowait()[1].close()
+
+    def _on_transport(self, sid: str, meta: dict[str, Any], sock: socket.socket) -> dict[str, Any]:
+        """A strategy delivers a connected transport (with the peer key it was vouched) for an initiating session."""
+        race = self._race(sid)
+        if race.no_more.is_set():
+            return {"ok": False, "error": "session is no longer waiting for transports"}
+        if len(bytes(meta.get("peer_pk", b""))) != 32:
+            return {"ok": False, "error": "transport without a usable peer key"}
+        race.queue.put_nowait((meta, sock.dup()))
         return {"ok": True}
 
+    # ---- A: race the transports ------------------------------------------------------------
+
     async def _initiate(self, req: dict[str, Any], local: socket.socket) -> dict[str, Any]:
-        """A's side: wait for the transport, run the handshake, then pump in the background."""
         sid = str(req["session"])
         rec = self._record(sid, "initiator")
-        rec.peer, rec.target, rec.path = str(req["peer"]), str(req.get("target", "")), str(req.get("path", ""))
-        fut = self._transport_future(sid)
+        rec.peer, rec.target = str(req["peer"]), str(req.get("target", ""))
+        race = self._race(sid)
         try:
-            transport = await asyncio.wait_for(fut, float(req.get("wait", 10.0)))
-        except TimeoutError:
-            rec.state, rec.error = "failed", "no transport arrived"
-            return {"ok": False, "error": rec.error}
+            won = await self._race_handshakes(req, rec, race, float(req.get("wait", 10.0)))
         finally:
-            self._transports.pop(sid, None)
-        rec.state = "handshake"
+            self._drop_race(sid)
+        if won is None:
+            rec.state = "failed"
+            return {"ok": False, "error": rec.error, "transports": rec.transports}
+        rec.path = won.path
+        loop = asyncio.get_running_loop()
         try:
+            await loop.sock_sendall(won.sock, won.codec.encode(SELECT)[0])
+            early = await self._await_open_result(won.sock, won.codec, rec)
+        except (SessionError, OSError, TimeoutError) as exc:
+            rec.state, rec.error = "failed", str(exc) if isinstance(exc, SessionError) else describe_error(exc)
+            won.sock.close()
+            return {"ok": False, "error": rec.error, "transports": rec.transports}
+        rec.state = "open"
+        self._spawn(self._pump(rec, won.sock, won.codec, local.dup(), early))
+        return {"ok": True, "session": sid, "path": won.path, "transports": rec.transports}
+
+    async def _race_handshakes(self, req: dict[str, Any], rec: SessionRecord, race: Race, wait: float) -> _Won | None:
+        """First transport whose handshake completes, or None with rec.error saying why all failed."""
+        started = time.monotonic()
+        running: dict[asyncio.Task[_Won], tuple[str, socket.socket, float]] = {}
+        refusal = ""
+        failures: list[str] = []
+
+        async def shake(meta: dict[str, Any], sock: socket.socket) -> _Won:
             machine = Initiator(
                 self.my_id,
                 self.signing_key,
                 rec.peer,
-                bytes(req["peer_pk"]),
+                bytes(meta["peer_pk"]),
                 password=req.get("password"),
                 target=rec.target,
-                key_source=str(req.get("key_source", "expected")),
+                key_source=str(meta.get("key_source", "expected")),
             )
-            codec = await run_handshake(transport, machine, self.handshake_timeout)
-            early = await self._await_open_result(transport, codec, rec)
-        except (HandshakeError, SessionError, ValueError) as exc:
-            rec.state, rec.error = "failed", str(exc)
-            transport.close()
-            return {"ok": False, "error": rec.error}
-        rec.state = "open"
-        self._spawn(self._pump(rec, transport, codec, local.dup(), early))
-        return {"ok": True, "session": sid}
+            return _Won(str(meta.get("path", "")), sock, await run_handshake(sock, machine, self.handshake_timeout))
+
+        def note(path: str, outcome: str, reason: str, since: float) -> None:
+            rec.transports.append(
+                {
+                    "path": path,
+                    "outcome": outcome,
+                    "reason": reason,
+                    "elapsed_ms": round((time.monotonic() - since) * 1000, 1),
+                }
+            )
+
+        rec.state = "handshake"
+        getter: asyncio.Task[tuple[dict[str, Any], socket.socket]] | None = None
+        no_more = asyncio.ensure_future(race.no_more.wait())
+        won: _Won | None = None
+        try:
+            while won is None:
+                if getter is None and not (race.no_more.is_set() and race.queue.empty()):
+                    getter = asyncio.ensure_future(race.queue.get())
+                if getter is None and not running:
+                    break
+                left = wait - (time.monotonic() - started)
+                if left <= 0:
+                    failures.append(f"no path within {wait:.0f}s")
+                    break
+                waiting: set[asyncio.Future[Any]] = set(running)
+                if getter is not None:
+                    waiting.add(getter)
+                if not no_more.done():
+                    waiting.add(no_more)
+                done, _ = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if getter is not None and getter in done:
+                    meta, sock = getter.result()
+                    getter = None
+                    path = str(meta.get("path", ""))
+                    running[asyncio.ensure_future(shake(meta, sock))] = (path, sock, time.monotonic())
+                if no_more in done and getter is not None and race.queue.empty():
+                    getter.cancel()
+                    getter = None
+                for task in [t for t in done if t in running]:
+                    path, sock, since = running.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        won = task.result()
+                        note(path, "won", "", since)
+                        break
+                    sock.close()
+                    reason = exc.reason if isinstance(exc, HandshakeError) else str(exc)
+                    if isinstance(exc, HandshakeError) and "refused" in reason:
+                        refusal = reason
+                    failures.append(f"{path}: {reason}")
+                    note(path, "failed", reason, since)
+        finally:
+            if getter is not None:
+                getter.cancel()
+            no_more.cancel()
+            for task, (path, sock, since) in running.items():
+                task.cancel()
+                sock.close()
+                note(path, "lost the race", "", since)
+        if won is None:
+            rec.error = refusal or ("; ".join(failures) if failures else "no path to the peer")
+        return won
 
     async def _await_open_result(
         self, transport: socket.socket, codec: StreamCodec, rec: SessionRecord
@@ -204,10 +319,11 @@ class SessionOwner:
             raise SessionError(f"peer {rec.peer}: {first[1:201].decode('utf-8', 'replace')}")
         return pending
 
+    # ---- B: answer a transport ----------------------------------------------------------------
+
     def _respond(self, req: dict[str, Any], transport: socket.socket) -> dict[str, Any]:
-        """B's side: a strategy delivers a transport from a peer that wants in."""
-        sid = str(req["session"])
-        rec = self._record(sid, "responder")
+        """A strategy delivers a transport from a peer that wants in."""
+        rec = self._record(str(req["session"]), "responder")
         rec.path = str(req.get("path", ""))
         rec.peer = str(req.get("peer", ""))
         self._spawn(self._serve_responder(rec, transport.dup()))
@@ -239,6 +355,15 @@ class SessionOwner:
         rec.peer = machine.peer_id or ""
         rec.target = machine.target or ""
         rec.admitted_by = machine.admitted_by or ""
+        try:
+            selected = await self._await_select(transport, codec)
+        except (SessionError, OSError, TimeoutError) as exc:
+            selected, rec.error = False, str(exc) if isinstance(exc, SessionError) else describe_error(exc)
+        if not selected:
+            rec.state = "lost"
+            rec.error = rec.error or "the peer chose another path"
+            transport.close()
+            return
         if self.on_admitted and machine.peer_pk and machine.admitted_by == "first contact":
             self.on_admitted(rec.peer, machine.peer_pk, rec.admitted_by)
         try:
@@ -259,6 +384,22 @@ class SessionOwner:
             return
         rec.state = "open"
         await self._pump(rec, transport, codec, local)
+
+    async def _await_select(self, transport: socket.socket, codec: StreamCodec) -> bool:
+        """True once A selects this transport; False if A closes it (another path won)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(SELECT_TIMEOUT):
+            pending = codec.decode(b"")
+            while not pending:
+                chunk = await loop.sock_recv(transport, 65536)
+                if not chunk:
+                    return False
+                pending = codec.decode(chunk)
+        if pending[0] != SELECT or len(pending) > 1:
+            raise SessionError("peer sent data before selecting the path")
+        return True
+
+    # ---- both: pump ------------------------------------------------------------------------
 
     async def _pump(
         self,

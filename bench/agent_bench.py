@@ -344,7 +344,13 @@ def pipe_first_byte(owned: Owned, a: Agent, peer: str, target: str, timeout: flo
         first = os.read(fd, 1)
         elapsed = time.perf_counter() - t0
         if first != b"x":
-            raise RuntimeError(f"pipe failed: {proc.stderr.read().decode(errors='replace').strip()}")
+            proc.wait(10)
+            err = proc.stderr.read().decode(errors="replace").strip()
+            last = (a.ops("sessions").get("sessions") or [{}])[-1]
+            raise RuntimeError(
+                f"pipe got {first!r}, exit {proc.returncode}, stderr {err!r}; A's last session: "
+                f"state {last.get('state')!r} error {last.get('error')!r} attempts {last.get('attempts')}"
+            )
         proc.stdin.close()
         proc.wait(10)
         return elapsed

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -75,8 +76,8 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 60
             time.sleep(0.05)
 
 
-def spawn(cmd: list[str], **kw: object) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
+def spawn(cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+    proc: subprocess.Popen[bytes] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, **kw)
     CHILDREN.append(proc)
     return proc
 
@@ -300,7 +301,8 @@ def wait_listening_quiet(port: int, proc: subprocess.Popen[bytes]) -> None:
     """Wait for a listener without leaving a connection behind (socat would fork for it)."""
     deadline = time.monotonic() + 10
     while True:
-        if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in psutil.net_connections("tcp")):
+        conns = psutil.net_connections("tcp")
+        if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in conns):
             return
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("listener did not come up")

@@ -31,11 +31,14 @@ class RelayStrategy:
         self.attempts = 0
         self.failures = 0
 
-    async def dial(self, session: str, relay: str, uuid: str, peer_id: str, role: str) -> dict[str, Any]:
+    async def dial(
+        self, session: str, relay: str, uuid: str, peer_id: str, role: str, meta: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Connect to `relay`, join `uuid`, hand the socket to the session owner. Never raises.
 
         `role` says which side of the handshake the session owner must run on it:
-        "initiator" (we asked for the peer) or "responder" (the peer asked for us).
+        "initiator" (we asked for the peer) or "responder" (the peer asked for us);
+        `meta` goes along to the session owner (the peer's key for an initiator).
         """
         self.attempts += 1
         started = time.monotonic()
@@ -55,7 +58,7 @@ class RelayStrategy:
         try:
             reply = await ctlproto.acall(
                 self.sessions_socket,
-                {"op": op, "session": session, "path": "relay"},
+                {**(meta or {}), "op": op, "session": session, "path": "relay"},
                 [sock.fileno()],
                 patience=HANDOVER_PATIENCE,
             )

@@ -142,6 +142,17 @@ async def test_key_mismatch_gets_refuse_reason() -> None:
         await server.close()
 
 
+async def test_key_mismatch_reason_survives_early_client_bytes() -> None:
+    server = await start_relay(cfg(key="s3cret"))
+    try:
+        r, w = await open_half(server.port, "uuid-key-early", key="wrong", extra=os.urandom(200_000))
+        _kind, sub = parse_reply(await read_to_eof(r))
+        assert sub.refuse_reason == KEY_MISMATCH
+        w.close()
+    finally:
+        await server.close()
+
+
 async def test_third_connection_with_same_uuid_is_refused() -> None:
     server = await start_relay(cfg())
     try:

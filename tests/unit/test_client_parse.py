@@ -54,7 +54,7 @@ def test_valid_forms(text: str, expected: ForwardSpec) -> None:
         "8080::22",
         "8080:h:abc",
         "8080:h:٣",
-        "８０８０:h:22",
+        "\uff18\uff10\uff18\uff10:h:22",
         " 8080:h:22",
         "8080:bad host:22",
         "8080:[::1:22",
@@ -87,7 +87,7 @@ _alphabet = st.sampled_from(
 )
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(st.one_of(st.text(max_size=60), st.lists(_alphabet, max_size=14).map("".join)))
 def test_junk_only_raises_address_error(text: str) -> None:
     try:
@@ -100,7 +100,7 @@ def test_junk_only_raises_address_error(text: str) -> None:
     assert spec.bind_host and "[" not in spec.bind_host and "]" not in spec.bind_host
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     st.one_of(st.none(), st.ip_addresses().map(str), st.sampled_from(["localhost", "0.0.0.0", "bind.example"])),
     st.integers(1, 0xFFFF),

@@ -92,10 +92,12 @@ gcs_port = 6380
     assert config.load(_write(tmp_path, config.dump(cfg))) == cfg
 
 
-_printable = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x10FFFF, exclude_categories=("Cs", "Cc")), max_size=40)
+_printable = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x10FFFF, exclude_categories=("Cs", "Cc")), max_size=40
+)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     server_key=_printable,
     relay_key=_printable,
@@ -227,11 +229,11 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
 
 
 def test_huge_garbage_file(tmp_path: Path) -> None:
-    _error(tmp_path, "x" * 8_000_000)
+    _error(tmp_path, "x" * 2_000_000)
 
 
 def test_huge_valid_file_of_comments(tmp_path: Path) -> None:
-    assert config.load(_write(tmp_path, "# padding\n" * 500_000 + "[agent]\npath = 'relay'\n")).agent.path == "relay"
+    assert config.load(_write(tmp_path, "# padding\n" * 200_000 + "[agent]\npath = 'relay'\n")).agent.path == "relay"
 
 
 def test_huge_list(tmp_path: Path) -> None:

@@ -153,7 +153,7 @@ _ids = st.text(min_size=1, max_size=20)
 _keys = st.binary(min_size=32, max_size=32)
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(_ids, _keys), max_size=12))
 def test_file_always_parses_and_matches_memory(tmp_path: Path, ops: list[tuple[str, bytes]]) -> None:
     """After every pin the file on disk is complete JSON equal to what the store believes, any ID text."""
