@@ -42,12 +42,29 @@ _PR_SET_PDEATHSIG = 1
 class RayStartError(RuntimeError):
     """The private head did not come up; the message carries the tail of its log."""
 
+    def __init__(self, message: str, *, early_exit: bool = False) -> None:
+        super().__init__(message)
+        self.early_exit = early_exit
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on right now (the usual small race is accepted)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct free ports: all held open together while picking, so none repeats
+    (Ray refuses to start when two of its components are given the same port)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def lean_env(token_path: Path | None) -> dict[str, str]:
@@ -163,7 +180,26 @@ def start_private_head(
         finally:
             os.close(fd)
     env = lean_env(token_path)
-    port = free_port()
+    attempts = 3
+    for attempt in range(1, attempts + 1):
+        try:
+            handle = _launch(tdir, env, object_store_bytes, startup_timeout)
+        except RayStartError as exc:
+            # An early exit is usually a port taken between picking and binding (other Ray
+            # instances start on this machine too): pick new ports and try again.
+            if attempt == attempts or not exc.early_exit:
+                if owns:
+                    shutil.rmtree(tdir, ignore_errors=True)
+                raise
+            log.warning("ray start failed (%s); retrying with other ports", exc)
+            continue
+        handle.owns_temp_dir = owns
+        return handle
+    raise AssertionError("unreachable")
+
+
+def _launch(tdir: Path, env: dict[str, str], object_store_bytes: int, startup_timeout: float) -> RayHandle:
+    port, client_port, dash_port, agent_port = free_ports(4)
     cmd = [
         _ray_cli(),
         "start",
@@ -176,9 +212,9 @@ def start_private_head(
         "--no-monitor",
         "--include-log-monitor=False",
         f"--object-store-memory={object_store_bytes}",
-        f"--ray-client-server-port={free_port()}",
-        f"--dashboard-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={client_port}",
+        f"--dashboard-port={dash_port}",
+        f"--dashboard-agent-listen-port={agent_port}",
         "--block",
     ]
     log_path = tdir / "head.log"
@@ -193,14 +229,14 @@ def start_private_head(
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-    handle = RayHandle(f"127.0.0.1:{port}", proc.pid, tdir, env, owns, proc)
+    handle = RayHandle(f"127.0.0.1:{port}", proc.pid, tdir, env, False, proc)
     try:
         while True:
             text = log_path.read_bytes()
             if b"Ray runtime started" in text:
                 break
             if proc.poll() is not None:
-                raise RayStartError(f"ray start exited with {proc.returncode}: {_tail(text)}")
+                raise RayStartError(f"ray start exited with {proc.returncode}: {_tail(text)}", early_exit=True)
             if time.monotonic() - t0 > startup_timeout:
                 raise RayStartError(f"ray start not up after {startup_timeout:.0f} s: {_tail(text)}")
             time.sleep(0.05)

@@ -84,10 +84,18 @@ class AddressError(ValueError):
     """A HOST:PORT string that cannot be used; the message is fit for a CLI's one-line error."""
 
 
+def shown(text: str, limit: int = 80) -> str:
+    """`text` as it goes into a one-line error: repr'd (no raw newlines) and cut, so a megabyte
+    of junk cannot become a megabyte of stderr."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} chars)"
+
+
 def parse_port(text: str, what: str = "port", allow_zero: bool = False) -> int:
     low = 0 if allow_zero else 1
     if not text.isascii() or not text.isdigit() or len(text) > 5 or not low <= int(text) <= 0xFFFF:
-        raise AddressError(f"{what} must be a number within {low}-65535, got {text!r}")
+        raise AddressError(f"{what} must be a number within {low}-65535, got {shown(text)}")
     return int(text)
 
 
@@ -95,38 +103,38 @@ def split_host_port(text: str, default_port: int | None = None, allow_zero: bool
     """Parse HOST[:PORT] or [V6]:PORT into (host, port). Hostnames are allowed; no DNS here."""
     text = text.strip()
     if not text or len(text) > 260:
-        raise AddressError(f"not an address: {text!r}")
+        raise AddressError(f"not an address: {shown(text)}")
     host: str
     port_text: str | None
     if text.startswith("["):
         close = text.find("]")
         if close < 0:
-            raise AddressError(f"missing ']' in {text!r}")
+            raise AddressError(f"missing ']' in {shown(text)}")
         host, rest = text[1:close], text[close + 1 :]
         if rest and not rest.startswith(":"):
-            raise AddressError(f"junk after ']' in {text!r}")
+            raise AddressError(f"junk after ']' in {shown(text)}")
         port_text = rest[1:] if rest else None
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise AddressError(f"not an IPv6 address: {host!r}") from None
+            raise AddressError(f"not an IPv6 address: {shown(host)}") from None
     elif text.count(":") > 1:
         host, port_text = text, None  # bare IPv6 without port
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise AddressError(f"not an address: {text!r} (write IPv6 as [addr]:port)") from None
+            raise AddressError(f"not an address: {shown(text)} (write IPv6 as [addr]:port)") from None
     else:
         host, _, port_text = text.partition(":")
         if not _:
             port_text = None
     if not host:
-        raise AddressError(f"missing host in {text!r}")
+        raise AddressError(f"missing host in {shown(text)}")
     if not host.isascii() or not all(c.isalnum() or c in ".-_:" for c in host):
-        raise AddressError(f"bad host name {host!r}")
+        raise AddressError(f"bad host name {shown(host)}")
     if port_text is None:
         if default_port is None:
-            raise AddressError(f"missing port in {text!r}")
+            raise AddressError(f"missing port in {shown(text)}")
         return host, default_port
     return host, parse_port(port_text, allow_zero=allow_zero)
 
@@ -137,4 +145,4 @@ def parse_sockaddr(text: str, allow_zero: bool = False) -> SockAddr:
     try:
         return SockAddr.of(host, port)
     except ValueError:
-        raise AddressError(f"not an IP address: {host!r}") from None
+        raise AddressError(f"not an IP address: {shown(host)}") from None

@@ -7,14 +7,18 @@ line naming the key, so a typo never turns silently into a default.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import ipaddress
 import itertools
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from agent.addr import AddressError, split_host_port
+from agent.addr import AddressError, shown, split_host_port
 
 PATHS = ("auto", "relay", "direct")
 
@@ -76,30 +80,66 @@ class Config:
 
     def validate(self) -> Config:
         if self.agent.path not in PATHS:
-            raise ConfigError(f"agent.path must be one of {', '.join(PATHS)}, got {self.agent.path!r}")
+            raise ConfigError(f"agent.path must be one of {', '.join(PATHS)}, got {shown(self.agent.path)}")
+        _check_address("agent.server", self.agent.server, 21116)
+        _check_address("agent.relay", self.agent.relay, 21117)
+        for target in self.access.allow_targets:
+            _check_address("access.allow_targets", target, None)
+        for where, port, low in (
+            ("embedded.rendezvous_port", self.embedded.rendezvous_port, 1),
+            ("embedded.relay_port", self.embedded.relay_port, 1),
+            ("agent.nat_test_port", self.agent.nat_test_port, 0),
+            ("ray.gcs_port", self.ray.gcs_port, 0),
+        ):
+            if not low <= port <= 0xFFFF:
+                raise ConfigError(f"{where} must be within {low}-65535, got {port}")
+        timeout = self.agent.connect_timeout
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(f"agent.connect_timeout must be a positive number of seconds, got {timeout}")
         try:
-            if self.agent.server:
-                split_host_port(self.agent.server, 21116)
-            if self.agent.relay:
-                split_host_port(self.agent.relay, 21117)
-            for target in self.access.allow_targets:
-                split_host_port(target)
-        except AddressError as exc:
-            raise ConfigError(str(exc)) from None
-        for name in ("rendezvous_port", "relay_port"):
-            port = getattr(self.embedded, name)
-            if not 1 <= port <= 0xFFFF:
-                raise ConfigError(f"embedded.{name} must be within 1-65535, got {port}")
-        if self.agent.connect_timeout <= 0:
-            raise ConfigError("agent.connect_timeout must be positive")
+            ipaddress.ip_address(self.embedded.bind)
+        except ValueError:
+            raise ConfigError(
+                f"embedded.bind must be an IP address such as 0.0.0.0 or ::, got {shown(self.embedded.bind)}"
+            ) from None
+        if self.agent.server_key:
+            _check_server_key(self.agent.server_key)
         return self
+
+
+def _check_address(where: str, text: str, default_port: int | None) -> None:
+    """Empty means "not set" for server/relay; a target list never holds empty strings legitimately."""
+    if not text and default_port is not None:
+        return
+    try:
+        split_host_port(text, default_port)
+    except AddressError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_server_key(text: str) -> None:
+    """Caught here, at load, rather than inside the started agent where the error is much harder to see."""
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"agent.server_key must be a base64 32-byte ed25519 public key, got {shown(text)}")
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _name(key: str) -> str:
+    """A TOML key as it goes into a message: bare keys as written, anything else quoted (one line, short)."""
+    return key if _BARE_KEY.fullmatch(key) and len(key) <= 80 else shown(key)
 
 
 def _fill(section: Any, values: dict[str, Any], where: str) -> None:
     hints = get_type_hints(type(section))
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"unknown key {where}.{key}")
+            raise ConfigError(f"unknown key {where}.{_name(key)}")
         want = hints[key]
         ok = (
             isinstance(value, list) and all(isinstance(v, str) for v in value)
@@ -109,8 +149,13 @@ def _fill(section: Any, values: dict[str, Any], where: str) -> None:
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:
-            raise ConfigError(f"{where}.{key} must be {getattr(want, '__name__', str(want))}, got {value!r}")
+            raise ConfigError(f"{where}.{key} must be {getattr(want, '__name__', str(want))}, got {_short(value)}")
         setattr(section, key, value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} chars)"
 
 
 def load(path: Path | None) -> Config:
@@ -122,22 +167,33 @@ def load(path: Path | None) -> Config:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise ConfigError(f"config {path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config {path}: values nested too deeply") from None
     for name, values in data.items():
         if name not in {f.name for f in dataclasses.fields(Config)}:
-            raise ConfigError(f"unknown section [{name}] in {path}")
+            raise ConfigError(f"unknown section [{_name(name)}] in {path}")
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}] must be a table")
         _fill(getattr(cfg, name), values, name)
     return cfg.validate()
 
 
+def _toml_char(c: str) -> str:
+    """TOML basic strings forbid raw control characters; \\uXXXX holds any of them."""
+    if c in '"\\':
+        return "\\" + c
+    if c < " " or c == "\x7f":
+        return f"\\u{ord(c):04X}"
+    return c
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return str(value)

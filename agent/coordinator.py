@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 
+from agent import addr as addrmod
 from agent import ctlproto
 from agent.addr import split_host_port
 from agent.config import Config
@@ -30,9 +31,17 @@ from agent.handshake import HandshakeError, trusted_peer_key
 from agent.handshake import Policy as AccessPolicy
 from agent.identity import Identity
 from agent.pins import PinMismatch, PinStore
-from agent.plan import Mode, Policy
+from agent.plan import LAN_BUDGET, PUNCH_BUDGET, RELAY_STAGGER, Mode, Policy
+from agent.proto import rendezvous_pb2 as pb
 from agent.refs import Ref
-from agent.rendezvous_client import RelayRefused, RendezvousError, request_relay, send_relay_response
+from agent.rendezvous_client import (
+    PeerUnavailable,
+    RelayRefused,
+    RendezvousError,
+    punch_hole_exchange,
+    request_relay,
+    send_relay_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +143,8 @@ class Coordinator:
         registrar: Ref,
         nat_probe: Ref,
         relay: Ref,
+        lan: Ref,
+        tcp_punch: Ref,
         embedded: bool = False,
     ) -> None:
         self.state_dir = state_dir
@@ -146,6 +157,8 @@ class Coordinator:
         self.registrar = registrar
         self.nat_probe = nat_probe
         self.relay = relay
+        self.lan = lan
+        self.tcp_punch = tcp_punch
         self.embedded = embedded
         self.started = time.monotonic()
         self.actors: dict[str, ActorInfo] = {}
@@ -322,6 +335,7 @@ class Coordinator:
         )
         strategies = [asyncio.ensure_future(c) for c in race.coroutines(policy)]
         all_done = asyncio.ensure_future(asyncio.gather(*strategies, return_exceptions=True))
+        all_done.add_done_callback(_consume)
         try:
             done, _ = await asyncio.wait({initiate, all_done}, return_when=asyncio.FIRST_COMPLETED)
             if initiate not in done:
@@ -337,7 +351,9 @@ class Coordinator:
         race.settle(reply.get("transports", []))
         if not reply.get("ok"):
             error = str(reply.get("error"))
-            if error == "no path to the peer" and race.errors:
+            if race.fatal:
+                error = race.fatal
+            elif error == "no path to the peer" and race.errors:
                 error = race.errors[0]
             return fail(error)
         plan.path = str(reply.get("path", ""))
@@ -371,12 +387,42 @@ class Coordinator:
 
     # ---- B side: pushes from the rendezvous server ----------------------------------------------
 
+    async def our_nat_type(self) -> int:
+        status = await self._safe(self.nat_probe, "status")
+        return int(status.get("nat_type", pb.UNKNOWN_NAT)) if isinstance(status, dict) else pb.UNKNOWN_NAT
+
     async def on_push(self, kind: str, msg: Any, source: Any = None) -> None:
         self.pushes[kind] = self.pushes.get(kind, 0) + 1
-        if kind == "request_relay":
-            task = asyncio.get_running_loop().create_task(self._answer_relay(msg))
+        handler = {
+            "request_relay": self._answer_relay,
+            "punch_hole": self._answer_punch,
+            "fetch_local_addr": self._answer_lan,
+        }.get(kind)
+        if handler is not None:
+            task = asyncio.get_running_loop().create_task(handler(msg))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _answer_punch(self, msg: Any) -> None:
+        if msg.udp_port > 0:
+            return  # UDP punching is answered by the UDP strategy (not in this version)
+        await self._answer_direct("tcp_punch", self.tcp_punch, msg, PUNCH_BUDGET)
+
+    async def _answer_lan(self, msg: Any) -> None:
+        await self._answer_direct("lan", self.lan, msg, LAN_BUDGET)
+
+    async def _answer_direct(self, name: str, ref: Ref, msg: Any, budget: float) -> None:
+        sid = uuidlib.uuid4().hex[:12]
+        plan = self._plan(sid, "", "responder")
+        started = time.monotonic()
+        relay = msg.relay_server or self.relay_address()
+        nat = await self.our_nat_type()
+        res = await ref.call("answer", sid, msg, self.identity.peer_id, nat, relay, budget)
+        plan.path = name
+        ok = bool(res.get("ok"))
+        plan.attempts.append(Attempt(name, "connected" if ok else "error", str(res.get("reason", "")), _ms(started)))
+        if not ok:
+            plan.error = str(res.get("reason"))
 
     async def _answer_relay(self, msg: Any) -> None:
         sid = uuidlib.uuid4().hex[:12]
@@ -397,6 +443,12 @@ class Coordinator:
         plan.attempts.append(Attempt("relay", outcome, str(dial.get("reason", "")), _ms(started)))
         if not dial.get("ok"):
             plan.error = str(dial.get("reason"))
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a background future's outcome so a cancelled race logs nothing."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _ms(started: float) -> float:
@@ -447,13 +499,83 @@ class Race:
         self.started, self.deadline, self.keys = started, deadline, keys
         self.errors: list[str] = []
         self.handed: set[str] = set()
+        self.fatal = ""
+        self.direct_over = asyncio.Event()
+        self.policy = Policy()
 
     def coroutines(self, policy: Policy) -> list[Any]:
+        """The race as the plan allows it: the direct rendezvous at once, the relay after a stagger
+        (or at once when every direct attempt has already failed)."""
+        self.direct_over = asyncio.Event()
+        self.policy = policy
+        coros: list[Any] = []
+        if policy.mode is not Mode.RELAY_ONLY:
+            coros.append(self._direct())
+        else:
+            self._record("tcp_punch", "skipped", "relay-only policy")
+            self.direct_over.set()
         if policy.mode is Mode.DIRECT_ONLY:
             self._record("relay", "skipped", "direct-only policy")
-            self.errors.append(f"no direct path to peer {self.peer} is available yet; this agent only relays")
-            return []
-        return [self.relay()]
+        else:
+            coros.append(self.relay())
+        return coros
+
+    async def _direct(self) -> None:
+        try:
+            await self.tcp_rendezvous()
+        finally:
+            if not self.handed:
+                self.direct_over.set()
+
+    async def tcp_rendezvous(self) -> None:
+        """PunchHoleRequest over TCP: the server answers with B's LAN address (same LAN), B's public
+        address after B opened its NAT (TCP punch), or a relay (B or the server chose it)."""
+        coord = self.coord
+        our_nat = await coord.our_nat_type()
+        try:
+            res = await punch_hole_exchange(
+                coord.server_addr,
+                self.peer,
+                our_nat,
+                timeout=max(0.5, self.deadline - time.monotonic()),
+                version=VERSION,
+            )
+        except PeerUnavailable as exc:
+            self._record("rendezvous", "error", str(exc))
+            self.fatal = str(exc)
+            return
+        except RendezvousError as exc:
+            self._record("tcp_punch", "error", str(exc))
+            return
+        resp = res.response
+        if isinstance(resp, pb.RelayResponse):
+            await self._dial_relay(resp, coord.relay_address())
+            return
+        try:
+            pk, source = coord._trusted_key(self.peer, bytes(resp.pk))
+        except (HandshakeError, PinMismatch) as exc:
+            self._record("tcp_punch", "error", str(exc))
+            return
+        peer_addr = str(addrmod.decode(bytes(resp.socket_addr)))
+        is_local = resp.WhichOneof("union") == "is_local" and resp.is_local
+        name = "lan" if is_local else "tcp_punch"
+        if not is_local:
+            if not self.policy.tcp_punch:
+                self._record("tcp_punch", "skipped", "disabled by policy")
+                return
+            if our_nat == pb.SYMMETRIC and resp.WhichOneof("union") == "nat_type" and resp.nat_type == pb.SYMMETRIC:
+                self._record("tcp_punch", "skipped", "both sides map per destination (symmetric)")
+                return
+        self.keys[name] = (pk, source)
+        budget = LAN_BUDGET if is_local else PUNCH_BUDGET
+        bind = None if is_local else res.local_address.as_tuple()
+        ref = coord.lan if is_local else coord.tcp_punch
+        dial = await ref.call("dial", self.sid, peer_addr, bind, budget, {"peer_pk": pk, "key_source": source})
+        if dial.get("ok"):
+            self.handed.add(name)
+            self._record(name, "connected")
+        else:
+            self._record(name, "error", str(dial.get("reason")))
 
     def _record(self, strategy: str, outcome: str, reason: str = "") -> None:
         self.plan.attempts.append(Attempt(strategy, outcome, reason, _ms(self.started)))
@@ -473,12 +595,25 @@ class Race:
                 attempt.outcome = "cancelled"
 
     async def relay(self) -> None:
+        """After the stagger (or once every direct attempt failed), ask for the relay."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.direct_over.wait(), RELAY_STAGGER)
+        if self.fatal:
+            return
         coord = self.coord
         relay = coord.relay_address()
         try:
             rr = await coord._request_relay(self.peer, relay, self.deadline)
+        except RendezvousError as exc:
+            self._record("relay", "error", str(exc))
+            return
+        await self._dial_relay(rr, relay)
+
+    async def _dial_relay(self, rr: Any, relay: str) -> None:
+        coord = self.coord
+        try:
             pk, source = coord._trusted_key(self.peer, rr.pk if rr.WhichOneof("union") == "pk" else b"")
-        except (RendezvousError, HandshakeError, PinMismatch) as exc:
+        except (HandshakeError, PinMismatch) as exc:
             self._record("relay", "error", str(exc))
             return
         self.keys["relay"] = (pk, source)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import itertools
 import logging
 import signal
 import socket
@@ -170,7 +169,6 @@ class RelayServer:
         self._pairs: set[asyncio.Task[None]] = set()
         self._expiry: asyncio.TimerHandle | None = None
         self._total_bucket: core.TokenBucket | None = None
-        self._ids = itertools.count()
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
 

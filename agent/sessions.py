@@ -285,9 +285,13 @@ class SessionOwner:
                     sock.close()
                     reason = exc.reason if isinstance(exc, HandshakeError) else str(exc)
                     if isinstance(exc, HandshakeError) and "refused" in reason:
-                        refusal = reason
+                        refusal = reason  # B's policy is the same whatever the path: stop the race
+                        note(path, "failed", reason, since)
+                        break
                     failures.append(f"{path}: {reason}")
                     note(path, "failed", reason, since)
+                if refusal:
+                    break
         finally:
             if getter is not None:
                 getter.cancel()

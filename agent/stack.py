@@ -31,7 +31,7 @@ from agent.runtime_paths import control_socket, sessions_socket
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.toml"
-COMPONENTS = ("servers", "sessions", "relay", "nat_probe", "registrar", "coordinator")
+COMPONENTS = ("servers", "sessions", "relay", "lan", "tcp_punch", "nat_probe", "registrar", "coordinator")
 """Start order: each may call the ones before it."""
 
 
@@ -163,6 +163,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
     from agent.nat_probe import NatProbe
     from agent.sessions import SessionOwner
     from agent.strategies.relay import RelayStrategy
+    from agent.strategies.tcp_direct import TcpDirectStrategy
 
     comp: Any
     if kind == "servers":
@@ -177,6 +178,8 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
         )
     elif kind == "relay":
         comp = RelayStrategy(sessions_socket(rt.state_dir), rt.cfg.agent.relay_key)
+    elif kind in ("lan", "tcp_punch"):
+        comp = TcpDirectStrategy(kind, sessions_socket(rt.state_dir), rt.server_addr)
     elif kind == "nat_probe":
         comp = NatProbe(rt.server_addr, rt.cfg.agent.nat_test_port or None)
     elif kind == "registrar":
@@ -193,6 +196,8 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
             registrar=refs["registrar"],
             nat_probe=refs["nat_probe"],
             relay=refs["relay"],
+            lan=refs["lan"],
+            tcp_punch=refs["tcp_punch"],
             embedded=rt.embedded,
         )
     else:

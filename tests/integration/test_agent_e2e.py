@@ -157,15 +157,15 @@ def test_pipe_100mb_both_ways(lab: Lab) -> None:
     took = time.monotonic() - started
     assert out.returncode == 0, out.stderr
     assert sha(out.stdout) == sha(payload)
-    print(f"\npipe: 100 MiB each way through the relay in {took:.1f}s ({2 * 100 / took:.0f} MiB/s total)")
+    print(f"\npipe: 100 MiB each way (LAN path on loopback) in {took:.1f}s ({2 * 100 / took:.0f} MiB/s total)")
 
 
 def test_forward_100mb_both_ways_and_concurrent(lab: Lab) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         local_port = s.getsockname()[1]
-    fwd = subprocess.Popen([*PT, "--state-dir", str(lab.dirs["a"]), "connect", lab.ids["b"], "-L",
-                            f"127.0.0.1:{local_port}:{lab.target}"], stderr=subprocess.PIPE)
+    fwd = subprocess.Popen([*PT, "--state-dir", str(lab.dirs["a"]), "connect", lab.ids["b"], "--path", "relay",
+                            "-L", f"127.0.0.1:{local_port}:{lab.target}"], stderr=subprocess.PIPE)
     try:
         assert fwd.stderr is not None
         assert b"forwarding" in fwd.stderr.readline()
@@ -183,7 +183,7 @@ def test_forward_100mb_both_ways_and_concurrent(lab: Lab) -> None:
 
         started = time.monotonic()
         assert transfer(MB100)
-        print(f"\n-L: 100 MiB each way in {time.monotonic() - started:.1f}s")
+        print(f"\n-L over the relay: 100 MiB each way in {time.monotonic() - started:.1f}s")
         results: list[bool] = []
         threads = [threading.Thread(target=lambda: results.append(transfer(2_000_000))) for _ in range(8)]
         for t in threads:
@@ -286,7 +286,7 @@ def test_status_tables(lab: Lab) -> None:
     assert st["id"] == lab.ids["a"] and st["registration"]["state"] == "registered"
     assert st["nat"]["nat_name"] in ("ASYMMETRIC", "SYMMETRIC", "UNKNOWN_NAT")
     sessions = lab.ops("a", "sessions")["sessions"]
-    assert any(s["path"] == "relay" and s["attempts"] and s["attempts"][-1]["outcome"] == "won" for s in sessions)
+    assert any(any(a["outcome"] == "won" for a in s["attempts"]) for s in sessions)
     text = subprocess.run([*OPS, "--state-dir", str(lab.dirs["a"]), "actors"], capture_output=True, timeout=30)
     assert b"coordinator" in text.stdout and b"RESTARTS" in text.stdout
     assert control_socket(lab.dirs["a"]).exists()

@@ -66,9 +66,19 @@ async def test_echo_through_relay(lab: dict[str, Any]) -> None:
     sock.close()
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
     sessions = (await lab["a"].components["coordinator"].sessions())["sessions"]
-    assert sessions[0]["path"] == "relay" and sessions[0]["attempts"][0]["outcome"] == "won"
-    relay_stats = lab["servers"].relay.stats()
-    assert relay_stats, relay_stats
+    # A and B are both 127.0.0.1 to the server: one LAN, so the LAN path wins the race.
+    assert sessions[0]["path"] == "lan", sessions
+    assert {"strategy": "lan", "outcome": "won"}.items() <= sessions[0]["attempts"][0].items()
+
+
+async def test_relay_only_policy(lab: dict[str, Any]) -> None:
+    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+    assert sock is not None, reply
+    payload = os.urandom(1_000_000)
+    assert await asyncio.wait_for(_transfer(sock, payload), 60) == payload
+    sock.close()
+    assert reply["path"] == "relay"
+    assert lab["servers"].relay.stats()["pairs_total"] >= 1
 
 
 async def test_concurrent_streams(lab: dict[str, Any]) -> None:

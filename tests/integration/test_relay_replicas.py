@@ -214,7 +214,6 @@ def test_ray_two_replicas_relay_eight_pairs(ray_head: Any) -> None:
 @pytest.mark.ray
 @pytest.mark.timeout(90)
 def test_cli_with_replicas_serves_and_cleans_up() -> None:
-    before = set(_procs_naming("/tmp/ptray-"))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -235,8 +234,16 @@ def test_cli_with_replicas_serves_and_cleans_up() -> None:
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-        mine = set(_procs_naming("/tmp/ptray-")) - before
-        assert mine, "the CLI should have started a private Ray head"
+        # Our head is the `ray start` child of the CLI process; its temp dir names all its processes.
+        temp_dirs = [
+            part.split("=", 1)[1]
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            for part in c.cmdline()
+            if part.startswith("--temp-dir=")
+        ]
+        assert temp_dirs, "the CLI should have started a private Ray head"
+        marker = temp_dirs[0]
+        assert _procs_naming(marker)
 
         async def pairs() -> None:
             ps = await asyncio.gather(*(open_pair(port, f"uuid-cli-{i}") for i in range(4)))
@@ -246,9 +253,9 @@ def test_cli_with_replicas_serves_and_cleans_up() -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         gone_by = time.monotonic() + 10
-        while set(_procs_naming("/tmp/ptray-")) & mine and time.monotonic() < gone_by:
+        while _procs_naming(marker) and time.monotonic() < gone_by:
             time.sleep(0.1)
-        assert not set(_procs_naming("/tmp/ptray-")) & mine
+        assert not _procs_naming(marker)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -358,3 +358,74 @@ def test_request_frame_helper_matches_upstream_layout() -> None:
     # Field 18 (request_relay) of RendezvousMessage, uuid in field 2: a sanity check of the test client.
     frame = request_frame("u")
     assert frame[1:3] == b"\x92\x01"
+
+
+# ------------------------------------------------------------------ the pumps on their own
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen()
+        client = socket.create_connection(lsock.getsockname())
+        server, _ = lsock.accept()
+    return client, server
+
+
+@pytest.mark.parametrize("pump", PUMPS)
+async def test_pump_sends_buffered_rest_first(pump: str) -> None:
+    from agent.pump import make_pump
+
+    ca, sa = _tcp_pair()
+    cb, sb = _tcp_pair()
+    for s in (ca, cb):
+        s.setblocking(False)
+    loop = asyncio.get_running_loop()
+    p = make_pump(pump, sa, sb, a_rest=b"rest-of-a|", b_rest=b"rest-of-b|", idle_timeout=5)  # type: ignore[arg-type]
+    task = loop.create_task(p.run())
+    await loop.sock_sendall(ca, b"live-a")
+    await loop.sock_sendall(cb, b"live-b")
+    ca.shutdown(socket.SHUT_WR)
+    cb.shutdown(socket.SHUT_WR)
+
+    async def drain(s: socket.socket) -> bytes:
+        out = b""
+        while chunk := await loop.sock_recv(s, 65536):
+            out += chunk
+        return out
+
+    got_b, got_a = await asyncio.gather(drain(cb), drain(ca))
+    assert got_b == b"rest-of-a|live-a"
+    assert got_a == b"rest-of-b|live-b"
+    result = await task
+    assert (result.reason, result.a_to_b, result.b_to_a) == ("closed", 16, 16)
+    ca.close()
+    cb.close()
+
+
+@pytest.mark.parametrize("pump", PUMPS)
+async def test_pump_reset_on_one_side_ends_the_pair(pump: str) -> None:
+    from agent.pump import make_pump
+
+    ca, sa = _tcp_pair()
+    cb, sb = _tcp_pair()
+    p = make_pump(pump, sa, sb, idle_timeout=5)  # type: ignore[arg-type]
+    task = asyncio.get_running_loop().create_task(p.run())
+    ca.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    ca.close()  # RST
+    cb.sendall(b"x" * 100_000)
+    result = await asyncio.wait_for(task, 10)
+    assert result.reason != "idle"
+    cb.close()
+
+
+async def test_unknown_pump_kind_is_an_error() -> None:
+    from agent.pump import make_pump
+
+    ca, sa = _tcp_pair()
+    try:
+        with pytest.raises(ValueError):
+            make_pump("zerocopy-magic", sa, sa)  # type: ignore[arg-type]
+    finally:
+        ca.close()
+        sa.close()
