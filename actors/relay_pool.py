@@ -183,7 +183,15 @@ class RelayPool:
                     strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
                     actors[i] = cls.options(scheduling_strategy=strategy).remote(dataclasses.asdict(cfg), names, pos)
             self.actors = actors
-            self.infos = list(ray.get([a.ready.remote() for a in actors], timeout=timeout))
+            try:
+                self.infos = list(ray.get([a.ready.remote() for a in actors], timeout=timeout))
+            except Exception as exc:
+                # A replica that cannot bind fails its boot task; Ray wraps the OSError with a
+                # remote traceback. Hand the caller the plain OSError (the CLI prints one line).
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, OSError):
+                    raise OSError(cause.errno, cause.strerror or str(cause)) from None
+                raise
         finally:
             for s in held:
                 s.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import config, identity
-from agent.addr import AddressError, split_host_port
+from agent.addr import AddressError, parse_port, split_host_port
 from agent.config import PATHS, Config
 from agent.crypto import KeyFileError
 from agent.paths import default_state_dir
@@ -40,9 +41,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 0xFFFF:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
-    return int(text)
+    try:
+        return parse_port(text, allow_zero=True)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _serve_port(text: str) -> int:
+    port = _port(text)
+    if port > 0xFFFF - 1:
+        raise argparse.ArgumentTypeError(f"must be at most 65534 (the relay listens on port + 1), got {port}")
+    return port
 
 
 def _host_port(text: str) -> str:
@@ -58,8 +67,8 @@ def _positive(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number, not negative: {text!r}")
     return value
 
 
@@ -141,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--bind", action="append", default=None, help="address to bind (repeatable; default 0.0.0.0 and ::)"
     )
-    sv.add_argument("--port", type=_port, default=DEFAULT_RENDEZVOUS_PORT, help="rendezvous port; relay is port+1")
+    sv.add_argument(
+        "--port", type=_serve_port, default=DEFAULT_RENDEZVOUS_PORT, help="rendezvous port; relay is port+1"
+    )
     return parser
 
 
@@ -156,17 +167,27 @@ def _host_port_default(port: int) -> Any:
     return parse
 
 
+def _read_secret(path: Path, what: str) -> str:
+    """A password or key file: readable, UTF-8 and not blank, or one line saying which file and why.
+    An empty file is refused: read as "no secret" it would silently turn the password (or relay key) off."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise CliError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{what} {path} is not UTF-8 text") from None
+    except ValueError as exc:  # a NUL in the name (possible from a config file)
+        raise CliError(f"cannot read {what} {str(path)!r}: {exc}") from None
+    if not text:
+        raise CliError(f"{what} {path} is empty")
+    return text
+
+
 def _password(path: Path | None) -> str | None:
     """The peer's password: --password-file, else PUNCHTHROUGH_PASSWORD, never a flag value."""
     if path is None:
         return os.environ.get("PUNCHTHROUGH_PASSWORD") or None
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise CliError(f"cannot read --password-file {path}: {exc.strerror}") from None
-    if not text:
-        raise CliError(f"--password-file {path} is empty")
-    return text
+    return _read_secret(path, "--password-file")
 
 
 def _effective_config(args: argparse.Namespace) -> Config:
@@ -180,18 +201,27 @@ def _effective_config(args: argparse.Namespace) -> Config:
             cfg.agent.relay = args.relay
         if args.allow is not None:
             cfg.access.allow = args.allow
-        if args.password_file is not None:
-            cfg.access.password_file = str(Path(args.password_file).resolve())
-            Path(cfg.access.password_file).read_text()
         if args.allow_target is not None:
             cfg.access.allow_targets = args.allow_target
         if args.path is not None:
             cfg.agent.path = args.path
-        return cfg.validate()
+        cfg.validate()
     except config.ConfigError as exc:
         raise CliError(str(exc)) from None
-    except OSError as exc:
-        raise CliError(f"cannot read --password-file: {exc.strerror}") from None
+    # The agent reads the password file later, from another process and directory: check it now
+    # (an empty one would silently admit nobody by password) and hand the agent an absolute path.
+    if args.password_file is not None:
+        cfg.access.password_file = _checked_secret_path(args.password_file, "--password-file")
+    elif cfg.access.password_file:
+        what = f"access.password_file of {args.config}" if args.config else "access.password_file"
+        cfg.access.password_file = _checked_secret_path(cfg.access.password_file, what)
+    return cfg
+
+
+def _checked_secret_path(text: str, what: str) -> str:
+    path = Path(text)
+    _read_secret(path, what)
+    return str(path.resolve())
 
 
 def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
@@ -237,6 +267,9 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
         return client.run_forward(state_dir, args.peer, spec, args.path, password, args.timeout)
     except (client.ClientError, runner.RunnerError, config.ConfigError, AddressError, KeyFileError) as exc:
         raise CliError(str(exc)) from None
+    except OSError as exc:  # e.g. a state dir that is a file, a directory we may not write
+        where = f": {exc.filename}" if exc.filename else ""
+        raise CliError(f"{exc.strerror or exc}{where}") from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -265,23 +298,22 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.replicas < 1:
             raise CliError("--replicas must be at least 1")
-        key = ""
-        if args.key_file is not None:
-            try:
-                key = args.key_file.read_text().strip()
-            except OSError as exc:
-                raise CliError(f"cannot read --key-file: {exc.strerror}: {args.key_file}") from None
-        return run_relay(
-            RelayConfig(
-                binds=args.bind or ["0.0.0.0", "::"],
-                port=args.port,
-                key=key,
-                replicas=args.replicas,
-                ray_address=args.ray_address,
-                stream_limit_bps=args.stream_limit * 1e6 / 8,
-                total_limit_bps=args.total_limit * 1e6 / 8,
+        key = "" if args.key_file is None else _read_secret(args.key_file, "--key-file")
+        binds = args.bind or ["0.0.0.0", "::"]
+        try:
+            return run_relay(
+                RelayConfig(
+                    binds=binds,
+                    port=args.port,
+                    key=key,
+                    replicas=args.replicas,
+                    ray_address=args.ray_address,
+                    stream_limit_bps=args.stream_limit * 1e6 / 8,
+                    total_limit_bps=args.total_limit * 1e6 / 8,
+                )
             )
-        )
+        except OSError as exc:  # relay_server lets the bind error escape as is
+            raise CliError(f"relay cannot bind {', '.join(binds)} port {args.port}: {exc.strerror or exc}") from None
     raise CliError(f"unknown command {args.command!r}")
 
 

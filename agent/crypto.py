@@ -24,12 +24,19 @@ class KeyFileError(ValueError):
 def load_or_create_signing_key(path: Path) -> SigningKey:
     """Read a base64 64-byte (or 32-byte seed) ed25519 key; create one atomically if missing."""
     try:
-        text = path.read_text().strip()
+        text = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
-        key = SigningKey.generate()
-        write_private(path, base64.b64encode(bytes(key) + bytes(key.verify_key)) + b"\n")
-        path.with_name(path.name + ".pub").write_text(public_key_b64(key) + "\n")
+        try:
+            key = SigningKey.generate()
+            write_private(path, base64.b64encode(bytes(key) + bytes(key.verify_key)) + b"\n")
+            path.with_name(path.name + ".pub").write_text(public_key_b64(key) + "\n")
+        except OSError as exc:
+            raise KeyFileError(f"{path}: cannot create key ({exc.strerror or exc})") from None
         return key
+    except OSError as exc:  # a directory, a state dir that is a file, no permission
+        raise KeyFileError(f"{path}: cannot read key ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path}: not base64 (binary data)") from None
     try:
         raw = base64.b64decode(text, validate=True)
     except ValueError:

@@ -22,6 +22,14 @@ from agent.files import write_private
 
 KEY_FILE = "id_ed25519"
 IDENTITY_FILE = "identity.json"
+MAX_SALT = 2**32 - 1
+"""derive_id hashes the salt as 4 bytes."""
+
+
+def _short(exc: BaseException) -> str:
+    """An exception as it goes into a one-line message (json errors can quote the file's text)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 120 else text[:120] + "..."
 
 
 def derive_id(public_key: bytes, salt: int = 0) -> str:
@@ -58,14 +66,25 @@ def load_or_create(state_dir: Path) -> Identity:
     try:
         raw = json.loads(path.read_text())
         salt = int(raw["salt"])
+        if not 0 <= salt <= MAX_SALT:
+            raise ValueError(f"salt {salt} out of range")
         uuid = bytes.fromhex(raw["uuid"])
         if raw["id"] != derive_id(bytes(key.verify_key), salt) or len(uuid) != 16:
             raise KeyFileError(f"{path}: does not belong to the key in {state_dir / KEY_FILE}")
     except FileNotFoundError:
         salt, uuid = 0, secrets.token_bytes(16)
-        save(state_dir, Identity(key, derive_id(bytes(key.verify_key), salt), uuid, salt))
+        try:
+            save(state_dir, Identity(key, derive_id(bytes(key.verify_key), salt), uuid, salt))
+        except OSError as exc:
+            raise KeyFileError(f"{path}: cannot write identity ({exc.strerror or exc})") from None
+    except KeyFileError:
+        raise
+    except OSError as exc:  # a directory, no permission
+        raise KeyFileError(f"{path}: cannot read identity ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise KeyFileError(f"{path}: unreadable identity (nested too deeply)") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise KeyFileError(f"{path}: unreadable identity ({exc})") from None
+        raise KeyFileError(f"{path}: unreadable identity ({_short(exc)})") from None
     return Identity(key, derive_id(bytes(key.verify_key), salt), uuid, salt)
 
 

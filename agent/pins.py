@@ -15,10 +15,26 @@ from agent.files import write_private
 from agent.identity import fingerprint
 
 PINS_FILE = "known_peers.json"
+KEY_LEN = 32
 
 
 class PinMismatch(Exception):
     """A peer presented a key that differs from the one pinned for its ID."""
+
+
+def _key(value: object) -> bytes:
+    """A pin is exactly one ed25519 public key: anything else is damage, never a key to trust."""
+    if not isinstance(value, str):
+        raise TypeError(f"a pin must be a base64 string, got {type(value).__name__}")
+    key = base64.b64decode(value, validate=True)
+    if len(key) != KEY_LEN:
+        raise ValueError(f"a pin must be a {KEY_LEN}-byte key, got {len(key)} bytes")
+    return key
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 120 else text[:120] + "..."
 
 
 class PinStore:
@@ -27,17 +43,23 @@ class PinStore:
         self._pins: dict[str, bytes] = {}
         try:
             raw = json.loads(self.path.read_text())
-            self._pins = {str(k): base64.b64decode(v) for k, v in raw.items()}
+            self._pins = {str(k): _key(v) for k, v in raw.items()}
         except FileNotFoundError:
             pass
+        except OSError as exc:  # a directory, no permission
+            raise ValueError(f"{self.path}: cannot read pins ({exc.strerror or exc})") from None
+        except RecursionError:
+            raise ValueError(f"{self.path}: unreadable pins (nested too deeply); fix or remove it") from None
         except (ValueError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{self.path}: unreadable pins ({exc}); fix or remove it") from None
+            raise ValueError(f"{self.path}: unreadable pins ({_short(exc)}); fix or remove it") from None
 
     def get(self, peer_id: str) -> bytes | None:
         return self._pins.get(peer_id)
 
     def check_and_pin(self, peer_id: str, key: bytes) -> bool:
         """True if newly pinned; raises PinMismatch if `peer_id` is pinned to another key."""
+        if len(key) != KEY_LEN:  # would make the file unreadable on the next load
+            raise ValueError(f"refusing to pin a {len(key)}-byte key for peer {peer_id!r}")
         known = self._pins.get(peer_id)
         if known == key:
             return False

@@ -447,6 +447,8 @@ class RelayServer:
         except asyncio.CancelledError:
             reason = "cancelled"
             raise
+        except Exception as exc:  # e.g. EMFILE creating the pipes: this pair fails, the server goes on
+            log.warning("relay: pair %s failed to start: %s", uuid, exc)
         finally:
             first.sock.close()
             second.sock.close()

@@ -24,8 +24,15 @@ async def serve_both(binds: list[str], port: int, state_dir: Path) -> int:
             binds=binds, port=port, db_path=state_dir / "rendezvous.sqlite3", key_file=state_dir / "id_ed25519"
         )
     )
+    # port + 1 of the port actually bound: with --port 0 that is the one picked, not port 1
+    relay_port = rendezvous.ports["tcp"] + 1
     try:
-        relay = await start_relay(RelayConfig(binds=binds, port=port + 1))
+        if relay_port > 0xFFFF:
+            raise StartupError(f"no port above {relay_port - 1} left for the relay")
+        relay = await start_relay(RelayConfig(binds=binds, port=relay_port))
+    except OSError as exc:  # relay_server lets its bind error escape as is
+        await rendezvous.close()
+        raise StartupError(f"relay cannot bind {', '.join(binds)} port {relay_port}: {exc.strerror or exc}") from None
     except BaseException:
         await rendezvous.close()
         raise
@@ -36,11 +43,12 @@ async def serve_both(binds: list[str], port: int, state_dir: Path) -> int:
         relay.port,
         rendezvous.public_key_b64,
     )
-    print(f"key: {rendezvous.public_key_b64}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # after the handlers: whoever waits for this line may stop us with SIGTERM right away
+    print(f"key: {rendezvous.public_key_b64}", flush=True)
     try:
         await stop.wait()
     finally:

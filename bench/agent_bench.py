@@ -176,6 +176,7 @@ class Agent:
     peer_id: str = ""
     up_seconds: float = 0.0
     head_seconds: float | None = None
+    timeline: str = ""
 
     def cmd(self, *args: str) -> list[str]:
         return [PT, "--state-dir", str(self.state), *args]
@@ -186,6 +187,7 @@ class Agent:
 
     def up(self, owned: Owned, *args: str) -> None:
         owned.agents.append(self.state)
+        wall0 = time.time()
         t0 = time.perf_counter()
         res = subprocess.run(self.cmd("up", *args), capture_output=True, text=True, timeout=120, check=False)
         self.up_seconds = time.perf_counter() - t0
@@ -194,6 +196,19 @@ class Agent:
         log = (self.state / "logs" / "agent.log").read_text(errors="replace")
         m = re.search(r"private Ray head up at \S+ \(pid \d+\) in ([\d.]+) s", log)
         self.head_seconds = float(m.group(1)) if m else None
+        self.timeline = self._timeline(wall0)
+
+    def _timeline(self, wall0: float) -> str:
+        """Seconds from spawning `up` to each component's first log line (where the start-up time goes)."""
+        marks = []
+        for path in sorted((self.state / "logs").glob("*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+                if m:
+                    at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+                    marks.append((at - wall0, path.stem))
+                    break
+        return ", ".join(f"{name} +{dt:.1f}s" for dt, name in sorted(marks))
 
     def supervisor_pid(self) -> int:
         return int((self.state / "agent.pid").read_text().split()[0])
@@ -235,7 +250,9 @@ def _label(p: psutil.Process) -> str:
     cmd = p.cmdline()
     name = p.name()
     if cmd and cmd[0].startswith("ray::"):
-        return cmd[0].split()[0]
+        title = cmd[0].split()[0]  # e.g. ray::sessions:ComponentActor.call while busy
+        head, dot, _method = title.partition("Actor.")
+        return head + "Actor" if dot else title
     if "agent.cli" in " ".join(cmd[:3]):
         return "supervisor (python -m agent.cli up)"
     if len(cmd) > 1 and cmd[1].endswith("/ray") and "start" in cmd:
@@ -286,6 +303,12 @@ def print_footprint(title: str, fp: Footprint) -> None:
     )
     for label, n, r, p in fp.rows:
         print(f"    {n:2d} x {label:40s} RSS {fmt_mib(r):>11s}  PSS {fmt_mib(p):>11s}")
+    actors = [row for row in fp.rows if row[0].endswith("ComponentActor")]
+    n_act, pss_act = sum(r[1] for r in actors), sum(r[3] for r in actors)
+    print(
+        f"    = {n_act} component actors PSS {fmt_mib(pss_act)} ({fmt_mib(pss_act / max(n_act, 1))} each); "
+        f"everything else (supervisor, Ray head and its helpers) PSS {fmt_mib(fp.pss - pss_act)}"
+    )
 
 
 # --------------------------------------------------------------------------- echo target
@@ -551,6 +574,7 @@ def run(args: argparse.Namespace, owned: Owned, tmp: Path) -> None:
         f"B `up` (embedded servers) -> registered: {b.up_seconds:.2f} s"
         + (f"  (of which Ray head start {b.head_seconds:.2f} s)" if b.head_seconds else "")
     )
+    print(f"    first log line per component (from spawning up): {b.timeline}")
     print_footprint("B after up", footprint(b.supervisor_pid()))
     server_key = (b.state / "server" / "id_ed25519.pub").read_text().strip()
     a.up(owned, "--server", f"127.0.0.1:{rv_port}", "--relay", f"127.0.0.1:{relay_port}", "--server-key", server_key)
@@ -558,6 +582,7 @@ def run(args: argparse.Namespace, owned: Owned, tmp: Path) -> None:
         f"A `up` (no embedded servers) -> registered: {a.up_seconds:.2f} s"
         + (f"  (of which Ray head start {a.head_seconds:.2f} s)" if a.head_seconds else "")
     )
+    print(f"    first log line per component (from spawning up): {a.timeline}")
     print_footprint("A after up", footprint(a.supervisor_pid()))
 
     # ---- 2. pipe latency

@@ -115,6 +115,15 @@ def render_netcheck(st: dict[str, Any]) -> str:
     return "\n".join(f"{k:14}{v}" for k, v in nat.items())
 
 
+def one_line(text: object, limit: int = 300) -> str:
+    """An agent's error for stderr: its first line (a Ray actor error carries a whole traceback), cut short."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    first = lines[0] if lines else "agent refused the request"
+    if len(first) > limit:
+        first = first[:limit] + "..."
+    return first + (f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else "")
+
+
 RENDER = {"status": render_status, "actors": render_actors, "sessions": render_sessions, "netcheck": render_netcheck}
 
 
@@ -133,13 +142,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise OpsError(f"no agent running for state dir {state_dir} (start it with `punchthrough up`)") from None
         except (TimeoutError, OSError, ctlproto.ControlError) as exc:
             raise OpsError(f"agent at {path} did not answer: {exc}") from None
+        if not isinstance(reply, dict):
+            raise OpsError(f"agent at {path} sent a malformed reply (a {type(reply).__name__}, not a map)")
         if not reply.get("ok", False):
-            raise OpsError(str(reply.get("error", "agent refused the request")))
+            raise OpsError(one_line(reply.get("error") or "agent refused the request"))
         if args.json:
             reply.pop("ok", None)
             print(json.dumps(reply, indent=2, sort_keys=True, default=str))
         else:
-            print(RENDER[args.command](reply))
+            try:
+                text = RENDER[args.command](reply)
+            except (KeyError, TypeError, AttributeError, ValueError, ArithmeticError) as exc:
+                detail = one_line(f"{type(exc).__name__}: {exc}")
+                raise OpsError(f"agent at {path} sent a malformed {args.command} reply ({detail})") from None
+            print(text)
         return 0
     except OpsError as exc:
         print(f"punchthrough-ops: {exc}", file=sys.stderr)

@@ -28,11 +28,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ops.natlab_scenarios import (
     NAT_VARIANTS,
@@ -53,6 +53,7 @@ __all__ = ["NAT_VARIANTS", "SCENARIOS", "SERVER_V4", "SERVER_V6", "Lab", "LabErr
 STATE_DIR = Path("/run/punchthrough-natlab")
 CLI_PREFIX = "ptlcli"  # the CLI's default: one well-known lab a person can `up` and `down`
 _CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 _NODE_SUFFIX = re.compile(r"^(?P<prefix>[a-z][a-z0-9]{0,11})-(?:" + "|".join(NODE_NAMES) + r")$")
 
 
@@ -88,9 +89,9 @@ def available() -> tuple[bool, str]:
     """Whether this process can build labs, and if not, why (used by tests to skip cleanly)."""
     if os.geteuid() != 0:
         return False, "natlab needs root (network namespaces and nftables)"
-    for tool in ("ip", "nft", "sysctl"):
+    for tool in ("ip", "nft"):
         if shutil.which(tool) is None:
-            return False, f"natlab needs `{tool}` (apt-get install iproute2 nftables procps)"
+            return False, f"natlab needs `{tool}` (apt-get install iproute2 nftables)"
     try:
         _run(["ip", "netns", "list"])
     except LabError as e:
@@ -170,8 +171,12 @@ def remove_lab(prefix: str) -> list[str]:
     return names
 
 
-def _setns_thread(ns_path: str, fn: Any) -> Any:
-    """Run fn() on a fresh thread that has joined the namespace: sockets it makes stay in it."""
+def _setns_thread(ns_path: str, fn: Callable[[], T]) -> T:
+    """Run fn() on a fresh thread that has joined the namespace: sockets it makes stay in it.
+
+    setns(CLONE_NEWNET) changes only the calling thread, and the thread ends right after, so the
+    rest of the process stays in the root namespace.
+    """
     box: dict[str, Any] = {}
 
     def work() -> None:
@@ -197,7 +202,8 @@ def _setns_thread(ns_path: str, fn: Any) -> Any:
     t.join()
     if "error" in box:
         raise box["error"]
-    return box["value"]
+    value: T = box["value"]
+    return value
 
 
 _live_labs: set[Lab] = set()
@@ -216,6 +222,7 @@ class Lab:
         self.owner_pid = os.getpid() if owner_pid is None else owner_pid
         self.build_seconds: float | None = None
         self._procs: list[subprocess.Popen[Any]] = []
+        self._socks: list[socket.socket] = []
         self._up = False
 
     # ---- building -----------------------------------------------------------------------------
@@ -230,30 +237,74 @@ class Lab:
             raise LabError(f"natlab: prefix {self.prefix} is in use ({', '.join(existing)}); "
                            f"run `python -m ops.natlab down --prefix {self.prefix}` first")
         t0 = time.monotonic()
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        try:  # the owner file doubles as the prefix's lock: a racing lab with the same prefix fails here
+            with (STATE_DIR / self.prefix).open("x") as f:
+                json.dump({"pid": self.owner_pid, "scenario": self.scenario.name, "created": time.time()}, f)
+        except FileExistsError:
+            raise LabError(f"natlab: prefix {self.prefix} is in use ({STATE_DIR / self.prefix} exists); "
+                           f"run `python -m ops.natlab down --prefix {self.prefix}` first") from None
         _live_labs.add(self)
         self._up = True
         try:
-            STATE_DIR.mkdir(parents=True, exist_ok=True)
-            (STATE_DIR / self.prefix).write_text(
-                json.dumps({"pid": self.owner_pid, "scenario": self.scenario.name, "created": time.time()}))
-            _run(["ip", "-b", "-"], "".join(line + "\n" for line in self.plan.root_batch))
-            with ThreadPoolExecutor(max_workers=len(self.plan.nodes)) as pool:
-                for f in [pool.submit(self._configure, node) for node in self.plan.nodes]:
-                    f.result()
+            _run(["ip", "-b", "-"], "".join(line + "\n" for line in self.plan.netns_batch))
+            self._in_parallel(self._set_sysctls)
+            _run(["ip", "-b", "-"], "".join(line + "\n" for line in self.plan.link_batch))
+            self._in_parallel(self._configure)
+            if self.scenario.ipv6:
+                self._in_parallel(self._wait_link_local)
         except BaseException:
             self.down()
             raise
         self.build_seconds = time.monotonic() - t0
         return self
 
+    def _in_parallel(self, fn: Any) -> None:
+        with ThreadPoolExecutor(max_workers=len(self.plan.nodes)) as pool:
+            for f in [pool.submit(fn, node) for node in self.plan.nodes]:
+                f.result()
+
+    def _set_sysctls(self, node: str) -> None:
+        """Written from a thread inside the namespace: /proc/sys/net shows the writer's namespace."""
+        def write() -> None:
+            for item in self.plan.sysctls.get(node, []):
+                key, _, value = item.partition("=")
+                path = Path("/proc/sys") / key.replace(".", "/")
+                if key.startswith("net.bridge.") and not path.exists():
+                    continue  # br_netfilter not loaded: nothing to switch off
+                try:
+                    path.write_text(value + "\n")
+                except OSError as e:
+                    raise LabError(f"natlab: sysctl {item} in {self.ns(node)} failed: {e.strerror}") from None
+
+        _setns_thread(f"/run/netns/{self.ns(node)}", write)
+
     def _configure(self, node: str) -> None:
         ns = self.ns(node)
-        sysctls = self.plan.sysctls.get(node, [])
-        if sysctls:
-            _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-e", "-w", *sysctls])
         _run(["ip", "-n", ns, "-b", "-"], "".join(line + "\n" for line in self.plan.ip_batch[node]))
         if node in self.plan.nft:
             _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], self.plan.nft[node])
+
+    def _wait_link_local(self, node: str, timeout: float = 3.0) -> None:
+        """Routers solicit neighbours from their link-local address; wait until every link has one.
+
+        Bridge ports are skipped: they carry no addresses, and theirs can lag by a second.
+        """
+        ns = self.ns(node)
+        deadline = time.monotonic() + timeout
+        while True:
+            links = {line.split(":")[1].strip().split("@")[0]
+                     for line in _run(["ip", "-n", ns, "-o", "link", "show", "up"]).splitlines()
+                     if " master " not in line}
+            links.discard("lo")
+            ready = {line.split()[1] for line in _run(["ip", "-n", ns, "-6", "-o", "addr", "show", "scope", "link"])
+                     .splitlines() if "tentative" not in line}
+            if links <= ready:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"natlab: {ns}: no usable IPv6 link-local address on {', '.join(sorted(links - ready))} "
+                               f"after {timeout:.0f} s")
+            time.sleep(0.005)
 
     def down(self) -> None:
         """Stop the processes this lab started, then remove every namespace with the prefix."""
@@ -267,6 +318,9 @@ class Lab:
                 proc.kill()
                 proc.wait()
         self._procs.clear()
+        for sock in self._socks:
+            sock.close()
+        self._socks.clear()
         if self._up:
             self._up = False
             _live_labs.discard(self)
@@ -329,7 +383,9 @@ class Lab:
     def socket(self, host: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM,
                proto: int = 0) -> socket.socket:
         """A socket of this process that lives in the host's namespace (no subprocess needed)."""
-        return _setns_thread(f"/run/netns/{self.ns(host)}", lambda: socket.socket(family, type, proto))  # type: ignore[no-any-return]
+        sock = _setns_thread(f"/run/netns/{self.ns(host)}", lambda: socket.socket(family, type, proto))
+        self._socks.append(sock)  # closed by down(): an open socket would keep the namespace alive
+        return sock
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -444,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefixes = [args.prefix or CLI_PREFIX]
         for prefix in prefixes:
             removed = remove_lab(prefix)
-            print(f"natlab: {prefix}: removed {len(removed)} namespace(s)" + (f": {' '.join(removed)}" if removed else ""))
+            names = f": {' '.join(sorted(removed))}" if removed else ""
+            print(f"natlab: {prefix}: removed {len(removed)} namespace(s){names}")
         if not prefixes:
             print("natlab: nothing to remove")
         return 0

@@ -97,7 +97,8 @@ class Plan:
     prefix: str
     scenario: Scenario
     nodes: dict[str, Node]
-    root_batch: list[str]  # `ip -b -` in the root namespace: create namespaces and veth pairs
+    netns_batch: list[str]  # `ip -b -` in the root namespace: create the namespaces
+    link_batch: list[str]  # then (after the sysctls) the veth pairs, born inside the namespaces
     sysctls: dict[str, list[str]] = field(default_factory=dict)  # node -> ["key=value", ...]
     ip_batch: dict[str, list[str]] = field(default_factory=dict)  # node -> `ip -n NS -b -` lines
     nft: dict[str, str] = field(default_factory=dict)  # node -> ruleset for `nft -f -`
@@ -199,8 +200,11 @@ def _table(name: str, chains: list[tuple[str, str, list[str]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Every namespace: loopback up, no reverse-path filtering, and bridged frames kept out of the
-# IP firewall (br_netfilter, when loaded, would otherwise run LAN-to-LAN frames through FORWARD).
+# Every namespace: no reverse-path filtering, and bridged frames kept out of the IP firewall
+# (br_netfilter, when loaded, would otherwise run LAN-to-LAN frames through FORWARD). These are set
+# before any link exists so the `default` values apply to every interface: no IPv6 at all in v4
+# scenarios, and no duplicate address detection in v6 ones (DAD would hold link-local addresses
+# tentative for a second, and a router cannot send neighbour solicitations without one).
 _COMMON_SYSCTLS = [
     "net.ipv4.conf.all.rp_filter=0",
     "net.ipv4.conf.default.rp_filter=0",
@@ -208,9 +212,21 @@ _COMMON_SYSCTLS = [
     "net.bridge.bridge-nf-call-ip6tables=0",
     "net.bridge.bridge-nf-call-arptables=0",
 ]
-_NO_V6 = ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
+_NO_V6 = ["net.ipv6.conf.default.disable_ipv6=1"]  # links get no IPv6; lo keeps ::1
 _V6 = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
        "net.ipv6.conf.all.accept_ra=0", "net.ipv6.conf.default.accept_ra=0"]
+
+
+def _veth(plan: Plan, node: str, ifname: str, peer_node: str, peer_ifname: str) -> None:
+    """A veth pair created inside both namespaces at once, so it never exists in the root namespace.
+
+    Each end gets an ifindex unique in the lab: the kernel treats a veth's carrier change as urgent
+    only when the device's ifindex differs from its peer's, and both ends would otherwise be number 2
+    in their fresh namespaces, delaying the change (and so IPv6 link-local addresses) by up to 1 s.
+    """
+    first = 10 + 2 * len(plan.link_batch)
+    plan.link_batch.append(f"link add {ifname} netns {plan.ns(node)} index {first} type veth "
+                           f"peer name {peer_ifname} netns {plan.ns(peer_node)} index {first + 1}")
 
 
 def build_plan(scenario: Scenario, prefix: str) -> Plan:
@@ -226,7 +242,7 @@ def build_plan(scenario: Scenario, prefix: str) -> Plan:
     if scenario.ha2 and scenario.a == "public":
         raise PlanError("ha2 needs a router on side A")
 
-    plan = Plan(prefix=prefix, scenario=scenario, nodes={}, root_batch=[])
+    plan = Plan(prefix=prefix, scenario=scenario, nodes={}, netns_batch=[], link_batch=[])
     ns = plan.ns
     wan_v6 = SERVER_V6[0] if v6 else None
     plan.nodes["wan"] = Node("wan", "internet: bridge br0, servers", SERVER_V4[0], wan_v6, SERVER_V4[0], wan_v6)
@@ -246,7 +262,7 @@ def build_plan(scenario: Scenario, prefix: str) -> Plan:
             pub4 = f"198.51.100.2{n}"
             pub6 = f"2001:db8:100::2{n}" if v6 else None
             plan.nodes[host] = Node(host, f"host {side.upper()} (public)", pub4, pub6, pub4, pub6, nat=nat)
-            plan.root_batch.append(f"link add eth0 netns {ns(host)} type veth peer name {host} netns {ns('wan')}")
+            _veth(plan, host, "eth0", "wan", host)
             wan_lines += [f"link set {host} master br0", f"link set {host} up"]
             lines = ["link set lo up", f"addr add {pub4}/24 dev eth0"]
             if pub6:
@@ -259,7 +275,7 @@ def build_plan(scenario: Scenario, prefix: str) -> Plan:
         r4, r6 = f"198.51.100.1{n}", (f"2001:db8:100::1{n}" if v6 else None)
         lan4, lan6 = f"10.0.{n}.1", (f"2001:db8:{n}::1" if v6 else None)
         plan.nodes[router] = Node(router, f"router {side.upper()} ({nat})", r4, r6, r4, r6, lan=lan4, nat=nat)
-        plan.root_batch.append(f"link add wan netns {ns(router)} type veth peer name {router} netns {ns('wan')}")
+        _veth(plan, router, "wan", "wan", router)
         wan_lines += [f"link set {router} master br0", f"link set {router} up"]
         rl = ["link set lo up", f"addr add {r4}/24 dev wan",
               "link add lan type bridge stp_state 0 forward_delay 0", f"addr add {lan4}/24 dev lan"]
@@ -274,7 +290,7 @@ def build_plan(scenario: Scenario, prefix: str) -> Plan:
             h6 = f"2001:db8:{n}::{2 + i}" if v6 else None
             plan.nodes[host] = Node(host, f"host {side.upper()}" + (" (second)" if i else ""), h4, h6, r4, h6,
                                     gateway=lan4, nat=nat)
-            plan.root_batch.append(f"link add eth0 netns {ns(host)} type veth peer name {host} netns {ns(router)}")
+            _veth(plan, host, "eth0", router, host)
             rl += [f"link set {host} master lan", f"link set {host} up"]
             hl = ["link set lo up", f"addr add {h4}/24 dev eth0", "link set eth0 up", f"route add default via {lan4}"]
             if h6:
@@ -293,8 +309,7 @@ def build_plan(scenario: Scenario, prefix: str) -> Plan:
         for node in on_wan:
             own = plan.nodes[node].v6
             plan.ip_batch[node] += [f"route add {pfx} via {gw}" for pfx, gw in v6_routes if gw != own]
-    # `netns add` lines go first so the veth lines below can name them.
-    plan.root_batch[:0] = [f"netns add {ns(node)}" for node in order]
+    plan.netns_batch = [f"netns add {ns(node)}" for node in order]
     for node in order:
         plan.sysctls[node] = _COMMON_SYSCTLS + (_V6 if v6 else _NO_V6) + plan.sysctls.get(node, [])
     plan.nodes = {node: plan.nodes[node] for node in order}

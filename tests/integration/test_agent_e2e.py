@@ -71,10 +71,16 @@ class _EchoServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
-def pt(state: Path, *args: str, input: bytes | None = None, timeout: float = 120, env: dict[str, str] | None = None
-       ) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*PT, "--state-dir", str(state), *args], input=input, capture_output=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def pt(
+    state: Path, *args: str, input: bytes | None = None, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*PT, "--state-dir", str(state), *args],
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 class Lab:
@@ -93,7 +99,8 @@ class Lab:
     def start_server(self) -> None:
         self.serve = subprocess.Popen(
             [*PT, "--state-dir", str(self.root / "srv"), "serve", "--bind", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         assert self.serve.stdout is not None
         line = self.serve.stdout.readline().decode()
@@ -106,14 +113,23 @@ class Lab:
         self.serve.wait()
 
     def up(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([*PT, "--state-dir", str(self.dirs[name]), "up", "--server", self.server,
-                                 "--server-key", self.key, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [*PT, "--state-dir", str(self.dirs[name]), "up", "--server", self.server, "--server-key", self.key, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     def ops(self, name: str, what: str) -> Any:
-        out = subprocess.run([*OPS, "--state-dir", str(self.dirs[name]), what, "--json"], capture_output=True,
-                             timeout=30)
+        out = subprocess.run(
+            [*OPS, "--state-dir", str(self.dirs[name]), what, "--json"], capture_output=True, timeout=30
+        )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
+
+
+def send_all_then_eof(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +149,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     ]
     try:
         for p in procs:
-            out, err = p.communicate(timeout=180)
+            _out, err = p.communicate(timeout=180)
             assert p.returncode == 0, err.decode()
         print(f"\n3 agents up and registered in {time.monotonic() - started:.1f}s")
         yield lab
@@ -164,8 +180,20 @@ def test_forward_100mb_both_ways_and_concurrent(lab: Lab) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         local_port = s.getsockname()[1]
-    fwd = subprocess.Popen([*PT, "--state-dir", str(lab.dirs["a"]), "connect", lab.ids["b"], "--path", "relay",
-                            "-L", f"127.0.0.1:{local_port}:{lab.target}"], stderr=subprocess.PIPE)
+    fwd = subprocess.Popen(
+        [
+            *PT,
+            "--state-dir",
+            str(lab.dirs["a"]),
+            "connect",
+            lab.ids["b"],
+            "--path",
+            "relay",
+            "-L",
+            f"127.0.0.1:{local_port}:{lab.target}",
+        ],
+        stderr=subprocess.PIPE,
+    )
     try:
         assert fwd.stderr is not None
         assert b"forwarding" in fwd.stderr.readline()
@@ -173,7 +201,7 @@ def test_forward_100mb_both_ways_and_concurrent(lab: Lab) -> None:
         def transfer(size: int) -> bool:
             data = os.urandom(size)
             with socket.create_connection(("127.0.0.1", local_port), timeout=60) as c:
-                sender = threading.Thread(target=lambda: (c.sendall(data), c.shutdown(socket.SHUT_WR)))
+                sender = threading.Thread(target=send_all_then_eof, args=(c, data))
                 sender.start()
                 got = bytearray()
                 while chunk := c.recv(1 << 18):

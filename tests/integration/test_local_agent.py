@@ -14,7 +14,6 @@ import pytest
 
 from agent.stack import LocalAgent
 from tests.agent_fixtures import (
-    Servers,
     agent_config,
     echo_server,
     open_stream,
@@ -34,8 +33,17 @@ async def lab(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     a, b = await LocalAgent(a_dir).start(), await LocalAgent(b_dir).start()
     await wait_registered(a)
     await wait_registered(b)
-    yield {"servers": servers, "a": a, "b": b, "a_dir": a_dir, "b_dir": b_dir, "a_id": a_id, "b_id": b_id,
-           "echo": echo_addr, "tmp": tmp_path}
+    yield {
+        "servers": servers,
+        "a": a,
+        "b": b,
+        "a_dir": a_dir,
+        "b_dir": b_dir,
+        "a_id": a_id,
+        "b_id": b_id,
+        "echo": echo_addr,
+        "tmp": tmp_path,
+    }
     await a.close()
     await b.close()
     echo.close()

@@ -30,6 +30,11 @@ from tests.integration.test_rendezvous_server import (
 )
 
 
+def send_all_then_eof(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[tuple[ServerThread, RelayServer]]:
     rv = ServerThread(make_cfg(tmp_path))
@@ -58,8 +63,11 @@ def test_register_punch_request_and_relay(servers: tuple[ServerThread, RelayServ
     assert kind == "request_relay" and push.uuid
     # B answers over TCP; the server forwards to A with B's key signed.
     b_tcp = TcpClient(rv.tcp)
-    b_tcp.send(relay_response=pb.RelayResponse(socket_addr=push.socket_addr, id=B_ID, version="t",
-                                               relay_server=relay_addr, uuid=push.uuid))
+    b_tcp.send(
+        relay_response=pb.RelayResponse(
+            socket_addr=push.socket_addr, id=B_ID, version="t", relay_server=relay_addr, uuid=push.uuid
+        )
+    )
     kind, answer = a.recv()
     assert kind == "relay_response" and answer.uuid == push.uuid
     assert open_signed_id_pk(verify_key(rv), answer.pk) == (B_ID, B_PK)
@@ -70,7 +78,7 @@ def test_register_punch_request_and_relay(servers: tuple[ServerThread, RelayServ
     got: dict[str, bytes] = {}
 
     def pump(name: str, sock: socket.socket, data: bytes, expect: int) -> None:
-        sender = threading.Thread(target=lambda: (sock.sendall(data), sock.shutdown(socket.SHUT_WR)))
+        sender = threading.Thread(target=send_all_then_eof, args=(sock, data))
         sender.start()
         buf = bytearray()
         while chunk := sock.recv(1 << 16):
@@ -79,8 +87,10 @@ def test_register_punch_request_and_relay(servers: tuple[ServerThread, RelayServ
         got[name] = bytes(buf)
         assert len(buf) == expect
 
-    threads = [threading.Thread(target=pump, args=("a", a_rel, up, len(down))),
-               threading.Thread(target=pump, args=("b", b_rel, down, len(up)))]
+    threads = [
+        threading.Thread(target=pump, args=("a", a_rel, up, len(down))),
+        threading.Thread(target=pump, args=("b", b_rel, down, len(up))),
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -71,7 +71,7 @@ def test_every_scenario_plans_namespaces_routers_and_rules() -> None:
     assert wanted <= set(SCENARIOS)
     for name, sc in SCENARIOS.items():
         plan = build_plan(sc, "ptlplan")
-        assert plan.root_batch[0] == "netns add ptlplan-wan"
+        assert plan.netns_batch == [f"netns add ptlplan-{n}" for n in plan.nodes]
         assert all(plan.ns(n).startswith("ptlplan-") for n in plan.nodes)
         routers = [n for n in plan.nodes if n.startswith("r")]
         assert sorted(plan.nft) == sorted(routers), name
@@ -82,7 +82,7 @@ def test_every_scenario_plans_namespaces_routers_and_rules() -> None:
             assert "net.ipv4.ip_forward=1" in plan.sysctls[r]
             assert ("table ip6 natlab6" in plan.nft[r]) == sc.ipv6
         # no link is ever created in the root namespace: both ends name a lab namespace
-        for line in plan.root_batch[len(plan.nodes):]:
+        for line in plan.link_batch:
             assert line.count(" netns ptlplan-") == 2, line
     assert set(build_plan(get_scenario("same-lan"), "x").nodes) == {"wan", "ra", "ha", "ha2"}
     one_public = build_plan(get_scenario("one-public"), "x").nodes
@@ -228,19 +228,24 @@ def test_udp_blocked_drops_udp_but_not_tcp(natlab) -> None:
 
 # ---- loss -------------------------------------------------------------------------------------------
 def _count_through(sender: socket.socket, receiver: socket.socket, dest: tuple[str, int], n: int) -> int:
-    """Send n numbered datagrams then end markers (20 copies: all lost with p = 0.05**20)."""
+    """Send n numbered datagrams then end markers (20 copies: all lost with p = 0.05**20).
+
+    Each round has its own tag so spare end markers of an earlier round are ignored.
+    """
+    tag = os.urandom(4).hex().encode()
     for i in range(n):
-        sender.sendto(b"d%d" % i, dest)
+        sender.sendto(b"%s d%d" % (tag, i), dest)
         if i % 25 == 24:
             time.sleep(0.0005)  # let the per-CPU backlog drain; loss must come from the rule only
     for _ in range(20):
-        sender.sendto(b"end", dest)
+        sender.sendto(tag + b" end", dest)
     got: set[bytes] = set()
     while True:
         data = receiver.recv(64)
-        if data == b"end":
+        if data == tag + b" end":
             return len(got)
-        got.add(data)
+        if data.startswith(tag + b" d"):
+            got.add(data)
 
 
 def test_lossy_drops_about_five_percent_each_way(natlab) -> None:
@@ -355,7 +360,7 @@ def test_a_failing_setup_command_is_named_in_one_line_and_nothing_remains(natlab
 
 
 def test_cli_up_down_and_crash_leftovers(natlab_ready) -> None:
-    prefix = "ptlclitest" + os.urandom(1).hex()
+    prefix = "ptlcli" + os.urandom(2).hex()
     cli = [sys.executable, "-m", "ops.natlab"]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -121,6 +121,11 @@ def guarded_state(tmp_path: Path) -> Path:
         ["connect", "123", "-L"],
         ["connect", "123", "-L", "8080:h:22", "--timeout", "-1"],
         ["connect", "123", "-L", "8080:h:22", "--timeout", "soon"],
+        ["connect", "123", "-L", "8080:h:22", "--timeout", "nan"],
+        ["pipe", "123", "h:22", "--timeout", "inf"],
+        ["relay", "--stream-limit", "nan"],
+        ["serve", "--port", "65535"],
+        ["rendezvous", "--port", "\uff18\uff10"],
         ["connect", "123", "-L", "8080:h:22", "--path", "fast"],
         ["pipe", "123"],
         ["pipe", "123", "nohost"],
@@ -156,11 +161,6 @@ def test_huge_argument_error_is_one_line(guarded_state: Path, capsys: pytest.Cap
     assert_one_line_error(rc, err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli._port uses str.isdigit()+int(): non-ASCII decimal digits ('\u0663', '\uff13') are accepted as port 3; "
-    "use addr.parse_port (isascii check) instead",
-)
 @pytest.mark.parametrize("text", ["\u0663", "\uff13", "\u0668\u0660"])
 def test_port_rejects_non_ascii_digits(text: str) -> None:
     import argparse
@@ -184,11 +184,6 @@ def test_client_password_file_unusable(
     assert "--password-file" in message and str(files[kind]) in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli._password catches only OSError around read_text(): a non-UTF-8 --password-file raises "
-    "UnicodeDecodeError and the CLI prints a traceback (catch UnicodeDecodeError, or read bytes)",
-)
 @pytest.mark.parametrize("command", ["connect", "pipe"])
 def test_client_password_file_binary(
     command: str, files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -208,11 +203,6 @@ def test_up_password_file_unusable(
     assert "--password-file" in message and "SAFETY-NET" not in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli._effective_config: an empty --password-file is accepted by `up` (connect/pipe refuse it) and the "
-    "agent then silently runs with no password; a non-UTF-8 one raises UnicodeDecodeError (only OSError is caught)",
-)
 @pytest.mark.parametrize("kind", ["empty", "blank", "binary"])
 def test_up_password_file_empty_or_binary(
     kind: str, files: dict[str, Path], guarded_state: Path, capsys: pytest.CaptureFixture[str]
@@ -221,11 +211,6 @@ def test_up_password_file_empty_or_binary(
     assert "--password-file" in assert_one_line_error(rc, err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`up --config` does not check access.password_file from the file (only the --password-file flag is "
-    "read), so a missing password file is found only inside the started agent (coordinator.read_password)",
-)
 def test_up_config_password_file_missing(
     tmp_path: Path, files: dict[str, Path], guarded_state: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -234,6 +219,17 @@ def test_up_config_password_file_missing(
     rc, _, err = run(cli.main, ["--state-dir", str(guarded_state), "up", "--config", str(cfg)], capsys)
     message = assert_one_line_error(rc, err)
     assert KEY_FILE not in message and str(files["missing"]) in message
+
+
+@pytest.mark.parametrize("kind", ["dir", "empty", "binary"])
+def test_up_config_password_file_unusable(
+    kind: str, tmp_path: Path, files: dict[str, Path], guarded_state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[access]\npassword_file = "{files[kind]}"\n')
+    rc, _, err = run(cli.main, ["--state-dir", str(guarded_state), "up", "--config", str(cfg)], capsys)
+    message = assert_one_line_error(rc, err)
+    assert "access.password_file" in message and str(files[kind]) in message and "SAFETY-NET" not in message
 
 
 @pytest.mark.parametrize(
@@ -286,11 +282,12 @@ def test_relay_key_file_missing(files: dict[str, Path], tmp_path: Path, capsys: 
     assert str(files["missing"]) in assert_one_line_error(rc, err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli._run (relay): --key-file is read with read_text() and only OSError is caught; a non-UTF-8 file "
-    "raises UnicodeDecodeError (traceback)",
-)
+def test_relay_key_file_empty(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty key file would mean "no key required": refused, as empty password files are."""
+    rc, _, err = run(cli.main, ["relay", "--port", "0", "--key-file", str(files["blank"])], capsys)
+    assert "--key-file" in assert_one_line_error(rc, err)
+
+
 def test_relay_key_file_binary(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = run(cli.main, ["relay", "--port", "0", "--key-file", str(files["binary"])], capsys)
     assert "--key-file" in assert_one_line_error(rc, err)
@@ -335,22 +332,12 @@ def test_serve_cannot_bind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "192.0.2.1" in assert_one_line_error(rc, err, statuses=(1, 2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay_server.run_relay lets the bind OSError escape and cli._run does not catch it: "
-    "`punchthrough relay --bind 192.0.2.1` ends in a traceback",
-)
 def test_relay_cannot_bind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--state-dir", str(tmp_path / "s"), "relay", "--bind", "192.0.2.1", "--port", "0"]
     rc, _, err = run(cli.main, argv, capsys)
     assert "192.0.2.1" in assert_one_line_error(rc, err, statuses=(1, 2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`serve --port 65535` puts the relay on port 65536: start_relay raises OverflowError (traceback); "
-    "the serve parser should cap --port at 65534",
-)
 def test_serve_port_leaves_no_room_for_relay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """(Bound to TEST-NET so nothing is ever listening: today the bind fails first; the fix refuses the flag.)"""
     argv = ["--state-dir", str(tmp_path / "s"), "serve", "--bind", "192.0.2.1", "--port", "65535"]
@@ -401,11 +388,6 @@ def test_id_with_damaged_key(content: bytes, tmp_path: Path, capsys: pytest.Capt
     assert (state / KEY_FILE).read_bytes() == content  # never replaced
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="crypto.load_or_create_signing_key: a non-UTF-8 key file raises UnicodeDecodeError, which "
-    "cli._run_agent_command does not catch (traceback instead of one line)",
-)
 def test_id_with_binary_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / "s"
     state.mkdir()
@@ -414,11 +396,6 @@ def test_id_with_binary_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert KEY_FILE in assert_one_line_error(rc, err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`punchthrough --state-dir FILE id`: NotADirectoryError from load_or_create_signing_key escapes "
-    "(only KeyFileError etc. are caught in cli._run_agent_command)",
-)
 def test_id_state_dir_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / "s"
     state.write_text("not a dir")

@@ -141,11 +141,6 @@ def test_key_that_does_not_match_the_id(tmp_path: Path) -> None:
     assert _snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="crypto.load_or_create_signing_key reads the key with read_text() outside its try: a non-UTF-8 key "
-    "file raises UnicodeDecodeError instead of KeyFileError (the CLI then prints a traceback)",
-)
 @pytest.mark.parametrize("data", [b"\xff\xfe\xfd", b"AAAA\x80AAAA"])
 def test_non_utf8_key_file(tmp_path: Path, data: bytes) -> None:
     (tmp_path / KEY_FILE).write_bytes(data)
@@ -199,11 +194,6 @@ def test_damaged_identity_is_refused_not_replaced(tmp_path: Path, name: str) -> 
     assert _snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="identity.load_or_create: derive_id does salt.to_bytes(4) and raises OverflowError for a negative or "
-    ">= 2**32 salt; OverflowError is not in the except tuple (ValueError, KeyError, TypeError)",
-)
 @pytest.mark.parametrize("salt", [-1, 2**32, 10**30])
 def test_out_of_range_salt(tmp_path: Path, salt: int) -> None:
     load_or_create(tmp_path)
@@ -213,10 +203,6 @@ def test_out_of_range_salt(tmp_path: Path, salt: int) -> None:
         load_or_create(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="identity.load_or_create: json.loads raises RecursionError on deeply nested input, not caught",
-)
 def test_deeply_nested_identity(tmp_path: Path) -> None:
     load_or_create(tmp_path)
     (tmp_path / IDENTITY_FILE).write_text("[" * 100_000 + "]" * 100_000)
@@ -224,11 +210,6 @@ def test_deeply_nested_identity(tmp_path: Path) -> None:
         load_or_create(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="identity.load_or_create catches only FileNotFoundError around read_text: identity.json being a "
-    "directory raises IsADirectoryError (an unreadable file should be a KeyFileError naming the path)",
-)
 def test_identity_path_is_a_directory(tmp_path: Path) -> None:
     load_or_create(tmp_path)
     (tmp_path / IDENTITY_FILE).unlink()
@@ -237,11 +218,6 @@ def test_identity_path_is_a_directory(tmp_path: Path) -> None:
         load_or_create(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="crypto.load_or_create_signing_key catches only FileNotFoundError: a state dir that is a file raises "
-    "NotADirectoryError, not KeyFileError (the `id` CLI prints a traceback)",
-)
 def test_state_dir_is_a_file(tmp_path: Path) -> None:
     bogus = tmp_path / "state"
     bogus.write_text("not a directory")

@@ -93,12 +93,6 @@ def test_corrupted_file_is_a_clear_error_and_kept(tmp_path: Path, data: bytes) -
     assert (tmp_path / PINS_FILE).read_bytes() == data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PinStore uses base64.b64decode(v) without validate=True and no length check: non-base64 text decodes "
-    "to some other bytes (b'' for '!!!') and a wrong-length key is accepted, so a corrupted pin is silently "
-    "loaded and rewritten on the next check_and_pin",
-)
 @pytest.mark.parametrize("value", ["!!!!", "AA!AA", "AAAA", base64.b64encode(KEY_A).decode()[:-4], ""])
 def test_bad_pin_value_is_a_clear_error(tmp_path: Path, value: str) -> None:
     data = json.dumps({"1234567890": value}).encode()
@@ -108,24 +102,25 @@ def test_bad_pin_value_is_a_clear_error(tmp_path: Path, value: str) -> None:
     assert (tmp_path / PINS_FILE).read_bytes() == data
 
 
-@pytest.mark.xfail(
-    strict=True, reason="PinStore: json.loads raises RecursionError on deeply nested input, which is not caught"
-)
 def test_deeply_nested_file(tmp_path: Path) -> None:
     (tmp_path / PINS_FILE).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match=PINS_FILE):
         PinStore(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PinStore catches only FileNotFoundError around read_text: a directory (or unreadable file) at the "
-    "pins path raises IsADirectoryError/PermissionError instead of a ValueError naming the file",
-)
 def test_pins_path_is_a_directory(tmp_path: Path) -> None:
     (tmp_path / PINS_FILE).mkdir()
     with pytest.raises(ValueError, match=PINS_FILE):
         PinStore(tmp_path)
+
+
+@pytest.mark.parametrize("key", [b"", KEY_A[:31], KEY_A + b"\x00"])
+def test_wrong_length_key_is_never_pinned(tmp_path: Path, key: bytes) -> None:
+    """Pinning it would write a file the next load refuses."""
+    store = PinStore(tmp_path)
+    with pytest.raises(ValueError):
+        store.check_and_pin("1", key)
+    assert store.get("1") is None and not (tmp_path / PINS_FILE).exists()
 
 
 def test_atomic_replace_keeps_old_content_for_readers(tmp_path: Path) -> None:

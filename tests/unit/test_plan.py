@@ -67,8 +67,16 @@ def test_bad_policy_words(bad: str) -> None:
 
 
 @given(
-    st.sampled_from(NATS), st.sampled_from(NATS), st.booleans(), st.booleans(), st.booleans(), st.booleans(),
-    st.sampled_from(list(Mode)), st.booleans(), st.booleans(), st.booleans(),
+    st.sampled_from(NATS),
+    st.sampled_from(NATS),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from(list(Mode)),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
 )
 def test_plan_invariants(ours, peers, lan, oudp, pudp, v6, mode, udp, tcp, ipv6) -> None:
     sit = Situation(ours, peers, lan, oudp, pudp, v6)

@@ -1,0 +1,178 @@
+"""RustDesk's UDP hole punch (protocol notes 6.11): the schedule (sans-IO) and an asyncio runner.
+
+Both sides `connect()` their UDP socket to the peer's mapped address and send empty
+datagrams: at once, then after 20 ms, 30 ms, 45 ms ... (x1.5, capped at 200 ms) until the
+deadline (20 s). Each empty datagram opens (or refreshes) our NAT's mapping towards the
+peer; the first one that gets through proves the path. The initiator (A, listen=False)
+stops at the first datagram from the peer, whatever it holds, and goes on to
+`KcpTransport.connect`; the responder (B, listen=True) ignores empty datagrams and stops
+at the first non-empty one, which is A's KCP SYN, and hands it to `KcpTransport.accept`
+as `first_datagram` so the handshake loses nothing.
+
+Unlike RustDesk, an ICMP error (ECONNREFUSED on the connected socket) does not end the
+punch: right after connect() the peer's NAT has often not opened yet, and the next
+datagram may get through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+PUNCH_FIRST_INTERVAL = 0.02
+PUNCH_GROWTH = 1.5
+PUNCH_MAX_INTERVAL = 0.2
+PUNCH_DEADLINE = 20.0
+
+Address = tuple[str, int] | tuple[str, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class PunchSchedule:
+    first_interval: float = PUNCH_FIRST_INTERVAL
+    growth: float = PUNCH_GROWTH
+    max_interval: float = PUNCH_MAX_INTERVAL
+    deadline: float = PUNCH_DEADLINE
+    """Seconds after the start at which the punch gives up."""
+
+    def intervals(self) -> Iterator[float]:
+        """Gaps between consecutive sends: 0.02, 0.03, 0.045, ... capped at max_interval, forever."""
+        gap = self.first_interval
+        while True:
+            yield min(gap, self.max_interval)
+            gap = min(gap * self.growth, self.max_interval)
+
+    def send_times(self) -> list[float]:
+        """Offsets (seconds from the start) of every empty datagram: 0, 0.02, 0.05, 0.095, ..."""
+        times = [0.0]
+        t = 0.0
+        for gap in self.intervals():
+            t += gap
+            if t >= self.deadline:
+                return times
+            times.append(t)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Puncher:
+    """The punch as a state machine: `due(now)` says whether to send, `on_datagram` whether we are done."""
+
+    def __init__(self, *, listen: bool, now: float, schedule: PunchSchedule | None = None) -> None:
+        self.listen = listen
+        self.schedule = schedule or PunchSchedule()
+        self.started = now
+        self.deadline = now + self.schedule.deadline
+        self._gaps = self.schedule.intervals()
+        self._next_send = now
+        self.sent = 0
+        self.ignored_empty = 0
+        self.done = False
+        self.first_datagram: bytes | None = None
+        self.finished_at: float | None = None
+
+    def due(self, now: float) -> bool:
+        """True when one empty datagram should go out now (never a burst, however late we are)."""
+        if self.done or now >= self.deadline or now < self._next_send:
+            return False
+        self.sent += 1
+        gap = next(self._gaps)
+        planned = self._next_send + gap
+        self._next_send = planned if planned > now else now + gap
+        return True
+
+    def next_timer(self) -> float:
+        return min(self._next_send, self.deadline)
+
+    def expired(self, now: float) -> bool:
+        return not self.done and now >= self.deadline
+
+    def on_datagram(self, data: bytes, now: float) -> bool:
+        """Feed a datagram from the peer; True when the punch is complete."""
+        if self.done:
+            return True
+        if self.listen and not data:
+            self.ignored_empty += 1
+            return False
+        self.done = True
+        self.finished_at = now
+        self.first_datagram = bytes(data) if data else None
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class PunchResult:
+    peer_addr: Address
+    first_datagram: bytes | None
+    """Responder: A's KCP SYN, to pass to `KcpTransport.accept(first_datagram=...)`."""
+    sent: int
+    elapsed: float
+
+
+class PunchTimeout(TimeoutError):
+    """Nothing usable came from the peer before the deadline."""
+
+
+def _same_endpoint(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """Compare socket addresses across forms ('::ffff:1.2.3.4' vs '1.2.3.4', 4-tuples vs 2-tuples)."""
+    if a[1] != b[1]:
+        return False
+    try:
+        ia = ipaddress.ip_address(str(a[0]).split("%")[0])
+        ib = ipaddress.ip_address(str(b[0]).split("%")[0])
+    except ValueError:
+        return a[0] == b[0]
+    if isinstance(ia, ipaddress.IPv6Address) and ia.ipv4_mapped is not None:
+        ia = ia.ipv4_mapped
+    if isinstance(ib, ipaddress.IPv6Address) and ib.ipv4_mapped is not None:
+        ib = ib.ipv4_mapped
+    return ia == ib
+
+
+async def punch(
+    sock: socket.socket,
+    peer_addr: Address,
+    *,
+    listen: bool,
+    schedule: PunchSchedule | None = None,
+) -> PunchResult:
+    """Punch towards `peer_addr` from `sock` (connected to it here) and return what came back.
+
+    Raises PunchTimeout after `schedule.deadline` seconds. Datagrams from any other source
+    (queued before connect()) are ignored. The socket stays open and connected either way.
+    """
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    sock.connect(peer_addr)
+    peer = sock.getpeername()
+    puncher = Puncher(listen=listen, now=loop.time(), schedule=schedule)
+    while True:
+        now = loop.time()
+        if puncher.due(now):
+            with contextlib.suppress(OSError):  # ECONNREFUSED from an ICMP error, ENOBUFS: try again later
+                sock.send(b"")
+        if puncher.expired(now):
+            raise PunchTimeout(
+                f"UDP punch to {peer[0]}:{peer[1]} timed out after {puncher.schedule.deadline:g} s "
+                f"({puncher.sent} datagrams sent, {puncher.ignored_empty} empty ones received)"
+            )
+        wait = max(puncher.next_timer() - now, 0.0)
+        try:
+            async with asyncio.timeout(wait):
+                data, addr = await loop.sock_recvfrom(sock, 65536)
+        except TimeoutError:
+            continue
+        except ConnectionRefusedError:
+            continue
+        if not _same_endpoint(addr, peer):
+            continue
+        if puncher.on_datagram(data, loop.time()):
+            return PunchResult(
+                peer_addr=peer,
+                first_datagram=puncher.first_datagram,
+                sent=puncher.sent,
+                elapsed=loop.time() - puncher.started,
+            )
