@@ -12,10 +12,10 @@ import contextlib
 import copy
 import json
 import os
+import re
 import socket
 import struct
 import sys
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
