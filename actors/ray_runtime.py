@@ -113,11 +113,13 @@ class RayHandle:
 
     def _ours(self) -> list[psutil.Process]:
         procs: dict[int, psutil.Process] = {}
-        with contextlib.suppress(psutil.Error):
-            head = psutil.Process(self.pid)
-            procs[head.pid] = head
-            for c in head.children(recursive=True):
-                procs[c.pid] = c
+        # Only while our Popen has not reaped the head can its pid not belong to someone else.
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                head = psutil.Process(self.pid)
+                procs[head.pid] = head
+                for c in head.children(recursive=True):
+                    procs[c.pid] = c
         # Anything else that names our unique temp dir was started by this head (workers
         # re-parented after a crash, agents that outlive the raylet).
         marker = str(self.temp_dir / "ray")
@@ -134,6 +136,8 @@ class RayHandle:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
         _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+        # A second look catches workers that were starting while we took the first snapshot.
+        alive = list({p.pid: p for p in [*alive, *self._ours()]}.values())
         for p in alive:
             with contextlib.suppress(psutil.Error):
                 p.kill()
@@ -143,6 +147,9 @@ class RayHandle:
                 self._proc.wait(timeout=1.0)
         if self.owns_temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+            if self.temp_dir.exists():  # a dying process wrote a last log line after the first pass
+                time.sleep(0.2)
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _ray_cli() -> str:

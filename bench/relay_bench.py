@@ -326,7 +326,8 @@ def relay_process(pump: str, replicas: int) -> Iterator[tuple[int, list[int]]]:
             deadline = time.monotonic() + 30
             while True:
                 holders = {
-                    c.pid for c in psutil.net_connections("tcp")
+                    c.pid
+                    for c in psutil.net_connections("tcp")
                     if c.pid and c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
                 }
                 holders.discard(proc.pid)
@@ -428,9 +429,7 @@ def main() -> int:
         gen_direct = median([run_streams(direct_pair(), 1, size, src, []) for _ in range(rep)])
         row("gen direct", gen_direct)
         with socat_to(listener.getsockname()[1]) as (sp, sproc):
-            gen_socat = median(
-                [run_streams(forward_pair(sp, listener), 1, size, src, [sproc.pid]) for _ in range(rep)]
-            )
+            gen_socat = median([run_streams(forward_pair(sp, listener), 1, size, src, [sproc.pid]) for _ in range(rep)])
         row("gen via socat", gen_socat, gen_direct.mbps)
         listener.close()
 

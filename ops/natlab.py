@@ -17,6 +17,7 @@ import argparse
 import atexit
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import re
@@ -85,17 +86,31 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> str:
     return proc.stdout
 
 
+@functools.cache
 def available() -> tuple[bool, str]:
-    """Whether this process can build labs, and if not, why (used by tests to skip cleanly)."""
+    """Whether this process can build labs, and if not, why (used by tests to skip cleanly).
+
+    Root alone is not enough (a container may deny namespaces or nf_tables), so a throwaway
+    namespace is created, given an empty ruleset, and deleted; the answer is kept per process.
+    """
     if os.geteuid() != 0:
         return False, "natlab needs root (network namespaces and nftables)"
     for tool in ("ip", "nft"):
         if shutil.which(tool) is None:
             return False, f"natlab needs `{tool}` (apt-get install iproute2 nftables)"
+    probe = f"punchthrough-natlab-probe-{os.getpid()}"
     try:
-        _run(["ip", "netns", "list"])
+        _run(["ip", "netns", "add", probe])
     except LabError as e:
-        return False, f"`ip netns` is unavailable: {e}"
+        return False, f"`ip netns add` does not work here: {e}"
+    try:
+        _run(["ip", "netns", "exec", probe, "nft", "-f", "-"], "table ip probe {\n  chain c { type nat hook postrouting "
+             "priority srcnat; masquerade; }\n}\n")
+    except LabError as e:
+        return False, f"nftables NAT does not work in a namespace here: {e}"
+    finally:
+        with contextlib.suppress(LabError):
+            _run(["ip", "netns", "del", probe])
     return True, ""
 
 
@@ -165,7 +180,11 @@ def remove_lab(prefix: str) -> list[str]:
     if pids:
         _kill_pids(sorted(set(pids) - {os.getpid()}))
     if names:
-        _run(["ip", "-force", "-b", "-"], "".join(f"netns del {n}\n" for n in names))
+        try:
+            _run(["ip", "-force", "-b", "-"], "".join(f"netns del {n}\n" for n in names))
+        except LabError:
+            if set(names) & set(list_namespaces()):  # not merely removed by a concurrent `down`
+                raise
     with contextlib.suppress(FileNotFoundError):
         (STATE_DIR / prefix).unlink()
     return names

@@ -159,9 +159,10 @@ def blocking_send_expect_close(port: int, data: bytes, *, half_close: bool = Tru
 
 def blocking_pair_roundtrip(port: int, uuid: str, payload: bytes = b"ping") -> None:
     """A real pair still works: each side gets the other's payload."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as a, socket.create_connection(
-        ("127.0.0.1", port), timeout=10
-    ) as b:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as a,
+        socket.create_connection(("127.0.0.1", port), timeout=10) as b,
+    ):
         a.sendall(request_frame(uuid) + payload + b"-a")
         b.sendall(request_frame(uuid) + payload + b"-b")
         want = len(payload) + 2

@@ -58,6 +58,8 @@ class UdpProxy:
     def __init__(self, a_addr: tuple[str, int], b_addr: tuple[str, int], *, seed: int = 1) -> None:
         self.a_side = udp_socket()
         self.b_side = udp_socket()
+        for s in (self.a_side, self.b_side):  # a path with deep buffers: loss is only what we choose
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.a_addr = a_addr
         self.b_addr = b_addr
         self.rng = random.Random(seed)
@@ -359,6 +361,7 @@ async def test_junk_injected_into_both_sockets_never_reaches_the_stream() -> Non
         rng = random.Random(10)
         junk = junk_datagrams(ta.conv, rng)
         sa, sb = ta.stream_socket(), tb.stream_socket()
+        sb.shutdown(socket.SHUT_WR)  # B sends nothing: whatever A receives would be junk
 
         async def spray() -> None:
             for _ in range(20):
@@ -425,13 +428,16 @@ async def test_wire_handshake_data_ping_rst_against_a_raw_peer() -> None:
             assert d[:HEADER_SIZE] == data_hdr and len(d) <= HEADER_SIZE + 1200
             off = HEADER_SIZE
             while off < len(d):
-                _c, cmd, frg, _wnd, _ts, _sn, _una, length = SEGMENT.unpack_from(d, off)
+                _c, cmd, frg, _wnd, ts, sn, _una, length = SEGMENT.unpack_from(d, off)
                 off += SEGMENT_OVERHEAD
                 if cmd == CMD_PUSH:
                     assert frg == 0 and length <= 1176
                     got += d[off : off + length]
+                    # acknowledge it as ikcp would (una = next expected sn; our own push sn 0 is done)
+                    raw.send(data_hdr + SEGMENT.pack(conv, CMD_ACK, 0, 1024, ts, sn, 1, 0))
                 off += length
         assert got == b"z" * 3000
+        await until(lambda: t.stats().waitsnd == 0)
 
         # PING -> PING|PONG; unknown conv -> RST with that conv; an unknown conv's RST -> nothing
         raw.send(HEADER.pack(conv, 0, 0, PING, 0))
