@@ -16,12 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import config, identity
+from agent import config
 from agent.addr import AddressError, parse_port, split_host_port
 from agent.config import PATHS, Config
-from agent.crypto import KeyFileError
 from agent.paths import default_state_dir
-from agent.stack import write_config
 
 AGENT_COMMANDS = ("up", "down", "id", "config", "connect", "pipe")
 
@@ -224,10 +222,31 @@ def _checked_secret_path(text: str, what: str) -> str:
     return str(path.resolve())
 
 
-def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
-    from agent import client, runner
+def _run_client_command(args: argparse.Namespace, state_dir: Path) -> int:
+    """`pipe` and `connect`: kept light (no agent internals, no crypto imports) so they start fast."""
+    from agent import client
 
+    try:
+        password = _password(args.password_file)
+        if args.command == "pipe":
+            return client.run_pipe(state_dir, args.peer, args.target, args.path, password, args.timeout)
+        spec = client.parse_forward(args.forward)
+        return client.run_forward(state_dir, args.peer, spec, args.path, password, args.timeout)
+    except (client.ClientError, AddressError) as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise CliError(f"{exc.strerror or exc}{where}") from None
+
+
+def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
     state_dir = state_dir.resolve()
+    if args.command in ("pipe", "connect"):
+        return _run_client_command(args, state_dir)
+    from agent import identity, runner
+    from agent.crypto import KeyFileError
+    from agent.stack import write_config
+
     try:
         if args.command == "up":
             if not args.keep_config:
@@ -260,12 +279,8 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
         if args.command == "config":
             print(config.dump(config.load(args.config)), end="")
             return 0
-        password = _password(args.password_file)
-        if args.command == "pipe":
-            return client.run_pipe(state_dir, args.peer, args.target, args.path, password, args.timeout)
-        spec = client.parse_forward(args.forward)
-        return client.run_forward(state_dir, args.peer, spec, args.path, password, args.timeout)
-    except (client.ClientError, runner.RunnerError, config.ConfigError, AddressError, KeyFileError) as exc:
+        raise CliError(f"unknown command {args.command!r}")
+    except (runner.RunnerError, config.ConfigError, AddressError, KeyFileError) as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:  # e.g. a state dir that is a file, a directory we may not write
         where = f": {exc.filename}" if exc.filename else ""

@@ -641,6 +641,10 @@ class KcpTransport:
         if timer is not None and now >= timer:
             conn.handle_timer(now)
         self._service(now)
+        if conn.state is State.CLOSED and self._done.is_set():
+            # Over: the UDP reader stays (a duplicate FIN still gets its RST) until close().
+            self._timer = None
+            return
         self._schedule_tick()
 
     def _teardown(self, *, close_udp: bool) -> None:

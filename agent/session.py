@@ -174,13 +174,21 @@ async def pump(transport: socket.socket, codec: StreamCodec, local: socket.socke
                 if not codec.peer_eof:
                     raise SessionError("connection to the peer was cut (no authenticated end of stream)")
                 return
+            ready: list[bytes] = []
             for piece in codec.decode(chunk):
-                if piece is None:
-                    with contextlib.suppress(OSError):
-                        local.shutdown(socket.SHUT_WR)
+                if piece is not None:
+                    ready.append(piece)
                     continue
-                await loop.sock_sendall(local, piece)
-                stats.bytes_in += len(piece)
+                if ready:  # everything before the peer's EOF goes out first
+                    await loop.sock_sendall(local, b"".join(ready))
+                    stats.bytes_in += sum(map(len, ready))
+                    ready = []
+                with contextlib.suppress(OSError):
+                    local.shutdown(socket.SHUT_WR)
+            if ready:  # one write per read, not one per frame
+                data = ready[0] if len(ready) == 1 else b"".join(ready)
+                await loop.sock_sendall(local, data)
+                stats.bytes_in += len(data)
             if codec.peer_eof and codec.decoder.buffered == 0:
                 return
 

@@ -76,18 +76,19 @@ class FrameDecoder:
         out: list[bytes] = []
         pos = 0
         n = len(buf)
-        while pos < n and (limit is None or len(out) < limit):
-            head_len = (buf[pos] & 3) + 1
-            if n - pos < head_len:
-                break
-            length = int.from_bytes(buf[pos : pos + head_len], "little") >> 2
-            if length > self.max_frame:
-                raise FrameError(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
-            end = pos + head_len + length
-            if end > n:
-                break
-            out.append(bytes(buf[pos + head_len : end]))
-            pos = end
+        with memoryview(buf) as view:  # one copy per payload; released before the buffer shrinks
+            while pos < n and (limit is None or len(out) < limit):
+                head_len = (buf[pos] & 3) + 1
+                if n - pos < head_len:
+                    break
+                length = int.from_bytes(view[pos : pos + head_len], "little") >> 2
+                if length > self.max_frame:
+                    raise FrameError(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+                end = pos + head_len + length
+                if end > n:
+                    break
+                out.append(bytes(view[pos + head_len : end]))
+                pos = end
         if pos:
             del buf[:pos]
         return out

@@ -53,6 +53,7 @@ __all__ = ["NAT_VARIANTS", "SCENARIOS", "SERVER_V4", "SERVER_V6", "Lab", "LabErr
 
 STATE_DIR = Path("/run/punchthrough-natlab")
 CLI_PREFIX = "ptlcli"  # the CLI's default: one well-known lab a person can `up` and `down`
+_PROBE = "punchthrough-natlab-probe-"  # + pid: the namespace `available()` tries and deletes
 _CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 _NODE_SUFFIX = re.compile(r"^(?P<prefix>[a-z][a-z0-9]{0,11})-(?:" + "|".join(NODE_NAMES) + r")$")
@@ -98,14 +99,14 @@ def available() -> tuple[bool, str]:
     for tool in ("ip", "nft"):
         if shutil.which(tool) is None:
             return False, f"natlab needs `{tool}` (apt-get install iproute2 nftables)"
-    probe = f"punchthrough-natlab-probe-{os.getpid()}"
+    probe = f"{_PROBE}{os.getpid()}"
     try:
         _run(["ip", "netns", "add", probe])
     except LabError as e:
         return False, f"`ip netns add` does not work here: {e}"
     try:
-        _run(["ip", "netns", "exec", probe, "nft", "-f", "-"], "table ip probe {\n  chain c { type nat hook postrouting "
-             "priority srcnat; masquerade; }\n}\n")
+        ruleset = "table ip probe {\n  chain c { type nat hook postrouting priority srcnat; masquerade; }\n}\n"
+        _run(["ip", "netns", "exec", probe, "nft", "-f", "-"], ruleset)
     except LabError as e:
         return False, f"nftables NAT does not work in a namespace here: {e}"
     finally:
@@ -165,8 +166,9 @@ def _kill_pids(pids: Sequence[int], grace: float = 1.0) -> None:
     while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
         time.sleep(0.02)
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def remove_lab(prefix: str) -> list[str]:
@@ -278,7 +280,7 @@ class Lab:
         self.build_seconds = time.monotonic() - t0
         return self
 
-    def _in_parallel(self, fn: Any) -> None:
+    def _in_parallel(self, fn: Callable[[str], None]) -> None:
         with ThreadPoolExecutor(max_workers=len(self.plan.nodes)) as pool:
             for f in [pool.submit(fn, node) for node in self.plan.nodes]:
                 f.result()
@@ -307,7 +309,7 @@ class Lab:
     def _wait_link_local(self, node: str, timeout: float = 3.0) -> None:
         """Routers solicit neighbours from their link-local address; wait until every link has one.
 
-        Bridge ports are skipped: they carry no addresses, and theirs can lag by a second.
+        Bridge ports are skipped: nothing is ever sent from their own addresses.
         """
         ns = self.ns(node)
         deadline = time.monotonic() + timeout
@@ -418,7 +420,7 @@ class Lab:
             "nodes": {
                 name: {"namespace": self.plan.ns(name), "role": n.role, "v4": n.v4, "v6": n.v6,
                        "public_v4": n.public_v4, "public_v6": n.public_v6, "gateway": n.gateway, "lan": n.lan,
-                       "nat": n.nat}
+                       "lan_v6": n.lan_v6, "nat": n.nat}
                 for name, n in self.plan.nodes.items()
             },
         }
@@ -465,14 +467,15 @@ def render_up(lab: Lab) -> str:
         if n["v6"]:
             addr += f", {n['v6']}" if name != "wan" else ", " + ", ".join(SERVER_V6)
         if n["lan"]:
-            addr += f" (lan {n['lan']})"
+            addr += f" (lan {n['lan']}" + (f", {n['lan_v6']})" if n["lan_v6"] else ")")
         rows.append([n["namespace"], n["role"], addr, n["public_v4"] if name.startswith("h") else "-",
                      n["gateway"] or "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    first = next(iter(d["nodes"].values()))["namespace"]
-    lines += ["", f"run a command in a namespace:  ip netns exec {first} COMMAND",
-              f"tear it down:                  python -m ops.natlab down --prefix {d['prefix']}"]
+    p = d["prefix"]
+    lines += ["", f"servers (rendezvous, relay) belong in {p}-wan on {SERVER_V4[0]} (second address {SERVER_V4[1]})",
+              f"run a command in a namespace:  ip netns exec {p}-ha COMMAND",
+              f"tear it down:                  python -m ops.natlab down --prefix {p}"]
     return "\n".join(lines)
 
 
@@ -517,6 +520,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefixes = sorted(lab_prefixes())
         else:
             prefixes = [args.prefix or CLI_PREFIX]
+        if args.stale or args.all:  # probes of `available()` whose process died before deleting them
+            for name in list_namespaces():
+                pid = name.removeprefix(_PROBE)
+                if name.startswith(_PROBE) and pid.isdigit() and not _pid_alive(int(pid)):
+                    _run(["ip", "netns", "del", name])
         for prefix in prefixes:
             removed = remove_lab(prefix)
             names = f": {' '.join(sorted(removed))}" if removed else ""

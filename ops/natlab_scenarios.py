@@ -87,6 +87,7 @@ class Node:
     public_v6: str | None = None
     gateway: str | None = None
     lan: str | None = None  # routers: LAN side address
+    lan_v6: str | None = None
     nat: str | None = None  # routers and hosts: NAT variant of their side
 
 
@@ -274,7 +275,8 @@ def build_plan(scenario: Scenario, prefix: str) -> Plan:
         router = f"r{side}"
         r4, r6 = f"198.51.100.1{n}", (f"2001:db8:100::1{n}" if v6 else None)
         lan4, lan6 = f"10.0.{n}.1", (f"2001:db8:{n}::1" if v6 else None)
-        plan.nodes[router] = Node(router, f"router {side.upper()} ({nat})", r4, r6, r4, r6, lan=lan4, nat=nat)
+        plan.nodes[router] = Node(router, f"router {side.upper()} ({nat})", r4, r6, r4, r6, lan=lan4, lan_v6=lan6,
+                                  nat=nat)
         _veth(plan, router, "wan", "wan", router)
         wan_lines += [f"link set {router} master br0", f"link set {router} up"]
         rl = ["link set lo up", f"addr add {r4}/24 dev wan",

@@ -279,6 +279,21 @@ def test_same_lan_hosts_talk_directly_and_share_one_public_address(natlab) -> No
     assert lab.public_addr("ha") == lab.public_addr("ha2") == "198.51.100.11"
 
 
+# ---- one side public ---------------------------------------------------------------------------------
+def test_one_public_host_is_reachable_from_anywhere(natlab) -> None:
+    lab = natlab("one-public")
+    ha = udp(lab, "ha", port=9000)
+    assert lab.public_addr("ha") == lab.addr("ha") == "198.51.100.21"
+    hb = udp(lab, "hb")
+    hb.sendto(b"from behind a nat", ("198.51.100.21", 9000))
+    text, src = recv_text(ha)
+    assert text == "from behind a nat" and src[0] == "198.51.100.12"
+    ha.sendto(b"reply", src)
+    assert recv_text(hb)[0] == "reply"
+    udp(lab, "wan", bind=SERVER_V4[1]).sendto(b"unsolicited is fine", ("198.51.100.21", 9000))
+    assert recv_text(ha)[0] == "unsolicited is fine"
+
+
 # ---- IPv6 -------------------------------------------------------------------------------------------
 def test_ipv6_routed_without_nat_behind_a_stateful_firewall(natlab) -> None:
     lab = natlab("ipv6")
@@ -375,7 +390,7 @@ def test_cli_up_down_and_crash_leftovers(natlab_ready) -> None:
         again = run("up", "both-cone", "--prefix", prefix)
         assert again.returncode == 1 and "in use" in again.stderr and again.stderr.count("\n") == 1
         text = run("up", "both-cone", "--prefix", prefix + "b")
-        assert text.returncode == 0 and f"ip netns exec {prefix}b-wan" in text.stdout
+        assert text.returncode == 0 and f"ip netns exec {prefix}b-ha" in text.stdout and f"{prefix}b-wan" in text.stdout
         # a crashed run leaves a half-built lab; `down --prefix` removes whatever has the prefix
         subprocess.run(["ip", "netns", "del", f"{prefix}-ra"], check=True)
         down = run("down", "--prefix", prefix)
