@@ -152,16 +152,6 @@ class RayHandle:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def _ray_cli() -> str:
-    cand = Path(sys.executable).parent / "ray"
-    if cand.exists():
-        return str(cand)
-    found = shutil.which("ray")
-    if found is None:
-        raise RayStartError("the `ray` command was not found next to the Python interpreter or on PATH")
-    return found
-
-
 def start_private_head(
     temp_dir: Path | None = None,
     *,
@@ -205,10 +195,21 @@ def start_private_head(
     raise AssertionError("unreachable")
 
 
+_RAY_START_WITHOUT_CLIENT_SERVER = (
+    "import ray.scripts.scripts as s; "
+    "s.get_ray_client_dependency_error = lambda: 'not used by punchthrough'; "
+    "s.main()"
+)
+"""`ray start`, minus the Ray client server: `ray start` launches it (a ~50 MiB process and a
+port) whenever grpc is importable, and no flag turns it off; the agent never uses it."""
+
+
 def _launch(tdir: Path, env: dict[str, str], object_store_bytes: int, startup_timeout: float) -> RayHandle:
-    port, client_port, dash_port, agent_port = free_ports(4)
+    port, dash_port, agent_port = free_ports(3)
     cmd = [
-        _ray_cli(),
+        sys.executable,
+        "-c",
+        _RAY_START_WITHOUT_CLIENT_SERVER,
         "start",
         "--head",
         f"--port={port}",
@@ -219,7 +220,6 @@ def _launch(tdir: Path, env: dict[str, str], object_store_bytes: int, startup_ti
         "--no-monitor",
         "--include-log-monitor=False",
         f"--object-store-memory={object_store_bytes}",
-        f"--ray-client-server-port={client_port}",
         f"--dashboard-port={dash_port}",
         f"--dashboard-agent-listen-port={agent_port}",
         "--block",

@@ -132,6 +132,13 @@ def router_ruleset_v4(nat: str, host_v4: str, router_v4: str) -> str:
     mapping; `fully-random` picks a fresh random port per conntrack entry (endpoint-dependent).
     Filtering: conntrack admits only packets of flows the LAN opened (same remote ip:port), which is
     port-restricted; the full cone instead DNATs every new inbound TCP/UDP packet to the host.
+
+    Limits, on purpose: `cone` stays endpoint-independent only while ports do not clash (a second
+    LAN host using the same source port towards the same destination gets another port). `fullcone`
+    is really a 1:1 "DMZ host" NAT: every inbound TCP/UDP port reaches the first host, mapped or not,
+    which includes full-cone filtering; a second host on that LAN gets no unsolicited inbound.
+    Unsolicited packets to the router itself are dropped in `input` (the kernel would otherwise
+    answer with RST / port-unreachable, which is what `reject` asks for explicitly).
     """
     if nat not in NAT_VARIANTS or nat == "public":
         raise PlanError(f"no router ruleset for NAT variant {nat!r}")
