@@ -18,7 +18,7 @@ from typing import Any
 
 from agent import config
 from agent.addr import AddressError, parse_port, split_host_port
-from agent.config import PATHS, Config
+from agent.config import Config
 from agent.paths import default_state_dir
 
 AGENT_COMMANDS = ("up", "down", "id", "config", "connect", "pipe")
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="forward target peers may reach (repeatable)",
     )
-    up.add_argument("--path", choices=PATHS, default=None, help="default path policy for outgoing sessions")
+    up.add_argument("--path", type=_policy, default=None, metavar="POLICY", help=POLICY_HELP)
     up.add_argument("--foreground", action="store_true", help="stay in the foreground (Ctrl-C stops the agent)")
     up.add_argument("--keep-config", action="store_true", help=argparse.SUPPRESS)
 
@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-L", dest="forward", required=True, metavar="[BIND:]PORT:HOST:HOSTPORT")
         else:
             p.add_argument("target", type=_host_port, metavar="HOST:PORT")
-        p.add_argument("--path", choices=PATHS, default="auto")
+        p.add_argument(
+            "--path", type=_policy, default="", metavar="POLICY", help=POLICY_HELP + " (default: the agent's)"
+        )
         p.add_argument("--password-file", type=Path, default=None, help="password for the peer")
         p.add_argument("--timeout", type=_positive, default=30.0, help="seconds to wait for the stream to open")
 
@@ -152,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_serve_port, default=DEFAULT_RENDEZVOUS_PORT, help="rendezvous port; relay is port+1"
     )
     return parser
+
+
+POLICY_HELP = (
+    "path policy: auto, direct-only or relay-only, plus disable-udp, disable-tcp-punch, disable-ipv6 (comma-separated)"
+)
+
+
+def _policy(text: str) -> str:
+    from agent.plan import Policy
+
+    try:
+        Policy.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _host_port_default(port: int) -> Any:

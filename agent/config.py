@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from agent.addr import AddressError, shown, split_host_port
+from agent.plan import POLICY_WORDS, Policy
 
-PATHS = ("auto", "relay", "direct")
+PATHS = POLICY_WORDS
 
 
 class ConfigError(ValueError):
@@ -40,7 +41,8 @@ class AgentSection:
     relay_key: str = ""
     """Key the relay wants in RequestRelay.licence_key (empty: none)."""
     path: str = "auto"
-    """Default path policy for outgoing sessions: auto, relay or direct."""
+    """Path policy for outgoing sessions: auto, direct-only or relay-only, plus any of disable-udp,
+    disable-tcp-punch, disable-ipv6 (comma-separated)."""
     connect_timeout: float = 10.0
     """Seconds a session may take to come up before `connect`/`pipe` give up."""
 
@@ -79,8 +81,12 @@ class Config:
     ray: RaySection = field(default_factory=RaySection)
 
     def validate(self) -> Config:
-        if self.agent.path not in PATHS:
-            raise ConfigError(f"agent.path must be one of {', '.join(PATHS)}, got {shown(self.agent.path)}")
+        try:
+            if not self.agent.path.strip():
+                raise ValueError("must not be empty (use auto)")
+            Policy.parse(self.agent.path)
+        except ValueError as exc:
+            raise ConfigError(f"agent.path: {exc}") from None
         _check_address("agent.server", self.agent.server, 21116)
         _check_address("agent.relay", self.agent.relay, 21117)
         for target in self.access.allow_targets:
@@ -214,7 +220,7 @@ def _docs(cls: type) -> dict[str, str]:
             and isinstance(nxt, ast.Expr)
             and isinstance(nxt.value, ast.Constant)
         ):
-            docs[node.target.id] = str(nxt.value.value)
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # one comment line
     return docs
 
 
