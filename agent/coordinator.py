@@ -420,6 +420,7 @@ class Coordinator:
         res = await ref.call("answer", sid, msg, self.identity.peer_id, nat, relay, budget)
         plan.path = name
         ok = bool(res.get("ok"))
+        log.info("answered %s push (session %s): %s", name, sid, "connected" if ok else res.get("reason"))
         plan.attempts.append(Attempt(name, "connected" if ok else "error", str(res.get("reason", "")), _ms(started)))
         if not ok:
             plan.error = str(res.get("reason"))
@@ -579,6 +580,7 @@ class Race:
 
     def _record(self, strategy: str, outcome: str, reason: str = "") -> None:
         self.plan.attempts.append(Attempt(strategy, outcome, reason, _ms(self.started)))
+        log.info("session %s to %s: %s %s%s", self.sid, self.peer, strategy, outcome, f" ({reason})" if reason else "")
         if outcome == "error":
             self.errors.append(reason)
 

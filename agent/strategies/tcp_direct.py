@@ -2,16 +2,18 @@
 server told each side (seed 6.5 TCP path, 6.9 same-LAN path).
 
 A (`dial`) connects from the local port of its rendezvous connection, so its NAT
-reuses the mapping the server saw. B (`answer`) listens on a port, fires one short
-SYN from it towards A (that opens B's NAT and firewall for A's address), tells the
-server (PunchHoleSent, or LocalAddr on a LAN) from the same port, and accepts A.
+reuses the mapping the server saw. B (`answer`) listens on a port and, from the
+same port, keeps connecting to A (the first SYN opens B's NAT and firewall for A's
+address) while it tells the server (PunchHoleSent, or LocalAddr on a LAN); A's SYN
+then meets B's (TCP simultaneous open) or reaches B's listener. RustDesk sends one
+30 ms SYN and then only listens; a NAT that tracks TCP sequence numbers (Linux
+conntrack does) drops the listener's SYN-ACK, which the lab showed.
 The connected socket goes to the session owner, which authenticates it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from pathlib import Path
@@ -22,8 +24,6 @@ from agent import ctlproto
 from agent.netutil import describe_error
 from agent.rendezvous_client import RendezvousError, send_local_addr, send_punch_hole_sent
 
-SYN_TIMEOUT = 0.03
-"""B's hole-opening SYN: RustDesk's 30 ms. It is expected to fail; it only has to leave B's NAT."""
 RETRY_GAP = 0.2
 HANDOVER_PATIENCE = 5.0
 
@@ -112,17 +112,24 @@ class TcpDirectStrategy:
     async def answer(
         self, session: str, push: Any, my_id: str, nat_type: int, relay: str, budget: float
     ) -> dict[str, Any]:
-        """Answer a PunchHole (tcp_punch) or FetchLocalAddr (lan) push and accept A's connection."""
+        """Answer a PunchHole (tcp_punch) or FetchLocalAddr (lan) push and get A's connection."""
         peer = addrmod.decode(bytes(push.socket_addr))
         family = socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET
         listener = _reuse_socket(family)
         any_ip = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[socket.socket]] = []
         try:
             listener.bind((any_ip, 0))
             listener.listen(4)
             port = listener.getsockname()[1]
+            tasks.append(asyncio.ensure_future(loop.sock_accept(listener)))  # type: ignore[arg-type]
             if self.name == "tcp_punch" and peer.port:
-                await self._open_hole((any_ip, port), peer.as_tuple(), family)
+                # Our SYN leaves first: it opens our NAT for A, and keeps connecting so that A's SYN
+                # meets it (simultaneous open). A NAT that tracks TCP sequence numbers would refuse
+                # a listener's SYN-ACK here, since it answers with another initial sequence number.
+                tasks.append(asyncio.ensure_future(_keep_connecting((any_ip, port), peer.as_tuple(), family, budget)))
+                await asyncio.sleep(0)
                 await send_punch_hole_sent(
                     self.server, bytes(push.socket_addr), my_id, relay, nat_type, self.version, bind=(any_ip, port)
                 )
@@ -130,29 +137,53 @@ class TcpDirectStrategy:
                 await send_local_addr(
                     self.server, bytes(push.socket_addr), my_id, relay, self.version, bind=(any_ip, port)
                 )
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout(budget):
-                conn, _addr = await loop.sock_accept(listener)
+            conn = await _first(tasks, budget)
         except (OSError, TimeoutError, RendezvousError) as exc:
             self.failures += 1
-            return {
-                "ok": False,
-                "reason": f"{self.name}: {describe_error(exc) if not isinstance(exc, RendezvousError) else exc}",
-            }
+            text = str(exc) if isinstance(exc, RendezvousError) else describe_error(exc)
+            return {"ok": False, "reason": f"{self.name}: {text}"}
         finally:
+            for task in tasks:
+                task.cancel()
             listener.close()
         self.accepted += 1
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return await self._handover(conn, "respond", session, {})
 
-    @staticmethod
-    async def _open_hole(local: tuple[str, int], peer: tuple[str, int], family: int) -> None:
+
+async def _first(tasks: list[asyncio.Task[Any]], budget: float) -> socket.socket:
+    """The first connected socket among accept / simultaneous open; the others' sockets are closed."""
+    pending = set(tasks)
+    async with asyncio.timeout(budget):
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.cancelled() or task.exception() is not None:
+                    continue
+                result = task.result()
+                sock: socket.socket = result[0] if isinstance(result, tuple) else result
+                for other in pending:
+                    other.cancel()
+                return sock
+    raise TimeoutError
+
+
+async def _keep_connecting(local: tuple[str, int], peer: tuple[str, int], family: int, budget: float) -> socket.socket:
+    """Connect from `local` to `peer` until it works or `budget` runs out (refused SYNs are retried)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    while (left := deadline - loop.time()) > 0:
         sock = _reuse_socket(family)
         try:
             sock.bind(local)
-            with contextlib.suppress(OSError, TimeoutError):
-                async with asyncio.timeout(SYN_TIMEOUT):
-                    await asyncio.get_running_loop().sock_connect(sock, peer)
-        finally:
+            async with asyncio.timeout(min(left, 3.0)):
+                await loop.sock_connect(sock, peer)
+            return sock
+        except (OSError, TimeoutError):
             sock.close()
+            await asyncio.sleep(min(RETRY_GAP, max(0.0, deadline - loop.time())))
+        except BaseException:
+            sock.close()
+            raise
+    raise TimeoutError

@@ -1,0 +1,60 @@
+"""Issue 4's proof: real agents (each with its own Ray) behind real kernel NAT pick the best path there
+is, move 50 MB intact both ways, and record why the other strategies lost."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.natlab.agents import LabAgents, last_session, winner
+from tests.natlab.conftest import LabFactory
+
+pytestmark = [pytest.mark.natlab, pytest.mark.ray, pytest.mark.timeout(600)]
+
+MB50 = 50 * 1024 * 1024
+
+# scenario -> (A's host, B's host, A's `--path` policy, acceptable winners)
+CASES = {
+    "both-cone": ("ha", "hb", "", {"tcp_punch", "udp_punch"}),
+    "same-lan": ("ha", "ha2", "", {"lan"}),
+    "both-symmetric": ("ha", "hb", "", {"relay"}),
+    "cone-symmetric": ("ha", "hb", "", {"relay"}),
+    "udp-blocked": ("ha", "hb", "", {"tcp_punch"}),
+    "one-public": ("ha", "hb", "", {"tcp_punch", "udp_punch"}),
+    "reject": ("ha", "hb", "", {"tcp_punch", "udp_punch"}),
+}
+
+
+@pytest.fixture
+def agents(natlab: LabFactory, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LabAgents]:
+    lab = natlab(request.param)
+    ag = LabAgents(lab, tmp_path)
+    try:
+        yield ag
+    finally:
+        ag.down()
+
+
+@pytest.mark.parametrize("agents", list(CASES), indirect=True)
+def test_best_path_and_intact_data(agents: LabAgents) -> None:
+    scenario = agents.lab.scenario.name
+    a, b, policy, expected = CASES[scenario]
+    agents.start_server()
+    target = agents.start_echo(b)
+    a_id = agents.agent_id(a)
+    b_id = agents.agent_id(b)
+    took = agents.up({b: ["--allow", a_id, "--allow-target", target], a: []})
+    payload = os.urandom(MB50)
+    out = agents.pipe(a, b_id, target, payload, path=policy)
+    assert out.returncode == 0, out.stderr.decode()
+    assert hashlib.sha256(out.stdout).digest() == hashlib.sha256(payload).digest()
+    session = last_session(agents, a)
+    won = winner(session)
+    print(f"\n{scenario}: agents up in {took:.1f}s; winner {won}; attempts "
+          + ", ".join(f"{x['strategy']}:{x['outcome']}({x['reason'][:60]})" for x in session["attempts"]))
+    assert won in expected, session
+    assert all(x["outcome"] for x in session["attempts"])
