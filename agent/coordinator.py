@@ -532,6 +532,7 @@ class Race:
         """PunchHoleRequest over TCP: the server answers with B's LAN address (same LAN), B's public
         address after B opened its NAT (TCP punch), or a relay (B or the server chose it)."""
         coord = self.coord
+        self._record("tcp_punch", "running")
         our_nat = await coord.our_nat_type()
         try:
             res = await punch_hole_exchange(
@@ -542,7 +543,7 @@ class Race:
                 version=VERSION,
             )
         except PeerUnavailable as exc:
-            self._record("rendezvous", "error", str(exc))
+            self._record("tcp_punch", "error", str(exc))
             self.fatal = str(exc)
             return
         except RendezvousError as exc:
@@ -550,6 +551,7 @@ class Race:
             return
         resp = res.response
         if isinstance(resp, pb.RelayResponse):
+            self._record("tcp_punch", "skipped", "the rendezvous server or the peer chose the relay")
             await self._dial_relay(resp, coord.relay_address())
             return
         try:
@@ -568,6 +570,10 @@ class Race:
                 self._record("tcp_punch", "skipped", "both sides map per destination (symmetric)")
                 return
         self.keys[name] = (pk, source)
+        if is_local:  # the server found both behind one public address: a LAN connection, not a punch
+            for attempt in self.plan.attempts:
+                if attempt.strategy == "tcp_punch" and attempt.outcome == "running":
+                    attempt.strategy = "lan"
         budget = LAN_BUDGET if is_local else PUNCH_BUDGET
         bind = None if is_local else res.local_address.as_tuple()
         ref = coord.lan if is_local else coord.tcp_punch
@@ -579,7 +585,13 @@ class Race:
             self._record(name, "error", str(dial.get("reason")))
 
     def _record(self, strategy: str, outcome: str, reason: str = "") -> None:
-        self.plan.attempts.append(Attempt(strategy, outcome, reason, _ms(self.started)))
+        """An attempt's outcome; a "running" entry of the same strategy is updated in place."""
+        for attempt in self.plan.attempts:
+            if attempt.strategy == strategy and attempt.outcome == "running":
+                attempt.outcome, attempt.reason, attempt.elapsed_ms = outcome, reason, _ms(self.started)
+                break
+        else:
+            self.plan.attempts.append(Attempt(strategy, outcome, reason, _ms(self.started)))
         log.info("session %s to %s: %s %s%s", self.sid, self.peer, strategy, outcome, f" ({reason})" if reason else "")
         if outcome == "error":
             self.errors.append(reason)
@@ -593,8 +605,9 @@ class Race:
                     attempt.reason = str(t.get("reason", ""))
                     break
         for attempt in self.plan.attempts:
-            if attempt.outcome == "connected":
+            if attempt.outcome in ("connected", "running"):
                 attempt.outcome = "cancelled"
+                attempt.reason = attempt.reason or "another path won first"
 
     async def relay(self) -> None:
         """After the stagger (or once every direct attempt failed), ask for the relay."""
@@ -604,6 +617,7 @@ class Race:
             return
         coord = self.coord
         relay = coord.relay_address()
+        self._record("relay", "running")
         try:
             rr = await coord._request_relay(self.peer, relay, self.deadline)
         except RendezvousError as exc:

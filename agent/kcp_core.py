@@ -270,6 +270,9 @@ class KcpTimers:
     """Connection reaped after this long without any packet from the peer."""
     fin_interval: float = 0.2
     """First FIN retransmit; doubles up to `ping_interval` until the peer's FIN or RST."""
+    final_fin_retries: int = 6
+    """The passive closer's FIN (PEER_CLOSED -> CLOSED) is re-sent up to this many times until the
+    peer's RST or FIN confirms it: a kcp-sys peer (and we) answer a duplicate FIN in Closed with RST."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +342,7 @@ class KcpConnection:
         self._syn_ack_next = 0.0
         self._fin_next = 0.0
         self._fin_backoff = self.timers.fin_interval
+        self._final_fin_left = 0
         self._connect_data = connect_data
         if is_client:
             if conv is None:
@@ -530,10 +534,12 @@ class KcpConnection:
             elif not flags & (DATA | FIN):
                 self._drop("unexpected_flags", now)
         elif state is State.CLOSED:
+            if flags & (FIN | RST):
+                self._final_fin_left = 0  # the peer has seen our FIN (or is gone): settled
             if flags & FIN and not flags & RST:
                 # The peer re-sends FIN because our last FIN was lost: tell it to finish now.
                 self._out.append(self._header(RST))
-            else:
+            elif not flags & RST:
                 self._drop("after_close", now)
 
     # -- local actions
@@ -555,6 +561,9 @@ class KcpConnection:
             self.close_reason = "closed"
             self._deadline = None
             self._out.append(self._header(FIN))
+            self._final_fin_left = self.timers.final_fin_retries
+            self._fin_backoff = self.timers.fin_interval
+            self._fin_next = now + self._fin_backoff
         elif state in (State.LISTEN, State.SYN_SENT, State.SYN_RECEIVED):
             self.abort(now, "closed before the handshake completed")
 
@@ -567,13 +576,19 @@ class KcpConnection:
         self.state = State.CLOSED
         self.close_reason = reason
         self._deadline = None
+        self._final_fin_left = 0
+
+    @property
+    def settled(self) -> bool:
+        """Closed, and our last FIN (if we owe the peer one) is known to have arrived."""
+        return self.state is State.CLOSED and not self._final_fin_left
 
     # -- timers
 
     def get_timer(self) -> float | None:
         state = self.state
         if state is State.CLOSED:
-            return None
+            return self._fin_next if self._final_fin_left else None
         if state is State.SYN_SENT:
             assert self._deadline is not None
             return min(self._syn_next, self._deadline)
@@ -590,6 +605,11 @@ class KcpConnection:
     def handle_timer(self, now: float) -> None:
         state = self.state
         if state is State.CLOSED:
+            if self._final_fin_left and now >= self._fin_next:
+                self._final_fin_left -= 1
+                self._out.append(self._header(FIN))
+                self._fin_backoff = min(self._fin_backoff * 2, self.timers.ping_interval)
+                self._fin_next = now + self._fin_backoff
             return
         if state in (State.SYN_SENT, State.LISTEN, State.SYN_RECEIVED):
             assert self._deadline is not None

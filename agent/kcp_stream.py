@@ -331,19 +331,20 @@ class KcpTransport:
     async def close(self, linger: float = 2.0) -> None:
         """Finish and release everything (the UDP socket too).
 
-        Whatever the application already wrote is still delivered (up to `linger` seconds
-        for the acknowledgements), then FIN. If the peer has not finished its own half by
-        then, it gets an RST, as a TCP close with the receive side open would.
+        Waits up to `linger` seconds for a clean two-way close: whatever the application
+        already wrote is delivered and acknowledged, our FIN goes out, the peer's FIN comes
+        back (and our own last FIN is confirmed). Whatever is not done by then gets an RST,
+        as a TCP close with the receive side still open would. linger=0 resets at once.
         """
         if self._closed:
             return
         conn = self._conn
-        if conn.state in (State.ESTABLISHED, State.PEER_CLOSED) and not self._fin_queued:
+        deadline = self._loop.time() + linger
+        if conn.state in (State.ESTABLISHED, State.PEER_CLOSED) and not self._app_eof:
             self._drain_app()
             self._service(self._loop.time())
-            deadline = self._loop.time() + linger
-            while not self._fin_queued and not self._is_closed() and self._loop.time() < deadline:
-                await asyncio.sleep(self._config.interval_ms / 1000)
+        while not conn.settled and self._loop.time() < deadline:
+            await asyncio.sleep(self._config.interval_ms / 1000)
         now = self._loop.time()
         if conn.state is not State.CLOSED:
             conn.abort(now, "closed locally")
@@ -641,7 +642,7 @@ class KcpTransport:
         if timer is not None and now >= timer:
             conn.handle_timer(now)
         self._service(now)
-        if conn.state is State.CLOSED and self._done.is_set():
+        if conn.state is State.CLOSED and self._done.is_set() and conn.get_timer() is None:
             # Over: the UDP reader stays (a duplicate FIN still gets its RST) until close().
             self._timer = None
             return

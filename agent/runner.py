@@ -27,6 +27,8 @@ from agent.runtime_paths import control_socket, runtime_dir
 from agent.stack import COMPONENTS, load_runtime
 
 PID_FILE = "agent.pid"
+REGISTRATION_WAIT = 15.0
+"""Seconds `up` waits for the first registration once the agent answers; it returns either way."""
 
 
 class RunnerError(Exception):
@@ -64,6 +66,7 @@ def start_background(state_dir: Path, wait: float = 90.0) -> int:
         )
     deadline = time.monotonic() + wait
     status: dict[str, Any] | None = None
+    answering_since: float | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = (logs / "agent.log").read_text(errors="replace").strip().splitlines()[-5:]
@@ -71,6 +74,10 @@ def start_background(state_dir: Path, wait: float = 90.0) -> int:
         status = query(state_dir, "status")
         if status and status.get("registration", {}).get("state") == "registered":
             break
+        if status and answering_since is None:
+            answering_since = time.monotonic()
+        if answering_since is not None and time.monotonic() - answering_since > REGISTRATION_WAIT:
+            break  # the agent runs; registration keeps trying in the background (status says why)
         time.sleep(0.2)
     if not status:
         raise RunnerError(f"agent did not come up within {wait:.0f}s (see {logs / 'agent.log'})")

@@ -45,12 +45,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from agent.kcp_stream import KcpTransport  # noqa: E402
+from agent.kcp_stream import KcpTransport
 
 HOST = "127.0.0.1"
 MB = 1_000_000

@@ -245,17 +245,33 @@ async def test_close_delivers_what_was_written_then_fin() -> None:
     async with kcp_pair() as (ta, tb, _):
         sa, sb = ta.stream_socket(), tb.stream_socket()
         loop = asyncio.get_running_loop()
-        receiver = asyncio.create_task(recv_all(sb))
-        await loop.sock_sendall(sa, payload)  # no shutdown: close() must flush and FIN
+
+        async def receive_then_close() -> tuple[int, str]:
+            got = await recv_all(sb)
+            sb.shutdown(socket.SHUT_WR)
+            return got
+
+        receiver = asyncio.create_task(receive_then_close())
+        await loop.sock_sendall(sa, payload)  # no shutdown: close() must flush, FIN, and wait for B's FIN
         await ta.close(linger=10)
         assert await asyncio.wait_for(receiver, 10) == (len(payload), sha(payload))
-        assert ta.state is State.CLOSED
-        # A closed with B's half still open, so B was reset after the data: it is closed too
+        assert ta.state is State.CLOSED and ta.close_reason == "closed"
         await asyncio.wait_for(tb.wait_closed(), 5)
-        assert tb.state is State.CLOSED
+        assert tb.close_reason == "closed"
         assert ta.stats().bytes_sent == len(payload)
         with pytest.raises(OSError):
             sa.send(b"after close")
+
+
+async def test_close_resets_a_peer_that_keeps_its_half_open() -> None:
+    async with kcp_pair() as (ta, tb, _):
+        sb = tb.stream_socket()
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(ta.stream_socket(), b"last words")
+        await ta.close(linger=0.3)  # B never closes its half: after the linger, RST
+        assert await recv_all(sb) == (10, sha(b"last words"))
+        await asyncio.wait_for(tb.wait_closed(), 5)
+        assert "reset" in (tb.close_reason or "")
 
 
 async def test_peer_application_closing_its_socket_resets() -> None:
@@ -449,13 +465,14 @@ async def test_wire_handshake_data_ping_rst_against_a_raw_peer() -> None:
         # FIN -> EOF for the app; then RST -> closed
         raw.send(HEADER.pack(conv, 0, 0, FIN, 0))
         assert await asyncio.wait_for(loop.sock_recv(app, 100), 2) == b""
-        assert t.state is State.PEER_CLOSED
+        assert t.stats().state == "peer_closed"
         app.shutdown(socket.SHUT_WR)
         assert await raw_recv_matching(raw, FIN) == HEADER.pack(conv, 0, 0, FIN, 0)
         await asyncio.wait_for(t.wait_closed(), 2)
-        assert t.state is State.CLOSED
+        assert t.stats().state == "closed"
         raw.send(HEADER.pack(conv, 0, 0, FIN, 0))  # a duplicate FIN into a closed connection
         assert await raw_recv_matching(raw, RST) == HEADER.pack(conv, 0, 0, RST, 0)
+        app.close()
         await t.close()
     finally:
         accepting.cancel()

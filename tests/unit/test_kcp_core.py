@@ -412,6 +412,41 @@ def test_fin_is_retransmitted_with_backoff_and_duplicate_fin_gets_rst_when_close
     assert isinstance(events(client)[-1], ConnectionReset)
 
 
+def test_passive_closers_fin_is_repeated_until_the_peer_answers() -> None:
+    client, server = handshake()
+    client.close(1.0)
+    server.receive_datagram(client.datagrams_to_send()[0], 1.0)
+    server.close(1.0)
+    assert server.datagrams_to_send() == [hdr(FIN)]  # lost on the way
+    assert state(server) is State.CLOSED and not server.settled
+    server.handle_timer(1.2)
+    [again] = server.datagrams_to_send()
+    client.receive_datagram(again, 1.2)  # LOCAL_CLOSED -> CLOSED
+    assert state(client) is State.CLOSED and client.settled
+    server.handle_timer(1.6)
+    client.receive_datagram(server.datagrams_to_send()[0], 1.6)  # a duplicate into CLOSED ...
+    [rst] = client.datagrams_to_send()
+    assert rst == hdr(RST)
+    server.receive_datagram(rst, 1.6)  # ... is answered with RST, which settles the server
+    assert server.settled and server.get_timer() is None
+    assert server.close_reason == "closed"
+
+
+def test_passive_closers_fin_repeats_are_bounded() -> None:
+    client, server = handshake()
+    client.close(0.0)
+    server.receive_datagram(client.datagrams_to_send()[0], 0.0)
+    server.close(0.0)
+    sent = len(server.datagrams_to_send())
+    now = 0.0
+    while (timer := server.get_timer()) is not None:
+        now = timer
+        server.handle_timer(now)
+        sent += len(server.datagrams_to_send())
+    assert sent == 1 + KcpTimers().final_fin_retries
+    assert server.settled
+
+
 def test_rst_resets_an_established_connection() -> None:
     client, _server = handshake()
     client.receive_datagram(hdr(RST), 1.0)
