@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 VERSION = "punchthrough-0.1"
 MAX_ATTEMPT_RECORDS = 256
 RELAY_REQUEST_WAITS = (2.0, 3.0, 30.0)
+IPV6_HEAD_START = 0.25
+"""Seconds IPv6 leads IPv4 when both are possible (RFC 8305's connection attempt delay)."""
 """Seconds to wait for the peer's answer before asking the rendezvous server again."""
 
 
@@ -145,6 +147,7 @@ class Coordinator:
         relay: Ref,
         lan: Ref,
         tcp_punch: Ref,
+        ipv6: Ref,
         embedded: bool = False,
     ) -> None:
         self.state_dir = state_dir
@@ -159,6 +162,7 @@ class Coordinator:
         self.relay = relay
         self.lan = lan
         self.tcp_punch = tcp_punch
+        self.ipv6 = ipv6
         self.embedded = embedded
         self.started = time.monotonic()
         self.actors: dict[str, ActorInfo] = {}
@@ -406,18 +410,41 @@ class Coordinator:
     async def _answer_punch(self, msg: Any) -> None:
         if msg.udp_port > 0:
             return  # UDP punching is answered by the UDP strategy (not in this version)
-        await self._answer_direct("tcp_punch", self.tcp_punch, msg, PUNCH_BUDGET)
+        v6 = b""
+        if addrmod.decode(bytes(msg.socket_addr_v6)).port and Policy.parse(self.cfg.agent.path).ipv6:
+            sid = uuidlib.uuid4().hex[:12]
+            v6 = await self.ipv6.call("prepare", sid)
+            if v6:
+                self._spawn(self._answer_v6(sid, bytes(msg.socket_addr_v6)))
+        await self._answer_direct("tcp_punch", self.tcp_punch, msg, PUNCH_BUDGET, v6)
+
+    async def _answer_v6(self, sid: str, peer_v6: bytes) -> None:
+        plan = self._plan(sid, "", "responder")
+        plan.path = "ipv6"
+        started = time.monotonic()
+        res = await self.ipv6.call("connect", sid, peer_v6, "responder", PUNCH_BUDGET, {})
+        ok = bool(res.get("ok"))
+        plan.attempts.append(Attempt("ipv6", "connected" if ok else "error", str(res.get("reason", "")), _ms(started)))
+        log.info("answered ipv6 (session %s): %s", sid, "connected" if ok else res.get("reason"))
+        if not ok:
+            plan.error = str(res.get("reason"))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _answer_lan(self, msg: Any) -> None:
         await self._answer_direct("lan", self.lan, msg, LAN_BUDGET)
 
-    async def _answer_direct(self, name: str, ref: Ref, msg: Any, budget: float) -> None:
+    async def _answer_direct(self, name: str, ref: Ref, msg: Any, budget: float, v6: bytes = b"") -> None:
         sid = uuidlib.uuid4().hex[:12]
         plan = self._plan(sid, "", "responder")
         started = time.monotonic()
         relay = msg.relay_server or self.relay_address()
         nat = await self.our_nat_type()
-        res = await ref.call("answer", sid, msg, self.identity.peer_id, nat, relay, budget)
+        args = (sid, msg, self.identity.peer_id, nat, relay, budget) + ((v6,) if v6 else ())
+        res = await ref.call("answer", *args)
         plan.path = name
         ok = bool(res.get("ok"))
         log.info("answered %s push (session %s): %s", name, sid, "connected" if ok else res.get("reason"))
@@ -534,6 +561,7 @@ class Race:
         coord = self.coord
         self._record("tcp_punch", "running")
         our_nat = await coord.our_nat_type()
+        our_v6: bytes = await coord.ipv6.call("prepare", self.sid) if self.policy.ipv6 else b""
         try:
             res = await punch_hole_exchange(
                 coord.server_addr,
@@ -541,6 +569,7 @@ class Race:
                 our_nat,
                 timeout=max(0.5, self.deadline - time.monotonic()),
                 version=VERSION,
+                socket_addr_v6=our_v6,
             )
         except PeerUnavailable as exc:
             self._record("tcp_punch", "error", str(exc))
@@ -562,27 +591,56 @@ class Race:
         peer_addr = str(addrmod.decode(bytes(resp.socket_addr)))
         is_local = resp.WhichOneof("union") == "is_local" and resp.is_local
         name = "lan" if is_local else "tcp_punch"
-        if not is_local:
-            if not self.policy.tcp_punch:
-                self._record("tcp_punch", "skipped", "disabled by policy")
+        meta = {"peer_pk": pk, "key_source": source}
+        v6_task = None
+        peer_v6 = bytes(resp.socket_addr_v6)
+        if our_v6 and addrmod.decode(peer_v6).port and not is_local:
+            self.keys["ipv6"] = (pk, source)
+            v6_task = asyncio.ensure_future(self._ipv6(peer_v6, meta))
+        elif our_v6:
+            await coord.ipv6.call("release", self.sid)
+        try:
+            skip = ""
+            if not is_local and not self.policy.tcp_punch:
+                skip = "disabled by policy"
+            elif (
+                not is_local
+                and our_nat == pb.SYMMETRIC
+                and resp.WhichOneof("union") == "nat_type"
+                and (resp.nat_type == pb.SYMMETRIC)
+            ):
+                skip = "both sides map per destination (symmetric)"
+            if skip:
+                self._record("tcp_punch", "skipped", skip)
                 return
-            if our_nat == pb.SYMMETRIC and resp.WhichOneof("union") == "nat_type" and resp.nat_type == pb.SYMMETRIC:
-                self._record("tcp_punch", "skipped", "both sides map per destination (symmetric)")
-                return
-        self.keys[name] = (pk, source)
-        if is_local:  # the server found both behind one public address: a LAN connection, not a punch
-            for attempt in self.plan.attempts:
-                if attempt.strategy == "tcp_punch" and attempt.outcome == "running":
-                    attempt.strategy = "lan"
-        budget = LAN_BUDGET if is_local else PUNCH_BUDGET
-        bind = None if is_local else res.local_address.as_tuple()
-        ref = coord.lan if is_local else coord.tcp_punch
-        dial = await ref.call("dial", self.sid, peer_addr, bind, budget, {"peer_pk": pk, "key_source": source})
-        if dial.get("ok"):
-            self.handed.add(name)
-            self._record(name, "connected")
+            self.keys[name] = (pk, source)
+            if is_local:  # the server found both behind one public address: a LAN connection, not a punch
+                for attempt in self.plan.attempts:
+                    if attempt.strategy == "tcp_punch" and attempt.outcome == "running":
+                        attempt.strategy = "lan"
+            if v6_task is not None:
+                await asyncio.sleep(IPV6_HEAD_START)  # Happy Eyeballs: v6 first, v4 a moment later
+            budget = LAN_BUDGET if is_local else PUNCH_BUDGET
+            bind = None if is_local else res.local_address.as_tuple()
+            ref = coord.lan if is_local else coord.tcp_punch
+            dial = await ref.call("dial", self.sid, peer_addr, bind, budget, meta)
+            if dial.get("ok"):
+                self.handed.add(name)
+                self._record(name, "connected")
+            else:
+                self._record(name, "error", str(dial.get("reason")))
+        finally:
+            if v6_task is not None:
+                await v6_task
+
+    async def _ipv6(self, peer_v6: bytes, meta: dict[str, Any]) -> None:
+        self._record("ipv6", "running")
+        res = await self.coord.ipv6.call("connect", self.sid, peer_v6, "initiator", PUNCH_BUDGET, meta)
+        if res.get("ok"):
+            self.handed.add("ipv6")
+            self._record("ipv6", "connected")
         else:
-            self._record(name, "error", str(dial.get("reason")))
+            self._record("ipv6", "error", str(res.get("reason")))
 
     def _record(self, strategy: str, outcome: str, reason: str = "") -> None:
         """An attempt's outcome; a "running" entry of the same strategy is updated in place."""

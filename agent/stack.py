@@ -31,7 +31,7 @@ from agent.runtime_paths import control_socket, sessions_socket
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.toml"
-COMPONENTS = ("servers", "sessions", "relay", "lan", "tcp_punch", "nat_probe", "registrar", "coordinator")
+COMPONENTS = ("servers", "sessions", "relay", "lan", "tcp_punch", "ipv6", "nat_probe", "registrar", "coordinator")
 """Start order: each may call the ones before it."""
 
 
@@ -162,6 +162,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
     """Construct and start one component; `refs` reach the others."""
     from agent.nat_probe import NatProbe
     from agent.sessions import SessionOwner
+    from agent.strategies.ipv6 import Ipv6Strategy
     from agent.strategies.relay import RelayStrategy
     from agent.strategies.tcp_direct import TcpDirectStrategy
 
@@ -178,6 +179,8 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
         )
     elif kind == "relay":
         comp = RelayStrategy(sessions_socket(rt.state_dir), rt.cfg.agent.relay_key)
+    elif kind == "ipv6":
+        comp = Ipv6Strategy(sessions_socket(rt.state_dir))
     elif kind in ("lan", "tcp_punch"):
         comp = TcpDirectStrategy(kind, sessions_socket(rt.state_dir), rt.server_addr)
     elif kind == "nat_probe":
@@ -198,6 +201,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
             relay=refs["relay"],
             lan=refs["lan"],
             tcp_punch=refs["tcp_punch"],
+            ipv6=refs["ipv6"],
             embedded=rt.embedded,
         )
     else:

@@ -110,7 +110,14 @@ class TcpDirectStrategy:
     # ---- B ---------------------------------------------------------------------------------
 
     async def answer(
-        self, session: str, push: Any, my_id: str, nat_type: int, relay: str, budget: float
+        self,
+        session: str,
+        push: Any,
+        my_id: str,
+        nat_type: int,
+        relay: str,
+        budget: float,
+        socket_addr_v6: bytes = b"",
     ) -> dict[str, Any]:
         """Answer a PunchHole (tcp_punch) or FetchLocalAddr (lan) push and get A's connection."""
         peer = addrmod.decode(bytes(push.socket_addr))
@@ -131,7 +138,14 @@ class TcpDirectStrategy:
                 tasks.append(asyncio.ensure_future(_keep_connecting((any_ip, port), peer.as_tuple(), family, budget)))
                 await asyncio.sleep(0)
                 await send_punch_hole_sent(
-                    self.server, bytes(push.socket_addr), my_id, relay, nat_type, self.version, bind=(any_ip, port)
+                    self.server,
+                    bytes(push.socket_addr),
+                    my_id,
+                    relay,
+                    nat_type,
+                    self.version,
+                    bind=(any_ip, port),
+                    socket_addr_v6=socket_addr_v6,
                 )
             else:
                 await send_local_addr(
