@@ -148,6 +148,7 @@ class Coordinator:
         lan: Ref,
         tcp_punch: Ref,
         ipv6: Ref,
+        udp_punch: Ref,
         embedded: bool = False,
     ) -> None:
         self.state_dir = state_dir
@@ -163,6 +164,7 @@ class Coordinator:
         self.lan = lan
         self.tcp_punch = tcp_punch
         self.ipv6 = ipv6
+        self.udp_punch = udp_punch
         self.embedded = embedded
         self.started = time.monotonic()
         self.actors: dict[str, ActorInfo] = {}
@@ -409,7 +411,9 @@ class Coordinator:
 
     async def _answer_punch(self, msg: Any) -> None:
         if msg.udp_port > 0:
-            return  # UDP punching is answered by the UDP strategy (not in this version)
+            if Policy.parse(self.cfg.agent.path).udp:
+                await self._answer_direct("udp_punch", self.udp_punch, msg, PUNCH_BUDGET)
+            return
         v6 = b""
         if addrmod.decode(bytes(msg.socket_addr_v6)).port and Policy.parse(self.cfg.agent.path).ipv6:
             sid = uuidlib.uuid4().hex[:12]
@@ -528,6 +532,7 @@ class Race:
         self.errors: list[str] = []
         self.handed: set[str] = set()
         self.fatal = ""
+        self.direct_running = 0
         self.direct_over = asyncio.Event()
         self.policy = Policy()
 
@@ -539,6 +544,10 @@ class Race:
         coros: list[Any] = []
         if policy.mode is not Mode.RELAY_ONLY:
             coros.append(self._direct())
+            if policy.udp:
+                coros.append(self.udp_rendezvous())
+            else:
+                self._record("udp_punch", "skipped", "disabled by policy")
         else:
             self._record("tcp_punch", "skipped", "relay-only policy")
             self.direct_over.set()
@@ -549,11 +558,63 @@ class Race:
         return coros
 
     async def _direct(self) -> None:
+        self.direct_running += 1
         try:
             await self.tcp_rendezvous()
         finally:
-            if not self.handed:
-                self.direct_over.set()
+            self._direct_done()
+
+    def _direct_done(self) -> None:
+        self.direct_running -= 1
+        if self.direct_running <= 0 and not self.handed:
+            self.direct_over.set()
+
+    async def udp_rendezvous(self) -> None:
+        """PunchHoleRequest with our UDP mapping: B answers from its own UDP socket (the server tells
+        us its mapping, is_udp), both punch, and KCP runs on the punched socket."""
+        self.direct_running += 1
+        coord = self.coord
+        self._record("udp_punch", "running")
+        try:
+            port = await coord.udp_punch.call("prepare", self.sid)
+            if not port:
+                self._record("udp_punch", "skipped", "no UDP mapping (UDP blocked or the server did not answer)")
+                return
+            try:
+                res = await punch_hole_exchange(
+                    coord.server_addr,
+                    self.peer,
+                    await coord.our_nat_type(),
+                    timeout=max(0.5, self.deadline - time.monotonic()),
+                    version=VERSION,
+                    udp_port=port,
+                )
+            except RendezvousError as exc:
+                self._record("udp_punch", "error", str(exc))
+                return
+            resp = res.response
+            if isinstance(resp, pb.RelayResponse) or not resp.is_udp:
+                self._record("udp_punch", "skipped", "the server did not offer a UDP path (same LAN or relay)")
+                return
+            try:
+                pk, source = coord._trusted_key(self.peer, bytes(resp.pk))
+            except (HandshakeError, PinMismatch) as exc:
+                self._record("udp_punch", "error", str(exc))
+                return
+            self.keys["udp_punch"] = (pk, source)
+            peer_addr = str(addrmod.decode(bytes(resp.socket_addr)))
+            dial = await coord.udp_punch.call(
+                "dial", self.sid, peer_addr, PUNCH_BUDGET, {"peer_pk": pk, "key_source": source}
+            )
+            if dial.get("ok"):
+                self.handed.add("udp_punch")
+                self._record("udp_punch", "connected")
+            else:
+                self._record("udp_punch", "error", str(dial.get("reason")))
+        finally:
+            with contextlib.suppress(Exception):
+                await coord.udp_punch.call("release", self.sid)
+            self._direct_done()
 
     async def tcp_rendezvous(self) -> None:
         """PunchHoleRequest over TCP: the server answers with B's LAN address (same LAN), B's public

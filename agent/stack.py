@@ -31,7 +31,18 @@ from agent.runtime_paths import control_socket, sessions_socket
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.toml"
-COMPONENTS = ("servers", "sessions", "relay", "lan", "tcp_punch", "ipv6", "nat_probe", "registrar", "coordinator")
+COMPONENTS = (
+    "servers",
+    "sessions",
+    "relay",
+    "lan",
+    "tcp_punch",
+    "udp_punch",
+    "ipv6",
+    "nat_probe",
+    "registrar",
+    "coordinator",
+)
 """Start order: each may call the ones before it."""
 
 
@@ -165,6 +176,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
     from agent.strategies.ipv6 import Ipv6Strategy
     from agent.strategies.relay import RelayStrategy
     from agent.strategies.tcp_direct import TcpDirectStrategy
+    from agent.strategies.udp_punch import UdpPunchStrategy
 
     comp: Any
     if kind == "servers":
@@ -179,6 +191,8 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
         )
     elif kind == "relay":
         comp = RelayStrategy(sessions_socket(rt.state_dir), rt.cfg.agent.relay_key)
+    elif kind == "udp_punch":
+        comp = UdpPunchStrategy(sessions_socket(rt.state_dir), rt.server_addr)
     elif kind == "ipv6":
         comp = Ipv6Strategy(sessions_socket(rt.state_dir))
     elif kind in ("lan", "tcp_punch"):
@@ -202,6 +216,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
             lan=refs["lan"],
             tcp_punch=refs["tcp_punch"],
             ipv6=refs["ipv6"],
+            udp_punch=refs["udp_punch"],
             embedded=rt.embedded,
         )
     else:

@@ -138,22 +138,35 @@ async def punch(
     *,
     listen: bool,
     schedule: PunchSchedule | None = None,
+    peer_reflexive: bool = False,
 ) -> PunchResult:
-    """Punch towards `peer_addr` from `sock` (connected to it here) and return what came back.
+    """Punch towards `peer_addr` from `sock` and return what came back; the socket ends up
+    connected to the peer's address.
 
-    Raises PunchTimeout after `schedule.deadline` seconds. Datagrams from any other source
-    (queued before connect()) are ignored. The socket stays open and connected either way.
+    With `peer_reflexive`, a datagram from the peer's IP but another port is taken too,
+    and the socket is connected to where it came from: a symmetric NAT maps the peer's
+    socket to a new port for us, and a full cone on our side lets that port in (RustDesk
+    gives up when either side is symmetric). Otherwise datagrams from any other source are
+    ignored. Raises PunchTimeout after `schedule.deadline` seconds.
     """
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
-    sock.connect(peer_addr)
-    peer = sock.getpeername()
+    if peer_reflexive:
+        family = sock.family
+        infos = await loop.getaddrinfo(peer_addr[0], peer_addr[1], family=family, type=socket.SOCK_DGRAM)
+        peer: Address = (str(infos[0][4][0]), int(infos[0][4][1]))
+    else:
+        sock.connect(peer_addr)
+        peer = sock.getpeername()
     puncher = Puncher(listen=listen, now=loop.time(), schedule=schedule)
     while True:
         now = loop.time()
         if puncher.due(now):
             with contextlib.suppress(OSError):  # ECONNREFUSED from an ICMP error, ENOBUFS: try again later
-                sock.send(b"")
+                if peer_reflexive:
+                    sock.sendto(b"", peer)
+                else:
+                    sock.send(b"")
         if puncher.expired(now):
             raise PunchTimeout(
                 f"UDP punch to {peer[0]}:{peer[1]} timed out after {puncher.schedule.deadline:g} s "
@@ -167,9 +180,13 @@ async def punch(
             continue
         except ConnectionRefusedError:
             continue
-        if not _same_endpoint(addr, peer):
+        same_ip = _same_endpoint((addr[0], 0), (peer[0], 0))
+        if not (_same_endpoint(addr, peer) or (peer_reflexive and same_ip)):
             continue
         if puncher.on_datagram(data, loop.time()):
+            if peer_reflexive:
+                sock.connect(addr[:2])
+                peer = sock.getpeername()
             return PunchResult(
                 peer_addr=peer,
                 first_datagram=puncher.first_datagram,

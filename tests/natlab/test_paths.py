@@ -25,8 +25,15 @@ CASES = {
     "cone-symmetric": ("ha", "hb", "", {"relay"}),
     "udp-blocked": ("ha", "hb", "", {"tcp_punch"}),
     "one-public": ("ha", "hb", "", {"tcp_punch", "udp_punch"}),
+    "ipv6": ("ha", "hb", "", {"ipv6"}),
+    "ipv6-v4symmetric": ("ha", "hb", "", {"ipv6"}),
+    # TCP would win here too (it retransmits as well); the point is KCP carrying 50 MB through 5 % loss
+    "lossy-cone": ("ha", "hb", "disable-tcp-punch", {"udp_punch"}),
+    # RustDesk relays as soon as one side is symmetric; the peer-reflexive address gets through
+    "fullcone-symmetric": ("ha", "hb", "", {"udp_punch"}),
     "reject": ("ha", "hb", "", {"tcp_punch", "udp_punch"}),
 }
+OUTCOMES = {"won", "lost the race", "cancelled", "error", "skipped", "failed"}
 
 
 @pytest.fixture
@@ -57,4 +64,4 @@ def test_best_path_and_intact_data(agents: LabAgents) -> None:
     print(f"\n{scenario}: agents up in {took:.1f}s; winner {won}; attempts "
           + ", ".join(f"{x['strategy']}:{x['outcome']}({x['reason'][:60]})" for x in session["attempts"]))
     assert won in expected, session
-    assert all(x["outcome"] for x in session["attempts"])
+    assert {x["outcome"] for x in session["attempts"]} <= OUTCOMES, session["attempts"]

@@ -1,0 +1,201 @@
+"""UDP hole punching with KCP on the punched socket (seed 6.11, the Pro server's UDP path).
+
+A reserves a UDP socket and learns its public mapping from the rendezvous server
+(a padded TestNatRequest, so the answer is never larger than the request), then
+asks for the peer with that port in PunchHoleRequest.udp_port. B answers from a
+fresh UDP socket with PunchHoleSent as a datagram, so the server learns B's UDP
+mapping and hands it to A (is_udp). Both punch on RustDesk's schedule; then KCP
+runs on the socket. This actor keeps pumping KCP (the pump must live where the UDP
+socket is) and hands the session owner one end of a socketpair carrying the stream.
+
+A datagram from the peer's IP on another port is taken too (peer-reflexive): a
+symmetric NAT facing a full cone still meets, where RustDesk gives up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import addr as addrmod
+from agent import ctlproto, messages
+from agent.kcp_stream import KcpError, KcpTransport
+from agent.netutil import describe_error
+from agent.proto import rendezvous_pb2 as pb
+from agent.strategies.tcp_direct import HANDOVER_PATIENCE
+from agent.udp_punch import PunchSchedule, PunchTimeout, punch
+
+PROBE_PADDING = 32
+PROBE_GIVE_UP = 2.0
+MAX_PREPARED = 64
+MAX_TRANSPORTS = 256
+
+
+class UdpPunchStrategy:
+    name = "udp_punch"
+
+    def __init__(self, sessions_socket: Path, server: tuple[str, int], version: str = "punchthrough") -> None:
+        self.sessions_socket = sessions_socket
+        self.server = server
+        self.version = version
+        self._prepared: dict[str, socket.socket] = {}
+        self._transports: set[KcpTransport] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.attempts = 0
+        self.failures = 0
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "attempts": self.attempts,
+            "failures": self.failures,
+            "kcp_sessions": len(self._transports),
+            "kcp": [dataclasses.asdict(t.stats()) for t in list(self._transports)[:16]],
+        }
+
+    async def close(self) -> None:
+        for sock in self._prepared.values():
+            sock.close()
+        for t in list(self._transports):
+            with contextlib.suppress(Exception):
+                await t.close(linger=0)
+
+    async def _server_addr(self) -> tuple[str, int]:
+        infos = await asyncio.get_running_loop().getaddrinfo(self.server[0], self.server[1], type=socket.SOCK_DGRAM)
+        return str(infos[0][4][0]), int(infos[0][4][1])
+
+    # ---- A --------------------------------------------------------------------------------
+
+    async def prepare(self, session: str) -> int:
+        """A UDP socket for `session` and its public port as the server sees it (0 if unknown)."""
+        server = await self._server_addr()
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        request = messages.build(test_nat_request=pb.TestNatRequest(padding=bytes(PROBE_PADDING)))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PROBE_GIVE_UP
+        gap = 0.02
+        port = 0
+        while not port and loop.time() < deadline:
+            with contextlib.suppress(OSError):
+                sock.sendto(request, server)
+            try:
+                async with asyncio.timeout(min(gap, max(0.0, deadline - loop.time()))):
+                    data, src = await loop.sock_recvfrom(sock, 2048)
+            except (TimeoutError, OSError):
+                gap = min(gap * 1.5, 0.2)
+                continue
+            if src[:2] != server:
+                continue
+            with contextlib.suppress(messages.MessageError):
+                kind, msg = messages.parse(data)
+                if kind == "test_nat_response" and 0 < msg.port <= 0xFFFF:
+                    port = int(msg.port)
+        if not port:
+            sock.close()
+            return 0
+        while len(self._prepared) >= MAX_PREPARED:
+            self._prepared.pop(next(iter(self._prepared))).close()
+        self._prepared[session] = sock
+        return port
+
+    def release(self, session: str) -> None:
+        sock = self._prepared.pop(session, None)
+        if sock is not None:
+            sock.close()
+
+    async def dial(self, session: str, peer_addr: str, budget: float, meta: dict[str, Any]) -> dict[str, Any]:
+        sock = self._prepared.pop(session, None)
+        if sock is None:
+            return {"ok": False, "reason": "udp_punch: no UDP socket prepared"}
+        return await self._run(sock, session, peer_addr, budget, meta, listen=False)
+
+    # ---- B --------------------------------------------------------------------------------
+
+    async def answer(
+        self, session: str, push: Any, my_id: str, nat_type: int, relay: str, budget: float
+    ) -> dict[str, Any]:
+        """Tell the server our UDP mapping (PunchHoleSent as a datagram), then punch to A's UDP port."""
+        server = await self._server_addr()
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        sent = pb.PunchHoleSent(
+            socket_addr=bytes(push.socket_addr),
+            id=my_id,
+            relay_server=relay,
+            nat_type=nat_type,  # type: ignore[arg-type]
+            version=self.version,
+        )
+        datagram = messages.build(punch_hole_sent=sent)
+        for i in range(3):  # as RustDesk: three copies, 10-29 ms apart (UDP may lose one)
+            with contextlib.suppress(OSError):
+                sock.sendto(datagram, server)
+            if i < 2:
+                await asyncio.sleep(random.uniform(0.01, 0.029))
+        a = addrmod.decode(bytes(push.socket_addr))
+        peer = f"[{a.ip}]:{push.udp_port}" if a.ip.version == 6 else f"{a.ip}:{push.udp_port}"
+        return await self._run(sock, session, peer, budget, {}, listen=True)
+
+    # ---- both -----------------------------------------------------------------------------
+
+    async def _run(
+        self, sock: socket.socket, session: str, peer_addr: str, budget: float, meta: dict[str, Any], listen: bool
+    ) -> dict[str, Any]:
+        self.attempts += 1
+        started = time.monotonic()
+        peer = addrmod.parse_sockaddr(peer_addr)
+        try:
+            result = await punch(
+                sock, peer.as_tuple(), listen=listen, schedule=PunchSchedule(deadline=budget), peer_reflexive=True
+            )
+            left = max(0.5, budget - (time.monotonic() - started))
+            if listen:
+                transport = await KcpTransport.accept(sock, left, first_datagram=result.first_datagram)
+            else:
+                transport = await KcpTransport.connect(sock, result.peer_addr, left)
+        except (PunchTimeout, KcpError, OSError, TimeoutError) as exc:
+            sock.close()
+            self.failures += 1
+            return {"ok": False, "reason": f"udp_punch to {peer_addr}: {describe_error(exc)}"}
+        stream = transport.stream_socket()
+        if len(self._transports) >= MAX_TRANSPORTS:
+            stream.close()
+            await transport.close(linger=0)
+            return {"ok": False, "reason": "udp_punch: too many KCP sessions"}
+        self._transports.add(transport)
+        self._watch(transport)
+        op = "respond" if listen else "transport"
+        try:
+            reply = await ctlproto.acall(
+                self.sessions_socket,
+                {**meta, "op": op, "session": session, "path": self.name},
+                [stream.fileno()],
+                patience=HANDOVER_PATIENCE,
+            )
+        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
+            reply = {"ok": False, "error": f"session owner unavailable: {describe_error(exc)}"}
+        finally:
+            stream.close()  # the session owner has its copy; KCP ends when it closes that
+        if not reply.get("ok"):
+            self.failures += 1
+            return {"ok": False, "reason": str(reply.get("error"))}
+        return {"ok": True, "elapsed_ms": round((time.monotonic() - started) * 1000, 1)}
+
+    def _watch(self, transport: KcpTransport) -> None:
+        async def reap() -> None:
+            with contextlib.suppress(Exception):
+                await transport.wait_closed()
+            self._transports.discard(transport)
+
+        task = asyncio.get_running_loop().create_task(reap())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
