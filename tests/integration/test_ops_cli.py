@@ -412,7 +412,7 @@ async def test_pipe_moves_bytes(
     assert rc == 0, err
     assert out == "HELLO THROUGH THE PIPE\n" * 1000
     (req,) = agent.requests
-    assert req == {"op": "open", "peer": "2345678901", "target": "127.0.0.1:22", "path": "auto", "password": None}
+    assert req == {"op": "open", "peer": "2345678901", "target": "127.0.0.1:22", "path": "", "password": None}
 
 
 async def test_pipe_sends_password_from_file_never_argv(
