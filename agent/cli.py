@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="forward target peers may reach (repeatable)",
     )
     up.add_argument("--path", type=_policy, default=None, metavar="POLICY", help=POLICY_HELP)
+    up.add_argument(
+        "--direct-port", type=_port, default=None, help="accept direct connections (ID@HOST:PORT) on this TCP port"
+    )
     up.add_argument("--foreground", action="store_true", help="stay in the foreground (Ctrl-C stops the agent)")
     up.add_argument("--keep-config", action="store_true", help=argparse.SUPPRESS)
 
@@ -135,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("pipe", "join stdin/stdout to HOST:PORT as seen from a peer (ProxyCommand)"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("peer", help="peer ID")
+        p.add_argument("peer", help="peer ID, or ID@HOST[:PORT] for a peer's direct port (no rendezvous)")
         if name == "connect":
             p.add_argument("-L", dest="forward", required=True, metavar="[BIND:]PORT:HOST:HOSTPORT")
         else:
@@ -220,6 +223,8 @@ def _effective_config(args: argparse.Namespace) -> Config:
             cfg.access.allow_targets = args.allow_target
         if args.path is not None:
             cfg.agent.path = args.path
+        if args.direct_port is not None:
+            cfg.agent.direct_port = args.direct_port
         cfg.validate()
     except config.ConfigError as exc:
         raise CliError(str(exc)) from None

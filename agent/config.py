@@ -43,6 +43,9 @@ class AgentSection:
     path: str = "auto"
     """Path policy for outgoing sessions: auto, direct-only or relay-only, plus any of disable-udp,
     disable-tcp-punch, disable-ipv6 (comma-separated)."""
+    direct_port: int = 0
+    """Accept direct connections on this TCP port (RustDesk's direct-server, usually 21118); 0 = off.
+    Peers then reach this agent as ID@HOST[:PORT] without any rendezvous server."""
     connect_timeout: float = 10.0
     """Seconds a session may take to come up before `connect`/`pipe` give up."""
 
@@ -95,6 +98,7 @@ class Config:
             ("embedded.rendezvous_port", self.embedded.rendezvous_port, 1),
             ("embedded.relay_port", self.embedded.relay_port, 1),
             ("agent.nat_test_port", self.agent.nat_test_port, 0),
+            ("agent.direct_port", self.agent.direct_port, 0),
             ("ray.gcs_port", self.ray.gcs_port, 0),
         ):
             if not low <= port <= 0xFFFF:

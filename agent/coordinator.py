@@ -15,6 +15,7 @@ import base64
 import contextlib
 import logging
 import os
+import socket
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -25,13 +26,13 @@ import psutil
 
 from agent import addr as addrmod
 from agent import ctlproto
-from agent.addr import split_host_port
+from agent.addr import AddressError, split_host_port
 from agent.config import Config
 from agent.handshake import HandshakeError, trusted_peer_key
 from agent.handshake import Policy as AccessPolicy
 from agent.identity import Identity
 from agent.pins import PinMismatch, PinStore
-from agent.plan import LAN_BUDGET, PUNCH_BUDGET, RELAY_STAGGER, Mode, Policy
+from agent.plan import DIRECT_BUDGET, LAN_BUDGET, PUNCH_BUDGET, RELAY_STAGGER, Mode, Policy
 from agent.proto import rendezvous_pb2 as pb
 from agent.refs import Ref
 from agent.rendezvous_client import (
@@ -46,6 +47,7 @@ from agent.rendezvous_client import (
 log = logging.getLogger(__name__)
 
 VERSION = "punchthrough-0.1"
+DEFAULT_DIRECT_PORT = 21118
 MAX_ATTEMPT_RECORDS = 256
 RELAY_REQUEST_WAITS = (2.0, 3.0, 30.0)
 IPV6_HEAD_START = 0.25
@@ -315,6 +317,14 @@ class Coordinator:
             policy = Policy.parse(str(req.get("path") or self.cfg.agent.path))
         except ValueError as exc:
             return fail(str(exc))
+        direct = ""
+        if "@" in peer:  # ID@HOST[:PORT]: the peer's direct port, no rendezvous server
+            peer, _, where = peer.partition("@")
+            plan.peer = peer
+            try:
+                direct = await _resolve(where, DEFAULT_DIRECT_PORT)
+            except (AddressError, OSError) as exc:
+                return fail(f"direct address {where!r}: {exc}")
         if not peer:
             return fail("no peer ID given")
         if peer == self.identity.peer_id:
@@ -323,6 +333,7 @@ class Coordinator:
         deadline = started + timeout
         keys: dict[str, tuple[bytes, str]] = {}
         race = Race(self, plan, sid, peer, started, deadline, keys)
+        race.direct_address = direct
         initiate = asyncio.ensure_future(
             ctlproto.acall(
                 self.sessions_socket,
@@ -477,6 +488,14 @@ class Coordinator:
             plan.error = str(dial.get("reason"))
 
 
+async def _resolve(where: str, default_port: int) -> str:
+    """HOST[:PORT] -> "IP:PORT" (first address), for strategies that take IP literals."""
+    host, port = split_host_port(where, default_port)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    ip = str(infos[0][4][0])
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 def _consume(fut: asyncio.Future[Any]) -> None:
     """Retrieve a background future's outcome so a cancelled race logs nothing."""
     if not fut.cancelled():
@@ -532,6 +551,7 @@ class Race:
         self.errors: list[str] = []
         self.handed: set[str] = set()
         self.fatal = ""
+        self.direct_address = ""
         self.direct_running = 0
         self.direct_over = asyncio.Event()
         self.policy = Policy()
@@ -541,6 +561,8 @@ class Race:
         (or at once when every direct attempt has already failed)."""
         self.direct_over = asyncio.Event()
         self.policy = policy
+        if self.direct_address:
+            return [self.direct()]
         coros: list[Any] = []
         if policy.mode is not Mode.RELAY_ONLY:
             coros.append(self._direct())
@@ -568,6 +590,33 @@ class Race:
         self.direct_running -= 1
         if self.direct_running <= 0 and not self.handed:
             self.direct_over.set()
+
+    async def direct(self) -> None:
+        """The peer's direct port: no rendezvous, so only a key pinned earlier can vouch for the peer."""
+        pinned = PinStore(self.coord.state_dir).get(self.peer)
+        if pinned is None:
+            self._record(
+                "direct",
+                "error",
+                f"no key pinned for peer {self.peer}: reach it once through the rendezvous server first",
+            )
+            return
+        self.keys["direct"] = (pinned, "pinned")
+        self._record("direct", "running")
+        res = await self.coord.lan.call(
+            "dial",
+            self.sid,
+            self.direct_address,
+            None,
+            DIRECT_BUDGET,
+            {"peer_pk": pinned, "key_source": "pinned"},
+            "direct",
+        )
+        if res.get("ok"):
+            self.handed.add("direct")
+            self._record("direct", "connected")
+        else:
+            self._record("direct", "error", str(res.get("reason")))
 
     async def udp_rendezvous(self) -> None:
         """PunchHoleRequest with our UDP mapping: B answers from its own UDP socket (the server tells

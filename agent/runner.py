@@ -24,7 +24,7 @@ import psutil
 
 from agent import ctlproto
 from agent.runtime_paths import control_socket, runtime_dir
-from agent.stack import COMPONENTS, load_runtime
+from agent.stack import enabled_components, load_runtime
 
 PID_FILE = "agent.pid"
 REGISTRATION_WAIT = 15.0
@@ -114,9 +114,7 @@ def supervise(state_dir: Path) -> int:
     try:
         ns = namespace_for(state_dir)
         head.init_driver(ns)
-        for kind in COMPONENTS:
-            if kind == "servers" and not rt.embedded:
-                continue
+        for kind in enabled_components(rt):
             ComponentActor.options(  # type: ignore[attr-defined]
                 name=kind, namespace=ns, lifetime="detached", get_if_exists=True
             ).remote(kind, str(state_dir), ns)

@@ -39,6 +39,7 @@ COMPONENTS = (
     "tcp_punch",
     "udp_punch",
     "ipv6",
+    "direct",
     "nat_probe",
     "registrar",
     "coordinator",
@@ -154,6 +155,14 @@ class RegistrarComponent:
         return self.registrar.status()
 
 
+def enabled_components(rt: Runtime) -> list[str]:
+    """The components this agent runs: embedded servers and the direct port only when configured."""
+    skip = {"servers"} if not rt.embedded else set()
+    if not rt.cfg.agent.direct_port:
+        skip.add("direct")
+    return [kind for kind in COMPONENTS if kind not in skip]
+
+
 def _policy_factory(rt: Runtime) -> Any:
     def factory() -> Any:
         return build_policy(rt.cfg, PinStore(rt.state_dir))
@@ -173,6 +182,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
     """Construct and start one component; `refs` reach the others."""
     from agent.nat_probe import NatProbe
     from agent.sessions import SessionOwner
+    from agent.strategies.direct import DirectServer
     from agent.strategies.ipv6 import Ipv6Strategy
     from agent.strategies.relay import RelayStrategy
     from agent.strategies.tcp_direct import TcpDirectStrategy
@@ -191,6 +201,8 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
         )
     elif kind == "relay":
         comp = RelayStrategy(sessions_socket(rt.state_dir), rt.cfg.agent.relay_key)
+    elif kind == "direct":
+        comp = DirectServer(sessions_socket(rt.state_dir), rt.cfg.agent.direct_port, rt.cfg.embedded.bind)
     elif kind == "udp_punch":
         comp = UdpPunchStrategy(sessions_socket(rt.state_dir), rt.server_addr)
     elif kind == "ipv6":
@@ -246,9 +258,7 @@ class LocalAgent:
     async def start(self) -> LocalAgent:
         rt = load_runtime(self.state_dir)
         refs: dict[str, Ref] = {kind: _LateRef(self, kind) for kind in COMPONENTS}
-        for kind in COMPONENTS:
-            if kind == "servers" and not rt.embedded:
-                continue
+        for kind in enabled_components(rt):
             self.components[kind] = await build_component(kind, rt, refs)
         coordinator = self.components["coordinator"]
         for kind in ("coordinator", *self.components):

@@ -53,11 +53,13 @@ class TcpDirectStrategy:
     def status(self) -> dict[str, Any]:
         return {"attempts": self.attempts, "failures": self.failures, "accepted": self.accepted}
 
-    async def _handover(self, sock: socket.socket, op: str, session: str, meta: dict[str, Any]) -> dict[str, Any]:
+    async def _handover(
+        self, sock: socket.socket, op: str, session: str, meta: dict[str, Any], path: str = ""
+    ) -> dict[str, Any]:
         try:
             reply = await ctlproto.acall(
                 self.sessions_socket,
-                {**meta, "op": op, "session": session, "path": self.name},
+                {**meta, "op": op, "session": session, "path": path or self.name},
                 [sock.fileno()],
                 patience=HANDOVER_PATIENCE,
             )
@@ -79,8 +81,12 @@ class TcpDirectStrategy:
         bind: tuple[str, int] | None,
         budget: float,
         meta: dict[str, Any],
+        path: str = "",
     ) -> dict[str, Any]:
-        """Connect to `peer_addr` (from `bind`, with port reuse) until it answers or `budget` runs out."""
+        """Connect to `peer_addr` (from `bind`, with port reuse) until it answers or `budget` runs out.
+
+        `path` labels the transport for the session owner (default: this strategy's name; the
+        direct-port connection uses "direct")."""
         self.attempts += 1
         started = time.monotonic()
         target = addrmod.parse_sockaddr(peer_addr)
@@ -101,11 +107,11 @@ class TcpDirectStrategy:
                 await asyncio.sleep(min(RETRY_GAP, max(0.0, budget - (time.monotonic() - started))))
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            result = await self._handover(sock, "transport", session, meta)
+            result = await self._handover(sock, "transport", session, meta, path)
             result["elapsed_ms"] = round((time.monotonic() - started) * 1000, 1)
             return result
         self.failures += 1
-        return {"ok": False, "reason": f"{self.name} to {peer_addr}: {last}"}
+        return {"ok": False, "reason": f"{path or self.name} to {peer_addr}: {last}"}
 
     # ---- B ---------------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.integration.test_agent_e2e import free_triple
+
 from agent.stack import LocalAgent
 from tests.agent_fixtures import (
     agent_config,
@@ -29,11 +31,14 @@ async def lab(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     echo, echo_addr = await echo_server()
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a_id = prepare_state(a_dir, agent_config(servers))
-    b_id = prepare_state(b_dir, agent_config(servers, allow=[a_id], allow_targets=[echo_addr]))
+    b_cfg = agent_config(servers, allow=[a_id], allow_targets=[echo_addr])
+    b_cfg.agent.direct_port = free_port()
+    b_id = prepare_state(b_dir, b_cfg)
     a, b = await LocalAgent(a_dir).start(), await LocalAgent(b_dir).start()
     await wait_registered(a)
     await wait_registered(b)
     yield {
+        "direct_port": b_cfg.agent.direct_port,
         "servers": servers,
         "a": a,
         "b": b,
@@ -49,6 +54,10 @@ async def lab(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     echo.close()
     await servers.rendezvous.close()
     await servers.relay.close()
+
+
+def free_port() -> int:
+    return free_triple()
 
 
 async def _transfer(sock: socket.socket, payload: bytes) -> bytes:
@@ -124,3 +133,18 @@ async def test_unlisted_peer_refused(lab: dict[str, Any], tmp_path: Path) -> Non
         assert "not allowed" in reply["error"]
     finally:
         await c.close()
+
+
+async def test_direct_port_needs_a_pinned_key_then_skips_the_rendezvous(lab: dict[str, Any]) -> None:
+    where = f"{lab['b_id']}@127.0.0.1:{lab['direct_port']}"
+    sock, reply = await open_stream(lab["a_dir"], where, lab["echo"])
+    assert sock is None and "no key pinned" in reply["error"]
+    first, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"])  # via the server: pins B's key
+    assert first is not None, reply
+    first.close()
+    await lab["servers"].rendezvous.close()  # nobody to ask any more
+    sock, reply = await open_stream(lab["a_dir"], where, lab["echo"])
+    assert sock is not None, reply
+    assert reply["path"] == "direct"
+    assert await asyncio.wait_for(_transfer(sock, b"direct bytes"), 30) == b"direct bytes"
+    sock.close()

@@ -1,0 +1,99 @@
+"""The direct-server port (RustDesk's `direct-server`, seed `is_ip_str` branch).
+
+B listens on a TCP port; A dials ID@HOST[:PORT] and skips the rendezvous server
+entirely. Unlike RustDesk this path is not plaintext: the session owner runs the
+same handshake as on every other path, and A needs B's key already pinned (from an
+earlier session through the rendezvous server), since there is nobody to vouch for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+from agent import ctlproto
+from agent.netutil import describe_error
+from agent.strategies.tcp_direct import HANDOVER_PATIENCE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIRECT_PORT = 21118
+MAX_HANDOVERS = 64
+"""Accepted connections being handed to the session owner at once; more wait in the backlog."""
+
+
+class DirectServer:
+    name = "direct"
+
+    def __init__(self, sessions_socket: Path, port: int, bind: str = "0.0.0.0") -> None:
+        self.sessions_socket = sessions_socket
+        self.port = port
+        self.bind = bind
+        self.accepted = 0
+        self.failures = 0
+        self._listener: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(MAX_HANDOVERS)
+        self._seq = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def status(self) -> dict[str, Any]:
+        return {"port": self.port, "accepted": self.accepted, "failures": self.failures}
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.bind else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.bind, self.port))
+        sock.listen(128)
+        sock.setblocking(False)
+        self._listener = sock
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        if self._listener:
+            self._listener.close()
+
+    async def _accept_loop(self) -> None:
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                conn, _addr = await loop.sock_accept(self._listener)
+            except OSError as exc:
+                self._slots.release()
+                log.warning("direct port: accept failed: %s", describe_error(exc))
+                await asyncio.sleep(0.1)
+                continue
+            self.accepted += 1
+            self._seq += 1
+            task = loop.create_task(self._handover(conn, f"direct-{self._seq}"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handover(self, conn: socket.socket, session: str) -> None:
+        try:
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reply = await ctlproto.acall(
+                self.sessions_socket,
+                {"op": "respond", "session": session, "path": self.name},
+                [conn.fileno()],
+                patience=HANDOVER_PATIENCE,
+            )
+            if not reply.get("ok"):
+                self.failures += 1
+        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
+            self.failures += 1
+            log.info("direct port: handover failed: %s", describe_error(exc))
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+            self._slots.release()
