@@ -29,8 +29,8 @@ from agent.nat_core import (
     next_measurement_delay,
     udp_probe_offsets,
 )
+from agent.netutil import describe_error
 from agent.proto import rendezvous_pb2 as pb
-from agent.rendezvous_client import describe_error
 from agent.wire import FrameDecoder, FrameError, encode_frame
 
 log = logging.getLogger("punchthrough.nat_probe")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 
 from agent.addr import split_host_port
@@ -30,9 +32,11 @@ async def connect_tcp(address: str, default_port: int | None = None, timeout: fl
 
 
 def describe_error(exc: BaseException) -> str:
-    """One line for people: 'connection refused' rather than '[Errno 111] Connection refused'."""
+    """One line: 'connection refused', not "[Errno 111] Connect call failed ('127.0.0.1', 9)"."""
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, OSError) and exc.errno and exc.errno in errno.errorcode:
+        return os.strerror(exc.errno).lower()
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__

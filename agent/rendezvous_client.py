@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import os
 import socket
 import time
 from collections.abc import Sequence
@@ -26,6 +24,7 @@ from agent import messages
 from agent.addr import SockAddr
 from agent.addr import encode as mangle
 from agent.messages import MessageError
+from agent.netutil import describe_error
 from agent.proto import rendezvous_pb2 as pb
 from agent.wire import FrameDecoder, FrameError, encode_frame
 
@@ -51,17 +50,6 @@ class RelayRefused(RendezvousError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line: 'connection refused', not "[Errno 111] Connect call failed ('127.0.0.1', 9)"."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.errno and exc.errno in errno.errorcode:
-        return os.strerror(exc.errno).lower()
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
 
 
 def _where(server: tuple[str, int]) -> str:

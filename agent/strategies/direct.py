@@ -9,15 +9,13 @@ earlier session through the rendezvous server), since there is nobody to vouch f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from pathlib import Path
 from typing import Any
 
-from agent import ctlproto
 from agent.netutil import describe_error
-from agent.strategies.tcp_direct import HANDOVER_PATIENCE
+from agent.strategies.handover import handover
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +80,9 @@ class DirectServer:
         try:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            reply = await ctlproto.acall(
-                self.sessions_socket,
-                {"op": "respond", "session": session, "path": self.name},
-                [conn.fileno()],
-                patience=HANDOVER_PATIENCE,
-            )
-            if not reply.get("ok"):
+            result = await handover(self.sessions_socket, conn, "respond", session, self.name)
+            if not result["ok"]:
                 self.failures += 1
-        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
-            self.failures += 1
-            log.info("direct port: handover failed: %s", describe_error(exc))
+                log.info("direct port: %s", result["reason"])
         finally:
-            with contextlib.suppress(OSError):
-                conn.close()
             self._slots.release()

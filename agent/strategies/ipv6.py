@@ -19,9 +19,9 @@ from typing import Any
 import psutil
 
 from agent import addr as addrmod
-from agent import ctlproto
 from agent.netutil import describe_error
-from agent.strategies.tcp_direct import HANDOVER_PATIENCE, _first, _keep_connecting, _reuse_socket
+from agent.strategies.handover import handover
+from agent.strategies.tcp_direct import _first, _keep_connecting, _reuse_socket
 
 MAX_PREPARED = 64
 
@@ -109,18 +109,8 @@ class Ipv6Strategy:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         op = "transport" if role == "initiator" else "respond"
-        try:
-            reply = await ctlproto.acall(
-                self.sessions_socket,
-                {**meta, "op": op, "session": session, "path": self.name},
-                [sock.fileno()],
-                patience=HANDOVER_PATIENCE,
-            )
-        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
-            reply = {"ok": False, "error": f"session owner unavailable: {describe_error(exc)}"}
-        finally:
-            sock.close()
-        if not reply.get("ok"):
+        result = await handover(self.sessions_socket, sock, op, session, self.name, meta)
+        if not result["ok"]:
             self.failures += 1
-            return {"ok": False, "reason": str(reply.get("error"))}
+            return result
         return {"ok": True, "elapsed_ms": round((time.monotonic() - started) * 1000, 1)}

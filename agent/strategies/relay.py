@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import ctlproto, messages
+from agent import messages
 from agent.netutil import connect_tcp, describe_error
 from agent.proto import rendezvous_pb2 as pb
+from agent.strategies.handover import handover
 from agent.wire import encode_frame
 
 DEFAULT_RELAY_PORT = 21117
-HANDOVER_PATIENCE = 5.0
-"""Seconds to wait for a restarting session owner before giving the transport up."""
 
 
 class RelayStrategy:
@@ -55,21 +54,10 @@ class RelayStrategy:
             self.failures += 1
             return {"ok": False, "reason": f"relay {relay}: {describe_error(exc)}"}
         op = "transport" if role == "initiator" else "respond"
-        try:
-            reply = await ctlproto.acall(
-                self.sessions_socket,
-                {**(meta or {}), "op": op, "session": session, "path": "relay"},
-                [sock.fileno()],
-                patience=HANDOVER_PATIENCE,
-            )
-        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
+        result = await handover(self.sessions_socket, sock, op, session, "relay", meta)
+        if not result["ok"]:
             self.failures += 1
-            return {"ok": False, "reason": f"session owner unavailable: {describe_error(exc)}"}
-        finally:
-            sock.close()  # the session owner has its own copy now
-        if not reply.get("ok"):
-            self.failures += 1
-            return {"ok": False, "reason": str(reply.get("error", "session owner refused the transport"))}
+            return result
         return {"ok": True, "elapsed_ms": round((time.monotonic() - started) * 1000, 1)}
 
     def status(self) -> dict[str, Any]:

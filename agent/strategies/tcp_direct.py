@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from agent import addr as addrmod
-from agent import ctlproto
 from agent.netutil import describe_error
 from agent.rendezvous_client import RendezvousError, send_local_addr, send_punch_hole_sent
+from agent.strategies.handover import handover
 
 RETRY_GAP = 0.2
-HANDOVER_PATIENCE = 5.0
 
 
 def _reuse_socket(family: int) -> socket.socket:
@@ -56,21 +55,10 @@ class TcpDirectStrategy:
     async def _handover(
         self, sock: socket.socket, op: str, session: str, meta: dict[str, Any], path: str = ""
     ) -> dict[str, Any]:
-        try:
-            reply = await ctlproto.acall(
-                self.sessions_socket,
-                {**meta, "op": op, "session": session, "path": path or self.name},
-                [sock.fileno()],
-                patience=HANDOVER_PATIENCE,
-            )
-        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
-            reply = {"ok": False, "error": f"session owner unavailable: {describe_error(exc)}"}
-        finally:
-            sock.close()
-        if not reply.get("ok"):
+        result = await handover(self.sessions_socket, sock, op, session, path or self.name, meta)
+        if not result["ok"]:
             self.failures += 1
-            return {"ok": False, "reason": str(reply.get("error"))}
-        return {"ok": True}
+        return result
 
     # ---- A ---------------------------------------------------------------------------------
 

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from agent import addr as addrmod
-from agent import ctlproto, messages
+from agent import messages
 from agent.kcp_stream import KcpError, KcpTransport
 from agent.netutil import describe_error
 from agent.proto import rendezvous_pb2 as pb
-from agent.strategies.tcp_direct import HANDOVER_PATIENCE
+from agent.strategies.handover import handover
 from agent.udp_punch import PunchSchedule, PunchTimeout, punch
 
 PROBE_PADDING = 32
@@ -174,20 +174,11 @@ class UdpPunchStrategy:
         self._transports.add(transport)
         self._watch(transport)
         op = "respond" if listen else "transport"
-        try:
-            reply = await ctlproto.acall(
-                self.sessions_socket,
-                {**meta, "op": op, "session": session, "path": self.name},
-                [stream.fileno()],
-                patience=HANDOVER_PATIENCE,
-            )
-        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
-            reply = {"ok": False, "error": f"session owner unavailable: {describe_error(exc)}"}
-        finally:
-            stream.close()  # the session owner has its copy; KCP ends when it closes that
-        if not reply.get("ok"):
+        # our copy of the stream is closed by handover; KCP ends when the session owner closes its copy
+        handed = await handover(self.sessions_socket, stream, op, session, self.name, meta)
+        if not handed["ok"]:
             self.failures += 1
-            return {"ok": False, "reason": str(reply.get("error"))}
+            return handed
         return {"ok": True, "elapsed_ms": round((time.monotonic() - started) * 1000, 1)}
 
     def _watch(self, transport: KcpTransport) -> None:

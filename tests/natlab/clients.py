@@ -31,7 +31,7 @@ def wait_listening(lab: Lab, host: str, port: int, proc: subprocess.Popen[Any] |
         if out.stdout.strip():
             return
         if proc is not None and proc.poll() is not None:
-            raise ClientSetupError(f"{proc.args} exited with {proc.returncode} before listening on {port}")
+            raise ClientSetupError(f"{proc.args!r} exited with {proc.returncode} before listening on {port}")
         if time.monotonic() > deadline:
             raise ClientSetupError(f"nothing listens on port {port} in {host} after {timeout:.0f}s")
         time.sleep(0.05)

@@ -1,0 +1,36 @@
+"""Handing a connected transport to the session owner: the one step every strategy ends with."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from agent import ctlproto
+from agent.netutil import describe_error
+
+HANDOVER_PATIENCE = 5.0
+"""Seconds to wait for a restarting session owner before giving the transport up."""
+
+
+async def handover(
+    sessions_socket: Path, sock: socket.socket, op: str, session: str, path: str, meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Pass `sock` by fd (op "transport" for an initiator, "respond" for a responder); our copy is closed.
+
+    Returns {"ok": True} or {"ok": False, "reason": ...}; never raises.
+    """
+    try:
+        reply = await ctlproto.acall(
+            sessions_socket,
+            {**(meta or {}), "op": op, "session": session, "path": path},
+            [sock.fileno()],
+            patience=HANDOVER_PATIENCE,
+        )
+    except (OSError, TimeoutError, ctlproto.ControlError) as exc:
+        reply = {"ok": False, "error": f"session owner unavailable: {describe_error(exc)}"}
+    finally:
+        sock.close()
+    if not reply.get("ok"):
+        return {"ok": False, "reason": str(reply.get("error", "session owner refused the transport"))}
+    return {"ok": True}
