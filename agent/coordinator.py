@@ -32,7 +32,7 @@ from agent.handshake import HandshakeError, trusted_peer_key
 from agent.handshake import Policy as AccessPolicy
 from agent.identity import Identity
 from agent.pins import PinMismatch, PinStore
-from agent.plan import DIRECT_BUDGET, LAN_BUDGET, PUNCH_BUDGET, RELAY_STAGGER, Mode, Policy
+from agent.plan import DIRECT_BUDGET, LAN_BUDGET, PUNCH_BUDGET, Policy, Situation, Strategy, make_plan
 from agent.proto import rendezvous_pb2 as pb
 from agent.refs import Ref
 from agent.rendezvous_client import (
@@ -557,26 +557,26 @@ class Race:
         self.policy = Policy()
 
     def coroutines(self, policy: Policy) -> list[Any]:
-        """The race as the plan allows it: the direct rendezvous at once, the relay after a stagger
-        (or at once when every direct attempt has already failed)."""
+        """The race as the plan allows it, planned before the peer has answered (optimistic about
+        UDP and IPv6; each rendezvous coroutine re-plans with the peer's answer)."""
         self.direct_over = asyncio.Event()
         self.policy = policy
         if self.direct_address:
             return [self.direct()]
+        plan = make_plan(Situation(our_udp=True, peer_udp=True, v6_both=True), policy)
+        steps = {step.strategy: step for step in plan.steps}
+        for strategy, why in plan.skipped:
+            if strategy in (Strategy.TCP_PUNCH, Strategy.UDP_PUNCH, Strategy.RELAY):
+                self._record(str(strategy), "skipped", why)
         coros: list[Any] = []
-        if policy.mode is not Mode.RELAY_ONLY:
+        if Strategy.TCP_PUNCH in steps or Strategy.LAN in steps or Strategy.IPV6 in steps:
             coros.append(self._direct())
-            if policy.udp:
-                coros.append(self.udp_rendezvous())
-            else:
-                self._record("udp_punch", "skipped", "disabled by policy")
-        else:
-            self._record("tcp_punch", "skipped", "relay-only policy")
+        if Strategy.UDP_PUNCH in steps:
+            coros.append(self.udp_rendezvous())
+        if not coros:
             self.direct_over.set()
-        if policy.mode is Mode.DIRECT_ONLY:
-            self._record("relay", "skipped", "direct-only policy")
-        else:
-            coros.append(self.relay())
+        if Strategy.RELAY in steps:
+            coros.append(self.relay(steps[Strategy.RELAY].delay))
         return coros
 
     async def _direct(self) -> None:
@@ -711,15 +711,10 @@ class Race:
             await coord.ipv6.call("release", self.sid)
         try:
             skip = ""
-            if not is_local and not self.policy.tcp_punch:
-                skip = "disabled by policy"
-            elif (
-                not is_local
-                and our_nat == pb.SYMMETRIC
-                and resp.WhichOneof("union") == "nat_type"
-                and (resp.nat_type == pb.SYMMETRIC)
-            ):
-                skip = "both sides map per destination (symmetric)"
+            if not is_local:
+                peer_nat = resp.nat_type if resp.WhichOneof("union") == "nat_type" else pb.UNKNOWN_NAT
+                replan = make_plan(Situation(our_nat, peer_nat), self.policy)
+                skip = dict(replan.skipped).get(Strategy.TCP_PUNCH, "")
             if skip:
                 self._record("tcp_punch", "skipped", skip)
                 return
@@ -777,10 +772,10 @@ class Race:
                 attempt.outcome = "cancelled"
                 attempt.reason = attempt.reason or "another path won first"
 
-    async def relay(self) -> None:
+    async def relay(self, stagger: float) -> None:
         """After the stagger (or once every direct attempt failed), ask for the relay."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.direct_over.wait(), RELAY_STAGGER)
+            await asyncio.wait_for(self.direct_over.wait(), stagger)
         if self.fatal:
             return
         coord = self.coord
