@@ -365,6 +365,9 @@ class Coordinator:
             for task in strategies:
                 task.cancel()
             all_done.cancel()
+            # Ray keeps running a call its caller stopped awaiting: tell the strategy actors to stop.
+            for ref in (self.lan, self.tcp_punch, self.udp_punch, self.ipv6, self.relay):
+                self._spawn(_quietly(ref.call("cancel", sid)))
         race.settle(reply.get("transports", []))
         if not reply.get("ok"):
             error = str(reply.get("error"))
@@ -494,6 +497,11 @@ async def _resolve(where: str, default_port: int) -> str:
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     ip = str(infos[0][4][0])
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+async def _quietly(aw: Any) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(aw, 5)
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

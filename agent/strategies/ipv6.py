@@ -22,6 +22,7 @@ from agent import addr as addrmod
 from agent.netutil import describe_error
 from agent.strategies.handover import handover
 from agent.strategies.tcp_direct import _first, _keep_connecting, _reuse_socket
+from agent.strategies.tracking import Tracked
 
 MAX_PREPARED = 64
 
@@ -38,10 +39,11 @@ def global_v6() -> str | None:
     return None
 
 
-class Ipv6Strategy:
+class Ipv6Strategy(Tracked):
     name = "ipv6"
 
     def __init__(self, sessions_socket: Path) -> None:
+        super().__init__()
         self.sessions_socket = sessions_socket
         self._prepared: dict[str, socket.socket] = {}
         self.attempts = 0
@@ -71,6 +73,10 @@ class Ipv6Strategy:
             return b""
         self._prepared[session] = sock
         return addrmod.encode(addrmod.SockAddr.of(ip, sock.getsockname()[1]), 0)
+
+    def cancel(self, session: str) -> int:
+        self.release(session)
+        return super().cancel(session)
 
     def release(self, session: str) -> None:
         sock = self._prepared.pop(session, None)

@@ -17,20 +17,26 @@ from agent import messages
 from agent.netutil import connect_tcp, describe_error
 from agent.proto import rendezvous_pb2 as pb
 from agent.strategies.handover import handover
+from agent.strategies.tcp_direct import CANCELLED
+from agent.strategies.tracking import Tracked
 from agent.wire import encode_frame
 
 DEFAULT_RELAY_PORT = 21117
 
 
-class RelayStrategy:
+class RelayStrategy(Tracked):
     def __init__(self, sessions_socket: Path, relay_key: str = "", timeout: float = 5.0) -> None:
+        super().__init__()
         self.sessions_socket = sessions_socket
         self.relay_key = relay_key
         self.timeout = timeout
         self.attempts = 0
         self.failures = 0
 
-    async def dial(
+    async def dial(self, session: str, *args: Any) -> dict[str, Any]:
+        return await self._track(session, self._dial(session, *args), CANCELLED)
+
+    async def _dial(
         self, session: str, relay: str, uuid: str, peer_id: str, role: str, meta: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """Connect to `relay`, join `uuid`, hand the socket to the session owner. Never raises.

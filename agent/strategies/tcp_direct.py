@@ -23,8 +23,10 @@ from agent import addr as addrmod
 from agent.netutil import describe_error
 from agent.rendezvous_client import RendezvousError, send_local_addr, send_punch_hole_sent
 from agent.strategies.handover import handover
+from agent.strategies.tracking import Tracked
 
 RETRY_GAP = 0.2
+CANCELLED: dict[str, Any] = {"ok": False, "reason": "cancelled: another path won"}
 
 
 def _reuse_socket(family: int) -> socket.socket:
@@ -35,12 +37,13 @@ def _reuse_socket(family: int) -> socket.socket:
     return sock
 
 
-class TcpDirectStrategy:
+class TcpDirectStrategy(Tracked):
     """`name` is "lan" or "tcp_punch" (the same mechanics, told apart in ops and in the plan)."""
 
     def __init__(
         self, name: str, sessions_socket: Path, server: tuple[str, int], version: str = "punchthrough"
     ) -> None:
+        super().__init__()
         self.name = name
         self.sessions_socket = sessions_socket
         self.server = server
@@ -62,7 +65,13 @@ class TcpDirectStrategy:
 
     # ---- A ---------------------------------------------------------------------------------
 
-    async def dial(
+    async def dial(self, session: str, *args: Any) -> dict[str, Any]:
+        return await self._track(session, self._dial(session, *args), CANCELLED)
+
+    async def answer(self, session: str, *args: Any) -> dict[str, Any]:
+        return await self._track(session, self._answer(session, *args), CANCELLED)
+
+    async def _dial(
         self,
         session: str,
         peer_addr: str,
@@ -103,7 +112,7 @@ class TcpDirectStrategy:
 
     # ---- B ---------------------------------------------------------------------------------
 
-    async def answer(
+    async def _answer(
         self,
         session: str,
         push: Any,

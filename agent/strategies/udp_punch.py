@@ -29,6 +29,8 @@ from agent.kcp_stream import KcpError, KcpTransport
 from agent.netutil import describe_error
 from agent.proto import rendezvous_pb2 as pb
 from agent.strategies.handover import handover
+from agent.strategies.tcp_direct import CANCELLED
+from agent.strategies.tracking import Tracked
 from agent.udp_punch import PunchSchedule, PunchTimeout, punch
 
 PROBE_PADDING = 32
@@ -37,10 +39,11 @@ MAX_PREPARED = 64
 MAX_TRANSPORTS = 256
 
 
-class UdpPunchStrategy:
+class UdpPunchStrategy(Tracked):
     name = "udp_punch"
 
     def __init__(self, sessions_socket: Path, server: tuple[str, int], version: str = "punchthrough") -> None:
+        super().__init__()
         self.sessions_socket = sessions_socket
         self.server = server
         self.version = version
@@ -111,7 +114,17 @@ class UdpPunchStrategy:
         if sock is not None:
             sock.close()
 
-    async def dial(self, session: str, peer_addr: str, budget: float, meta: dict[str, Any]) -> dict[str, Any]:
+    async def dial(self, session: str, *args: Any) -> dict[str, Any]:
+        return await self._track(session, self._dial(session, *args), CANCELLED)
+
+    async def answer(self, session: str, *args: Any) -> dict[str, Any]:
+        return await self._track(session, self._answer(session, *args), CANCELLED)
+
+    def cancel(self, session: str) -> int:
+        self.release(session)
+        return super().cancel(session)
+
+    async def _dial(self, session: str, peer_addr: str, budget: float, meta: dict[str, Any]) -> dict[str, Any]:
         sock = self._prepared.pop(session, None)
         if sock is None:
             return {"ok": False, "reason": "udp_punch: no UDP socket prepared"}
@@ -119,7 +132,7 @@ class UdpPunchStrategy:
 
     # ---- B --------------------------------------------------------------------------------
 
-    async def answer(
+    async def _answer(
         self, session: str, push: Any, my_id: str, nat_type: int, relay: str, budget: float
     ) -> dict[str, Any]:
         """Tell the server our UDP mapping (PunchHoleSent as a datagram), then punch to A's UDP port."""
