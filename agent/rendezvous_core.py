@@ -17,7 +17,8 @@ Where we differ from upstream hbbs, and why:
   names a different key gets LICENSE_MISMATCH).
 * Relay decision: A's explicit force_relay or --always-relay wins over the same-LAN
   path (the user or operator asked for the relay); then same public IP -> LAN; then
-  both peers SYMMETRIC -> relay; else punch. The relay push is a RequestRelay to B
+  both peers SYMMETRIC -> relay, unless A offers an IPv6 address (socket_addr_v6): v6 needs
+  no NAT traversal, so B gets the PunchHole and both try v6; else punch. The relay push is a RequestRelay to B
   carrying a fresh uuid, so A's reply is a RelayResponse without an extra round trip.
 * An accepted RegisterPk refreshes B's address at once (upstream waits for the next
   RegisterPeer, so a peer is "offline" for up to 15 s after a server restart).
@@ -531,8 +532,8 @@ class RendezvousCore:
             decision = "relay"
         elif a.ip == peer.addr.ip:
             decision = "lan"
-        elif req.nat_type == pb.SYMMETRIC and peer.nat_type == pb.SYMMETRIC:
-            decision = "relay"
+        elif req.nat_type == pb.SYMMETRIC and peer.nat_type == pb.SYMMETRIC and not a_v6:
+            decision = "relay"  # no IPv4 punch can work; with an IPv6 offer both may still go direct
         else:
             decision = "punch"
         self.events[f"punch_{decision}"] += 1

@@ -7,8 +7,9 @@ Needs root (network namespaces). Prints numbers, asserts nothing. Every lab is t
 
 Per scenario (agent A on ha, B on hb, or ha2 for same-lan; A asks with the row's `--path` policy):
 
-* floor: spawn of `punchthrough id` in A's namespace to its exit (Python start + CLI import): the part of
-  every pipe number that is not the tunnel.
+* floor: spawn of `punchthrough --help` in A's namespace to its exit (Python start + the CLI's imports, which
+  `pipe` shares; `punchthrough id` is slower still, it loads the crypto libraries `pipe` never imports): the part
+  of every pipe number that is not the tunnel.
 * first byte: a probe running *inside* A's namespace spawns `punchthrough pipe B 127.0.0.1:ECHO`, writes one
   byte at once and times spawn -> that byte echoed back. Every pipe opens a new session, so this includes
   the whole path race (punch, relay, handshake). `runs` times; first, median, p90.
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +120,7 @@ def probe_floor(args: dict[str, Any]) -> dict[str, Any]:
     times = []
     for _ in range(args["runs"]):
         t0 = time.perf_counter()
-        subprocess.run([*PT, "--state-dir", args["state"], "id"], capture_output=True, check=True, timeout=30)
+        subprocess.run([*PT, "--help"], capture_output=True, check=True, timeout=30)
         times.append(time.perf_counter() - t0)
     return {"times": times}
 
@@ -267,29 +269,60 @@ def _probe(lab: Any, host: str, what: str, args: dict[str, Any], timeout: float)
     return result
 
 
-def bench_case(case: Case, runs: int, nbytes: int, work: Path, deadline: float) -> Row:
-    from ops.natlab import Lab
-    from tests.natlab.agents import LabAgents, winner
+@dataclass
+class Prepared:
+    row: Row
+    lab: Any = None
+    agents: Any = None
+    b_id: str = ""
 
-    row = Row(case)
-    lab = Lab(case.scenario)
-    agents = LabAgents(lab, work / case.scenario)
+
+def prepare(case: Case, work: Path) -> Prepared:
+    """Lab, server, echo and sink on B, both agents up. Runs while the previous lab is torn down."""
+    from ops.natlab import Lab
+    from tests.natlab.agents import LabAgents
+
+    prep = Prepared(Row(case))
     try:
-        lab.up()
-        agents.start_server()
-        agents.start_echo(case.b)
-        sink = lab.popen(case.b, [sys.executable, str(Path(__file__).resolve()), "_sink", str(SINK_PORT)],
-                         stdout=subprocess.PIPE, cwd=str(ROOT))
-        assert sink.stdout is not None and sink.stdout.readline().strip() == b"ready"
-        a_id, b_id = agents.agent_id(case.a), agents.agent_id(case.b)
-        row.up_s = agents.up({case.b: ["--allow", a_id, "--allow-target", f"127.0.0.1:{ECHO_PORT}",
-                                       "--allow-target", f"127.0.0.1:{SINK_PORT}"], case.a: []})
-        base = {"state": str(agents.state(case.a)), "peer": b_id, "policy": case.policy}
+        prep.lab = Lab(case.scenario)
+        prep.agents = LabAgents(prep.lab, work / case.scenario)
+        prep.lab.up()
+        prep.agents.start_server()
+        prep.agents.start_echo(case.b)
+        sink = prep.lab.popen(case.b, [sys.executable, str(Path(__file__).resolve()), "_sink", str(SINK_PORT)],
+                              stdout=subprocess.PIPE, cwd=str(ROOT))
+        assert sink.stdout is not None and sink.stdout.readline().strip() == b"ready", "sink did not start"
+        a_id, prep.b_id = prep.agents.agent_id(case.a), prep.agents.agent_id(case.b)
+        prep.row.up_s = prep.agents.up({case.b: ["--allow", a_id, "--allow-target", f"127.0.0.1:{ECHO_PORT}",
+                                                 "--allow-target", f"127.0.0.1:{SINK_PORT}"], case.a: []})
+    except Exception as exc:
+        prep.row.errors.append(f"setup: {type(exc).__name__}: {exc}")
+    return prep
+
+
+def teardown(prep: Prepared) -> None:
+    if prep.agents is not None:
+        prep.agents.down()
+    if prep.lab is not None:
+        prep.lab.down()
+
+
+def measure(prep: Prepared, runs: int, nbytes: int, deadline: float) -> None:
+    from tests.natlab.agents import winner
+
+    row, case, lab, agents = prep.row, prep.row.case, prep.lab, prep.agents
+    if row.errors:  # setup failed
+        return
+
+    def initiated() -> list[dict[str, Any]]:
+        return [s for s in agents.ops(case.a, "sessions")["sessions"] if s.get("role") == "initiator"]
+
+    try:
+        base = {"state": str(agents.state(case.a)), "peer": prep.b_id, "policy": case.policy}
         row.floor = _probe(lab, case.a, "floor", {**base, "runs": 5}, 60)["times"]
         res = _probe(lab, case.a, "first_byte", {**base, "runs": runs}, 40 + runs * 30)
         row.first, row.errors = res["times"], res.get("errors", []) + ([res["error"]] if "error" in res else [])
-        sessions = [s for s in agents.ops(case.a, "sessions")["sessions"] if s.get("role") == "initiator"]
-        row.paths = Counter(winner(s) or "(none)" for s in sessions[-runs:])
+        row.paths = Counter(winner(s) or "(none)" for s in initiated()[-runs:])
         for direction in ("up", "down"):
             if time.monotonic() + 60 > deadline:
                 row.note = "bulk skipped: out of time budget"
@@ -305,15 +338,10 @@ def bench_case(case: Case, runs: int, nbytes: int, work: Path, deadline: float) 
                 res = _probe(lab, case.a, "rtt", {**base, "policy": policy, "count": 200}, 90)
                 if res.get("error"):
                     row.errors.append(f"rtt {policy}: {res['error']}")
-                row.rtt[policy] = res["times"]
-                sessions = [s for s in agents.ops(case.a, "sessions")["sessions"] if s.get("role") == "initiator"]
-                row.note += f" rtt {policy} -> {winner(sessions[-1]) if sessions else '?'};"
+                sessions = initiated()
+                row.rtt[f"{policy} ({winner(sessions[-1]) if sessions else '?'})"] = res["times"]
     except Exception as exc:
         row.errors.append(f"{type(exc).__name__}: {exc}")
-    finally:
-        agents.down()
-        lab.down()
-    return row
 
 
 def _ms(v: float) -> str:
@@ -321,13 +349,13 @@ def _ms(v: float) -> str:
 
 
 def render(rows: list[Row], runs: int, nbytes: int) -> str:
-    head = ["scenario", "policy", "up s", "floor ms", "first ms", "p50 ms", "p90 ms", "ok", "winning path",
+    head = ["scenario", "policy", "floor ms", "first ms", "p50 ms", "p90 ms", "ok", "winning path",
             "up MB/s", "down MB/s"]
     table = [head]
     for r in rows:
         ok = f"{len(r.first)}/{runs}"
         table.append([
-            r.case.scenario, r.case.policy or "auto", f"{r.up_s:.1f}",
+            r.case.scenario, r.case.policy or "auto",
             _ms(statistics.median(r.floor)) if r.floor else "-",
             _ms(r.first[0]) if r.first else "-",
             _ms(statistics.median(r.first)) if r.first else "-",
@@ -340,10 +368,11 @@ def render(rows: list[Row], runs: int, nbytes: int) -> str:
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
     lines = [f"natlab bench: {runs} pipe opens per scenario, {nbytes / 1e6:.0f} MB bulk each way", ""]
     lines += ["  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip() for t in table]
+    lines.append("")
     for r in rows:
         for policy, times in r.rtt.items():
             if times:
-                lines.append(f"\n{r.case.scenario} 64-byte echo round trips over one pipe, --path {policy}: "
+                lines.append(f"{r.case.scenario} 64-byte echo round trips over one pipe, --path {policy}: "
                              f"n={len(times)} p50 {_ms(pct(times, 50))} ms, p99 {_ms(pct(times, 99))} ms, "
                              f"max {_ms(max(times))} ms")
         if r.note.strip():
@@ -380,16 +409,34 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     started = time.monotonic()
     deadline = started + args.budget
+    load = os.getloadavg()
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="natlab-bench-") as work:
-        for case in cases:
-            if time.monotonic() + 25 > deadline:
-                print(f"{case.scenario}: skipped, out of time budget", flush=True)
-                continue
+    with tempfile.TemporaryDirectory(prefix="natlab-bench-") as work, ThreadPoolExecutor(1) as pool:
+        # The next lab is built (and its agents started) while the previous one is torn down; nothing
+        # else runs while a scenario is measured.
+        nxt: Future[Prepared] | None = pool.submit(prepare, cases[0], Path(work)) if cases else None
+        for i, case in enumerate(cases):
+            assert nxt is not None
+            prep = nxt.result()
             t0 = time.monotonic()
-            row = bench_case(case, args.runs, int(args.mb * 1e6), Path(work), deadline)
-            rows.append(row)
-            print(f"{case.scenario}: done in {time.monotonic() - t0:.0f}s", flush=True)
+            try:
+                measure(prep, args.runs, int(args.mb * 1e6), deadline)
+            finally:
+                later = [c for c in cases[i + 1:]]
+                nxt = None
+                if later and time.monotonic() + 45 < deadline:
+                    nxt = pool.submit(prepare, later[0], Path(work))
+                teardown(prep)
+            rows.append(prep.row)
+            print(f"{case.scenario}: agents up in {prep.row.up_s:.1f}s (overlapping the previous teardown), "
+                  f"measured in {time.monotonic() - t0:.0f}s", flush=True)
+            if nxt is None:
+                for c in later:
+                    print(f"{c.scenario}: skipped, out of time budget", flush=True)
+                break
+    print()
+    print(f"load average before: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (2 cores; other work on the machine "
+          f"skews every number)")
     print()
     print(render(rows, args.runs, int(args.mb * 1e6)))
     print(f"\ntotal {time.monotonic() - started:.0f}s")

@@ -62,8 +62,12 @@ def start_sshd(lab: Lab, host: str, workdir: Path, port: int = 2222) -> Path:
 
 
 def ssh_argv(agents: LabAgents, host: str, key: Path, peer: str, target: str, *command: str) -> list[str]:
-    """ssh to `peer` with `punchthrough pipe` as the ProxyCommand (the %h ssh passes is the peer ID)."""
-    proxy = " ".join([*PT, "--state-dir", str(agents.state(host)), "pipe", "%h", target])
+    """ssh to `peer` with `punchthrough pipe` as the ProxyCommand.
+
+    `%n`, not `%h`: ssh canonicalises an all-digit host name the way inet_aton does, so `%h` for the ID
+    1760108852 expands to 104.233.33.52 (any ID below 2**32, i.e. every 9-digit RustDesk ID).
+    """
+    proxy = " ".join([*PT, "--state-dir", str(agents.state(host)), "pipe", "%n", target])
     return ["ssh", "-F", "/dev/null", "-i", str(key), "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
             "-o", f"ProxyCommand={proxy}", "-l", "root", peer, *command]

@@ -614,6 +614,16 @@ def test_both_symmetric_goes_relay_one_symmetric_punches() -> None:
     assert parsed(only(acts, SendUdp).payload)[0] == "request_relay"
 
 
+def test_both_symmetric_with_an_ipv6_offer_still_punches() -> None:
+    """No IPv4 punch can work, but IPv6 needs no NAT traversal: B must get the PunchHole."""
+    h = Harness()
+    online_b(h, nat=pb.SYMMETRIC)
+    v6 = addrmod.encode(addrmod.parse_sockaddr("[2001:db8:1::2]:40000"), 0)
+    req = pb.PunchHoleRequest(id=B_ID, nat_type=pb.SYMMETRIC, socket_addr_v6=v6)
+    kind, ph = parsed(only(h.tcp(A_CONN, A_TCP, punch_hole_request=req), SendUdp).payload)
+    assert kind == "punch_hole" and ph.socket_addr_v6 == v6
+
+
 def test_relay_round_robin() -> None:
     h = Harness(relays=["r1:1", "r2:2"])
     online_b(h)
