@@ -761,8 +761,8 @@ class Race:
             if attempt.strategy == strategy and attempt.outcome == "running":
                 attempt.outcome, attempt.reason, attempt.elapsed_ms = outcome, reason, _ms(self.started)
                 break
-            if attempt.strategy == strategy and outcome == "skipped" and attempt.outcome == "skipped":
-                return  # the same decision, planned twice (before and after the peer answered)
+            if attempt.strategy == strategy and outcome in ("skipped", "running") and attempt.outcome == "skipped":
+                return  # decided already (planned before and after the peer answered)
         else:
             self.plan.attempts.append(Attempt(strategy, outcome, reason, _ms(self.started)))
         log.info("session %s to %s: %s %s%s", self.sid, self.peer, strategy, outcome, f" ({reason})" if reason else "")
