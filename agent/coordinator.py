@@ -773,14 +773,18 @@ class Race:
         """Fold the session owner's per-transport outcomes (won / lost the race / failed) into the attempts."""
         for t in transports:
             for attempt in self.plan.attempts:
-                if attempt.strategy == t.get("path") and attempt.outcome == "connected":
+                # "running": the winner's transport can reach the session owner before its
+                # strategy call has returned to us
+                if attempt.strategy == t.get("path") and attempt.outcome in ("connected", "running"):
                     attempt.outcome = str(t.get("outcome"))
                     attempt.reason = str(t.get("reason", ""))
+                    attempt.elapsed_ms = _ms(self.started)
                     break
         for attempt in self.plan.attempts:
             if attempt.outcome in ("connected", "running"):
                 attempt.outcome = "cancelled"
                 attempt.reason = attempt.reason or "another path won first"
+                attempt.elapsed_ms = _ms(self.started)
 
     async def relay(self, stagger: float) -> None:
         """After the stagger (or once every direct attempt failed), ask for the relay."""

@@ -105,6 +105,12 @@ def test_iperf3_over_forward(pair: Pair) -> None:
           f"B->A {down['mbps']:.0f} Mbit/s ({down['received'] / 1e6:.0f} MB)")
     for r in (up, down):
         assert r["sent"] > 0 and r["received"] > 0
+    # the bytes really crossed the tunnel: A's sessions to the iperf3 target carried them
+    streams = [s for s in pair.agents.ops(A, "sessions")["sessions"]
+               if s.get("role") == "initiator" and s.get("target") == f"127.0.0.1:{IPERF_PORT}"]
+    print("iperf3 sessions:", [(s.get("path"), s.get("bytes_out"), s.get("bytes_in")) for s in streams])
+    assert sum(s.get("bytes_out", 0) for s in streams) >= up["received"]
+    assert sum(s.get("bytes_in", 0) for s in streams) >= down["received"]
 
 
 def test_curl_over_forward(pair: Pair) -> None:
