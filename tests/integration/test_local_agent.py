@@ -12,8 +12,6 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_agent_e2e import free_triple
-
 from agent.stack import LocalAgent
 from tests.agent_fixtures import (
     agent_config,
@@ -23,6 +21,7 @@ from tests.agent_fixtures import (
     start_servers,
     wait_registered,
 )
+from tests.integration.test_agent_e2e import free_triple
 
 
 @pytest.fixture
