@@ -21,6 +21,7 @@ from typing import Any
 
 from agent import ctlproto
 from agent.addr import AddressError, parse_port, split_host_port
+from agent.netutil import loopback_pair
 from agent.runtime_paths import control_socket
 
 RESTART_PATIENCE = 5.0
@@ -91,6 +92,16 @@ def _open(state_dir: Path, peer: str, target: str, fd: int, path: str, password:
     return reply
 
 
+def _session_failure(state_dir: Path, sid: str) -> str:
+    """The session's error if it failed, "" if it ended cleanly (or cannot be asked)."""
+    with contextlib.suppress(Exception):
+        reply = ctlproto.call(control_socket(state_dir), {"op": "sessions"}, timeout=5)
+        for s in reply.get("sessions", []):
+            if s.get("id") == sid and (s.get("state") == "failed" or s.get("error")):
+                return str(s.get("error") or "session failed")
+    return ""
+
+
 def _session_error(state_dir: Path, sid: str) -> str:
     with contextlib.suppress(Exception):
         reply = ctlproto.call(control_socket(state_dir), {"op": "sessions"}, timeout=3)
@@ -102,7 +113,7 @@ def _session_error(state_dir: Path, sid: str) -> str:
 
 def run_pipe(state_dir: Path, peer: str, target: str, path: str, password: str | None, timeout: float) -> int:
     """stdin -> peer's target, target -> stdout. Exit 0 when the far side closed cleanly."""
-    mine, theirs = socket.socketpair()
+    mine, theirs = loopback_pair()  # TCP, not a socketpair: a failed session must reach us as a reset
     try:
         reply = _open(state_dir, peer, target, theirs.fileno(), path, password, timeout)
     finally:
@@ -119,17 +130,23 @@ def run_pipe(state_dir: Path, peer: str, target: str, path: str, password: str |
             mine.shutdown(socket.SHUT_WR)
 
     threading.Thread(target=upstream, daemon=True).start()
+    sid = str(reply.get("session", ""))
     try:
         while data := mine.recv(256 * 1024):
             view = memoryview(data)
             while view:
                 view = view[os.write(stdout_fd, view) :]
     except ConnectionResetError:
-        raise ClientError(f"stream to {peer} failed: {_session_error(state_dir, reply.get('session', ''))}") from None
+        raise ClientError(f"stream to {peer} failed: {_session_error(state_dir, sid)}") from None
     except BrokenPipeError:
         return 0
     finally:
         mine.close()
+    # A socketpair cannot carry a reset: an end of stream is only clean if the session says so
+    # (a cut or tampered session must never look like a complete transfer).
+    failure = _session_failure(state_dir, sid)
+    if failure:
+        raise ClientError(f"stream to {peer} failed: {failure}")
     return 0
 
 

@@ -62,11 +62,14 @@ async def tcp_test_nat(
     try:
         sock.setblocking(False)
         _reuse(sock)
-        if bind is not None:
-            try:
-                sock.bind(bind)
-            except OSError as exc:
-                return TcpObservation(error=f"{where}: cannot reuse local port {bind[1]}: {describe_error(exc)}")
+        # Bind explicitly even for the first exchange: a port the kernel picks during connect()
+        # is not registered as shareable, so the second exchange could not bind it again.
+        any_ip = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        try:
+            sock.bind(bind if bind is not None else (any_ip, 0))
+        except OSError as exc:
+            port_text = bind[1] if bind is not None else 0
+            return TcpObservation(error=f"{where}: cannot reuse local port {port_text}: {describe_error(exc)}")
         step = "connect"
         async with asyncio.timeout(timeout):
             await loop.sock_connect(sock, (ip, port))

@@ -40,3 +40,20 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
+
+
+def loopback_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of TCP sockets over 127.0.0.1 (blocking).
+
+    Used instead of socketpair() for a stream handed to the agent: the session owner
+    resets the stream when the session fails, and only TCP can carry a reset (an
+    AF_UNIX socketpair would show the application a clean end of a truncated stream).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        mine = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    mine.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    theirs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return mine, theirs

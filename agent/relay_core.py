@@ -171,10 +171,11 @@ C = TypeVar("C")
 
 
 @dataclass(frozen=True)
-class Wait:
-    """Parked until `deadline` for a partner."""
+class Wait(Generic[C]):
+    """Parked until `deadline` for a partner; `evicted` is the waiter that made room, to be closed."""
 
     deadline: float
+    evicted: tuple[str, C] | None = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class Refused:
 class PairingTable(Generic[C]):
     """uuid -> the connection waiting for its partner; uuids of pairs in progress.
 
-    Both maps are bounded: at most `max_waiting` parked connections, at most
+    Both maps are bounded: at most `max_waiting` parked connections (the oldest makes room), at most
     `max_active` pairs (0 = no limit beyond the process's descriptors). A third
     connection naming a uuid that is already paired is refused, so nobody can
     squat on, or tap into, a running pair.
@@ -213,7 +214,7 @@ class PairingTable(Generic[C]):
     def active(self) -> int:
         return len(self._active)
 
-    def offer(self, uuid: str, conn: C, now: float) -> Wait | Paired[C] | Refused:
+    def offer(self, uuid: str, conn: C, now: float) -> Wait[C] | Paired[C] | Refused:
         if uuid in self._active:
             return Refused("uuid_in_use")
         parked = self._waiting.pop(uuid, None)
@@ -224,11 +225,17 @@ class PairingTable(Generic[C]):
             return Paired(parked[0])
         if self.max_active and len(self._active) >= self.max_active:
             return Refused("pairs_full")
+        evicted: tuple[str, C] | None = None
         if len(self._waiting) >= self.max_waiting:
-            return Refused("waiting_full")
+            # Full: the waiter parked longest makes room. Refusing newcomers instead would let one
+            # host that parks max_waiting never-paired requests lock every real pair out for
+            # pair_wait; real halves arrive within moments of each other, so the oldest is the
+            # least likely to still get its partner.
+            old_uuid, (old_conn, _) = self._waiting.popitem(last=False)
+            evicted = (old_uuid, old_conn)
         deadline = now + self.pair_wait
         self._waiting[uuid] = (conn, deadline)
-        return Wait(deadline)
+        return Wait(deadline, evicted)
 
     def expire(self, now: float) -> list[tuple[str, C]]:
         """Remove and return every waiter whose deadline has passed."""

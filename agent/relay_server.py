@@ -165,7 +165,8 @@ class RelayServer:
         self.throttled_s = 0.0
         self._throttles: set[core.Throttle] = set()
         self._listeners: list[socket.socket] = []
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._handshakes: dict[asyncio.Task[None], None] = {}
+        """Connections still waiting for their first frame, oldest first."""
         self._pairs: set[asyncio.Task[None]] = set()
         self._expiry: asyncio.TimerHandle | None = None
         self._total_bucket: core.TokenBucket | None = None
@@ -261,13 +262,17 @@ class RelayServer:
                 conn.close()
                 return
             if len(self._handshakes) >= self.cfg.max_handshaking:
-                self._drop("too_many_handshaking", peer)
-                conn.close()
-                continue
+                # Full of connections that have not said anything yet: make room by closing the
+                # one that has waited longest, rather than refusing everyone who comes next (a
+                # single host holding every slot would otherwise lock real clients out for 30 s).
+                oldest = next(iter(self._handshakes))
+                self._handshakes.pop(oldest)
+                oldest.cancel()
+                self._drop("evicted_idle_handshake", peer)
             conn.setblocking(False)
             task = loop.create_task(self._handshake(conn, peer))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            self._handshakes[task] = None
+            task.add_done_callback(lambda t: self._handshakes.pop(t, None))
 
     def _resume_accept(self, lsock: socket.socket) -> None:
         if not self._closing and lsock.fileno() >= 0 and self._loop is not None:
@@ -362,6 +367,12 @@ class RelayServer:
             conn.close()
             return
         if isinstance(res, core.Wait):
+            if res.evicted is not None:
+                old = res.evicted[1]
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(old.sock.fileno())
+                self._drop("evicted_oldest_waiter", old.peer)
+                old.sock.close()
             loop.add_reader(conn.fileno(), self._on_waiter_readable, me)
             self._arm_expiry()
             return

@@ -181,7 +181,7 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class _TcpConn(asyncio.Protocol):
-    __slots__ = ("decoder", "id", "last_activity", "role", "server", "src", "transport")
+    __slots__ = ("decoder", "id", "last_activity", "role", "server", "spoke", "src", "transport")
 
     def __init__(self, server: RendezvousServer, role: Role) -> None:
         self.server = server
@@ -191,6 +191,8 @@ class _TcpConn(asyncio.Protocol):
         self.src = SockAddr.of("0.0.0.0", 0)
         self.transport: asyncio.Transport | None = None
         self.last_activity = server.loop.time()
+        self.spoke = False
+        """A complete frame arrived: a real client, not an idle connection holding a slot."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -212,6 +214,7 @@ class _TcpConn(asyncio.Protocol):
             return
         if payloads:
             self.last_activity = now
+            self.spoke = True
         for payload in payloads:
             if transport.is_closing():
                 return
@@ -363,10 +366,22 @@ class RendezvousServer:
 
     def conn_opened(self, conn: _TcpConn) -> None:
         assert conn.transport is not None
-        if self._closed or len(self._conns) >= self.cfg.max_tcp_connections:
-            self.core.drop("too_many_connections", conn.src, self.loop.time())
+        if self._closed:
             conn.transport.abort()
             return
+        if len(self._conns) >= self.cfg.max_tcp_connections:
+            # Full: close the oldest connection that never sent a frame, so idle sockets from one
+            # host cannot lock real clients out until they time out; if every slot is a real
+            # client, refuse the newcomer.
+            idle = next((c for c in self._conns.values() if not c.spoke), None)
+            if idle is None or idle.transport is None:
+                self.core.drop("too_many_connections", conn.src, self.loop.time())
+                conn.transport.abort()
+                return
+            self.core.drop("evicted_idle_connection", idle.src, self.loop.time())
+            del self._conns[idle.id]
+            self.core.tcp_closed(idle.id)
+            idle.transport.abort()
         conn.id = self._next_conn
         self._next_conn += 1
         self._conns[conn.id] = conn

@@ -67,7 +67,7 @@ class SessionRecord:
             "target": self.target,
             "path": self.path,
             "state": self.state,
-            "error": self.error,
+            "error": self.error or self.stats.error,  # the pump notes its error before it resets the stream
             "admitted_by": self.admitted_by,
             "bytes_out": self.stats.bytes_out,
             "bytes_in": self.stats.bytes_in,

@@ -12,6 +12,7 @@ from typing import Any
 from agent import ctlproto
 from agent.config import Config
 from agent.identity import load_or_create
+from agent.netutil import loopback_pair
 from agent.relay_server import RelayConfig, start_relay
 from agent.rendezvous_server import RendezvousConfig, start_rendezvous
 from agent.runtime_paths import control_socket
@@ -58,7 +59,7 @@ async def open_stream(
     state_dir: Path, peer: str, target: str, password: str | None = None, path: str = "auto"
 ) -> tuple[socket.socket | None, dict[str, Any]]:
     """What `punchthrough pipe` does, in-loop: our end of a socketpair, or None and the error."""
-    mine, theirs = socket.socketpair()
+    mine, theirs = loopback_pair()  # as `punchthrough pipe` does: TCP carries the reset of a failed session
     try:
         reply = await ctlproto.acall(
             control_socket(state_dir),

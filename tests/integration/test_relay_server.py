@@ -208,20 +208,20 @@ async def test_idle_pair_is_closed(pump: str) -> None:
         await server.close()
 
 
-async def test_waiting_bound_refuses_new_uuids() -> None:
+async def test_waiting_bound_evicts_the_oldest_waiter() -> None:
     server = await start_relay(cfg(max_waiting=2))
     try:
         a1 = await open_half(server.port, "w1")
         a2 = await open_half(server.port, "w2")
         await wait_for(lambda: server.stats()["waiting"] == 2)
-        r3, w3 = await open_half(server.port, "w3")
-        assert await read_to_eof(r3) == b""
-        w3.close()
-        assert server.stats()["drops"] == {"waiting_full": 1}
-        # Partners of the parked ones still get through.
-        b1 = await open_half(server.port, "w1")
+        a3 = await open_half(server.port, "w3")
+        assert await read_to_eof(a1[0]) == b""  # the oldest made room
+        assert server.stats()["drops"] == {"evicted_oldest_waiter": 1}
+        assert server.stats()["waiting"] == 2
+        # Partners of the parked ones get through.
         b2 = await open_half(server.port, "w2")
-        await asyncio.gather(exchange(a1, b1, 10_000), exchange(a2, b2, 10_000))
+        b3 = await open_half(server.port, "w3")
+        await asyncio.gather(exchange(a2, b2, 10_000), exchange(a3, b3, 10_000))
     finally:
         await server.close()
 
@@ -240,14 +240,16 @@ async def test_hang_up_while_waiting_frees_the_slot() -> None:
         await server.close()
 
 
-async def test_handshaking_connections_are_bounded() -> None:
+async def test_handshaking_connections_are_bounded_oldest_evicted() -> None:
     server = await start_relay(cfg(max_handshaking=3))
     try:
         idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
         await wait_for(lambda: server.stats()["handshaking"] == 3)
-        r, w = await asyncio.open_connection("127.0.0.1", server.port)
-        assert await read_to_eof(r) == b""
-        assert server.stats()["drops"] == {"too_many_handshaking": 1}
+        _r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        # the newcomer is admitted; the connection idle the longest makes room
+        assert await read_to_eof(idle[0][0]) == b""
+        await wait_for(lambda: server.stats()["handshaking"] == 3)
+        assert server.stats()["drops"] == {"evicted_idle_handshake": 1}
         for _, iw in idle:
             iw.close()
         w.close()

@@ -427,6 +427,26 @@ def test_too_many_connections_refused(tmp_path: Path) -> None:
         srv.close()
 
 
+def test_idle_connections_make_room_for_real_clients(tmp_path: Path) -> None:
+    srv = ServerThread(make_cfg(tmp_path, max_tcp_connections=2))
+    try:
+        idle = [TcpClient(srv.tcp), TcpClient(srv.tcp)]  # connect, never send a frame
+        for _ in range(50):
+            if srv.stats()["tcp_connections"] == 2:
+                break
+            threading.Event().wait(0.02)
+        real = TcpClient(srv.tcp)
+        real.send(test_nat_request=pb.TestNatRequest())
+        kind, msg = real.recv()
+        assert kind == "test_nat_response" and msg.port == real.local.port
+        assert idle[0].closed_by_peer()  # the oldest idle one made room
+        assert srv.stats()["drops"]["evicted_idle_connection"] == 1
+        for c in [*idle, real]:
+            c.close()
+    finally:
+        srv.close()
+
+
 # --------------------------------------------------------------------------- the CLI entry point
 
 

@@ -224,10 +224,12 @@ def test_waiting_is_bounded() -> None:
     t: PairingTable[int] = PairingTable(max_waiting=3)
     for i in range(3):
         assert isinstance(t.offer(f"u{i}", i, 0), Wait)
-    assert t.offer("u9", 9, 0) == Refused("waiting_full")
-    # A partner of a waiter still pairs when the table is full.
-    assert t.offer("u0", 10, 0) == Paired(0)
-    assert isinstance(t.offer("u9", 9, 0), Wait)
+    # Full: the newcomer waits and the oldest waiter is handed back to be closed.
+    assert t.offer("u9", 9, 0) == Wait(30.0, ("u0", 0))
+    assert t.waiting == 3
+    # A partner of a remaining waiter still pairs.
+    assert t.offer("u1", 11, 0) == Paired(1)
+    assert t.offer("u0", 10, 0) == Wait(30.0)  # u0 was evicted: its partner now waits
 
 
 def test_pairs_bound() -> None:

@@ -1,0 +1,265 @@
+"""Faults: servers that go away and come back under a running session, and crashes mid-write.
+
+Two LocalAgents (every component in this process, no Ray) talk through in-process
+servers, so a test can stop and restart a server exactly where it wants to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.identity import IDENTITY_FILE, load_or_create
+from agent.pins import PINS_FILE, PinStore
+from agent.registry import Registry
+from agent.relay_server import RelayConfig, start_relay
+from agent.rendezvous_server import RendezvousConfig, start_rendezvous
+from agent.stack import LocalAgent
+from tests.agent_fixtures import Servers, agent_config, echo_server, open_stream, prepare_state, wait_registered
+
+CONNECT_TIMEOUT = 3.0
+CHUNK = 64 * 1024
+
+
+def rv_config(tmp: Path, port: int = 0, nat_port: int | None = None) -> RendezvousConfig:
+    return RendezvousConfig(
+        binds=["127.0.0.1"], port=port, nat_test_port=nat_port, db_path=tmp / "rv.sqlite3", key_file=tmp / "rv_key"
+    )
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+    srv = tmp_path / "srv"
+    rv = await start_rendezvous(rv_config(srv))
+    rl = await start_relay(RelayConfig(binds=["127.0.0.1"], port=0))
+    servers = Servers(rv, rl, f"127.0.0.1:{rv.ports['tcp']}", f"127.0.0.1:{rl.port}", rv.public_key_b64)
+    echo, echo_addr = await echo_server()
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_cfg = agent_config(servers)
+    a_cfg.agent.connect_timeout = CONNECT_TIMEOUT
+    a_id = prepare_state(a_dir, a_cfg)
+    b_id = prepare_state(b_dir, agent_config(servers, allow=[a_id], allow_targets=[echo_addr]))
+    a, b = await LocalAgent(a_dir).start(), await LocalAgent(b_dir).start()
+    await wait_registered(a)
+    await wait_registered(b)
+    lab: dict[str, Any] = {
+        "srv_dir": srv,
+        "servers": servers,
+        "a": a,
+        "b": b,
+        "a_dir": a_dir,
+        "b_dir": b_dir,
+        "a_id": a_id,
+        "b_id": b_id,
+        "echo": echo_addr,
+    }
+    yield lab
+    await a.close()
+    await b.close()
+    echo.close()
+    await lab["servers"].rendezvous.close()
+    await lab["servers"].relay.close()
+
+
+class Flow:
+    """Bytes through an echo stream in steps, so a test can break a server between two steps."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sent = hashlib.sha256()
+        self.got = hashlib.sha256()
+        self.n_sent = 0
+        self.n_got = 0
+
+    async def step(self, chunks: int) -> None:
+        """Send `chunks` chunks and read their echo back (the echo keeps pace with us)."""
+        loop = asyncio.get_running_loop()
+        for _ in range(chunks):
+            data = os.urandom(CHUNK)
+            await loop.sock_sendall(self.sock, data)
+            self.sent.update(data)
+            self.n_sent += len(data)
+            while self.n_got < self.n_sent:
+                got = await loop.sock_recv(self.sock, 1 << 18)
+                if not got:
+                    raise EOFError(f"stream ended after {self.n_got} of {self.n_sent} bytes")
+                self.got.update(got)
+                self.n_got += len(got)
+
+    async def finish(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.sock.shutdown(socket.SHUT_WR)
+        while got := await loop.sock_recv(self.sock, 1 << 18):
+            self.got.update(got)
+            self.n_got += len(got)
+        self.sock.close()
+        assert (self.n_got, self.got.digest()) == (self.n_sent, self.sent.digest())
+
+
+async def until(cond: Any, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await cond():
+            await asyncio.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- 2(a)
+
+
+async def test_rendezvous_down_and_back_under_a_relayed_session(lab: dict[str, Any]) -> None:
+    rv = lab["servers"].rendezvous
+    ports = (rv.tcp_port, rv.nat_port)
+    reg = Registry(lab["srv_dir"] / "rv.sqlite3")
+    before = {i: reg.get(i) for i in (lab["a_id"], lab["b_id"])}
+    assert all(before.values())
+
+    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+    assert sock is not None, reply
+    flow = Flow(sock)
+    await flow.step(8)
+    await rv.close()  # the server goes away mid-session
+    await flow.step(16)  # the relayed session does not need it
+    t0 = time.monotonic()
+    down, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+    failed_after = time.monotonic() - t0
+    await flow.step(8)
+    await flow.finish()
+    print(f"\n[fault 2a] open while the rendezvous server is down: {failed_after:.2f} s -> {reply.get('error')!r}")
+    assert down is None
+    assert reply.get("error"), reply
+    assert failed_after < CONNECT_TIMEOUT + 5  # bounded by the connect timeout, not a hang
+
+    rv2 = await start_rendezvous(rv_config(lab["srv_dir"], ports[0], ports[1]))
+    lab["servers"].rendezvous = rv2
+    assert rv2.public_key_b64 == lab["servers"].key_b64  # same key file
+
+    async def both_online() -> bool:
+        return bool(rv2.stats()["peers_online"] >= 2)
+
+    await until(both_online)  # the registrars' heartbeats find the new server
+    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+    assert sock is not None, reply
+    flow = Flow(sock)
+    await flow.step(4)
+    await flow.finish()
+    after = {i: reg.get(i) for i in (lab["a_id"], lab["b_id"])}
+    reg.close()
+    for i in before:
+        assert after[i] is not None and before[i] is not None
+        assert (after[i].uuid, after[i].pk) == (before[i].uuid, before[i].pk), i  # type: ignore[union-attr]
+    assert rv2.stats()["peers_registered"] == 2
+
+
+# --------------------------------------------------------------------------- 2(b)
+
+
+async def test_relay_restart_under_load_is_an_error_not_a_truncation(lab: dict[str, Any]) -> None:
+    relay = lab["servers"].relay
+    port = relay.port
+    flows = []
+    for _ in range(4):
+        sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+        assert sock is not None, reply
+        flows.append(Flow(sock))
+    await asyncio.gather(*(f.step(4) for f in flows))
+    await relay.close()  # every pair is cut
+
+    outcomes = []
+    for f in flows:
+        try:
+            async with asyncio.timeout(30):
+                await f.step(64)
+                f.sock.shutdown(socket.SHUT_WR)
+                while await asyncio.get_running_loop().sock_recv(f.sock, 1 << 18):
+                    pass
+            outcomes.append("eof")  # a clean end after a cut would be a silent truncation
+        except (ConnectionResetError, BrokenPipeError):
+            outcomes.append("reset")
+        except EOFError:
+            outcomes.append("eof-midway")
+        finally:
+            f.sock.close()
+    sessions = (await lab["a"].components["coordinator"].sessions())["sessions"]
+    errors = [s.get("error") or s.get("end_reason") for s in sessions]
+    print(f"\n[fault 2b] after the relay went away: client sees {outcomes}; sessions say {errors}")
+    for outcome, s in zip(outcomes, sessions[-len(flows) :], strict=True):
+        assert outcome == "reset" or (outcome == "eof-midway" and s.get("error")), (outcome, s)
+
+    relay2 = await start_relay(RelayConfig(binds=["127.0.0.1"], port=port))
+    lab["servers"].relay = relay2
+    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+    assert sock is not None, reply
+    flow = Flow(sock)
+    await flow.step(4)
+    await flow.finish()
+    assert relay2.stats()["pairs_total"] == 1
+
+
+async def test_cut_on_a_quiet_stream_is_a_reset_at_the_client(lab: dict[str, Any]) -> None:
+    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+    assert sock is not None, reply
+    flow = Flow(sock)
+    await flow.step(2)  # everything echoed and read: nothing unread on either end
+    await lab["servers"].relay.close()
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(30):
+            with pytest.raises(ConnectionResetError):
+                while await loop.sock_recv(sock, 1 << 16):
+                    pass
+    finally:
+        sock.close()
+        sessions = (await lab["a"].components["coordinator"].sessions())["sessions"]
+        assert "cut" in str(sessions[-1].get("error")), sessions[-1]
+
+
+# --------------------------------------------------------------------------- 2(c)
+
+
+def _leftover(path: Path, data: bytes, pid: int) -> Path:
+    """What a crash between write and rename leaves: write_private's temp file, never renamed."""
+    tmp = path.with_name(f".{path.name}.{pid}.tmp")
+    tmp.write_bytes(data)
+    return tmp
+
+
+@pytest.mark.parametrize("pid", ["own", "other"])
+def test_identity_survives_a_crash_mid_write(tmp_path: Path, pid: str) -> None:
+    first = load_or_create(tmp_path)
+    good = (tmp_path / IDENTITY_FILE).read_bytes()
+    the_pid = os.getpid() if pid == "own" else 999_999
+    _leftover(tmp_path / IDENTITY_FILE, good[: len(good) // 2], the_pid)  # truncated write
+    again = load_or_create(tmp_path)
+    assert (again.peer_id, again.uuid, again.public_key) == (first.peer_id, first.uuid, first.public_key)
+    assert (tmp_path / IDENTITY_FILE).read_bytes() == good
+    # a leftover temp file does not stop the next write either
+    from agent.identity import save
+
+    save(tmp_path, again)
+    assert load_or_create(tmp_path).peer_id == first.peer_id
+
+
+@pytest.mark.parametrize("pid", ["own", "other"])
+def test_pins_survive_a_crash_mid_write(tmp_path: Path, pid: str) -> None:
+    store = PinStore(tmp_path)
+    key1, key2 = bytes(range(32)), bytes(range(1, 33))
+    assert store.check_and_pin("111111111", key1)
+    good = (tmp_path / PINS_FILE).read_bytes()
+    the_pid = os.getpid() if pid == "own" else 999_999
+    half = json.dumps({"111111111": "AAAA", "222222222": "x"})[:20].encode()
+    tmp = _leftover(tmp_path / PINS_FILE, half, the_pid)
+    reloaded = PinStore(tmp_path)
+    assert reloaded.get("111111111") == key1 and reloaded.get("222222222") is None
+    assert (tmp_path / PINS_FILE).read_bytes() == good
+    assert reloaded.check_and_pin("222222222", key2)  # writing again over the leftover works
+    final = PinStore(tmp_path)
+    assert (final.get("111111111"), final.get("222222222")) == (key1, key2)
+    assert tmp.exists() == (pid == "other")  # only our own pid's temp name is reused
