@@ -96,3 +96,20 @@ async def wait_registered(agent: Any, timeout: float = 10.0) -> None:
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
+
+async def transfer(sock: socket.socket, payload: bytes) -> bytes:
+    """Send `payload` then EOF while reading everything back (the echo target's answer)."""
+    loop = asyncio.get_running_loop()
+
+    async def send() -> None:
+        await loop.sock_sendall(sock, payload)
+        sock.shutdown(socket.SHUT_WR)
+
+    sender = asyncio.ensure_future(send())
+    chunks = []
+    try:
+        while data := await loop.sock_recv(sock, 1 << 18):
+            chunks.append(data)
+    finally:
+        await sender
+    return b"".join(chunks)

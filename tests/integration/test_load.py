@@ -29,7 +29,15 @@ from agent.rendezvous_core import Limits
 from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
 from agent.stack import LocalAgent
 from agent.wire import FrameDecoder, encode_frame
-from tests.agent_fixtures import Servers, agent_config, echo_server, open_stream, prepare_state, wait_registered
+from tests.agent_fixtures import (
+    Servers,
+    agent_config,
+    echo_server,
+    open_stream,
+    prepare_state,
+    transfer,
+    wait_registered,
+)
 from tests.integration.relay_helpers import open_half, recv_all, request_frame, send_all
 
 SOAK = os.environ.get("PUNCHTHROUGH_SOAK") == "1"
@@ -214,23 +222,6 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     lab = await start_lab(tmp_path, Limits(ip_block_limit=1 << 30, ip_ids_limit=1 << 30))
     yield lab
     await stop_lab(lab)
-
-
-async def transfer(sock: socket.socket, payload: bytes) -> bytes:
-    loop = asyncio.get_running_loop()
-
-    async def send() -> None:
-        await loop.sock_sendall(sock, payload)
-        sock.shutdown(socket.SHUT_WR)
-
-    sender = asyncio.ensure_future(send())
-    chunks = []
-    try:
-        while data := await loop.sock_recv(sock, 1 << 18):
-            chunks.append(data)
-    finally:
-        await sender
-    return b"".join(chunks)
 
 
 async def one_stream(lab: Lab, size: int, path: str = "auto") -> bool:

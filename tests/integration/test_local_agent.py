@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from tests.agent_fixtures import (
     open_stream,
     prepare_state,
     start_servers,
+    transfer,
     wait_registered,
 )
 from tests.integration.test_agent_e2e import free_triple
@@ -59,26 +59,11 @@ def free_port() -> int:
     return free_triple()
 
 
-async def _transfer(sock: socket.socket, payload: bytes) -> bytes:
-    loop = asyncio.get_running_loop()
-
-    async def send() -> None:
-        await loop.sock_sendall(sock, payload)
-        sock.shutdown(socket.SHUT_WR)
-
-    sender = asyncio.ensure_future(send())
-    chunks = []
-    while data := await loop.sock_recv(sock, 1 << 18):
-        chunks.append(data)
-    await sender
-    return b"".join(chunks)
-
-
 async def test_echo_through_relay(lab: dict[str, Any]) -> None:
     sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"])
     assert sock is not None, reply
     payload = os.urandom(3 * 1024 * 1024 + 17)
-    got = await asyncio.wait_for(_transfer(sock, payload), 60)
+    got = await asyncio.wait_for(transfer(sock, payload), 60)
     sock.close()
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
     sessions = (await lab["a"].components["coordinator"].sessions())["sessions"]
@@ -91,7 +76,7 @@ async def test_relay_only_policy(lab: dict[str, Any]) -> None:
     sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
     assert sock is not None, reply
     payload = os.urandom(1_000_000)
-    assert await asyncio.wait_for(_transfer(sock, payload), 60) == payload
+    assert await asyncio.wait_for(transfer(sock, payload), 60) == payload
     sock.close()
     assert reply["path"] == "relay"
     assert lab["servers"].relay.stats()["pairs_total"] >= 1
@@ -102,7 +87,7 @@ async def test_concurrent_streams(lab: dict[str, Any]) -> None:
         sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"])
         assert sock is not None, reply
         data = os.urandom(100_000 + i)
-        got = await _transfer(sock, data)
+        got = await transfer(sock, data)
         sock.close()
         return got == data
 
@@ -145,5 +130,5 @@ async def test_direct_port_needs_a_pinned_key_then_skips_the_rendezvous(lab: dic
     sock, reply = await open_stream(lab["a_dir"], where, lab["echo"])
     assert sock is not None, reply
     assert reply["path"] == "direct"
-    assert await asyncio.wait_for(_transfer(sock, b"direct bytes"), 30) == b"direct bytes"
+    assert await asyncio.wait_for(transfer(sock, b"direct bytes"), 30) == b"direct bytes"
     sock.close()
