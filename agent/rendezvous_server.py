@@ -94,12 +94,20 @@ def _usable_binds(binds: Sequence[str]) -> list[str]:
     return out
 
 
+UDP_RCVBUF = 4 << 20
+
+
 def _make_socket(host: str, port: int, kind: int, v6only: bool) -> socket.socket:
     fam = _family(host)
     sock = socket.socket(fam, kind)
     try:
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        else:
+            # The kernel default (~208 KiB) holds about 250 small datagrams: a burst of
+            # registrations overflowed it in the load test. The kernel caps this at rmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
         if fam == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
         sock.bind((host, port))
