@@ -411,8 +411,9 @@ async def test_pipe_moves_bytes(
     out, err = capfd.readouterr()
     assert rc == 0, err
     assert out == "HELLO THROUGH THE PIPE\n" * 1000
-    (req,) = agent.requests
+    req, *after = agent.requests
     assert req == {"op": "open", "peer": "2345678901", "target": "127.0.0.1:22", "path": "", "password": None}
+    assert after == [{"op": "sessions"}]  # at EOF pipe asks whether the session ended cleanly
 
 
 async def test_pipe_sends_password_from_file_never_argv(
