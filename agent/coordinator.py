@@ -268,6 +268,8 @@ class Coordinator:
                 "bytes_out": 0,
                 "bytes_in": 0,
                 "age": round(time.monotonic() - plan.created, 3),
+                # the session owner does not know it: it never opened, or the owner restarted
+                "error": plan.error or ("lost: the session owner restarted" if plan.path else ""),
             }
             entry["attempts"] = [a.as_dict() for a in plan.attempts]
             if plan.error and not entry.get("error"):
