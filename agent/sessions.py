@@ -308,14 +308,9 @@ class SessionOwner:
         self, transport: socket.socket, codec: StreamCodec, rec: SessionRecord
     ) -> list[bytes | None]:
         """B's stream status; returns stream pieces that arrived in the same read."""
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.handshake_timeout + 10):
-            pending = codec.decode(b"")
-            while not pending:
-                chunk = await loop.sock_recv(transport, 65536)
-                if not chunk:
-                    raise SessionError(f"peer {rec.peer} closed the session before opening the stream")
-                pending = codec.decode(chunk)
+        pending = await _first_pieces(transport, codec, self.handshake_timeout + 10)
+        if pending is None:
+            raise SessionError(f"peer {rec.peer} closed the session before opening the stream")
         first = pending.pop(0)
         if first is None or first[:1] not in (OPEN_OK, OPEN_FAILED):
             raise SessionError(f"peer {rec.peer} sent no stream status")
@@ -391,14 +386,9 @@ class SessionOwner:
 
     async def _await_select(self, transport: socket.socket, codec: StreamCodec) -> bool:
         """True once A selects this transport; False if A closes it (another path won)."""
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(SELECT_TIMEOUT):
-            pending = codec.decode(b"")
-            while not pending:
-                chunk = await loop.sock_recv(transport, 65536)
-                if not chunk:
-                    return False
-                pending = codec.decode(chunk)
+        pending = await _first_pieces(transport, codec, SELECT_TIMEOUT)
+        if pending is None:
+            return False
         if pending[0] != SELECT or len(pending) > 1:
             raise SessionError("peer sent data before selecting the path")
         return True
@@ -436,3 +426,17 @@ class SessionOwner:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+async def _first_pieces(transport: socket.socket, codec: StreamCodec, timeout: float) -> list[bytes | None] | None:
+    """Read until the codec yields something (bytes buffered since the handshake count first);
+    None when the peer closes before that. Raises TimeoutError after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        pending = codec.decode(b"")
+        while not pending:
+            chunk = await loop.sock_recv(transport, 65536)
+            if not chunk:
+                return None
+            pending = codec.decode(chunk)
+    return pending
