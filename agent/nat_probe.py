@@ -214,6 +214,8 @@ class NatProbe:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._next_at: float | None = None
+        self.remeasurements = 0
+        self.last_trigger = ""
 
     @property
     def verdict(self) -> Verdict | None:
@@ -258,13 +260,35 @@ class NatProbe:
                 await self._task
             self._task = None
 
-    async def _run(self) -> None:
-        retry: float | None = None
-        while True:
-            verdict = await self.measure()
-            delay, retry = next_measurement_delay(verdict, retry, self.interval)
-            self._next_at = time.monotonic() + delay
+    async def remeasure(self, reason: str, delay: float = 0.0) -> dict[str, Any]:
+        """Measure again because the network changed (after `delay` s); returns `status()`.
+
+        The periodic schedule starts over from this measurement: an unknown result is retried on
+        the short schedule (1, 3, 7 s ...) as at start-up, a known one is good for `interval`.
+        """
+        self.remeasurements += 1
+        self.last_trigger = reason
+        if delay > 0:
             await asyncio.sleep(delay)
+        verdict = await self.measure()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            first = self._schedule(verdict, None)
+            self._task = asyncio.get_running_loop().create_task(self._run(first), name="nat-probe")
+        return self.status()
+
+    def _schedule(self, verdict: Verdict, retry: float | None) -> tuple[float, float | None]:
+        delay, retry = next_measurement_delay(verdict, retry, self.interval)
+        self._next_at = time.monotonic() + delay
+        return delay, retry
+
+    async def _run(self, first: tuple[float, float | None] | None = None) -> None:
+        delay, retry = first if first is not None else self._schedule(await self.measure(), None)
+        while True:
+            await asyncio.sleep(delay)
+            delay, retry = self._schedule(await self.measure(), retry)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -272,6 +296,8 @@ class NatProbe:
             "nat_type": self.nat_type,
             "nat_name": NatType(self.nat_type).name,
             "measurements": self.measurements,
+            "remeasurements": self.remeasurements,
+            "last_trigger": self.last_trigger or None,
             "latest": self._verdict.as_dict() if self._verdict else None,
             "last_known": self._last_known.as_dict() if self._last_known else None,
             "next_in": None if self._next_at is None else round(max(0.0, self._next_at - time.monotonic()), 3),

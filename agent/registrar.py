@@ -19,9 +19,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from agent.addr import SockAddr
+from agent.netwatch import observe_view
+from agent.netwatch_core import NetView, NetWatchCore, NetworkChanged
 from agent.registrar_core import (
     REGISTERED,
     IdTaken,
+    KeyRequested,
     Push,
     Registered,
     RegistrarCore,
@@ -46,6 +49,8 @@ PushHandler = Callable[[str, Any, tuple[str, int]], Awaitable[None] | None]
 """on_push(kind, sub-message, server address): kind is the RendezvousMessage member name."""
 IdTakenHandler = Callable[[IdentityLike], IdentityLike | Awaitable[IdentityLike]]
 """on_id_taken(current identity) -> the identity to register instead (e.g. agent.identity.next_id)."""
+NetworkChangeHandler = Callable[[NetworkChanged], Awaitable[None] | None]
+"""on_network_change(change): called after the registrar re-bound and re-registered (e.g. re-measure the NAT)."""
 
 
 class RegistrarError(Exception):
@@ -100,6 +105,8 @@ class Registrar:
         reply_timeout: float = 3.0,
         max_backoff: float = 30.0,
         bind: str | None = None,
+        on_network_change: NetworkChangeHandler | None = None,
+        observe: Callable[[], NetView] | None = None,
     ) -> None:
         self.server = server
         self.identity = identity
@@ -111,11 +118,17 @@ class Registrar:
         self.reply_timeout = reply_timeout
         self.max_backoff = max_backoff
         self.bind = bind
+        self.on_network_change = on_network_change
+        self.observe = observe
+        self.netwatch = NetWatchCore()
+        self.rebinds = 0
+        self._change_lock = asyncio.Lock()
         self.registered = asyncio.Event()
         self.core: RegistrarCore | None = None
         self.send_errors = 0
         self.push_errors = 0
         self._transport: asyncio.DatagramTransport | None = None
+        self._family = int(socket.AF_INET)
         self._server_addr: Any = None
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -138,16 +151,23 @@ class Registrar:
             reply_timeout=self.reply_timeout,
             max_backoff=self.max_backoff,
         )
-        loop = asyncio.get_running_loop()
-        local = self.bind or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+        self._family = int(family)
+        if self.observe is None:
+            server_ip = str(sockaddr[0])
+            self.observe = lambda: observe_view(server_ip, family)
+        self._transport = await self._open_socket()
+        self.netwatch.observe(self.observe(), time.monotonic())  # the baseline
+        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="registrar")
+
+    async def _open_socket(self) -> asyncio.DatagramTransport:
+        local = self.bind or ("::" if self._family == socket.AF_INET6 else "0.0.0.0")
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Protocol(self), local_addr=(local, 0), family=family
+            transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda: _Protocol(self), local_addr=(local, 0), family=self._family
             )
         except OSError as exc:
             raise RegistrarError(f"cannot open a UDP socket on {local}: {exc.strerror or exc}") from None
-        self._transport = transport
-        self._loop_task = loop.create_task(self._run(), name="registrar")
+        return transport
 
     async def close(self) -> None:
         self._closed = True
@@ -183,14 +203,65 @@ class Registrar:
         out["local"] = self.local_address
         out["send_errors"] = self.send_errors
         out["push_errors"] = self.push_errors
+        out["network"] = self.netwatch.status(time.monotonic())
+        out["network"]["rebinds"] = self.rebinds
         return out
+
+    def nat_type_changed(self) -> None:
+        """Read the NAT type now: a changed one goes out at once instead of at the next tick."""
+        self._flush()
 
     # ------------------------------------------------------------------ internals
 
     async def _run(self) -> None:
         while True:
+            self._check_network()
             self._flush()
             await asyncio.sleep(self.tick)
+
+    def _check_network(self) -> None:
+        if self.observe is None:
+            return
+        try:
+            view = self.observe()
+        except Exception:  # a broken probe must not stop registration
+            log.exception("reading the network view failed")
+            return
+        change = self.netwatch.observe(view, time.monotonic())
+        if change is not None:
+            log.warning("network changed: %s; re-binding and re-registering", change.reason)
+            self._spawn(self._network_changed(change))
+
+    async def _network_changed(self, change: NetworkChanged) -> None:
+        """Re-bind (a local change) and re-register at once, then let the agent react (NAT re-measure).
+
+        Changes are handled one at a time, in order: a move often shows as two (old address gone,
+        then the new one up) and the second must not race the first's re-bind.
+        """
+        async with self._change_lock:
+            if self._closed:
+                return
+            if change.local:
+                await self._rebind()
+                if self.core is not None:
+                    self.core.reregister()
+                self._flush()
+            if self.on_network_change is not None:
+                result = self.on_network_change(change)
+                if inspect.isawaitable(result):
+                    await result
+
+    async def _rebind(self) -> None:
+        """A fresh socket: the old one may hold a NAT mapping (or a source address) that is gone."""
+        try:
+            new = await self._open_socket()
+        except RegistrarError as exc:
+            log.warning("keeping the old registration socket: %s", exc)
+            return
+        old, self._transport = self._transport, new
+        self.rebinds += 1
+        if old is not None:
+            old.close()
 
     def _flush(self) -> None:
         core, transport = self.core, self._transport
@@ -235,6 +306,10 @@ class Registrar:
                 if event.new != REGISTERED:
                     self.registered.clear()
                 log.info("registrar %s -> %s", event.old, event.new)
+            elif isinstance(event, KeyRequested):
+                change = self.netwatch.server_asked_for_key(time.monotonic())
+                log.info("network: %s", change.reason)
+                self._spawn(self._network_changed(change))
             elif isinstance(event, IdTaken):
                 log.warning("ID %s belongs to another machine at %s:%s", event.peer_id, *self.server)
                 self._spawn(self._change_id())

@@ -75,7 +75,14 @@ class StateChanged:
     new: str
 
 
-Event = Push | IdTaken | Registered | StateChanged
+@dataclass(frozen=True)
+class KeyRequested:
+    """The server asked for our key although it had confirmed it: it saw us at a new IP, or restarted."""
+
+    peer_id: str
+
+
+Event = Push | IdTaken | Registered | StateChanged | KeyRequested
 
 
 def _push_key(kind: str, message: Any) -> bytes:
@@ -168,6 +175,18 @@ class RegistrarCore:
         self._send_now = True
         self._set_state(REGISTERING)
 
+    def reregister(self) -> None:
+        """Our network changed: send RegisterPk at once, so the server stores our new address now
+        instead of at the next heartbeat (a RegisterPeer from a new IP costs a round trip more:
+        the server answers it with request_pk)."""
+        if self._waiting_identity:
+            return
+        self.confirmed = False
+        self._outstanding_since = None
+        self._timeouts = 0
+        self._send_now = True
+        self._set_state(REGISTERING)
+
     def receive_datagram(self, data: bytes, source: SockAddr, now: float) -> None:
         """Feed one datagram; results come out of `next_events()` and `datagrams_to_send()`."""
         if to_v4_if_mapped(source) != self.server:
@@ -182,6 +201,8 @@ class RegistrarCore:
             self._on_reply(now)
             if sub.request_pk:
                 # New or restarted server: it does not know our key (or saw our IP change).
+                if self.confirmed:
+                    self._events.append(KeyRequested(self.peer_id))
                 self.confirmed = False
                 self._send_now = True
                 self._set_state(REGISTERING)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from agent.config import Config
 from agent.coordinator import Coordinator, build_policy, server_key_from
 from agent.crypto import load_or_create_signing_key
 from agent.identity import Identity
+from agent.netwatch_core import REMOTE_JITTER, NetworkChanged
 from agent.pins import PinMismatch, PinStore
 from agent.refs import LocalRef, Ref
 from agent.runtime_paths import control_socket, sessions_socket
@@ -123,9 +125,22 @@ class RegistrarComponent:
         self.nat_probe = nat_probe
         self.nat_type = 0
         self.registrar = Registrar(
-            rt.server_addr, rt.identity, self._push, lambda: self.nat_type, on_id_taken=self._id_taken
+            rt.server_addr,
+            rt.identity,
+            self._push,
+            lambda: self.nat_type,
+            on_id_taken=self._id_taken,
+            on_network_change=self._network_changed,
         )
         self._task: asyncio.Task[None] | None = None
+
+    async def _network_changed(self, change: NetworkChanged) -> None:
+        """Re-measure the NAT now (a local change) or soon (a server hint, spread: see REMOTE_JITTER);
+        the new type goes out with the next RegisterPeer at once, and new sessions plan with it."""
+        delay = 0.0 if change.local else random.uniform(0.0, REMOTE_JITTER)
+        status = await self.nat_probe.call("remeasure", change.reason, delay)
+        self.nat_type = int(status["nat_type"])
+        self.registrar.nat_type_changed()
 
     async def _push(self, kind: str, msg: Any, source: tuple[str, int]) -> None:
         await self.coordinator.call("on_push", kind, msg, source)

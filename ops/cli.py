@@ -67,6 +67,13 @@ def render_status(st: dict[str, Any]) -> str:
         f"sessions      {st.get('sessions_active', 0)} active, {st.get('sessions_total', 0)} total",
         f"uptime        {_age(st.get('uptime'))}",
     ]
+    net = reg.get("network") if isinstance(reg, dict) else None
+    if isinstance(net, dict):
+        view = net.get("view") or {}
+        text = f"network       route {view.get('route') or 'none'}, {net.get('changes', 0)} changes"
+        if net.get("last_change"):
+            text += f", last {_age(net.get('last_change_age'))} ago: {net['last_change']}"
+        lines.insert(4, text)
     return "\n".join(lines)
 
 

@@ -387,6 +387,17 @@ class Lab:
             raise LabError(f"natlab: {host} has no IPv6 address in scenario {self.scenario.name}")
         return node.public_v6
 
+    # ---- changing the network under running processes ---------------------------------------------
+    def roam(self, host: str = "hb") -> str:
+        """Move the host to its spare link, as a laptop joining another network: the old address
+        goes away with the link, the public one comes up on eth1. Returns the new address."""
+        new = self.node(host).roam_v4
+        if new is None:
+            raise LabError(f"natlab: {host} cannot roam in scenario {self.scenario.name} (no spare link)")
+        lines = ["addr flush dev eth0", "link set eth0 down", f"addr add {new}/24 dev eth1", "link set eth1 up"]
+        _run(["ip", "-n", self.ns(host), "-b", "-"], "".join(line + "\n" for line in lines))
+        return new
+
     # ---- doing things inside ----------------------------------------------------------------------
     def argv(self, host: str, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns(host), *argv]

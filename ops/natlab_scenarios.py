@@ -45,6 +45,7 @@ class Scenario:
     b: str | None  # NAT variant of side B, None = no side B
     ha2: bool = False  # a second host on A's LAN
     ipv6: bool = False  # global v6 on hosts, routed, stateful firewall on routers
+    roams: bool = False  # hb also has a spare link to wan (eth1, down): `Lab.roam("hb")` moves it there
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -71,6 +72,8 @@ SCENARIOS: dict[str, Scenario] = {
                  "udp_punch (B's packets reach A's mapping from any port)", "fullcone", "symmetric"),
         Scenario("reject", "A and B behind cone NATs that answer unsolicited packets with RST/ICMP",
                  "udp_punch or tcp_punch after retries (early SYNs are refused)", "reject", "reject"),
+        Scenario("roaming", "both behind symmetric NATs; then hb moves to a public address on wan (Lab.roam)",
+                 "relay, then a direct punch once B has noticed the move", "symmetric", "symmetric", roams=True),
     )
 }
 
@@ -89,6 +92,7 @@ class Node:
     lan: str | None = None  # routers: LAN side address
     lan_v6: str | None = None
     nat: str | None = None  # routers and hosts: NAT variant of their side
+    roam_v4: str | None = None  # hosts that can roam: their public address on wan after the move
 
 
 @dataclass
@@ -305,6 +309,12 @@ def build_plan(scenario: Scenario, prefix: str) -> Plan:
             if h6:
                 hl[2:2] = [f"addr add {h6}/64 dev eth0 nodad"]
                 hl.append(f"route add ::/0 via {lan6}")
+            if scenario.roams and host == "hb":
+                # The spare link: both ends exist from the start (the wan end bridged and up), the
+                # host's end stays down without an address until Lab.roam() moves the host onto it.
+                plan.nodes[host].roam_v4 = f"198.51.100.2{n}"
+                _veth(plan, host, "eth1", "wan", f"{host}x")
+                wan_lines += [f"link set {host}x master br0", f"link set {host}x up"]
             plan.ip_batch[host] = hl
             order.append(host)
         rl += ["link set lan up", "link set wan up"]

@@ -246,3 +246,23 @@ async def test_probe_loop_against_dead_server_closes_cleanly() -> None:
     assert probe.verdict.error.endswith("connection refused")
     assert probe.status()["nat_type"] == 0
     assert not probe.known.is_set()
+
+
+async def test_remeasure_measures_now_and_restarts_the_schedule(tmp_path: Path) -> None:
+    srv = await serve(tmp_path)
+    probe = NatProbe(("127.0.0.1", srv.tcp_port), srv.nat_port, interval=300.0)
+    await probe.start()
+    try:
+        await asyncio.wait_for(probe.known.wait(), 10)
+        assert probe.status()["measurements"] == 1
+        status = await probe.remeasure("route 10.0.2.2 -> 198.51.100.22")
+        assert status["measurements"] == 2 and status["remeasurements"] == 1
+        assert status["last_trigger"] == "route 10.0.2.2 -> 198.51.100.22"
+        assert status["nat_name"] == "ASYMMETRIC" and 290 < status["next_in"] <= 300
+        await srv.close()
+        status = await probe.remeasure("gone 198.51.100.22")  # offline now: retried on the short schedule
+        assert "connection refused" in status["latest"]["error"] and status["next_in"] <= 1.0
+        assert status["nat_name"] == "ASYMMETRIC"  # the last known type is kept meanwhile
+    finally:
+        await probe.close()
+        await srv.close()

@@ -14,6 +14,8 @@ import pytest
 
 from agent import identity as identitymod
 from agent import messages
+from agent.netwatch import observe_view, route_source
+from agent.netwatch_core import NetView, NetworkChanged
 from agent.proto import rendezvous_pb2 as pb
 from agent.registrar import Registrar, RegistrarError
 from agent.registrar_core import REGISTERED, UNREACHABLE
@@ -267,3 +269,80 @@ async def test_unresolvable_server_is_a_clean_error() -> None:
         await reg.start()
     assert reg.status()["state"] == "not started"
     await reg.close()
+
+
+class Views:
+    """The network view the registrar reads; a test moves the host by changing `current`."""
+
+    def __init__(self) -> None:
+        self.current = NetView("10.0.2.2", frozenset({"10.0.2.2"}))
+
+    def __call__(self) -> NetView:
+        return self.current
+
+
+async def test_network_change_rebinds_and_reregisters_at_once(server: RendezvousServer) -> None:
+    """The heartbeat is 60 s away: the server learns the new socket only because the change was noticed."""
+    me = ident()
+    views = Views()
+    changes: list[NetworkChanged] = []
+    pushes = Pushes()
+    reg = Registrar(("127.0.0.1", server.udp_port), me, pushes, interval=60.0, observe=views,
+                    on_network_change=changes.append, **FAST)
+    await reg.start()
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        old_port = reg.local_address[1] if reg.local_address else 0
+        await until(lambda: server.core.peers[me.peer_id].addr is not None)
+        assert server.core.peers[me.peer_id].addr.port == old_port  # type: ignore[union-attr]
+        views.current = NetView("198.51.100.22", frozenset({"198.51.100.22"}))
+        await until(lambda: len(changes) == 1)
+        assert changes[0].local
+        assert changes[0].reason == "route 10.0.2.2 -> 198.51.100.22; gone 10.0.2.2; new 198.51.100.22"
+        new_port = reg.local_address[1] if reg.local_address else 0
+        assert new_port != old_port
+        await until(lambda: getattr(server.core.peers[me.peer_id].addr, "port", None) == new_port)
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        net = reg.status()["network"]
+        assert net["changes"] == 1 and net["rebinds"] == 1 and net["view"]["route"] == "198.51.100.22"
+        # the server's pushes now reach the new socket
+        from agent.rendezvous_client import request_relay
+
+        task = asyncio.create_task(request_relay(("127.0.0.1", server.tcp_port), me.peer_id, "pair-2", timeout=0.5))
+        await pushes.wait(1)
+        assert pushes.items[0][0] == "request_relay" and pushes.items[0][1].uuid == "pair-2"
+        with pytest.raises(Exception, match="no relay answer"):
+            await task
+    finally:
+        await reg.close()
+
+
+async def test_server_restart_is_a_remote_hint_without_rebinding(tmp_path: Path) -> None:
+    srv = await start_rendezvous(config(tmp_path))
+    port = srv.udp_port
+    me = ident()
+    changes: list[NetworkChanged] = []
+    reg = Registrar(("127.0.0.1", port), me, Pushes(), interval=0.1, observe=Views(),
+                    on_network_change=changes.append, **FAST)
+    await reg.start()
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        await srv.close()
+        try:
+            srv = await start_rendezvous(config(tmp_path, port=port))
+        except Exception:
+            pytest.skip("port no longer free")
+        await until(lambda: len(changes) >= 1)
+        assert not changes[0].local and "asked for our key" in changes[0].reason
+        assert reg.status()["network"]["rebinds"] == 0
+        await asyncio.wait_for(reg.registered.wait(), 5)
+    finally:
+        await reg.close()
+        await srv.close()
+
+
+def test_route_lookup_sends_nothing_and_follows_the_routing_table() -> None:
+    assert route_source("127.0.0.1", socket.AF_INET) == "127.0.0.1"
+    assert route_source("192.0.2.1", socket.AF_INET6) == ""  # family mismatch: no route, no exception
+    view = observe_view("127.0.0.1", socket.AF_INET)
+    assert "127.0.0.1" not in view.addresses  # loopback is never an address a peer could use
