@@ -72,6 +72,33 @@ async def test_two_replicas_in_process_pair_across_replicas() -> None:
             await r.close()
 
 
+async def test_two_hundred_pairs_spread_over_two_replicas_intact_and_fair() -> None:
+    """Issue 5's load: 200 concurrent relayed streams spread over replicas, all intact; fairness reported."""
+    reps, port = await start_replicas(2)
+    n, size = 200, 128 * 1024
+    durations: list[float] = []
+
+    async def one(i: int) -> None:
+        a, b = await open_pair(port, f"uuid-spread-{i}")
+        started = time.monotonic()
+        await exchange(a, b, size)
+        durations.append(time.monotonic() - started)
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(n)))
+        await wait_for(lambda: sum(r.server.stats()["pairs_total"] for r in reps) == n)
+        per_replica = [r.stats()["pairs_total"] for r in reps]
+        owned = [sum(1 for i in range(n) if owner_index(f"uuid-spread-{i}", 2) == k) for k in (0, 1)]
+        assert per_replica == owned and min(per_replica) > 0
+        spread = max(durations) / min(durations)
+        print(f"\n200 pairs x {size // 1024} KiB each way over 2 replicas: {per_replica} pairs per replica, "
+              f"per-stream time {min(durations) * 1000:.0f}-{max(durations) * 1000:.0f} ms (max/min {spread:.1f})")
+        assert len(durations) == n  # every exchange asserted its SHA-256 both ways
+    finally:
+        for r in reps:
+            await r.close()
+
+
 async def test_handoff_rejects_garbage_and_keeps_working() -> None:
     reps, port = await start_replicas(2)
     try:
