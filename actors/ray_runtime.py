@@ -9,6 +9,10 @@ in the temp dir (RAY_AUTH_TOKEN_PATH): the same RAY_AUTH_MODE and token must be 
 the environment of every process that talks to this head, which `RayHandle.env`
 carries. Stopping kills only what this head started (its process tree and anything
 naming its unique temp dir), never a machine-wide `ray stop`.
+
+A process killed outright (SIGKILL) never runs `stop`: its head dies with it, but the
+temp dir stays. So the creator writes its pid into the dir (`owner.pid`), and starting
+a head sweeps the dirs of dead owners first (`sweep_stale_temp_dirs`).
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -37,6 +43,13 @@ MIN_OBJECT_STORE = 78_643_200
 """75 MiB: below this Ray refuses to start."""
 
 _PR_SET_PDEATHSIG = 1
+
+TEMP_BASE = Path("/tmp")
+TEMP_PREFIX = "ptray-"
+OWNER_FILE = "owner.pid"
+"""In a head's temp dir: "PID CREATE_TIME" of the process that created the dir."""
+UNOWNED_MIN_AGE = 60.0
+"""Seconds a temp dir without an owner file (made by an older version) must be left alone."""
 
 
 class RayStartError(RuntimeError):
@@ -162,11 +175,17 @@ def start_private_head(
     """Start a lean loopback-only head and wait until it is up.
 
     `temp_dir` should be short (Ray puts Unix sockets under it and the path limit is
-    107 bytes); by default a fresh /tmp/ptray-XXXX is created and removed on stop.
+    107 bytes); by default a fresh /tmp/ptray-XXXX is created (naming this process as its
+    owner, after sweeping the ones dead owners left behind) and removed on stop.
     Call this from the main thread: the head is told to die with the thread that started it.
     """
     owns = temp_dir is None
-    tdir = Path(tempfile.mkdtemp(prefix="ptray-", dir="/tmp")) if temp_dir is None else Path(temp_dir)
+    if temp_dir is None:
+        _sweep_quietly()
+        tdir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=TEMP_BASE))
+        write_owner(tdir)
+    else:
+        tdir = Path(temp_dir)
     tdir.mkdir(parents=True, exist_ok=True)
     token_path: Path | None = None
     if auth:
@@ -193,6 +212,108 @@ def start_private_head(
         handle.owns_temp_dir = owns
         return handle
     raise AssertionError("unreachable")
+
+
+def write_owner(tdir: Path) -> None:
+    """Name this process as the owner of `tdir` (pid and start time, so a reused pid is not it)."""
+    try:
+        started = f" {psutil.Process().create_time():.2f}"
+    except psutil.Error:
+        started = ""
+    (tdir / OWNER_FILE).write_text(f"{os.getpid()}{started}\n")
+
+
+def _read_owner(tdir: Path) -> tuple[int, float | None] | None:
+    """The owner file's pid and start time; None when there is none or it cannot be read."""
+    try:
+        parts = (tdir / OWNER_FILE).read_text().split()
+        pid = int(parts[0])
+        started = float(parts[1]) if len(parts) > 1 else None
+    except (OSError, ValueError, IndexError):
+        return None
+    return (pid, started) if pid > 0 else None
+
+
+def _owner_alive(pid: int, started: float | None) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # The same pid with another start time is a new process that reused the number.
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # cannot tell: assume alive
+
+
+def _named_paths(paths: list[str]) -> set[str]:
+    """Those of `paths` that a live process's command line mentions (/proc/*/cmdline)."""
+    patterns = {p: re.compile(re.escape(p) + r"(?![\w.-])") for p in paths}
+    named: set[str] = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            for arg in proc.info["cmdline"] or []:  # a zombie's is empty
+                named.update(p for p, pat in patterns.items() if p in arg and pat.search(arg))
+    return named
+
+
+def sweep_stale_temp_dirs(
+    base: Path = TEMP_BASE, *, unowned_min_age: float = UNOWNED_MIN_AGE, now: float | None = None
+) -> list[Path]:
+    """Remove the private-head temp dirs (`base`/ptray-*) that killed owners left behind.
+
+    A dir goes only if it is a real directory (not a symlink) of our uid, no live process
+    mentions its path on its command line (so a running Ray head is never touched), and
+    either its owner file names a process that is gone, or it has no (readable) owner file
+    and has not changed for `unowned_min_age` seconds (a dir of an older version, or one
+    whose creator has not written the file yet). Returns the dirs removed.
+    """
+    now = time.time() if now is None else now
+    candidates: list[Path] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.startswith(TEMP_PREFIX):
+            continue
+        path = Path(os.path.abspath(entry.path))
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        owner = _read_owner(path)
+        if owner is not None:
+            if _owner_alive(*owner):
+                continue
+        elif now - max(st.st_mtime, st.st_ctime) < unowned_min_age:
+            continue
+        candidates.append(path)
+    if not candidates:
+        return []
+    named = _named_paths([str(p) for p in candidates])
+    removed = []
+    for path in candidates:
+        if str(path) in named:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
+
+
+def _sweep_quietly() -> None:
+    """Sweep before starting a head; a failed sweep never stops the start."""
+    try:
+        removed = sweep_stale_temp_dirs(TEMP_BASE)
+    except Exception as exc:  # best effort: leftovers only cost disk space
+        log.warning("could not sweep stale Ray temp dirs: %s", exc)
+        return
+    for path in removed:
+        log.info("removed stale Ray temp dir %s (its owner is gone)", path)
 
 
 _RAY_START_WITHOUT_CLIENT_SERVER = (

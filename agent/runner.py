@@ -6,6 +6,9 @@ supervisor starts a private lean Ray head, creates one actor per component and
 then just waits for a signal. Killing the supervisor in any way takes its Ray
 head down with it (the head dies with its parent), so an agent never leaves
 orphans behind; `down` signals exactly that supervisor, never a `ray stop`.
+Only a SIGKILLed supervisor's head temp dir (/tmp/ptray-*, which names the
+supervisor in its owner.pid) stays behind, until the next supervisor starting a
+head sweeps it (actors.ray_runtime.sweep_stale_temp_dirs).
 """
 
 from __future__ import annotations

@@ -21,53 +21,18 @@ import pytest
 from agent.identity import IDENTITY_FILE, load_or_create
 from agent.pins import PINS_FILE, PinStore
 from agent.registry import Registry
-from agent.relay_server import RelayConfig, start_relay
-from agent.rendezvous_server import RendezvousConfig, start_rendezvous
-from agent.stack import LocalAgent
-from tests.agent_fixtures import Servers, agent_config, echo_server, open_stream, prepare_state, wait_registered
+from agent.relay_server import start_relay
+from agent.rendezvous_server import start_rendezvous
+from tests.agent_fixtures import AgentPair, open_stream, relay_config, rendezvous_config, two_agents
 
 CONNECT_TIMEOUT = 3.0
 CHUNK = 64 * 1024
 
 
-def rv_config(tmp: Path, port: int = 0, nat_port: int | None = None) -> RendezvousConfig:
-    return RendezvousConfig(
-        binds=["127.0.0.1"], port=port, nat_test_port=nat_port, db_path=tmp / "rv.sqlite3", key_file=tmp / "rv_key"
-    )
-
-
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
-    srv = tmp_path / "srv"
-    rv = await start_rendezvous(rv_config(srv))
-    rl = await start_relay(RelayConfig(binds=["127.0.0.1"], port=0))
-    servers = Servers(rv, rl, f"127.0.0.1:{rv.ports['tcp']}", f"127.0.0.1:{rl.port}", rv.public_key_b64)
-    echo, echo_addr = await echo_server()
-    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    a_cfg = agent_config(servers)
-    a_cfg.agent.connect_timeout = CONNECT_TIMEOUT
-    a_id = prepare_state(a_dir, a_cfg)
-    b_id = prepare_state(b_dir, agent_config(servers, allow=[a_id], allow_targets=[echo_addr]))
-    a, b = await LocalAgent(a_dir).start(), await LocalAgent(b_dir).start()
-    await wait_registered(a)
-    await wait_registered(b)
-    lab: dict[str, Any] = {
-        "srv_dir": srv,
-        "servers": servers,
-        "a": a,
-        "b": b,
-        "a_dir": a_dir,
-        "b_dir": b_dir,
-        "a_id": a_id,
-        "b_id": b_id,
-        "echo": echo_addr,
-    }
-    yield lab
-    await a.close()
-    await b.close()
-    echo.close()
-    await lab["servers"].rendezvous.close()
-    await lab["servers"].relay.close()
+async def lab(tmp_path: Path) -> AsyncIterator[AgentPair]:
+    async with two_agents(tmp_path, a_connect_timeout=CONNECT_TIMEOUT) as pair:
+        yield pair
 
 
 class Flow:
@@ -114,21 +79,21 @@ async def until(cond: Any, timeout: float = 20.0) -> None:
 # --------------------------------------------------------------------------- 2(a)
 
 
-async def test_rendezvous_down_and_back_under_a_relayed_session(lab: dict[str, Any]) -> None:
-    rv = lab["servers"].rendezvous
+async def test_rendezvous_down_and_back_under_a_relayed_session(lab: AgentPair) -> None:
+    rv = lab.servers.rendezvous
     ports = (rv.tcp_port, rv.nat_port)
-    reg = Registry(lab["srv_dir"] / "rv.sqlite3")
-    before = {i: reg.get(i) for i in (lab["a_id"], lab["b_id"])}
+    reg = Registry(lab.srv_dir / "rv.sqlite3")
+    before = {i: reg.get(i) for i in (lab.a_id, lab.b_id)}
     assert all(before.values())
 
-    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+    sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
     assert sock is not None, reply
     flow = Flow(sock)
     await flow.step(8)
     await rv.close()  # the server goes away mid-session
     await flow.step(16)  # the relayed session does not need it
     t0 = time.monotonic()
-    down, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+    down, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
     failed_after = time.monotonic() - t0
     await flow.step(8)
     await flow.finish()
@@ -137,20 +102,20 @@ async def test_rendezvous_down_and_back_under_a_relayed_session(lab: dict[str, A
     assert reply.get("error"), reply
     assert failed_after < CONNECT_TIMEOUT + 5  # bounded by the connect timeout, not a hang
 
-    rv2 = await start_rendezvous(rv_config(lab["srv_dir"], ports[0], ports[1]))
-    lab["servers"].rendezvous = rv2
-    assert rv2.public_key_b64 == lab["servers"].key_b64  # same key file
+    rv2 = await start_rendezvous(rendezvous_config(lab.srv_dir, ports[0], ports[1]))
+    lab.servers.rendezvous = rv2
+    assert rv2.public_key_b64 == lab.servers.key_b64  # same key file
 
     async def both_online() -> bool:
         return bool(rv2.stats()["peers_online"] >= 2)
 
     await until(both_online)  # the registrars' heartbeats find the new server
-    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+    sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
     assert sock is not None, reply
     flow = Flow(sock)
     await flow.step(4)
     await flow.finish()
-    after = {i: reg.get(i) for i in (lab["a_id"], lab["b_id"])}
+    after = {i: reg.get(i) for i in (lab.a_id, lab.b_id)}
     reg.close()
     for i in before:
         assert after[i] is not None and before[i] is not None
@@ -161,12 +126,12 @@ async def test_rendezvous_down_and_back_under_a_relayed_session(lab: dict[str, A
 # --------------------------------------------------------------------------- 2(b)
 
 
-async def test_relay_restart_under_load_is_an_error_not_a_truncation(lab: dict[str, Any]) -> None:
-    relay = lab["servers"].relay
+async def test_relay_restart_under_load_is_an_error_not_a_truncation(lab: AgentPair) -> None:
+    relay = lab.servers.relay
     port = relay.port
     flows = []
     for _ in range(4):
-        sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+        sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
         assert sock is not None, reply
         flows.append(Flow(sock))
     await asyncio.gather(*(f.step(4) for f in flows))
@@ -187,15 +152,15 @@ async def test_relay_restart_under_load_is_an_error_not_a_truncation(lab: dict[s
             outcomes.append("eof-midway")
         finally:
             f.sock.close()
-    sessions = (await lab["a"].components["coordinator"].sessions())["sessions"]
+    sessions = (await lab.a.components["coordinator"].sessions())["sessions"]
     errors = [s.get("error") or s.get("end_reason") for s in sessions]
     print(f"\n[fault 2b] after the relay went away: client sees {outcomes}; sessions say {errors}")
     for outcome, s in zip(outcomes, sessions[-len(flows) :], strict=True):
         assert outcome == "reset" or (outcome == "eof-midway" and s.get("error")), (outcome, s)
 
-    relay2 = await start_relay(RelayConfig(binds=["127.0.0.1"], port=port))
-    lab["servers"].relay = relay2
-    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+    relay2 = await start_relay(relay_config(port=port))
+    lab.servers.relay = relay2
+    sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
     assert sock is not None, reply
     flow = Flow(sock)
     await flow.step(4)
@@ -203,12 +168,12 @@ async def test_relay_restart_under_load_is_an_error_not_a_truncation(lab: dict[s
     assert relay2.stats()["pairs_total"] == 1
 
 
-async def test_cut_on_a_quiet_stream_is_a_reset_at_the_client(lab: dict[str, Any]) -> None:
-    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+async def test_cut_on_a_quiet_stream_is_a_reset_at_the_client(lab: AgentPair) -> None:
+    sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
     assert sock is not None, reply
     flow = Flow(sock)
     await flow.step(2)  # everything echoed and read: nothing unread on either end
-    await lab["servers"].relay.close()
+    await lab.servers.relay.close()
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(30):
@@ -217,7 +182,7 @@ async def test_cut_on_a_quiet_stream_is_a_reset_at_the_client(lab: dict[str, Any
                     pass
     finally:
         sock.close()
-        sessions = (await lab["a"].components["coordinator"].sessions())["sessions"]
+        sessions = (await lab.a.components["coordinator"].sessions())["sessions"]
         assert "cut" in str(sessions[-1].get("error")), sessions[-1]
 
 

@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,15 +29,7 @@ from agent.proto import rendezvous_pb2 as pb
 from agent.relay_server import RelayConfig, start_relay
 from agent.stack import LocalAgent
 from agent.wire import FrameDecoder, encode_frame
-from tests.agent_fixtures import (
-    Servers,
-    agent_config,
-    echo_server,
-    open_stream,
-    prepare_state,
-    start_servers,
-    wait_registered,
-)
+from tests.agent_fixtures import Servers, open_stream, two_agents
 from tests.integration.test_rendezvous_junk import exchange
 from tests.integration.test_rendezvous_server import B_ID, ServerThread, make_cfg, udp_socket
 
@@ -229,48 +221,6 @@ CASES: dict[str, tuple[str, Action]] = {
 PAYLOAD = 1_000_000  # about 16 sealed 64 KiB frames each way
 
 
-@dataclass
-class Lab:
-    servers: Servers
-    a: LocalAgent
-    b: LocalAgent
-    a_dir: Path
-    b_dir: Path
-    a_id: str
-    b_id: str
-    echo: str
-
-
-@contextlib.asynccontextmanager
-async def lab(
-    tmp: Path,
-    relay_for_a: Callable[[Servers], Awaitable[str]] | None = None,
-    server_key_for_a: str | None = None,
-) -> AsyncIterator[Lab]:
-    servers = await start_servers(tmp / "srv")
-    echo, echo_addr = await echo_server()
-    a_dir, b_dir = tmp / "a", tmp / "b"
-    a_cfg = agent_config(servers)
-    if relay_for_a is not None:
-        a_cfg.agent.relay = await relay_for_a(servers)
-    if server_key_for_a is not None:
-        a_cfg.agent.server_key = server_key_for_a
-    a_id = prepare_state(a_dir, a_cfg)
-    b_id = prepare_state(b_dir, agent_config(servers, allow=[a_id], allow_targets=[echo_addr]))
-    a = await LocalAgent(a_dir).start()
-    b = await LocalAgent(b_dir).start()
-    try:
-        await wait_registered(a)
-        await wait_registered(b)
-        yield Lab(servers, a, b, a_dir, b_dir, a_id, b_id, echo_addr)
-    finally:
-        await a.close()
-        await b.close()
-        echo.close()
-        await servers.rendezvous.close()
-        await servers.relay.close()
-
-
 async def transfer(sock: socket.socket, payload: bytes) -> tuple[bytes, str]:
     """Send everything, read until the end; returns what came back and how it ended ("eof" or "reset")."""
     loop = asyncio.get_running_loop()
@@ -314,7 +264,7 @@ async def one_mitm_case(tmp: Path, direction: str, action: Action | None) -> dic
         mitm = Mitm(servers.relay_addr, direction, action)
         return await mitm.start()
 
-    async with lab(tmp, through_mitm) as env:
+    async with two_agents(tmp, a_relay=through_mitm) as env:
         assert mitm is not None
         sock, reply = await open_stream(env.a_dir, env.b_id, env.echo, path="relay-only")
         payload = os.urandom(PAYLOAD)
@@ -394,7 +344,7 @@ async def test_wrong_server_key_is_refused_and_nothing_pinned(tmp_path: Path) ->
     """A trusts another server key: every IdPk the real server signs fails, so A stops before any handshake."""
 
     other_key = base64.b64encode(bytes(SigningKey.generate().verify_key)).decode()
-    async with lab(tmp_path, server_key_for_a=other_key) as env:
+    async with two_agents(tmp_path, a_server_key=other_key) as env:
         for path in ("relay-only", "auto"):
             sock, reply = await open_stream(env.a_dir, env.b_id, env.echo, path=path)
             print(f"\nwrong server key, path={path}: {reply.get('error')!r}")
@@ -408,7 +358,7 @@ async def test_wrong_server_key_is_refused_and_nothing_pinned(tmp_path: Path) ->
 @pytest.mark.parametrize("forgery", ["another pk", "another id's pk"])
 async def test_server_vouching_for_a_forged_key_is_refused(tmp_path: Path, forgery: str) -> None:
     """A compromised server signs a key that is not B's: B's SignedId then fails at A, nothing is pinned."""
-    async with lab(tmp_path) as env:
+    async with two_agents(tmp_path) as env:
         core = env.servers.rendezvous.core
         forged = bytes(SigningKey.generate().verify_key) if forgery == "another pk" else core.peers[env.a_id].pk
         core.peers[env.b_id].pk = forged
@@ -420,7 +370,7 @@ async def test_server_vouching_for_a_forged_key_is_refused(tmp_path: Path, forge
 
 
 async def test_pinned_key_that_disagrees_is_refused_and_kept(tmp_path: Path) -> None:
-    async with lab(tmp_path) as env:
+    async with two_agents(tmp_path) as env:
         other = base64.b64encode(bytes(SigningKey.generate().verify_key)).decode()
         (env.a_dir / "known_peers.json").write_text(json.dumps({env.b_id: other}))
         for path in ("relay-only", "auto"):
@@ -496,7 +446,7 @@ async def test_relay_with_a_key_refuses_agents_without_it(tmp_path: Path) -> Non
         return f"127.0.0.1:{keyed[0].port}"
 
     try:
-        async with lab(tmp_path, keyed_relay) as env:
+        async with two_agents(tmp_path, a_relay=keyed_relay) as env:
             sock, reply = await open_stream(env.a_dir, env.b_id, env.echo, path="relay-only")
             print(f"\nrelay key missing: {reply.get('error')!r}")
             assert sock is None

@@ -15,7 +15,6 @@ import socket
 import statistics
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,8 @@ from agent.proto import rendezvous_pb2 as pb
 from agent.relay_server import RelayConfig, RelayServer, start_relay
 from agent.rendezvous_core import Limits
 from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
-from agent.stack import LocalAgent
 from agent.wire import FrameDecoder, encode_frame
-from tests.agent_fixtures import (
-    Servers,
-    agent_config,
-    echo_server,
-    open_stream,
-    prepare_state,
-    transfer,
-    wait_registered,
-)
+from tests.agent_fixtures import AgentPair, open_stream, transfer, two_agents
 from tests.integration.relay_helpers import open_half, recv_all, request_frame, send_all
 
 SOAK = os.environ.get("PUNCHTHROUGH_SOAK") == "1"
@@ -171,60 +161,15 @@ async def online_states(nat_port: int, ids: list[str], chunk: int = 1000) -> lis
 # --------------------------------------------------------------------------- two agents
 
 
-@dataclass
-class Lab:
-    servers: Servers
-    a: LocalAgent
-    b: LocalAgent
-    a_dir: Path
-    b_dir: Path
-    a_id: str
-    b_id: str
-    echo: str
-    closers: list[Any] = field(default_factory=list)
-
-
-async def start_lab(tmp: Path, limits: Limits | None = None) -> Lab:
-    rv = await start_rendezvous(
-        RendezvousConfig(
-            binds=["127.0.0.1"],
-            port=0,
-            db_path=tmp / "rv.sqlite3",
-            key_file=tmp / "rv_key",
-            limits=limits or Limits(),
-        )
-    )
-    rl = await start_relay(RelayConfig(binds=["127.0.0.1"], port=0))
-    servers = Servers(rv, rl, f"127.0.0.1:{rv.ports['tcp']}", f"127.0.0.1:{rl.port}", rv.public_key_b64)
-    echo, echo_addr = await echo_server()
-    a_dir, b_dir = tmp / "a", tmp / "b"
-    a_id = prepare_state(a_dir, agent_config(servers))
-    b_id = prepare_state(b_dir, agent_config(servers, allow=[a_id], allow_targets=[echo_addr]))
-    a, b = await LocalAgent(a_dir).start(), await LocalAgent(b_dir).start()
-    await wait_registered(a)
-    await wait_registered(b)
-    return Lab(servers, a, b, a_dir, b_dir, a_id, b_id, echo_addr, [echo])
-
-
-async def stop_lab(lab: Lab) -> None:
-    await lab.a.close()
-    await lab.b.close()
-    for c in lab.closers:
-        c.close()
-    await lab.servers.rendezvous.close()
-    await lab.servers.relay.close()
-
-
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+async def lab(tmp_path: Path) -> AsyncIterator[AgentPair]:
     # The simulated peers share a few source addresses, as many hosts behind one NAT would:
     # lift the per-IP registration limits (which exist against exactly that from one abuser).
-    lab = await start_lab(tmp_path, Limits(ip_block_limit=1 << 30, ip_ids_limit=1 << 30))
-    yield lab
-    await stop_lab(lab)
+    async with two_agents(tmp_path, limits=Limits(ip_block_limit=1 << 30, ip_ids_limit=1 << 30)) as pair:
+        yield pair
 
 
-async def one_stream(lab: Lab, size: int, path: str = "auto") -> bool:
+async def one_stream(lab: AgentPair, size: int, path: str = "auto") -> bool:
     sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path=path)
     assert sock is not None, reply
     try:
@@ -238,7 +183,7 @@ async def one_stream(lab: Lab, size: int, path: str = "auto") -> bool:
 # --------------------------------------------------------------------------- 1(a)
 
 
-async def test_registration_storm_loses_nothing_while_agents_connect(lab: Lab) -> None:
+async def test_registration_storm_loses_nothing_while_agents_connect(lab: AgentPair) -> None:
     rv: RendezvousServer = lab.servers.rendezvous
     ids = [f"load{i:07d}" for i in range(PEERS)]
     rss_before = rss_mib()
@@ -317,8 +262,7 @@ async def relay_pairs(port: int, pairs: int, size: int) -> list[float]:
 
 
 async def test_concurrent_forwarded_streams(tmp_path: Path) -> None:
-    lab = await start_lab(tmp_path)
-    try:
+    async with two_agents(tmp_path) as lab:
         sizes = [64 * 1024 + 997 * i for i in range(FORWARDED)]
         t0 = time.perf_counter()
         async with asyncio.timeout(120):
@@ -326,8 +270,6 @@ async def test_concurrent_forwarded_streams(tmp_path: Path) -> None:
         took = time.perf_counter() - t0
         sessions = (await lab.a.components["coordinator"].sessions())["sessions"]
         rv_st = lab.servers.rendezvous.stats()
-    finally:
-        await stop_lab(lab)
     paths: dict[str, int] = {}
     for s in sessions:
         paths[str(s.get("path"))] = paths.get(str(s.get("path")), 0) + 1

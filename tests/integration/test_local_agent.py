@@ -7,84 +7,58 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.stack import LocalAgent
 from tests.agent_fixtures import (
+    AgentPair,
     agent_config,
-    echo_server,
     open_stream,
     prepare_state,
-    start_servers,
     transfer,
+    two_agents,
     wait_registered,
 )
 from tests.integration.test_agent_e2e import free_triple
 
 
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
-    servers = await start_servers(tmp_path / "srv")
-    echo, echo_addr = await echo_server()
-    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    a_id = prepare_state(a_dir, agent_config(servers))
-    b_cfg = agent_config(servers, allow=[a_id], allow_targets=[echo_addr])
-    b_cfg.agent.direct_port = free_port()
-    b_id = prepare_state(b_dir, b_cfg)
-    a, b = await LocalAgent(a_dir).start(), await LocalAgent(b_dir).start()
-    await wait_registered(a)
-    await wait_registered(b)
-    yield {
-        "direct_port": b_cfg.agent.direct_port,
-        "servers": servers,
-        "a": a,
-        "b": b,
-        "a_dir": a_dir,
-        "b_dir": b_dir,
-        "a_id": a_id,
-        "b_id": b_id,
-        "echo": echo_addr,
-        "tmp": tmp_path,
-    }
-    await a.close()
-    await b.close()
-    echo.close()
-    await servers.rendezvous.close()
-    await servers.relay.close()
+async def lab(tmp_path: Path) -> AsyncIterator[AgentPair]:
+    async with two_agents(tmp_path, b_direct_port=free_port()) as pair:
+        yield pair
 
 
 def free_port() -> int:
     return free_triple()
 
 
-async def test_echo_through_relay(lab: dict[str, Any]) -> None:
-    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"])
+async def test_echo_through_relay(lab: AgentPair) -> None:
+    sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo)
     assert sock is not None, reply
     payload = os.urandom(3 * 1024 * 1024 + 17)
     got = await asyncio.wait_for(transfer(sock, payload), 60)
     sock.close()
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
-    sessions = (await lab["a"].components["coordinator"].sessions())["sessions"]
+    sessions = (await lab.a.components["coordinator"].sessions())["sessions"]
     # A and B are both 127.0.0.1 to the server: one LAN, so the LAN path wins the race.
     assert sessions[0]["path"] == "lan", sessions
     assert {"strategy": "lan", "outcome": "won"}.items() <= sessions[0]["attempts"][0].items()
 
 
-async def test_relay_only_policy(lab: dict[str, Any]) -> None:
-    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"], path="relay-only")
+async def test_relay_only_policy(lab: AgentPair) -> None:
+    sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
     assert sock is not None, reply
     payload = os.urandom(1_000_000)
     assert await asyncio.wait_for(transfer(sock, payload), 60) == payload
     sock.close()
     assert reply["path"] == "relay"
-    assert lab["servers"].relay.stats()["pairs_total"] >= 1
+    assert lab.servers.relay.stats()["pairs_total"] >= 1
 
 
-async def test_concurrent_streams(lab: dict[str, Any]) -> None:
+async def test_concurrent_streams(lab: AgentPair) -> None:
     async def one(i: int) -> bool:
-        sock, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"])
+        sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo)
         assert sock is not None, reply
         data = os.urandom(100_000 + i)
         got = await transfer(sock, data)
@@ -94,40 +68,40 @@ async def test_concurrent_streams(lab: dict[str, Any]) -> None:
     assert all(await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(6))), 60))
 
 
-async def test_disallowed_target(lab: dict[str, Any]) -> None:
-    sock, reply = await open_stream(lab["a_dir"], lab["b_id"], "127.0.0.1:1")
+async def test_disallowed_target(lab: AgentPair) -> None:
+    sock, reply = await open_stream(lab.a_dir, lab.b_id, "127.0.0.1:1")
     assert sock is None
     assert "not allowed" in reply["error"]
 
 
-async def test_unknown_peer(lab: dict[str, Any]) -> None:
-    sock, reply = await open_stream(lab["a_dir"], "1999999999", lab["echo"])
+async def test_unknown_peer(lab: AgentPair) -> None:
+    sock, reply = await open_stream(lab.a_dir, "1999999999", lab.echo)
     assert sock is None
     assert "1999999999" in reply["error"]
 
 
-async def test_unlisted_peer_refused(lab: dict[str, Any], tmp_path: Path) -> None:
+async def test_unlisted_peer_refused(lab: AgentPair, tmp_path: Path) -> None:
     c_dir = tmp_path / "c"
-    prepare_state(c_dir, agent_config(lab["servers"]))
+    prepare_state(c_dir, agent_config(lab.servers))
     c = await LocalAgent(c_dir).start()
     try:
         await wait_registered(c)
-        sock, reply = await open_stream(c_dir, lab["b_id"], lab["echo"])
+        sock, reply = await open_stream(c_dir, lab.b_id, lab.echo)
         assert sock is None
         assert "not allowed" in reply["error"]
     finally:
         await c.close()
 
 
-async def test_direct_port_needs_a_pinned_key_then_skips_the_rendezvous(lab: dict[str, Any]) -> None:
-    where = f"{lab['b_id']}@127.0.0.1:{lab['direct_port']}"
-    sock, reply = await open_stream(lab["a_dir"], where, lab["echo"])
+async def test_direct_port_needs_a_pinned_key_then_skips_the_rendezvous(lab: AgentPair) -> None:
+    where = f"{lab.b_id}@127.0.0.1:{lab.b_cfg.agent.direct_port}"
+    sock, reply = await open_stream(lab.a_dir, where, lab.echo)
     assert sock is None and "no key pinned" in reply["error"]
-    first, reply = await open_stream(lab["a_dir"], lab["b_id"], lab["echo"])  # via the server: pins B's key
+    first, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo)  # via the server: pins B's key
     assert first is not None, reply
     first.close()
-    await lab["servers"].rendezvous.close()  # nobody to ask any more
-    sock, reply = await open_stream(lab["a_dir"], where, lab["echo"])
+    await lab.servers.rendezvous.close()  # nobody to ask any more
+    sock, reply = await open_stream(lab.a_dir, where, lab.echo)
     assert sock is not None, reply
     assert reply["path"] == "direct"
     assert await asyncio.wait_for(transfer(sock, b"direct bytes"), 30) == b"direct bytes"
