@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from agent import messages
+from agent.ip_caps import PerIpCap
 from agent.proto import rendezvous_pb2 as pb
 from agent.wire import FrameDecoder, encode_frame
 
@@ -23,7 +24,9 @@ FIRST_FRAME_MAX = 4096
 """Cap on the first frame: a real RequestRelay is ~100 bytes, so a bigger header is hostile."""
 
 MAX_UUID_LEN = 64
-"""RustDesk sends a 36-char UUIDv4; anything much longer is not a peer of ours."""
+"""In UTF-8 bytes: RustDesk sends a 36-char UUIDv4; anything much longer is not a peer of ours.
+Counted in bytes, not characters, so every accepted uuid also fits the handoff message's
+one-byte length (64 four-byte characters would not)."""
 
 KEY_MISMATCH = "relay key mismatch"
 
@@ -114,7 +117,7 @@ def check_request(payload: bytes, key: str = "") -> Decision:
     uuid: str = sub.uuid
     if not uuid:
         return Drop("empty_uuid")
-    if len(uuid) > MAX_UUID_LEN:
+    if len(uuid.encode()) > MAX_UUID_LEN:
         return Drop("uuid_too_long")
     if key and not hmac.compare_digest(sub.licence_key.encode(), key.encode()):
         reply = messages.build(relay_response=pb.RelayResponse(uuid=uuid, refuse_reason=KEY_MISMATCH))
@@ -170,12 +173,20 @@ def decode_handoff(data: bytes) -> tuple[str, str]:
 C = TypeVar("C")
 
 
+EVICTED_OLDEST_WAITER = "evicted_oldest_waiter"
+"""The table was full: the waiter parked longest (from any IP) made room."""
+EVICTED_WAITER_PER_IP = "evicted_waiter_per_ip"
+"""The newcomer's IP already had its cap of waiters: that IP's oldest waiter made room."""
+
+
 @dataclass(frozen=True)
 class Wait(Generic[C]):
-    """Parked until `deadline` for a partner; `evicted` is the waiter that made room, to be closed."""
+    """Parked until `deadline` for a partner; `evicted` is the waiter that made room, to be closed,
+    and `evicted_reason` says which bound it made room under (one of the EVICTED_* names)."""
 
     deadline: float
     evicted: tuple[str, C] | None = None
+    evicted_reason: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -194,17 +205,23 @@ class PairingTable(Generic[C]):
     Both maps are bounded: at most `max_waiting` parked connections (the oldest makes room), at most
     `max_active` pairs (0 = no limit beyond the process's descriptors). A third
     connection naming a uuid that is already paired is refused, so nobody can
-    squat on, or tap into, a running pair.
+    squat on, or tap into, a running pair. With `max_waiting_per_ip`, one source IP
+    (the `source` given to `offer`) parks at most that many: its own oldest waiter
+    makes room, so one host cannot fill the table and evict everyone else's.
     """
 
-    def __init__(self, pair_wait: float = 30.0, max_waiting: int = 1024, max_active: int = 0) -> None:
-        if pair_wait <= 0 or max_waiting < 1 or max_active < 0:
-            raise ValueError("pair_wait > 0, max_waiting >= 1, max_active >= 0")
+    def __init__(
+        self, pair_wait: float = 30.0, max_waiting: int = 1024, max_active: int = 0, max_waiting_per_ip: int = 0
+    ) -> None:
+        if pair_wait <= 0 or max_waiting < 1 or max_active < 0 or max_waiting_per_ip < 0:
+            raise ValueError("pair_wait > 0, max_waiting >= 1, max_active >= 0, max_waiting_per_ip >= 0")
         self.pair_wait = pair_wait
         self.max_waiting = max_waiting
         self.max_active = max_active
         self._waiting: OrderedDict[str, tuple[C, float]] = OrderedDict()
         self._active: set[str] = set()
+        self.per_ip: PerIpCap[str] = PerIpCap(max_waiting_per_ip)
+        """uuids of the waiters, by the source IP that parked them."""
 
     @property
     def waiting(self) -> int:
@@ -214,28 +231,41 @@ class PairingTable(Generic[C]):
     def active(self) -> int:
         return len(self._active)
 
-    def offer(self, uuid: str, conn: C, now: float) -> Wait[C] | Paired[C] | Refused:
+    def waiting_from(self, source: str) -> int:
+        """Waiters parked by this source IP."""
+        return self.per_ip.count(source)
+
+    def offer(self, uuid: str, conn: C, now: float, source: str = "") -> Wait[C] | Paired[C] | Refused:
+        """Pair `conn` with the waiter under `uuid`, or park it; `source` is its IP ("" = not counted per IP)."""
         if uuid in self._active:
             return Refused("uuid_in_use")
         parked = self._waiting.pop(uuid, None)
         if parked is not None:
             # Even a waiter past its deadline that expire() has not collected yet is still
             # connected: pairing it is better than refusing.
+            self.per_ip.discard(uuid)
             self._active.add(uuid)
             return Paired(parked[0])
         if self.max_active and len(self._active) >= self.max_active:
             return Refused("pairs_full")
         evicted: tuple[str, C] | None = None
-        if len(self._waiting) >= self.max_waiting:
+        reason = ""
+        # No busy test here, so the cap always holds and one victim at most makes room.
+        victims = self.per_ip.admit(source, uuid) if source else []
+        if victims:
+            old_conn, _ = self._waiting.pop(victims[0])
+            evicted, reason = (victims[0], old_conn), EVICTED_WAITER_PER_IP
+        if evicted is None and len(self._waiting) >= self.max_waiting:
             # Full: the waiter parked longest makes room. Refusing newcomers instead would let one
             # host that parks max_waiting never-paired requests lock every real pair out for
             # pair_wait; real halves arrive within moments of each other, so the oldest is the
             # least likely to still get its partner.
             old_uuid, (old_conn, _) = self._waiting.popitem(last=False)
-            evicted = (old_uuid, old_conn)
+            self.per_ip.discard(old_uuid)
+            evicted, reason = (old_uuid, old_conn), EVICTED_OLDEST_WAITER
         deadline = now + self.pair_wait
         self._waiting[uuid] = (conn, deadline)
-        return Wait(deadline, evicted)
+        return Wait(deadline, evicted, reason)
 
     def expire(self, now: float) -> list[tuple[str, C]]:
         """Remove and return every waiter whose deadline has passed."""
@@ -243,6 +273,7 @@ class PairingTable(Generic[C]):
         stale = [u for u, (_, d) in self._waiting.items() if d <= now]
         for uuid in stale:
             conn, _ = self._waiting.pop(uuid)
+            self.per_ip.discard(uuid)
             out.append((uuid, conn))
         return out
 
@@ -257,6 +288,7 @@ class PairingTable(Generic[C]):
         if parked is None or parked[0] is not conn:
             return False
         del self._waiting[uuid]
+        self.per_ip.discard(uuid)
         return True
 
     def release(self, uuid: str) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from agent import relay_core as core
+from agent.ip_caps import PerIpCap, source_key, unread_bytes
 from agent.pump import Meter, PumpKind, default_kind, make_pump, splice_available
 from agent.stats import DropStats
 from agent.wire import FrameError
@@ -56,7 +57,13 @@ class RelayConfig:
     max_waiting: int = 1024
     """Connections parked waiting for their partner; more are refused."""
     max_handshaking: int = 1024
-    """Connections that have not sent their first frame yet; more are closed at once."""
+    """Connections that have not sent their first frame yet; at the cap the oldest is closed."""
+    max_waiting_per_ip: int = 64
+    """Parked connections from one source IP (an IPv6 /64 counts as one); at the cap that IP's oldest
+    waiter is closed (0 = no cap). Per replica, like the totals. Loopback is not exempt."""
+    max_handshaking_per_ip: int = 32
+    """Connections from one source IP (IPv6: /64) without their first frame yet; at the cap that IP's
+    oldest one with nothing unread is closed (0 = no cap). Per replica. Loopback is not exempt."""
     max_pairs: int = 0
     """Pairs in progress (0 = bounded only by descriptors)."""
     pump: Literal["auto", "splice", "asyncio"] = "auto"
@@ -73,6 +80,11 @@ class Router(Protocol):
     async def forward(self, uuid: str, sock: socket.socket, peer: str) -> bool:
         """Pass `sock` to the owner; True once it is on its way (the caller then closes its copy)."""
         ...
+
+
+def _host(peer: str) -> str:
+    """The IP part of a `_peer_str` (what per-IP caps and the log limiter key on)."""
+    return peer.rsplit(":", 1)[0]
 
 
 def _peer_str(addr: Any) -> str:
@@ -155,7 +167,9 @@ class RelayServer:
         self.cfg = cfg
         self.router = router
         self.pump_kind: PumpKind = default_kind() if cfg.pump == "auto" else cfg.pump
-        self.table: core.PairingTable[_Waiter] = core.PairingTable(cfg.pair_timeout, cfg.max_waiting, cfg.max_pairs)
+        self.table: core.PairingTable[_Waiter] = core.PairingTable(
+            cfg.pair_timeout, cfg.max_waiting, cfg.max_pairs, max_waiting_per_ip=cfg.max_waiting_per_ip
+        )
         self.drops = DropStats(cfg.log_interval)
         self.meter = Meter()
         self.pairs_total = 0
@@ -165,8 +179,9 @@ class RelayServer:
         self.throttled_s = 0.0
         self._throttles: set[core.Throttle] = set()
         self._listeners: list[socket.socket] = []
-        self._handshakes: dict[asyncio.Task[None], None] = {}
-        """Connections still waiting for their first frame, oldest first."""
+        self._handshakes: dict[asyncio.Task[None], tuple[socket.socket, str]] = {}
+        """Connections still waiting for their first frame, oldest first: socket and peer."""
+        self._handshakes_per_ip: PerIpCap[asyncio.Task[None]] = PerIpCap(cfg.max_handshaking_per_ip)
         self._pairs: set[asyncio.Task[None]] = set()
         self._expiry: asyncio.TimerHandle | None = None
         self._total_bucket: core.TokenBucket | None = None
@@ -230,6 +245,8 @@ class RelayServer:
             "pairs_total": self.pairs_total,
             "waiting": self.table.waiting,
             "handshaking": len(self._handshakes),
+            "handshaking_max_per_ip": self._handshakes_per_ip.max_count(),
+            "waiting_max_per_ip": self.table.per_ip.max_count(),
             "bytes_relayed": self.meter.bytes,
             "handed_off": self.handed_off,
             "drops": self.drops.snapshot(),
@@ -237,6 +254,8 @@ class RelayServer:
             "limits": {
                 "stream_limit_bps": self.cfg.stream_limit_bps,
                 "total_limit_bps": self.cfg.total_limit_bps,
+                "max_handshaking_per_ip": self.cfg.max_handshaking_per_ip,
+                "max_waiting_per_ip": self.cfg.max_waiting_per_ip,
                 "throttle_waits": self.throttle_waits + sum(t.waits for t in self._throttles),
                 "throttled_s": round(self.throttled_s + sum(t.throttled_s for t in self._throttles), 3),
             },
@@ -261,18 +280,46 @@ class RelayServer:
             if self._closing:
                 conn.close()
                 return
-            if len(self._handshakes) >= self.cfg.max_handshaking:
-                # Full of connections that have not said anything yet: make room by closing the
-                # one that has waited longest, rather than refusing everyone who comes next (a
-                # single host holding every slot would otherwise lock real clients out for 30 s).
-                oldest = next(iter(self._handshakes))
-                self._handshakes.pop(oldest)
-                oldest.cancel()
-                self._drop("evicted_idle_handshake", peer)
             conn.setblocking(False)
             task = loop.create_task(self._handshake(conn, peer))
-            self._handshakes[task] = None
-            task.add_done_callback(lambda t: self._handshakes.pop(t, None))
+            # One source IP at its cap makes room among its own (see agent/ip_caps.py for why the
+            # oldest goes rather than the newcomer); that also keeps it from reaching the total.
+            for old in self._handshakes_per_ip.admit(source_key(_host(peer)), task, self._handshake_busy):
+                self._evict_handshake(old, "evicted_idle_handshake_per_ip")
+            if len(self._handshakes) >= self.cfg.max_handshaking:
+                # Full of connections that have not said anything yet: make room by closing the
+                # one that has waited longest, rather than refusing everyone who comes next (many
+                # hosts holding every slot would otherwise lock real clients out for 30 s).
+                self._evict_handshake(next(iter(self._handshakes)), "evicted_idle_handshake")
+            self._handshakes[task] = (conn, peer)
+            task.add_done_callback(self._handshake_done)
+
+    def _handshake_busy(self, task: asyncio.Task[None]) -> bool:
+        """Its first frame is in the kernel already (an accept burst): not idle, just not read yet."""
+        entry = self._handshakes.get(task)
+        return entry is not None and unread_bytes(entry[0].fileno()) > 0
+
+    def _evict_handshake(self, task: asyncio.Task[None], reason: str) -> None:
+        entry = self._handshakes.pop(task, None)
+        self._handshakes_per_ip.discard(task)
+        if task.done() or entry is None:
+            return  # finished already (its done callback is queued): nothing to close or count
+        sock, peer = entry
+        task.cancel()  # its `finally` closes the socket ...
+        task.add_done_callback(lambda _t: sock.close())  # ... unless it was cancelled before it ever ran
+        self._drop(reason, peer)
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self._handshakes.pop(task, None)
+        self._handshakes_per_ip.discard(task)
+
+    def handshaking_from(self, host: str) -> int:
+        """Connections from this IP (its IPv6 /64) without their first frame yet."""
+        return self._handshakes_per_ip.count(source_key(host))
+
+    def waiting_from(self, host: str) -> int:
+        """Connections from this IP (its IPv6 /64) parked waiting for their partner."""
+        return self.table.waiting_from(source_key(host))
 
     def _resume_accept(self, lsock: socket.socket) -> None:
         if not self._closing and lsock.fileno() >= 0 and self._loop is not None:
@@ -280,7 +327,7 @@ class RelayServer:
 
     def _drop(self, reason: str, peer: str) -> None:
         now = self._loop.time() if self._loop is not None else 0.0
-        host = peer.rsplit(":", 1)[0]
+        host = _host(peer)
         if self.drops.drop(reason, host, now):
             log.info("relay: dropped %s (%s)", peer, reason)
 
@@ -361,7 +408,7 @@ class RelayServer:
         with contextlib.suppress(OSError):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         me = _Waiter(conn, uuid, peer)
-        res = self.table.offer(uuid, me, loop.time())
+        res = self.table.offer(uuid, me, loop.time(), source_key(_host(peer)))
         if isinstance(res, core.Refused):
             self._drop(res.reason, peer)
             conn.close()
@@ -371,7 +418,7 @@ class RelayServer:
                 old = res.evicted[1]
                 with contextlib.suppress(Exception):
                     loop.remove_reader(old.sock.fileno())
-                self._drop("evicted_oldest_waiter", old.peer)
+                self._drop(res.evicted_reason or core.EVICTED_OLDEST_WAITER, old.peer)
                 old.sock.close()
             loop.add_reader(conn.fileno(), self._on_waiter_readable, me)
             self._arm_expiry()

@@ -27,6 +27,7 @@ from typing import Any
 
 from agent.addr import SockAddr, to_v4_if_mapped
 from agent.crypto import KeyFileError, load_or_create_signing_key
+from agent.ip_caps import PerIpCap, source_key, unread_bytes
 from agent.registry import PeerRow, Registry
 from agent.rendezvous_core import (
     Action,
@@ -55,6 +56,9 @@ class RendezvousConfig:
     idle_timeout: float = 30.0  # TCP connections with no frame for this long are closed
     max_frame: int = 64 * 1024  # larger TCP frames are refused before buffering
     max_tcp_connections: int = 4096
+    max_idle_tcp_per_ip: int = 32
+    """Connections from one source IP (an IPv6 /64 counts as one) that have not sent a frame yet; at
+    the cap that IP's oldest one with nothing unread is closed (0 = no cap). Loopback is not exempt."""
     limits: Limits = field(default_factory=Limits)
 
 
@@ -222,7 +226,9 @@ class _TcpConn(asyncio.Protocol):
             return
         if payloads:
             self.last_activity = now
-            self.spoke = True
+            if not self.spoke:
+                self.spoke = True
+                srv.conn_spoke(self)
         for payload in payloads:
             if transport.is_closing():
                 return
@@ -270,6 +276,8 @@ class RendezvousServer:
         self._udp_v6: list[bool] = []
         self._servers: list[asyncio.Server] = []
         self._conns: dict[int, _TcpConn] = {}
+        self._idle_per_ip: PerIpCap[int] = PerIpCap(cfg.max_idle_tcp_per_ip)
+        """Ids of the connections that have not sent a frame yet, by source IP."""
         self._next_conn = 1
         self._housekeeping: asyncio.Task[None] | None = None
         self._closed = False
@@ -377,27 +385,57 @@ class RendezvousServer:
         if self._closed:
             conn.transport.abort()
             return
+        now = self.loop.time()
+        conn.id = self._next_conn
+        self._next_conn += 1
+        # One source IP at its cap of silent connections makes room among its own (agent/ip_caps.py
+        # says why the oldest goes rather than the newcomer); that also keeps it off the total.
+        for old_id in self._idle_per_ip.admit(source_key(conn.src.host), conn.id, self._conn_busy):
+            old = self._conns.get(old_id)
+            if old is not None:
+                self._evict(old, "evicted_idle_connection_per_ip", now)
         if len(self._conns) >= self.cfg.max_tcp_connections:
-            # Full: close the oldest connection that never sent a frame, so idle sockets from one
-            # host cannot lock real clients out until they time out; if every slot is a real
+            # Full: close the oldest connection that never sent a frame, so idle sockets from many
+            # hosts cannot lock real clients out until they time out; if every slot is a real
             # client, refuse the newcomer.
             idle = next((c for c in self._conns.values() if not c.spoke), None)
             if idle is None or idle.transport is None:
-                self.core.drop("too_many_connections", conn.src, self.loop.time())
+                self._idle_per_ip.discard(conn.id)
+                self.core.drop("too_many_connections", conn.src, now)
                 conn.transport.abort()
                 return
-            self.core.drop("evicted_idle_connection", idle.src, self.loop.time())
-            del self._conns[idle.id]
-            self.core.tcp_closed(idle.id)
-            idle.transport.abort()
-        conn.id = self._next_conn
-        self._next_conn += 1
+            self._evict(idle, "evicted_idle_connection", now)
         self._conns[conn.id] = conn
+
+    def _conn_busy(self, conn_id: int) -> bool:
+        """Its first frame is in the kernel already (an accept burst): not idle, just not read yet."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.transport is None:
+            return False
+        sock = conn.transport.get_extra_info("socket")
+        return sock is not None and unread_bytes(sock.fileno()) > 0
+
+    def _evict(self, conn: _TcpConn, reason: str, now: float) -> None:
+        self.core.drop(reason, conn.src, now)
+        del self._conns[conn.id]
+        self._idle_per_ip.discard(conn.id)
+        self.core.tcp_closed(conn.id)
+        if conn.transport is not None:
+            conn.transport.abort()
+
+    def conn_spoke(self, conn: _TcpConn) -> None:
+        """A first complete frame arrived: no longer an idle connection."""
+        self._idle_per_ip.discard(conn.id)
 
     def conn_lost(self, conn: _TcpConn) -> None:
         if self._conns.get(conn.id) is conn:
             del self._conns[conn.id]
+            self._idle_per_ip.discard(conn.id)
             self.core.tcp_closed(conn.id)
+
+    def idle_from(self, host: str) -> int:
+        """Connections from this IP (its IPv6 /64) that have not sent a frame yet."""
+        return self._idle_per_ip.count(source_key(host))
 
     def internal_error(self, source: str, now: float) -> None:
         if self.core.drops.drop("internal_error", source, now):
@@ -424,6 +462,8 @@ class RendezvousServer:
         except sqlite3.Error:
             out["peers_registered"] = -1
         out["tcp_connections"] = len(self._conns)
+        out["tcp_idle"] = len(self._idle_per_ip)
+        out["tcp_idle_max_per_ip"] = self._idle_per_ip.max_count()
         out["db_writes_queued"] = sum(len(rows) for rows, _ in self._write_queue)
         out["ports"] = self.ports
         return out

@@ -219,7 +219,10 @@ async def test_registration_storm_loses_nothing_while_agents_connect(lab: AgentP
 
 
 async def test_concurrent_relayed_pairs_intact_and_fair(tmp_path: Path) -> None:
-    relay: RelayServer = await start_relay(RelayConfig(binds=["127.0.0.1"], port=0))
+    # 200 pairs from one address at once, as 200 hosts behind one NAT: lift the per-IP caps.
+    relay: RelayServer = await start_relay(
+        RelayConfig(binds=["127.0.0.1"], port=0, max_handshaking_per_ip=0, max_waiting_per_ip=0)
+    )
     try:
         durations = await relay_pairs(relay.port, RELAY_PAIRS, RELAY_BYTES)
         st = relay.stats()
@@ -321,8 +324,12 @@ async def _settle(cond: Any) -> None:
     ],
 )
 async def test_idle_and_unpaired_connections_stay_bounded(tmp_path: Path, cap: int | None) -> None:
-    relay_cfg = RelayConfig(binds=["127.0.0.1"], port=0)
-    rv_cfg = RendezvousConfig(binds=["127.0.0.1"], port=0, db_path=tmp_path / "rv.db", key_file=tmp_path / "k")
+    # One attacking address: lift the per-IP caps so that the totals are what this tests
+    # (tests/integration/test_per_ip_caps.py covers the per-IP caps).
+    relay_cfg = RelayConfig(binds=["127.0.0.1"], port=0, max_handshaking_per_ip=0, max_waiting_per_ip=0)
+    rv_cfg = RendezvousConfig(
+        binds=["127.0.0.1"], port=0, db_path=tmp_path / "rv.db", key_file=tmp_path / "k", max_idle_tcp_per_ip=0
+    )
     if cap is not None:
         relay_cfg.max_waiting = relay_cfg.max_handshaking = cap
         rv_cfg.max_tcp_connections = cap

@@ -74,7 +74,7 @@ async def test_two_replicas_in_process_pair_across_replicas() -> None:
 
 async def test_two_hundred_pairs_spread_over_two_replicas_intact_and_fair() -> None:
     """Issue 5's load: 200 concurrent relayed streams spread over replicas, all intact; fairness reported."""
-    reps, port = await start_replicas(2)
+    reps, port = await start_replicas(2, max_handshaking_per_ip=0, max_waiting_per_ip=0)  # 200 pairs, one address
     n, size = 200, 128 * 1024
     durations: list[float] = []
 
