@@ -273,6 +273,14 @@ class KcpTimers:
     final_fin_retries: int = 6
     """The passive closer's FIN (PEER_CLOSED -> CLOSED) is re-sent up to this many times until the
     peer's RST or FIN confirms it: a kcp-sys peer (and we) answer a duplicate FIN in Closed with RST."""
+    unreachable_timeout: float = 1.0
+    """An established connection is reset once ICMP port unreachable has answered our datagrams for
+    this long (at least `unreachable_errors` times) with no packet from the peer in between: the peer's
+    socket is gone (its process died), so waiting out `idle_timeout` would only hang the application."""
+    unreachable_errors: int = 3
+    unreachable_probe: float = 0.25
+    """While ICMP errors come back, PING this often, so an idle connection confirms (a PONG clears
+    the suspicion) or condemns the peer within about `unreachable_timeout`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +351,8 @@ class KcpConnection:
         self._fin_next = 0.0
         self._fin_backoff = self.timers.fin_interval
         self._final_fin_left = 0
+        self._unreachable_since: float | None = None
+        self._unreachable_errors = 0
         self._connect_data = connect_data
         if is_client:
             if conv is None:
@@ -434,6 +444,7 @@ class KcpConnection:
             self._receive_foreign(conv, src, dst, flags, now)
             return None
         self._last_rx = now
+        self._unreachable_since = None
 
         if flags & PING:
             if not flags & PONG:
@@ -578,6 +589,31 @@ class KcpConnection:
         self._deadline = None
         self._final_fin_left = 0
 
+    def port_unreachable(self, now: float) -> None:
+        """The kernel reported ICMP port unreachable for a datagram we sent (ECONNREFUSED on the
+        connected socket). Before the handshake completes, or after the close, it only counts as a
+        drop (the peer's NAT may not be open yet; RustDesk's punch ignores it too). Once established,
+        the peer is probed every `unreachable_probe` seconds, and reset (a ConnectionReset event)
+        when the errors go on for `unreachable_timeout` with nothing from the peer."""
+        self._drop("icmp_unreachable", now)
+        if self.state not in DATA_STATES:
+            return
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+            self._unreachable_errors = 0
+        self._unreachable_errors += 1
+        lasted = now - self._unreachable_since
+        if lasted >= self.timers.unreachable_timeout and self._unreachable_errors >= self.timers.unreachable_errors:
+            self._reset(
+                f"the peer's UDP port is closed (ICMP port unreachable for {lasted:.1f} s, "
+                f"{self._unreachable_errors} times, and nothing from the peer)"
+            )
+            return
+        if self.state is State.LOCAL_CLOSED:
+            self._fin_next = min(self._fin_next, now + self.timers.unreachable_probe)
+        else:
+            self._next_ping = min(self._next_ping, now + self.timers.unreachable_probe)
+
     @property
     def settled(self) -> bool:
         """Closed, and our last FIN (if we owe the peer one) is known to have arrived."""
@@ -639,14 +675,15 @@ class KcpConnection:
             self.close_reason = f"idle: {reason}"
             self._events.append(ConnectionTimedOut("idle", reason))
             return
+        probing = self._unreachable_since is not None
         if state is State.LOCAL_CLOSED:
             if now >= self._fin_next:
                 self._out.append(self._header(FIN))
                 self._fin_backoff = min(self._fin_backoff * 2, self.timers.ping_interval)
-                self._fin_next = now + self._fin_backoff
+                self._fin_next = now + (self.timers.unreachable_probe if probing else self._fin_backoff)
         elif now >= self._next_ping:
             self._out.append(self._header(PING))
-            self._next_ping = now + self.timers.ping_interval
+            self._next_ping = now + (self.timers.unreachable_probe if probing else self.timers.ping_interval)
 
     # -- internals
 

@@ -201,6 +201,10 @@ class KcpTransport:
         """The receive side ended by RST/timeout: close the app socket instead of a half-close."""
         self._app_write_shut = False
         self._out = bytearray()
+        # the notice channel (see notice_socket)
+        self._notice: socket.socket | None = None
+        self._notice_user: socket.socket | None = None
+        self._noticed = False
 
     # ------------------------------------------------------------------ construction
 
@@ -286,6 +290,33 @@ class KcpTransport:
         """
         self._user_taken = True
         return self._user
+
+    def notice_socket(self) -> socket.socket:
+        """A side channel saying how the connection ended, for a stream owner in another process.
+
+        The transport writes one line on it when the connection is over: the close reason when it
+        failed (reset, timed out, the peer's port closed) and "closed" after an orderly end; EOF with
+        no line means the process running this transport died. The stream socket alone cannot tell
+        these apart: each looks like an EOF. The caller owns (closes) the returned socket.
+        """
+        if self._notice_user is None:
+            self._notice, self._notice_user = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._notice.setblocking(False)
+            if self._noticed:  # already over
+                self._noticed = False
+                self._notify(self._conn.close_reason or "closed")
+            if self._closed:
+                self._notice.close()
+        return self._notice_user
+
+    def _notify(self, line: str) -> None:
+        """The one line of the notice channel; written before the stream socket shows the end."""
+        if self._noticed:
+            return
+        self._noticed = True
+        if self._notice is not None:
+            with contextlib.suppress(OSError):
+                self._notice.send((" ".join(line.split())[:300] + "\n").encode())
 
     @property
     def state(self) -> State:
@@ -378,7 +409,7 @@ class KcpTransport:
             except BlockingIOError:
                 break
             except ConnectionRefusedError:  # ICMP port unreachable from an earlier send
-                self._conn.drops.drop("icmp_unreachable", "kcp", now)
+                self._conn.port_unreachable(now)
                 continue
             except OSError as exc:
                 self._conn.drops.drop("recv_error", "kcp", now)
@@ -421,15 +452,20 @@ class KcpTransport:
         # Called from inside ikcp_flush (C, noexcept): must never raise.
         try:
             self._udp.send(self._conn.wrap_segments(segments))
-        except OSError:
+        except OSError as exc:
             # UDP: a full socket buffer or an ICMP error is just loss, which KCP repairs.
-            self._send_errors += 1
+            self._send_failed(exc)
 
     def _send_raw(self, datagram: bytes) -> None:
         try:
             self._udp.send(datagram)
-        except OSError:
-            self._send_errors += 1
+        except OSError as exc:
+            self._send_failed(exc)
+
+    def _send_failed(self, exc: OSError) -> None:
+        self._send_errors += 1
+        if isinstance(exc, ConnectionRefusedError):  # an ICMP error for an earlier datagram, reported here
+            self._conn.port_unreachable(self._loop.time())
 
     def _flush_control(self) -> None:
         if self._conn.has_datagrams():
@@ -490,6 +526,7 @@ class KcpTransport:
             self._stop_reading_app()
             self._app_eof = True
             self._fin_queued = True
+            self._notify(self._conn.close_reason or event.reason)
             if not self._established.done():
                 if isinstance(event, ConnectionTimedOut):
                     self._established.set_exception(
@@ -660,6 +697,9 @@ class KcpTransport:
             self._loop.remove_writer(self._app_fd)
             self._writing_app = False
         self._loop.remove_reader(self._udp_fd)
+        self._notify(self._conn.close_reason or "closed")
+        if self._notice is not None:
+            self._notice.close()
         self._app.close()
         if not self._user_taken:
             self._user.close()

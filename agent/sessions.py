@@ -8,6 +8,10 @@ the first authenticated handshake wins, A sends SELECT on it and closes the rest
 (their outcome is recorded as "lost the race"). The responder opens the forward
 target only once it is selected, so a losing path never touches the target.
 Every session and every transport ends in a recorded outcome.
+
+A KCP transport comes with a second fd, its pump's notice socket (agent/kcp_stream.py):
+when the session fails, that says whether KCP itself failed (and why) or the actor
+pumping it died, so the error the client prints names the cause instead of "cut".
 """
 
 from __future__ import annotations
@@ -43,6 +47,71 @@ MAX_SESSIONS_KEPT = 256
 MAX_PENDING = 256
 """Sessions with transports waiting for their `initiate`: bounded, like all per-peer state."""
 SELECT_TIMEOUT = 30.0
+NOTICE_GRACE = 0.5
+"""Seconds a failed session waits for its KCP pump's notice (it dies or speaks within microseconds)."""
+
+
+class PumpNotice:
+    """The KCP pump's notice socket for one transport: how the transport ended, once it has."""
+
+    def __init__(self, sock: socket.socket, path: str) -> None:
+        sock.setblocking(False)
+        self.sock: socket.socket | None = sock
+        self.path = path or "udp_punch"
+        self.verdict: str | None = None
+        self._buf = b""
+
+    def poll(self) -> str | None:
+        """None while the pump says nothing; then "" for an orderly end, else one line on why it failed."""
+        sock = self.sock
+        if self.verdict is not None or sock is None:
+            return self.verdict
+        while b"\n" not in self._buf and len(self._buf) < 512:
+            try:
+                data = sock.recv(512)
+            except BlockingIOError:
+                return None
+            except OSError:
+                data = b""
+            if not data:
+                break
+            self._buf += data
+        line = self._buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()[:300]
+        if not self._buf:
+            self.verdict = f"lost: this agent's KCP pump (the {self.path} actor) died"
+        elif line == "closed":
+            self.verdict = ""
+        else:
+            self.verdict = f"{self.path}: KCP connection lost: {line}"
+        self.close()
+        return self.verdict
+
+    async def wait(self, timeout: float) -> str | None:
+        """`poll`, waiting up to `timeout` seconds for the pump to speak (or to be seen dead)."""
+        if self.poll() is not None or self.sock is None:
+            return self.verdict
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = self.sock.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            async with asyncio.timeout(timeout):
+                await ready
+        except TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(fd)
+        return self.poll()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 @dataclass
@@ -58,6 +127,23 @@ class SessionRecord:
     transports: list[dict[str, Any]] = field(default_factory=list)
     stats: PumpStats = field(default_factory=PumpStats)
     created: float = field(default_factory=time.monotonic)
+    notice: PumpNotice | None = None
+
+    def failure(self) -> str:
+        """Why the session failed ("" if it did not): the KCP pump's word first, asked here and not
+        only once the pump task settles, since the client asks as soon as its stream is reset."""
+        error = self.error or self.stats.error  # the pump notes its error before it resets the stream
+        if error and self.notice is not None:
+            error = self.notice.poll() or error
+        return error
+
+    def settle_notice(self) -> None:
+        """Done with the notice: a failed session takes the pump's verdict, if it has one."""
+        if self.notice is not None:
+            verdict = self.notice.poll() if self.state == "failed" else None
+            if verdict:
+                self.error = verdict
+            self.notice.close()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -67,7 +153,7 @@ class SessionRecord:
             "target": self.target,
             "path": self.path,
             "state": self.state,
-            "error": self.error or self.stats.error,  # the pump notes its error before it resets the stream
+            "error": self.failure(),
             "admitted_by": self.admitted_by,
             "bytes_out": self.stats.bytes_out,
             "bytes_in": self.stats.bytes_in,
@@ -109,6 +195,8 @@ class SessionOwner:
         self.handshake_timeout = handshake_timeout
         self.sessions: dict[str, SessionRecord] = {}
         self._races: dict[str, Race] = {}
+        self._notices: dict[tuple[str, str], socket.socket] = {}
+        """(session, path) -> a racing KCP transport's notice socket."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._server = ctlproto.ControlServer(socket_path, self._handle)
 
@@ -122,6 +210,9 @@ class SessionOwner:
         for race in self._races.values():
             while not race.queue.empty():
                 race.queue.get_nowait()[1].close()
+        for notice in self._notices.values():
+            notice.close()
+        self._notices.clear()
 
     def status(self) -> dict[str, Any]:
         active = sum(s.state in ("handshake", "open") for s in self.sessions.values())
@@ -141,15 +232,17 @@ class SessionOwner:
             if op == "list":
                 return {"ok": True, "sessions": self.session_list()}
             sid = str(req.get("session", ""))
-            if op == "transport" and len(socks) == 1 and sid:
-                return self._on_transport(sid, req, socks.pop())
+            if op == "transport" and len(socks) in (1, 2) and sid:
+                transport = socks.pop(0)
+                return self._on_transport(sid, req, transport, socks[0] if socks else None)
             if op == "transports_done" and sid:
                 self._race(sid).no_more.set()
                 return {"ok": True}
             if op == "initiate" and len(socks) == 1 and sid:
                 return await self._initiate(req, socks.pop())
-            if op == "respond" and len(socks) == 1 and sid:
-                return self._respond(req, socks.pop())
+            if op == "respond" and len(socks) in (1, 2) and sid:
+                transport = socks.pop(0)
+                return self._respond(req, transport, socks[0] if socks else None)
             return {"ok": False, "error": f"bad request {op!r} with {len(fds)} fds"}
         finally:
             for s in socks:
@@ -180,14 +273,24 @@ class SessionOwner:
         if race is not None:
             while not race.queue.empty():
                 race.queue.get_nowait()[1].close()
+        for key in [k for k in self._notices if k[0] == sid]:
+            self._notices.pop(key).close()
 
-    def _on_transport(self, sid: str, meta: dict[str, Any], sock: socket.socket) -> dict[str, Any]:
-        """A strategy delivers a connected transport (with the peer key it was vouched) for an initiating session."""
+    def _on_transport(
+        self, sid: str, meta: dict[str, Any], sock: socket.socket, notice: socket.socket | None = None
+    ) -> dict[str, Any]:
+        """A strategy delivers a connected transport (with the peer key it was vouched) for an initiating
+        session, and for KCP its pump's notice socket."""
         race = self._race(sid)
         if race.no_more.is_set():
             return {"ok": False, "error": "session is no longer waiting for transports"}
         if len(bytes(meta.get("peer_pk", b""))) != 32:
             return {"ok": False, "error": "transport without a usable peer key"}
+        if notice is not None:
+            old = self._notices.pop((sid, str(meta.get("path", ""))), None)
+            if old is not None:
+                old.close()
+            self._notices[(sid, str(meta.get("path", "")))] = notice.dup()
         race.queue.put_nowait((meta, sock.dup()))
         return {"ok": True}
 
@@ -200,6 +303,8 @@ class SessionOwner:
         race = self._race(sid)
         try:
             won = await self._race_handshakes(req, rec, race, float(req.get("wait", 10.0)))
+            if won is not None and (notice := self._notices.pop((sid, won.path), None)) is not None:
+                rec.notice = PumpNotice(notice, won.path)
         finally:
             self._drop_race(sid)
         if won is None:
@@ -212,6 +317,7 @@ class SessionOwner:
             early = await self._await_open_result(won.sock, won.codec, rec)
         except (SessionError, OSError, TimeoutError) as exc:
             rec.state, rec.error = "failed", str(exc) if isinstance(exc, SessionError) else describe_error(exc)
+            rec.settle_notice()
             won.sock.close()
             return {"ok": False, "error": rec.error, "transports": rec.transports}
         rec.state = "open"
@@ -320,13 +426,25 @@ class SessionOwner:
 
     # ---- B: answer a transport ----------------------------------------------------------------
 
-    def _respond(self, req: dict[str, Any], transport: socket.socket) -> dict[str, Any]:
-        """A strategy delivers a transport from a peer that wants in."""
+    def _respond(
+        self, req: dict[str, Any], transport: socket.socket, notice: socket.socket | None = None
+    ) -> dict[str, Any]:
+        """A strategy delivers a transport from a peer that wants in (for KCP, with its pump's notice socket)."""
         rec = self._record(str(req["session"]), "responder")
         rec.path = str(req.get("path", ""))
         rec.peer = str(req.get("peer", ""))
-        self._spawn(self._serve_responder(rec, transport.dup()))
+        if notice is not None:
+            if rec.notice is not None:
+                rec.notice.close()
+            rec.notice = PumpNotice(notice.dup(), rec.path)
+        self._spawn(self._serve_responder_settled(rec, transport.dup()))
         return {"ok": True}
+
+    async def _serve_responder_settled(self, rec: SessionRecord, transport: socket.socket) -> None:
+        try:
+            await self._serve_responder(rec, transport)
+        finally:
+            rec.settle_notice()
 
     async def _serve_responder(self, rec: SessionRecord, transport: socket.socket) -> None:
         policy = self.policy_factory()
@@ -418,6 +536,10 @@ class SessionOwner:
         except OSError as exc:
             rec.state, rec.error = "failed", describe_error(exc)
         finally:
+            if rec.state == "failed" and rec.notice is not None:
+                with contextlib.suppress(Exception):
+                    await rec.notice.wait(NOTICE_GRACE)  # before our close makes the pump end the KCP itself
+            rec.settle_notice()
             transport.close()
             with contextlib.suppress(OSError):
                 local.close()

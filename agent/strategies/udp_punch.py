@@ -6,7 +6,10 @@ asks for the peer with that port in PunchHoleRequest.udp_port. B answers from a
 fresh UDP socket with PunchHoleSent as a datagram, so the server learns B's UDP
 mapping and hands it to A (is_udp). Both punch on RustDesk's schedule; then KCP
 runs on the socket. This actor keeps pumping KCP (the pump must live where the UDP
-socket is) and hands the session owner one end of a socketpair carrying the stream.
+socket is) and hands the session owner one end of a socketpair carrying the stream,
+plus the transport's notice socket: one line when KCP ends (why it failed, or
+"closed"), or EOF without a line when this actor dies. So a KCP session that ends
+with its pump says why at the client, instead of looking like a cut connection.
 
 A datagram from the peer's IP on another port is taken too (peer-reflexive): a
 symmetric NAT facing a full cone still meets, where RustDesk gives up.
@@ -24,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from agent import addr as addrmod
-from agent import messages
+from agent import ctlproto, messages
 from agent.kcp_stream import KcpError, KcpTransport
 from agent.netutil import describe_error
 from agent.proto import rendezvous_pb2 as pb
-from agent.strategies.handover import handover
+from agent.strategies.handover import HANDOVER_PATIENCE
 from agent.strategies.tcp_direct import CANCELLED
 from agent.strategies.tracking import Tracked
 from agent.udp_punch import PunchSchedule, PunchTimeout, punch
@@ -37,6 +40,8 @@ PROBE_PADDING = 32
 PROBE_GIVE_UP = 2.0
 MAX_PREPARED = 64
 MAX_TRANSPORTS = 256
+CLOSE_LINGER = 2.0
+"""A finished KCP transport keeps its socket this long (a late duplicate FIN still gets its RST)."""
 
 
 class UdpPunchStrategy(Tracked):
@@ -180,24 +185,50 @@ class UdpPunchStrategy(Tracked):
             self.failures += 1
             return {"ok": False, "reason": f"udp_punch to {peer_addr}: {describe_error(exc)}"}
         stream = transport.stream_socket()
+        notice = transport.notice_socket()
         if len(self._transports) >= MAX_TRANSPORTS:
             stream.close()
+            notice.close()
             await transport.close(linger=0)
             return {"ok": False, "reason": "udp_punch: too many KCP sessions"}
         self._transports.add(transport)
         self._watch(transport)
         op = "respond" if listen else "transport"
-        # our copy of the stream is closed by handover; KCP ends when the session owner closes its copy
-        handed = await handover(self.sessions_socket, stream, op, session, self.name, meta)
+        # our copies are closed by the handover; KCP ends when the session owner closes its copy
+        handed = await self._handover(stream, notice, op, session, meta)
         if not handed["ok"]:
             self.failures += 1
             return handed
         return {"ok": True, "elapsed_ms": round((time.monotonic() - started) * 1000, 1)}
 
+    async def _handover(
+        self, stream: socket.socket, notice: socket.socket, op: str, session: str, meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        """As `strategies.handover.handover`, with the notice socket as a second fd."""
+        try:
+            reply = await ctlproto.acall(
+                self.sessions_socket,
+                {**meta, "op": op, "session": session, "path": self.name},
+                [stream.fileno(), notice.fileno()],
+                patience=HANDOVER_PATIENCE,
+            )
+        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
+            reply = {"ok": False, "error": f"session owner unavailable: {describe_error(exc)}"}
+        finally:
+            stream.close()
+            notice.close()
+        if not reply.get("ok"):
+            return {"ok": False, "reason": str(reply.get("error", "session owner refused the transport"))}
+        return {"ok": True}
+
     def _watch(self, transport: KcpTransport) -> None:
         async def reap() -> None:
+            """Once the connection is over, release its UDP socket and stream ends (a done transport
+            keeps them until `close()`)."""
             with contextlib.suppress(Exception):
                 await transport.wait_closed()
+                await asyncio.sleep(CLOSE_LINGER)
+                await transport.close(linger=0)
             self._transports.discard(transport)
 
         task = asyncio.get_running_loop().create_task(reap())

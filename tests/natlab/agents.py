@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from agent import ctlproto
+from agent.runtime_paths import control_socket
 from ops.natlab import Lab
 
 PT = [sys.executable, "-m", "agent.cli"]
@@ -81,6 +83,25 @@ class LabAgents:
         if path:
             argv += ["--path", path]
         return self.lab.run(host, argv, input=data, capture_output=True, timeout=timeout)
+
+    def pipe_popen(self, host: str, peer: str, target: str, path: str = "") -> subprocess.Popen[bytes]:
+        """`pipe` left running with stdin/stdout/stderr as pipes (the lab ends it on teardown)."""
+        argv = [*PT, "--state-dir", str(self.state(host)), "pipe", peer, target]
+        if path:
+            argv += ["--path", path]
+        return self.lab.popen(host, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def control(self, host: str, what: str, timeout: float = 5.0) -> Any:
+        """Ask the agent's coordinator directly (a path-named unix socket works across namespaces): what
+        `punchthrough-ops WHAT --json` prints, without a process start per query; raises if it is down."""
+        reply = ctlproto.call(control_socket(self.state(host)), {"op": what}, timeout=timeout)
+        if not reply.get("ok"):
+            raise RuntimeError(f"{host}: {what}: {reply.get('error')}")
+        return reply
+
+    def actors(self, host: str) -> dict[str, dict[str, Any]]:
+        """name -> the actor's row in `punchthrough-ops actors --json`."""
+        return {a["name"]: a for a in self.ops(host, "actors")["actors"]}
 
     def ops(self, host: str, what: str) -> Any:
         out = self.lab.run(host, [*OPS, "--state-dir", str(self.state(host)), what, "--json"], capture_output=True,
