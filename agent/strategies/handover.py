@@ -14,23 +14,32 @@ HANDOVER_PATIENCE = 5.0
 
 
 async def handover(
-    sessions_socket: Path, sock: socket.socket, op: str, session: str, path: str, meta: dict[str, Any] | None = None
+    sessions_socket: Path,
+    sock: socket.socket,
+    op: str,
+    session: str,
+    path: str,
+    meta: dict[str, Any] | None = None,
+    extra: tuple[socket.socket, ...] = (),
 ) -> dict[str, Any]:
-    """Pass `sock` by fd (op "transport" for an initiator, "respond" for a responder); our copy is closed.
+    """Pass `sock` by fd (op "transport" for an initiator, "respond" for a responder); our copies are closed.
 
-    Returns {"ok": True} or {"ok": False, "reason": ...}; never raises.
+    `extra` sockets travel along (udp_punch sends its KCP notice socket, which tells the session
+    owner why a KCP connection ended). Returns {"ok": True} or {"ok": False, "reason": ...}; never raises.
     """
     try:
         reply = await ctlproto.acall(
             sessions_socket,
             {**(meta or {}), "op": op, "session": session, "path": path},
-            [sock.fileno()],
+            [sock.fileno(), *(s.fileno() for s in extra)],
             patience=HANDOVER_PATIENCE,
         )
     except (OSError, TimeoutError, ctlproto.ControlError) as exc:
         reply = {"ok": False, "error": f"session owner unavailable: {describe_error(exc)}"}
     finally:
         sock.close()
+        for s in extra:
+            s.close()
     if not reply.get("ok"):
         return {"ok": False, "reason": str(reply.get("error", "session owner refused the transport"))}
     return {"ok": True}

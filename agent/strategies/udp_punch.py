@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from agent import addr as addrmod
-from agent import ctlproto, messages
+from agent import messages
 from agent.kcp_stream import KcpError, KcpTransport
 from agent.netutil import describe_error
 from agent.proto import rendezvous_pb2 as pb
-from agent.strategies.handover import HANDOVER_PATIENCE
+from agent.strategies.handover import handover
 from agent.strategies.tcp_direct import CANCELLED
 from agent.strategies.tracking import Tracked
 from agent.udp_punch import PunchSchedule, PunchTimeout, punch
@@ -195,31 +195,11 @@ class UdpPunchStrategy(Tracked):
         self._watch(transport)
         op = "respond" if listen else "transport"
         # our copies are closed by the handover; KCP ends when the session owner closes its copy
-        handed = await self._handover(stream, notice, op, session, meta)
+        handed = await handover(self.sessions_socket, stream, op, session, self.name, meta, extra=(notice,))
         if not handed["ok"]:
             self.failures += 1
             return handed
         return {"ok": True, "elapsed_ms": round((time.monotonic() - started) * 1000, 1)}
-
-    async def _handover(
-        self, stream: socket.socket, notice: socket.socket, op: str, session: str, meta: dict[str, Any]
-    ) -> dict[str, Any]:
-        """As `strategies.handover.handover`, with the notice socket as a second fd."""
-        try:
-            reply = await ctlproto.acall(
-                self.sessions_socket,
-                {**meta, "op": op, "session": session, "path": self.name},
-                [stream.fileno(), notice.fileno()],
-                patience=HANDOVER_PATIENCE,
-            )
-        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
-            reply = {"ok": False, "error": f"session owner unavailable: {describe_error(exc)}"}
-        finally:
-            stream.close()
-            notice.close()
-        if not reply.get("ok"):
-            return {"ok": False, "reason": str(reply.get("error", "session owner refused the transport"))}
-        return {"ok": True}
 
     def _watch(self, transport: KcpTransport) -> None:
         async def reap() -> None:

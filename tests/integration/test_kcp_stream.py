@@ -657,3 +657,64 @@ async def test_responder_punch_ignores_empties_and_strangers() -> None:
     finally:
         for s in (a, b, stranger):
             s.close()
+
+
+PEER_SCRIPT = """
+import asyncio, socket, sys
+from agent.kcp_stream import KcpTransport
+async def main():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("127.0.0.1", 0))
+    u.setblocking(False)
+    print(u.getsockname()[1], flush=True)
+    peer = int(sys.stdin.readline())
+    t = await KcpTransport.accept(u, 5.0, peer_addr=("127.0.0.1", peer))
+    s = t.stream_socket()
+    print("established", flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_peer_process_ends_the_connection_in_about_a_second() -> None:
+    """The peer's process dies (SIGKILL: no FIN, no RST); its port answers with ICMP port unreachable.
+    The connection must end with that reason, not hang for the 60 s idle timeout."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", PEER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    u = udp_socket()
+    t: KcpTransport | None = None
+    try:
+        peer_port = int(proc.stdout.readline())
+        proc.stdin.write(f"{u.getsockname()[1]}\n".encode())
+        proc.stdin.flush()
+        t = await KcpTransport.connect(u, ("127.0.0.1", peer_port), 5.0)
+        notice = t.notice_socket()
+        stream = t.stream_socket()
+        assert proc.stdout.readline().strip() == b"established"
+        proc.kill()
+        proc.wait()
+        killed = time.monotonic()
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(stream, b"x" * 10_000)  # data for a peer that is gone
+        async with asyncio.timeout(30):  # a hang guard only; the reason below tells ICMP from the idle reap
+            await t.wait_closed()
+        took = time.monotonic() - killed
+        assert t.state is State.CLOSED
+        assert "UDP port is closed" in (t.close_reason or ""), t.close_reason
+        notice.setblocking(True)
+        notice.settimeout(2)
+        assert b"UDP port is closed" in notice.recv(400)
+        print(f"\nkilled peer noticed after {took:.2f} s (idle timeout: 60 s)")
+        stream.close()
+        notice.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if t is not None:
+            await t.close(linger=0)
+        u.close()

@@ -362,6 +362,53 @@ def test_any_packet_keeps_the_connection_alive() -> None:
     assert client.state is State.ESTABLISHED
 
 
+def test_icmp_unreachable_before_established_only_counts() -> None:
+    client = KcpConnection.client(CONV, 0.0, 5.0)
+    for t in (0.1, 0.5, 1.0, 2.0, 3.0):
+        client.port_unreachable(t)  # the peer's NAT may simply not be open yet
+    assert client.state is State.SYN_SENT and events(client) == []
+
+
+def test_icmp_unreachable_resets_an_established_connection_after_a_second_and_three_errors() -> None:
+    client, _server = handshake()
+    client.datagrams_to_send()
+    client.port_unreachable(10.0)
+    client.port_unreachable(10.5)
+    client.port_unreachable(10.9)
+    assert state(client) is State.ESTABLISHED  # 3 errors but only 0.9 s
+    # meanwhile it probes every 0.25 s instead of every 10 s
+    timer = client.get_timer()
+    assert timer is not None and timer <= 10.0 + 0.25 + 1e-9
+    client.handle_timer(timer)
+    assert hdr(PING) in client.datagrams_to_send()
+    client.port_unreachable(11.0)
+    assert state(client) is State.CLOSED
+    [ev] = events(client)
+    assert isinstance(ev, ConnectionReset) and "UDP port is closed" in str(ev)
+    assert "ICMP port unreachable for 1.0 s, 4 times" in (client.close_reason or "")
+
+
+def test_icmp_unreachable_needs_three_errors_even_over_a_long_time() -> None:
+    client, _server = handshake()
+    client.port_unreachable(10.0)
+    client.port_unreachable(15.0)
+    assert state(client) is State.ESTABLISHED
+    client.port_unreachable(15.1)
+    assert state(client) is State.CLOSED
+
+
+def test_a_packet_from_the_peer_clears_the_suspicion() -> None:
+    client, _server = handshake()
+    client.port_unreachable(10.0)
+    client.port_unreachable(10.6)
+    client.receive_datagram(hdr(PING | PONG), 10.7)  # a transient ICMP (a NAT rebooting): the peer is alive
+    client.port_unreachable(11.2)
+    client.port_unreachable(11.5)
+    assert state(client) is State.ESTABLISHED  # counted afresh from 11.2
+    client.port_unreachable(12.2)
+    assert state(client) is State.CLOSED
+
+
 def test_half_close_both_ways() -> None:
     client, server = handshake()
     client.close(1.0)
