@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from kcp.exceptions import KCPConvMismatchError
 from kcp.extension import KCP
 
+from agent import kcp_release
 from agent.kcp_core import (
     HEADER_SIZE,
     SEGMENT_OVERHEAD,
@@ -705,6 +706,10 @@ class KcpTransport:
             self._user.close()
         if close_udp:
             self._udp.close()
+        if self._kcp is not None and self._conn.conv is not None:
+            # freed on the next loop turn: a caller up the stack (the timer, a datagram) may still
+            # hold this object in a local for the rest of its synchronous step
+            self._loop.call_soon(kcp_release.release, self._kcp, self._conn.conv)
         self._kcp = None
         self._done.set()
 

@@ -718,3 +718,13 @@ async def test_a_killed_peer_process_ends_the_connection_in_about_a_second() -> 
         if t is not None:
             await t.close(linger=0)
         u.close()
+
+
+async def test_closed_transports_free_their_kcp_blocks() -> None:
+    from agent import kcp_release
+
+    before = kcp_release.released
+    async with kcp_pair() as (ta, _tb, _):
+        await send_all(ta.stream_socket(), b"x" * 100_000)
+    await asyncio.sleep(0.05)  # freed on the loop turn after the teardown
+    assert kcp_release.released == before + 2

@@ -1,0 +1,112 @@
+"""The relay's first-frame handling: FirstFrameReader, check_request, routing and the handoff codec.
+
+Input: [cfg][stream...]. The stream is read the way the relay shell reads a new connection:
+never more than `want()` bytes at a time, in pieces no larger than the chunk size cfg picks.
+cfg also picks whether a licence key is configured and how many replicas share the port.
+
+Invariants: the reader raises only FrameError, and only when the header declares more than
+FIRST_FRAME_MAX; it never consumes a byte past the first frame and returns exactly that
+frame's payload; check_request returns a Decision for anything; an accepted uuid is non-empty
+and short, routes to a replica in range, and survives the socket-handoff codec (encode, then
+decode, gives it back); a refusal carries one complete RelayResponse frame. decode_handoff on
+arbitrary bytes raises only ValueError and never yields a uuid that encode_handoff would refuse.
+"""
+
+from __future__ import annotations
+
+from fuzz._common import Reader, entry, instrumented
+
+with instrumented():
+    from agent import messages
+    from agent.proto import rendezvous_pb2 as pb
+    from agent.relay_core import (
+        FIRST_FRAME_MAX,
+        MAX_UUID_LEN,
+        Accept,
+        Drop,
+        FirstFrameReader,
+        Refuse,
+        check_request,
+        decode_handoff,
+        encode_handoff,
+        owner_index,
+    )
+    from agent.wire import FrameDecoder, FrameError, encode_frame
+
+CHUNKS = (1, 2, 3, 5, 64, 4096, 1 << 20, 1 << 20)
+KEY = "OeVuKk5nlHiXp+APNn0Y3pC1Iwpwn44JGqrQCsWqmBw="
+
+
+def TestOneInput(data: bytes) -> None:
+    r = Reader(data)
+    cfg = r.byte()
+    stream = r.rest()
+    chunk = CHUNKS[cfg & 7]
+    key = KEY if cfg & 8 else ""
+    replicas = 1 + ((cfg >> 4) & 7)
+
+    reader = FirstFrameReader()
+    pos = 0
+    payload: bytes | None = None
+    try:
+        while payload is None and pos < len(stream):
+            want = reader.want()
+            assert want > 0
+            piece = stream[pos : pos + min(want, chunk)]
+            pos += len(piece)
+            payload = reader.feed(piece)
+    except FrameError:
+        head = (stream[0] & 3) + 1
+        assert pos == head, f"refused after {pos} bytes, the header is {head}"
+        assert int.from_bytes(stream[:head], "little") >> 2 > FIRST_FRAME_MAX
+        return
+    if payload is None:
+        assert pos == len(stream)
+        return
+    assert reader.want() == 0
+    assert FrameDecoder(FIRST_FRAME_MAX).feed(stream[:pos]) == [payload], "consumed more or less than one frame"
+
+    decision = check_request(payload, key)
+    if isinstance(decision, Accept):
+        uuid = decision.uuid
+        assert uuid and len(uuid) <= MAX_UUID_LEN
+        assert 0 <= owner_index(uuid, replicas) < replicas
+        assert decode_handoff(encode_handoff(uuid, "203.0.113.9:40000")) == (uuid, "203.0.113.9:40000")
+    elif isinstance(decision, Refuse):
+        assert key
+        (frame,) = FrameDecoder().feed(decision.reply)
+        kind, msg = messages.parse(frame)
+        assert kind == "relay_response" and msg.refuse_reason
+    else:
+        assert isinstance(decision, Drop) and decision.reason
+
+    try:
+        uuid, peer = decode_handoff(stream)
+    except ValueError:
+        return
+    assert uuid and len(uuid) <= MAX_UUID_LEN
+    encode_handoff(uuid, peer)
+
+
+def seeds() -> list[bytes]:
+    def rr(**kw: object) -> bytes:
+        return encode_frame(messages.build(request_relay=pb.RequestRelay(**kw)))  # type: ignore[arg-type]
+
+    frames = [
+        rr(uuid="5a1e0c1e-0000-4000-8000-000000000001", licence_key=KEY, id="123456789", relay_server="r:21117"),
+        rr(uuid="u", licence_key="wrong"),
+        rr(uuid=""),
+        rr(uuid="x" * 65),
+        encode_frame(messages.build(register_peer=pb.RegisterPeer(id="123456789"))),
+        encode_frame(b""),
+        bytes.fromhex("fdff0100"),
+    ]
+    out = [bytes((cfg,)) + f + b"EARLY DATA" for f in frames for cfg in (0, 8, 0x19, 0x2E)]
+    out.append(bytes((0,)) + encode_handoff("5a1e0c1e-0000-4000-8000-000000000001", "[2001:db8::1]:5"))
+    return out
+
+
+main = entry("relay", TestOneInput, seeds)
+
+if __name__ == "__main__":
+    main()
