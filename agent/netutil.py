@@ -57,3 +57,23 @@ def loopback_pair() -> tuple[socket.socket, socket.socket]:
     mine.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     theirs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return mine, theirs
+
+
+DEAD_PATH_TIMEOUT = 30.0
+"""Seconds a TCP transport may go with data unacknowledged before the kernel gives up on it. Linux's
+default (tcp_retries2) is about 15 minutes; with the sessions' keepalives (every 10 s of silence)
+a path that died (a host moved, a NAT rebooted) ends the session within ~40 s, idle or not."""
+
+
+def tune_transport(sock: socket.socket, dead_after: float = DEAD_PATH_TIMEOUT) -> bool:
+    """TCP_USER_TIMEOUT on a session transport or relay leg; False when it does not apply (not TCP)."""
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(dead_after * 1000))
+    except OSError:
+        return False
+    return True

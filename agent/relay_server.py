@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 from agent import relay_core as core
 from agent.ip_caps import PerIpCap, source_key, unread_bytes
+from agent.netutil import tune_transport
 from agent.pump import Meter, PumpKind, default_kind, make_pump, splice_available
 from agent.stats import DropStats
 from agent.wire import FrameError
@@ -489,6 +490,8 @@ class RelayServer:
             throttle = core.Throttle(buckets)
             self._throttles.add(throttle)
         reason = "error"
+        for leg in (first.sock, second.sock):  # a leg whose host vanished ends the pair in ~30 s, not 15 min
+            tune_transport(leg)
         try:
             pump = make_pump(
                 self.pump_kind,

@@ -29,6 +29,13 @@ CHUNK = 64 * 1024 - MAC_BYTES
 """Plaintext per frame: the sealed frame is exactly 64 KiB (the bench's sweet spot)."""
 MAX_SESSION_FRAME = 64 * 1024 + 64
 HANDSHAKE_MAX_FRAME = 8 * 1024
+KEEPALIVE = encode_frame(b"")
+"""An empty frame (one byte, 0x00): RustDesk's frame-codec heartbeat. It carries nothing, so it
+needs no seal: an injected or dropped one can neither add nor remove a byte of the stream."""
+KEEPALIVE_INTERVAL = 10.0
+"""Seconds of silence after which the pump sends KEEPALIVE. The relay (like hbbr) tears a pair down
+after 30 s without a byte either way, and NAT/firewall TCP state ages too: an idle ssh session must
+not die of it. 10 s also lets the kernel notice a dead path on a send (see netutil.tune_transport)."""
 
 
 class SessionError(Exception):
@@ -44,6 +51,8 @@ class StreamCodec:
         self.decoder.max_frame = MAX_SESSION_FRAME
         self.peer_eof = False
         self.sent_eof = False
+        self.keepalives = 0
+        """Empty frames received (skipped: they carry nothing)."""
 
     def encode(self, data: bytes | memoryview) -> list[bytes]:
         if self.sent_eof:
@@ -62,6 +71,9 @@ class StreamCodec:
             raise SessionError(f"peer sent a bad frame: {exc}") from None
         out: list[bytes | None] = []
         for payload in payloads:
+            if not payload:
+                self.keepalives += 1
+                continue
             if self.peer_eof:
                 raise SessionError("peer sent data after closing its stream")
             try:
@@ -142,6 +154,7 @@ class PumpStats:
     """Plaintext bytes received from the peer."""
     started: float = field(default_factory=time.monotonic)
     error: str = ""
+    keepalives_out: int = 0
 
 
 def _reset(sock: socket.socket) -> None:
@@ -151,9 +164,31 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-async def pump(transport: socket.socket, codec: StreamCodec, local: socket.socket, stats: PumpStats) -> None:
-    """Move bytes both ways until both streams ended; raises SessionError on any integrity failure."""
+async def pump(
+    transport: socket.socket,
+    codec: StreamCodec,
+    local: socket.socket,
+    stats: PumpStats,
+    keepalive: float | None = None,
+) -> None:
+    """Move bytes both ways until both streams ended; raises SessionError on any integrity failure.
+
+    `keepalive` (default KEEPALIVE_INTERVAL, read at call time; 0 = never) is the silence after which
+    an empty frame goes out."""
     loop = asyncio.get_running_loop()
+    if keepalive is None:
+        keepalive = KEEPALIVE_INTERVAL
+    last_out = loop.time()
+    sending = False
+
+    async def send(data: bytes) -> None:
+        nonlocal last_out, sending
+        sending = True
+        try:
+            await loop.sock_sendall(transport, data)
+        finally:
+            sending = False
+            last_out = loop.time()
 
     async def outbound() -> None:
         buf = bytearray(CHUNK * 4)
@@ -161,11 +196,28 @@ async def pump(transport: socket.socket, codec: StreamCodec, local: socket.socke
         while True:
             n = await loop.sock_recv_into(local, buf)
             if n == 0:
-                await loop.sock_sendall(transport, codec.encode_eof())
+                await send(codec.encode_eof())
                 return
             frames = codec.encode(view[:n])
-            await loop.sock_sendall(transport, frames[0] if len(frames) == 1 else b"".join(frames))
+            await send(frames[0] if len(frames) == 1 else b"".join(frames))
             stats.bytes_out += n
+
+    async def keep_alive() -> None:
+        """One byte after `keepalive` s of silence; never while a frame is half written, and never
+        waiting: a full send buffer means bytes are on their way anyway."""
+        nonlocal last_out
+        while True:
+            await asyncio.sleep(max(0.0, last_out + keepalive - loop.time()))
+            if sending or loop.time() - last_out < keepalive:
+                continue
+            try:
+                if transport.send(KEEPALIVE) == 1:
+                    stats.keepalives_out += 1
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return  # the transport failed: inbound reports it
+            last_out = loop.time()
 
     async def inbound() -> None:
         while True:
@@ -193,6 +245,7 @@ async def pump(transport: socket.socket, codec: StreamCodec, local: socket.socke
                 return
 
     tasks = [asyncio.ensure_future(outbound()), asyncio.ensure_future(inbound())]
+    pinger = asyncio.ensure_future(keep_alive()) if keepalive > 0 else None
     try:
         done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
@@ -205,7 +258,7 @@ async def pump(transport: socket.socket, codec: StreamCodec, local: socket.socke
         _reset(local)
         raise SessionError(stats.error) from None
     finally:
-        for task in tasks:
+        for task in [*tasks, *([pinger] if pinger else [])]:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *([pinger] if pinger else []), return_exceptions=True)

@@ -30,7 +30,7 @@ from nacl.signing import SigningKey
 
 from agent import ctlproto
 from agent.handshake import HandshakeError, Initiator, Policy, Responder
-from agent.netutil import connect_tcp, describe_error
+from agent.netutil import connect_tcp, describe_error, tune_transport
 from agent.session import PumpStats, SessionError, StreamCodec, pump, run_handshake
 from agent.wire import encode_frame
 
@@ -522,6 +522,7 @@ class SessionOwner:
         early: list[bytes | None] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
+        tune_transport(transport)
         try:
             for piece in early or []:
                 if piece is None:

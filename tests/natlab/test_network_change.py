@@ -114,3 +114,30 @@ def test_agent_notices_a_move_and_new_sessions_take_the_new_best_path(agents: La
           + ", ".join(f"{x['strategy']}:{x['outcome']}" for x in session["attempts"]))
     assert won in {"tcp_punch", "udp_punch"}, session
 
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_session_on_the_old_network_ends_with_a_reason_not_a_hang(agents: LabAgents) -> None:
+    """An idle relayed session open while B moves: B's leg of the relay pair is dead (its address is
+    gone). Keepalives (every 10 s of silence) meet the 30 s dead-path timeout on the relay's legs, so
+    A's client sees an error within about 40 s instead of hanging for TCP's ~15 minutes. Slow: it
+    waits out those real timeouts."""
+    agents.start_server()
+    target = agents.start_echo("hb")
+    a_id, b_id = agents.agent_id("ha"), agents.agent_id("hb")
+    agents.up({"hb": ["--allow", a_id, "--allow-target", target], "ha": []})
+    proc = agents.pipe_popen("ha", b_id, target)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(b"ping\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == b"ping\n"
+    assert winner(last_session(agents, "ha")) == "relay"
+    moved = time.monotonic()
+    agents.lab.roam("hb")
+    rc = proc.wait(timeout=120)
+    took = time.monotonic() - moved
+    err = proc.stderr.read().decode().strip()
+    print(f"\nold session ended {took:.1f} s after the move: exit {rc}: {err}")
+    assert rc != 0 and err.count("\n") == 0 and "failed" in err

@@ -90,3 +90,17 @@ def test_plaintext_injection_refused() -> None:
     _, b = pair()
     with pytest.raises(SessionError):
         b.decode(encode_frame(b"GET / HTTP/1.1\r\n\r\n"))
+
+
+def test_keepalives_are_skipped_anywhere_and_deliver_nothing() -> None:
+    from agent.session import KEEPALIVE
+
+    a, b = pair()
+    assert KEEPALIVE == b"\x00"
+    stream = KEEPALIVE + b"".join(a.encode(b"one")) + KEEPALIVE * 3 + b"".join(a.encode(b"two")) + a.encode_eof()
+    assert b.decode(stream + KEEPALIVE) == [b"one", b"two", None]  # even after the EOF: it is not data
+    assert b.keepalives == 5
+    # a keepalive consumes no nonce: what follows it still opens (and a dropped one changes nothing)
+    c, d = pair()
+    frames = [*c.encode(b"x"), *c.encode(b"y")]
+    assert d.decode(frames[0] + KEEPALIVE + frames[1]) == [b"x", b"y"]
