@@ -19,6 +19,7 @@ import signal
 import socket
 import sqlite3
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,6 +60,11 @@ class RendezvousConfig:
     max_idle_tcp_per_ip: int = 32
     """Connections from one source IP (an IPv6 /64 counts as one) that have not sent a frame yet; at
     the cap that IP's oldest one with nothing unread is closed (0 = no cap). Loopback is not exempt."""
+    max_tcp_per_ip: int = 256
+    """All open connections from one source IP (/64), talking or not; past it that IP's newcomers are
+    refused (0 = no cap). Agents hold no long-lived TCP connection here (registration is UDP; punch
+    requests and NAT tests last a second), so this only binds a host that keeps connections alive
+    with heartbeats to hold slots: without it one address could fill `max_tcp_connections`."""
     limits: Limits = field(default_factory=Limits)
 
 
@@ -277,6 +283,7 @@ class RendezvousServer:
         self._servers: list[asyncio.Server] = []
         self._conns: dict[int, _TcpConn] = {}
         self._idle_per_ip: PerIpCap[int] = PerIpCap(cfg.max_idle_tcp_per_ip)
+        self._open_per_ip: Counter[str] = Counter()
         """Ids of the connections that have not sent a frame yet, by source IP."""
         self._next_conn = 1
         self._housekeeping: asyncio.Task[None] | None = None
@@ -388,6 +395,11 @@ class RendezvousServer:
         now = self.loop.time()
         conn.id = self._next_conn
         self._next_conn += 1
+        ip = source_key(conn.src.host)
+        if self.cfg.max_tcp_per_ip and self._open_per_ip[ip] >= self.cfg.max_tcp_per_ip:
+            self.core.drop("too_many_connections_per_ip", conn.src, now)
+            conn.transport.abort()
+            return
         # One source IP at its cap of silent connections makes room among its own (agent/ip_caps.py
         # says why the oldest goes rather than the newcomer); that also keeps it off the total.
         for old_id in self._idle_per_ip.admit(source_key(conn.src.host), conn.id, self._conn_busy):
@@ -406,6 +418,7 @@ class RendezvousServer:
                 return
             self._evict(idle, "evicted_idle_connection", now)
         self._conns[conn.id] = conn
+        self._open_per_ip[ip] += 1
 
     def _conn_busy(self, conn_id: int) -> bool:
         """Its first frame is in the kernel already (an accept burst): not idle, just not read yet."""
@@ -415,10 +428,17 @@ class RendezvousServer:
         sock = conn.transport.get_extra_info("socket")
         return sock is not None and unread_bytes(sock.fileno()) > 0
 
-    def _evict(self, conn: _TcpConn, reason: str, now: float) -> None:
-        self.core.drop(reason, conn.src, now)
+    def _forget(self, conn: _TcpConn) -> None:
         del self._conns[conn.id]
         self._idle_per_ip.discard(conn.id)
+        ip = source_key(conn.src.host)
+        self._open_per_ip[ip] -= 1
+        if self._open_per_ip[ip] <= 0:
+            del self._open_per_ip[ip]
+
+    def _evict(self, conn: _TcpConn, reason: str, now: float) -> None:
+        self.core.drop(reason, conn.src, now)
+        self._forget(conn)
         self.core.tcp_closed(conn.id)
         if conn.transport is not None:
             conn.transport.abort()
@@ -429,9 +449,12 @@ class RendezvousServer:
 
     def conn_lost(self, conn: _TcpConn) -> None:
         if self._conns.get(conn.id) is conn:
-            del self._conns[conn.id]
-            self._idle_per_ip.discard(conn.id)
+            self._forget(conn)
             self.core.tcp_closed(conn.id)
+
+    def open_from(self, host: str) -> int:
+        """Open connections from this IP (its IPv6 /64), talking or not."""
+        return self._open_per_ip.get(source_key(host), 0)
 
     def idle_from(self, host: str) -> int:
         """Connections from this IP (its IPv6 /64) that have not sent a frame yet."""
@@ -464,6 +487,7 @@ class RendezvousServer:
         out["tcp_connections"] = len(self._conns)
         out["tcp_idle"] = len(self._idle_per_ip)
         out["tcp_idle_max_per_ip"] = self._idle_per_ip.max_count()
+        out["tcp_max_per_ip"] = max(self._open_per_ip.values(), default=0)
         out["db_writes_queued"] = sum(len(rows) for rows, _ in self._write_queue)
         out["ports"] = self.ports
         return out

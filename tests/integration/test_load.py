@@ -328,7 +328,8 @@ async def test_idle_and_unpaired_connections_stay_bounded(tmp_path: Path, cap: i
     # (tests/integration/test_per_ip_caps.py covers the per-IP caps).
     relay_cfg = RelayConfig(binds=["127.0.0.1"], port=0, max_handshaking_per_ip=0, max_waiting_per_ip=0)
     rv_cfg = RendezvousConfig(
-        binds=["127.0.0.1"], port=0, db_path=tmp_path / "rv.db", key_file=tmp_path / "k", max_idle_tcp_per_ip=0
+        binds=["127.0.0.1"], port=0, db_path=tmp_path / "rv.db", key_file=tmp_path / "k", max_idle_tcp_per_ip=0,
+        max_tcp_per_ip=0,
     )
     if cap is not None:
         relay_cfg.max_waiting = relay_cfg.max_handshaking = cap

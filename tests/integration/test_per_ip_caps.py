@@ -12,6 +12,7 @@ set low, the way an operator would configure them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -260,6 +261,36 @@ async def test_rendezvous_burst_with_requests_already_queued_is_not_evicted(rend
     finally:
         for s in clients:
             s.close()
+
+
+async def test_rendezvous_talking_flood_from_one_ip_is_capped_per_ip(tmp_path: Path) -> None:
+    """Connections that keep sending heartbeats (empty frames) are not idle, so only the cap on all of
+    an IP's open connections binds them: past it, that IP's newcomers are refused, nobody else's."""
+    rv = await start_rendezvous(
+        RendezvousConfig(binds=["127.0.0.1"], port=0, db_path=tmp_path / "rv.sqlite3", key_file=tmp_path / "k",
+                         max_tcp_connections=TOTAL, max_tcp_per_ip=PER_IP)
+    )
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(ATTACK // 4):
+            with contextlib.suppress(OSError):
+                flood.append(await connect_from(ATTACKER, rv.tcp_port, b"\x00"))
+        await settle(lambda: rv.stats()["drops"].get("too_many_connections_per_ip", 0) == ATTACK // 4 - PER_IP,
+                     "every attacker connection past the per-IP cap refused")
+        await settle(lambda: server_side_sockets(rv.tcp_port, ATTACKER) <= PER_IP, "refused sockets closed")
+        assert rv.open_from(ATTACKER) == PER_IP and rv.stats()["tcp_max_per_ip"] == PER_IP
+        a = await connect_from(LEGIT, rv.tcp_port)
+        try:
+            await send_frame(a, test_nat_request=pb.TestNatRequest())
+            kind, msg = await recv_frame(a, FrameDecoder())
+            assert kind == "test_nat_response" and msg.port == a.getsockname()[1]
+            assert rv.open_from(LEGIT) == 1
+        finally:
+            a.close()
+    finally:
+        for s in flood:
+            s.close()
+        await rv.close()
 
 
 # --------------------------------------------------------------------------- relay
