@@ -235,8 +235,9 @@ class Registrar:
     async def _network_changed(self, change: NetworkChanged) -> None:
         """Re-bind (a local change) and re-register at once, then let the agent react (NAT re-measure).
 
-        Changes are handled one at a time, in order: a move often shows as two (old address gone,
-        then the new one up) and the second must not race the first's re-bind.
+        Re-binds happen one at a time, in order: a move often shows as two (old address gone, then
+        the new one up) and the second must not race the first's re-bind. The agent's reaction runs
+        outside that lock and is expected to coalesce (agent/stack.py RegistrarComponent).
         """
         async with self._change_lock:
             if self._closed:
@@ -246,10 +247,10 @@ class Registrar:
                 if self.core is not None:
                     self.core.reregister()
                 self._flush()
-            if self.on_network_change is not None:
-                result = self.on_network_change(change)
-                if inspect.isawaitable(result):
-                    await result
+        if self.on_network_change is not None:  # outside the lock: it may take seconds, and coalesces
+            result = self.on_network_change(change)
+            if inspect.isawaitable(result):
+                await result
 
     async def _rebind(self) -> None:
         """A fresh socket: the old one may hold a NAT mapping (or a source address) that is gone."""

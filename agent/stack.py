@@ -133,14 +133,26 @@ class RegistrarComponent:
             on_network_change=self._network_changed,
         )
         self._task: asyncio.Task[None] | None = None
+        self._remeasuring = False
+        self._again: NetworkChanged | None = None
 
-    async def _network_changed(self, change: NetworkChanged) -> None:
+    async def _network_changed(self, change: NetworkChanged | None) -> None:
         """Re-measure the NAT now (a local change) or soon (a server hint, spread: see REMOTE_JITTER);
         the new type goes out with the next RegisterPeer at once, and new sessions plan with it."""
-        delay = 0.0 if change.local else random.uniform(0.0, REMOTE_JITTER)
-        status = await self.nat_probe.call("remeasure", change.reason, delay)
-        self.nat_type = int(status["nat_type"])
-        self.registrar.nat_type_changed()
+        if self._remeasuring:  # a flapping link: one more measurement after this one covers them all
+            self._again = change
+            return
+        self._remeasuring = True
+        try:
+            while change is not None:
+                self._again = None
+                delay = 0.0 if change.local else random.uniform(0.0, REMOTE_JITTER)
+                status = await self.nat_probe.call("remeasure", change.reason, delay)
+                self.nat_type = int(status["nat_type"])
+                self.registrar.nat_type_changed()
+                change = self._again
+        finally:
+            self._remeasuring = False
 
     async def _push(self, kind: str, msg: Any, source: tuple[str, int]) -> None:
         await self.coordinator.call("on_push", kind, msg, source)

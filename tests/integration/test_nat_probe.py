@@ -266,3 +266,26 @@ async def test_remeasure_measures_now_and_restarts_the_schedule(tmp_path: Path) 
     finally:
         await probe.close()
         await srv.close()
+
+
+async def test_a_flapping_link_costs_at_most_one_extra_measurement(tmp_path: Path) -> None:
+    """Five changes while a re-measurement runs coalesce into one more, not five queued ones."""
+    from agent.netwatch_core import NetworkChanged
+    from agent.refs import LocalRef
+    from agent.stack import RegistrarComponent, load_runtime
+    from tests.agent_fixtures import agent_config, prepare_state, start_servers
+
+    servers = await start_servers(tmp_path)
+    try:
+        prepare_state(tmp_path / "agent", agent_config(servers))
+        rt = load_runtime(tmp_path / "agent")
+        probe = NatProbe(rt.server_addr, servers.rendezvous.ports["nat_test"])
+        comp = RegistrarComponent(rt, LocalRef(object()), LocalRef(probe))
+        changes = [NetworkChanged(f"change {i}", True) for i in range(6)]
+        await asyncio.gather(*(comp._network_changed(c) for c in changes))
+        assert probe.remeasurements == 2
+        assert probe.last_trigger == "change 5"  # the latest change is the one measured last
+        assert comp.nat_type == NatType.ASYMMETRIC
+    finally:
+        await servers.relay.close()
+        await servers.rendezvous.close()
