@@ -36,8 +36,10 @@ def ident(peer_id: str = "1234567890") -> FakeIdentity:
     return FakeIdentity(peer_id, secrets.token_bytes(16), secrets.token_bytes(32))
 
 
-def config(tmp_path: Path, host: str = "127.0.0.1", port: int = 0) -> RendezvousConfig:
-    return RendezvousConfig(port=port, binds=[host], db_path=tmp_path / "peers.db", key_file=tmp_path / "id_ed25519")
+def config(tmp_path: Path, host: str = "127.0.0.1", port: int = 0, nat_port: int | None = None) -> RendezvousConfig:
+    """`nat_port` for a restart on the same ports: port-1 (the default) is often taken by then."""
+    return RendezvousConfig(port=port, binds=[host], db_path=tmp_path / "peers.db", key_file=tmp_path / "id_ed25519",
+                            nat_test_port=nat_port)
 
 
 @pytest.fixture
@@ -164,7 +166,7 @@ async def test_async_and_failing_push_handlers(server: RendezvousServer) -> None
 
 async def test_server_down_then_restarted_on_the_same_port(tmp_path: Path) -> None:
     srv = await start_rendezvous(config(tmp_path))
-    port = srv.udp_port
+    port, nat_port = srv.udp_port, srv.nat_port
     me = ident()
     reg = Registrar(("127.0.0.1", port), me, Pushes(), interval=0.1, **FAST)
     await reg.start()
@@ -175,7 +177,7 @@ async def test_server_down_then_restarted_on_the_same_port(tmp_path: Path) -> No
         assert not reg.registered.is_set()
         assert reg.status()["consecutive_timeouts"] >= 2
         try:
-            srv = await start_rendezvous(config(tmp_path, port=port))
+            srv = await start_rendezvous(config(tmp_path, port=port, nat_port=nat_port))
         except Exception:
             pytest.skip("port no longer free")
         # The new server has an empty memory: RegisterPeer -> request_pk -> RegisterPk -> registered.
@@ -319,7 +321,7 @@ async def test_network_change_rebinds_and_reregisters_at_once(server: Rendezvous
 
 async def test_server_restart_is_a_remote_hint_without_rebinding(tmp_path: Path) -> None:
     srv = await start_rendezvous(config(tmp_path))
-    port = srv.udp_port
+    port, nat_port = srv.udp_port, srv.nat_port
     me = ident()
     changes: list[NetworkChanged] = []
     reg = Registrar(("127.0.0.1", port), me, Pushes(), interval=0.1, observe=Views(),
@@ -329,7 +331,7 @@ async def test_server_restart_is_a_remote_hint_without_rebinding(tmp_path: Path)
         await asyncio.wait_for(reg.registered.wait(), 5)
         await srv.close()
         try:
-            srv = await start_rendezvous(config(tmp_path, port=port))
+            srv = await start_rendezvous(config(tmp_path, port=port, nat_port=nat_port))
         except Exception:
             pytest.skip("port no longer free")
         await until(lambda: len(changes) >= 1)
