@@ -59,10 +59,10 @@ class RelayConfig:
     """Connections parked waiting for their partner; more are refused."""
     max_handshaking: int = 1024
     """Connections that have not sent their first frame yet; at the cap the oldest is closed."""
-    max_waiting_per_ip: int = 64
+    max_waiting_per_ip: int = 128
     """Parked connections from one source IP (an IPv6 /64 counts as one); at the cap that IP's oldest
     waiter is closed (0 = no cap). Per replica, like the totals. Loopback is not exempt."""
-    max_handshaking_per_ip: int = 32
+    max_handshaking_per_ip: int = 128
     """Connections from one source IP (IPv6: /64) without their first frame yet; at the cap that IP's
     oldest one with nothing unread is closed (0 = no cap). Per replica. Loopback is not exempt."""
     max_pairs: int = 0

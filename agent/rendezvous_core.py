@@ -127,8 +127,10 @@ class Limits:
     ip_ids_limit: int = 300  # distinct IDs per IP per window
     id_pk_window: float = 6.0
     id_pk_limit: int = 3  # the 4th RegisterPk for one ID inside the window is refused
-    push_burst: float = 20.0  # pushes (PunchHole/FetchLocalAddr/RequestRelay) to one peer
-    push_rate: float = 10.0  # ... refilled per second
+    push_burst: float = 64.0  # pushes (PunchHole/FetchLocalAddr/RequestRelay) to one peer
+    push_rate: float = 32.0  # ... refilled per second. Each new session costs B one to three pushes
+    # (punch, relay, retries): 50 sessions opened at once (issue 5's load) must fit in a connect
+    # timeout, while a flood still reaches B as at most ~3 KB/s of small datagrams.
     log_interval: float = 10.0
     max_log_sources: int = 4096
 

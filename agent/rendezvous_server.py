@@ -57,7 +57,7 @@ class RendezvousConfig:
     idle_timeout: float = 30.0  # TCP connections with no frame for this long are closed
     max_frame: int = 64 * 1024  # larger TCP frames are refused before buffering
     max_tcp_connections: int = 4096
-    max_idle_tcp_per_ip: int = 32
+    max_idle_tcp_per_ip: int = 128
     """Connections from one source IP (an IPv6 /64 counts as one) that have not sent a frame yet; at
     the cap that IP's oldest one with nothing unread is closed (0 = no cap). Loopback is not exempt."""
     max_tcp_per_ip: int = 256
