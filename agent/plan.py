@@ -104,6 +104,11 @@ class Plan:
 RELAY_STAGGER = 1.0
 """Head start of the direct paths before the relay joins the race (libp2p uses 0.5 s; a punch
 through two NATs on a real WAN needs about one RTT to the server plus one to the peer)."""
+RELAY_STAGGER_LONG_SHOT = 0.5
+"""The relay's head start when the only direct paths left are punches with exactly one side
+symmetric: they work only if the other side is a full cone (the peer-reflexive address), which
+the lab shows done in under 0.2 s; behind the usual port-restricted cone they cannot work, and
+the user should not wait the full stagger for that (libp2p's 0.5 s)."""
 LAN_BUDGET = 2.0
 PUNCH_BUDGET = 6.0
 RELAY_BUDGET = 10.0
@@ -169,5 +174,8 @@ def make_plan(sit: Situation, policy: Policy = Policy()) -> Plan:
         skipped.append((Strategy.RELAY, "direct-only policy"))
     else:
         delay = RELAY_STAGGER if steps else 0.0
+        one_symmetric = (sit.our_nat == pb.SYMMETRIC) != (sit.peer_nat == pb.SYMMETRIC)
+        if steps and one_symmetric and all(s.strategy in (Strategy.TCP_PUNCH, Strategy.UDP_PUNCH) for s in steps):
+            delay = RELAY_STAGGER_LONG_SHOT
         steps.append(Step(Strategy.RELAY, delay, RELAY_BUDGET))
     return Plan(tuple(steps), tuple(skipped))

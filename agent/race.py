@@ -102,6 +102,8 @@ class Race:
         self.direct_running = 0
         self.direct_over = asyncio.Event()
         self.policy = Policy()
+        self._relay_stagger = float("inf")
+        self._relay_wake = asyncio.Event()
 
     def coroutines(self, policy: Policy) -> list[Any]:
         """The race as the plan allows it, planned before the peer has answered (optimistic about
@@ -262,6 +264,12 @@ class Race:
                 peer_nat = resp.nat_type if resp.WhichOneof("union") == "nat_type" else pb.UNKNOWN_NAT
                 replan = make_plan(Situation(our_nat, peer_nat), self.policy)
                 skip = dict(replan.skipped).get(Strategy.TCP_PUNCH, "")
+                v6_both = v6_task is not None
+                informed = make_plan(Situation(our_nat, peer_nat, our_udp=True, peer_udp=True, v6_both=v6_both),
+                                     self.policy)
+                for step in informed.steps:
+                    if step.strategy is Strategy.RELAY:
+                        self.relay_sooner(step.delay)
             if skip:
                 self._record("tcp_punch", "skipped", skip)
                 return
@@ -325,10 +333,28 @@ class Race:
                 attempt.reason = attempt.reason or "another path won first"
                 attempt.elapsed_ms = ms_since(self.started)
 
+    def relay_sooner(self, stagger: float) -> None:
+        """The peer's answer says the direct paths are a long shot: the relay joins `stagger` s after
+        the race began instead of the stagger planned before anything was known."""
+        self._relay_stagger = min(self._relay_stagger, stagger)
+        self._relay_wake.set()
+
     async def relay(self, stagger: float) -> None:
         """After the stagger (or once every direct attempt failed), ask for the relay."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.direct_over.wait(), stagger)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        self._relay_stagger = min(self._relay_stagger, stagger)
+        while not self.direct_over.is_set():
+            left = began + self._relay_stagger - loop.time()
+            if left <= 0:
+                break
+            self._relay_wake.clear()
+            waits = [asyncio.ensure_future(self.direct_over.wait()), asyncio.ensure_future(self._relay_wake.wait())]
+            try:
+                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
         if self.fatal:
             return
         coord = self.coord

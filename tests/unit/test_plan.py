@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.plan import RELAY_STAGGER, Mode, Policy, Situation, Strategy, make_plan
+from agent.plan import RELAY_STAGGER, RELAY_STAGGER_LONG_SHOT, Mode, Policy, Situation, Strategy, make_plan
 from agent.proto import rendezvous_pb2 as pb
 
 NATS = (pb.UNKNOWN_NAT, pb.ASYMMETRIC, pb.SYMMETRIC)
@@ -38,6 +38,10 @@ def test_one_symmetric_still_tries_direct() -> None:
     """RustDesk relays when either side is symmetric; a full cone on the other side can still be punched."""
     plan = make_plan(Situation(pb.SYMMETRIC, pb.ASYMMETRIC, our_udp=True, peer_udp=True))
     assert Strategy.UDP_PUNCH in plan.strategies() and Strategy.TCP_PUNCH in plan.strategies()
+    # ... but they are a long shot (a full cone), so the relay joins sooner
+    assert plan.steps[-1].strategy is Strategy.RELAY and plan.steps[-1].delay == RELAY_STAGGER_LONG_SHOT
+    v6 = make_plan(Situation(pb.ASYMMETRIC, pb.SYMMETRIC, v6_both=True, our_udp=True, peer_udp=True))
+    assert v6.steps[-1].delay == RELAY_STAGGER  # IPv6 is no long shot
 
 
 def test_ipv6_when_both_have_it() -> None:
@@ -90,7 +94,10 @@ def test_plan_invariants(ours, peers, lan, oudp, pudp, v6, mode, udp, tcp, ipv6)
         assert names == [Strategy.RELAY]
     if Strategy.RELAY in names:
         relay = plan.steps[names.index(Strategy.RELAY)]
-        assert relay.delay == (RELAY_STAGGER if len(names) > 1 else 0.0)
+        long_shot = (ours == pb.SYMMETRIC) != (peers == pb.SYMMETRIC) and set(names) <= {
+            Strategy.TCP_PUNCH, Strategy.UDP_PUNCH, Strategy.RELAY}
+        expected = 0.0 if len(names) == 1 else RELAY_STAGGER_LONG_SHOT if long_shot else RELAY_STAGGER
+        assert relay.delay == expected
     assert all(s.budget > 0 for s in plan.steps)
     if ours == pb.SYMMETRIC and peers == pb.SYMMETRIC:
         assert Strategy.UDP_PUNCH not in names and Strategy.TCP_PUNCH not in names
