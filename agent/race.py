@@ -262,12 +262,12 @@ class Race:
             skip = ""
             if not is_local:
                 peer_nat = resp.nat_type if resp.WhichOneof("union") == "nat_type" else pb.UNKNOWN_NAT
-                replan = make_plan(Situation(our_nat, peer_nat), self.policy)
+                # Re-planned with what the peer's answer told us: TCP punching may be pointless, and
+                # the relay may be due sooner than planned before anything was known.
+                sit = Situation(our_nat, peer_nat, our_udp=True, peer_udp=True, v6_both=v6_task is not None)
+                replan = make_plan(sit, self.policy)
                 skip = dict(replan.skipped).get(Strategy.TCP_PUNCH, "")
-                v6_both = v6_task is not None
-                informed = make_plan(Situation(our_nat, peer_nat, our_udp=True, peer_udp=True, v6_both=v6_both),
-                                     self.policy)
-                for step in informed.steps:
+                for step in replan.steps:
                     if step.strategy is Strategy.RELAY:
                         self.relay_sooner(step.delay)
             if skip:

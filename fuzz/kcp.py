@@ -47,11 +47,6 @@ TIMEOUT = 5.0
 EVENTS = (Established, PeerFinished, ConnectionReset, ConnectionTimedOut)
 
 
-def release(k: Any, conv: int) -> None:
-    """See agent.kcp_release: kcp 0.1.6's KCP never frees its control block."""
-    kcp_release.release(k, conv)
-
-
 def make_kcp(conv: int, output: Callable[[bytes], object] = lambda _seg: None) -> Any:
     """An ikcp control block configured as the shell configures it; `output` gets each segment buffer."""
     kcp = KCP(conv - (1 << 32) if conv >= 1 << 31 else conv, max_transmission=1400, no_delay=True)
@@ -98,7 +93,7 @@ def TestOneInput(data: bytes) -> None:
         feed(r, conn, now, ikcp)
     finally:
         for k in ikcp:
-            release(k, conn.conv or 0)
+            kcp_release.release(k, conn.conv or 0)
 
 
 def feed(r: Reader, conn: KcpConnection, now: float, ikcp: list[Any]) -> None:
@@ -180,8 +175,8 @@ def seeds() -> list[bytes]:
     (fin_c,) = c.datagrams_to_send()
     s.close(t)
     (fin_s,) = s.datagrams_to_send()
-    release(kc, CONV)
-    release(ks, CONV)
+    kcp_release.release(kc, CONV)
+    kcp_release.release(ks, CONV)
     ping = syn[:13] + bytes((kcp_core.PING, 0))
     to_server = [syn, ack_data, *sent["c"], ping, fin_c]
     to_client = [syn_ack, *sent["s"], fin_s]

@@ -7,6 +7,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -180,3 +181,16 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
             raise EOFError(f"closed after {len(buf)} of {n} bytes")
         buf += chunk
     return bytes(buf)
+
+
+def wait_listening(port: int, proc: Any, timeout: float, step: float = 0.05) -> None:
+    """Block until 127.0.0.1:`port` accepts, failing with the server's stderr if `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+            assert time.monotonic() < deadline
+            time.sleep(step)

@@ -21,7 +21,7 @@ from actors.relay_pool import RelayReplica, group_by_node, plan_placement, reser
 from agent.relay_core import encode_handoff, owner_index
 from agent.relay_handoff import Handoff
 from agent.relay_server import RelayConfig
-from tests.integration.relay_helpers import exchange, open_pair, wait_for
+from tests.integration.relay_helpers import exchange, open_pair, wait_for, wait_listening
 
 
 def names(n: int) -> list[str]:
@@ -252,15 +252,7 @@ def test_cli_with_replicas_serves_and_cleans_up() -> None:
         env=env,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        wait_listening(port, proc, 60, 0.1)
         # Our head is the `ray start` child of the CLI process; its temp dir names all its processes.
         temp_dirs = [
             part.split("=", 1)[1]

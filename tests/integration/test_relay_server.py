@@ -26,6 +26,7 @@ from tests.integration.relay_helpers import (
     request_frame,
     send_all,
     wait_for,
+    wait_listening,
 )
 
 PUMPS = ["asyncio", *(["splice"] if splice_available() else [])]
@@ -333,15 +334,7 @@ def test_cli_relay_serves_and_stops_on_sigterm() -> None:
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        wait_listening(port, proc, 20, 0.05)
 
         async def one_pair() -> None:
             a, b = await open_pair(port, "cli-pair")
