@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 
+from agent.files import private_append, private_dir
 from agent.refs import LocalRef, RayRef, Ref
 from agent.runtime_paths import runtime_dir
 from agent.stack import COMPONENTS, build_component, load_runtime
@@ -44,8 +45,8 @@ def _count_boot(state_dir: Path, kind: str) -> int:
 
 
 def _setup_logging(state_dir: Path, kind: str) -> None:
-    logs = state_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = private_dir(state_dir / "logs")
+    os.close(private_append(logs / f"{kind}.log"))  # peer IDs, keys and targets: for the owner's eyes only
     handler = logging.FileHandler(logs / f"{kind}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -80,6 +80,21 @@ def decode(data: bytes) -> SockAddr:
     return SockAddr(ipaddress.IPv4Address(ip.to_bytes(4, "little")), port)
 
 
+def global_unicast_v6(mangled: bytes) -> bool:
+    """An AddrMangle'd IPv6 address worth connecting to: global unicast with a port, by RustDesk's test
+    (2000::/3, the same one agents use to pick the address they offer). A peer's message must never
+    aim us at loopback, link-local, unique-local, multicast or v4-mapped addresses."""
+    if len(mangled) != 18:
+        return False
+    a = decode(mangled)
+    return a.ip.version == 6 and a.port != 0 and (int(a.ip) >> 125) == 0b001
+
+
+def join_host_port(host: str, port: int) -> str:
+    """HOST:PORT, with an IPv6 literal in brackets (what split_host_port reads back)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class AddressError(ValueError):
     """A HOST:PORT string that cannot be used; the message is fit for a CLI's one-line error."""
 

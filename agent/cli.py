@@ -1,7 +1,8 @@
-"""`punchthrough`: the user-facing command (servers now; agent subcommands join later).
+"""`punchthrough`: the agent (up, down, id, connect, pipe) and the servers (rendezvous, relay, serve).
 
 Every error a user can cause ends in one line on stderr and exit status 2;
-no traceback for bad flags, bad addresses or unusable files.
+no traceback for bad flags, bad addresses or unusable files. Everything it
+creates is private to the user (umask 077: state dirs 0700, files 0600).
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--key-file", type=Path, default=None, help="ed25519 key (default STATE_DIR/id_ed25519, created if missing)"
     )
     rv.add_argument("--always-relay", action="store_true", help="tell every pair to use the relay")
+    rv.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="also serve RustDesk clients (unsigned registrations and requests; never over a signed ID)",
+    )
 
     rl = sub.add_parser("relay", help="run a relay server (the hbbr role)")
     rl.add_argument(
@@ -98,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument(
         "--key-file", type=Path, default=None, help="file holding the key RequestRelay.licence_key must match"
     )
+    rl.add_argument(
+        "--server-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="base64 key of a rendezvous server whose pairing tickets this relay honours (repeatable; "
+        "default: STATE_DIR/id_ed25519.pub, the key of a rendezvous server sharing this state dir)",
+    )
+    rl.add_argument(
+        "--server-key-file",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="file holding such a key, e.g. a copy of the rendezvous server's id_ed25519.pub (repeatable)",
+    )
+    rl.add_argument("--open", action="store_true", help="pair any two connections, ticket or not (RustDesk clients)")
     rl.add_argument(
         "--replicas", type=int, default=1, help="relay workers as Ray actors sharing the port (SO_REUSEPORT)"
     )
@@ -128,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--keep-config", action="store_true", help=argparse.SUPPRESS)
 
     sub.add_parser("down", help="stop this agent (only its own Ray, never a global `ray stop`)")
-    idp = sub.add_parser("id", help="print this agent's ID and key fingerprint")
+    idp = sub.add_parser("id", help="print this agent's ID=SHA256:<key fingerprint>, the string peers allow")
     idp.add_argument("--json", action="store_true")
     cfgp = sub.add_parser("config", help="print the config with every default (or the given file, checked)")
     cfgp.add_argument("--config", type=Path, default=None)
@@ -138,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("pipe", "join stdin/stdout to HOST:PORT as seen from a peer (ProxyCommand)"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("peer", help="peer ID, or ID@HOST[:PORT] for a peer's direct port (no rendezvous)")
+        p.add_argument(
+            "peer",
+            help="peer ID, or ID=SHA256:... to accept only that key (what `punchthrough id` prints on the peer); "
+            "add @HOST[:PORT] for the peer's direct port (no rendezvous)",
+        )
         if name == "connect":
             p.add_argument("-L", dest="forward", required=True, metavar="[BIND:]PORT:HOST:HOSTPORT")
         else:
@@ -155,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument(
         "--port", type=_serve_port, default=DEFAULT_RENDEZVOUS_PORT, help="rendezvous port; relay is port+1"
+    )
+    sv.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="also serve RustDesk clients (unsigned registrations and requests; the relay pairs anyone)",
     )
     return parser
 
@@ -267,7 +299,9 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
         return _run_client_command(args, state_dir)
     from agent import identity, runner
     from agent.crypto import KeyFileError
+    from agent.files import private_dir
     from agent.stack import write_config
+    from agent.trust import spec_for
 
     try:
         if args.command == "up":
@@ -275,7 +309,7 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
                 cfg = _effective_config(args)
                 if runner.running_pid(state_dir) is not None:
                     raise CliError(f"an agent already runs for state dir {state_dir} (`punchthrough down` stops it)")
-                state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                private_dir(state_dir)
                 write_config(state_dir, cfg)
             identity.load_or_create(state_dir)
             if args.foreground:
@@ -284,7 +318,8 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
         if args.command == "down":
             return runner.down(state_dir)
         if args.command == "id":
-            ident = identity.load_or_create(state_dir)
+            ident = identity.load_or_create(private_dir(state_dir))
+            spec = spec_for(ident.peer_id, ident.public_key)
             if args.json:
                 print(
                     json.dumps(
@@ -292,11 +327,12 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
                             "id": ident.peer_id,
                             "fingerprint": ident.fingerprint,
                             "public_key": base64.b64encode(ident.public_key).decode(),
+                            "peer_spec": spec,
                         }
                     )
                 )
             else:
-                print(f"{ident.peer_id}  {ident.fingerprint}")
+                print(spec)
             return 0
         if args.command == "config":
             print(config.dump(config.load(args.config)), end="")
@@ -316,7 +352,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from agent.servers import run_servers
 
-        return run_servers(args.bind or ["0.0.0.0", "::"], args.port, state_dir)
+        return run_servers(args.bind or ["0.0.0.0", "::"], args.port, state_dir, allow_unsigned=args.allow_unsigned)
     if args.command == "rendezvous":
         from agent.rendezvous_server import RendezvousConfig, run_rendezvous
 
@@ -328,6 +364,7 @@ def _run(args: argparse.Namespace) -> int:
                 db_path=args.db or state_dir / "rendezvous.sqlite3",
                 key_file=args.key_file or state_dir / "id_ed25519",
                 always_relay=args.always_relay,
+                allow_unsigned=args.allow_unsigned,
             )
         )
     if args.command == "relay":
@@ -337,12 +374,15 @@ def _run(args: argparse.Namespace) -> int:
             raise CliError("--replicas must be at least 1")
         key = "" if args.key_file is None else _read_secret(args.key_file, "--key-file")
         binds = args.bind or ["0.0.0.0", "::"]
+        server_keys = [] if args.open else _relay_server_keys(args, state_dir)
         try:
             return run_relay(
                 RelayConfig(
                     binds=binds,
                     port=args.port,
                     key=key,
+                    server_keys=server_keys,
+                    open=args.open,
                     replicas=args.replicas,
                     ray_address=args.ray_address,
                     stream_limit_bps=args.stream_limit * 1e6 / 8,
@@ -354,9 +394,35 @@ def _run(args: argparse.Namespace) -> int:
     raise CliError(f"unknown command {args.command!r}")
 
 
+def _server_key(text: str, where: str) -> bytes:
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise CliError(f"{where}: not a base64 32-byte ed25519 public key")
+    return key
+
+
+def _relay_server_keys(args: argparse.Namespace, state_dir: Path) -> list[bytes]:
+    """The rendezvous servers whose tickets the relay honours: given, else the one sharing our state dir."""
+    keys = [_server_key(k, "--server-key") for k in args.server_key]
+    keys += [_server_key(_read_secret(f, "--server-key-file"), f"--server-key-file {f}") for f in args.server_key_file]
+    if keys:
+        return keys
+    default = state_dir / "id_ed25519.pub"
+    if default.exists():
+        return [_server_key(_read_secret(default, "server key"), str(default))]
+    raise CliError(
+        "the relay needs the key of the rendezvous server whose pairs it carries: --server-key-file "
+        "(a copy of that server's id_ed25519.pub) or --server-key KEY; or --open to pair anyone"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
+    os.umask(0o077)  # state dirs, keys, databases and logs: the owner's only
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(

@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 
 from agent.addr import AddressError, shown, split_host_port
 from agent.plan import POLICY_WORDS, Policy
+from agent.trust import parse_peer_spec
 
 PATHS = POLICY_WORDS
 
@@ -33,11 +34,13 @@ class AgentSection:
     server: str = ""
     """Rendezvous server HOST[:PORT] (port 21116). Empty: run an embedded rendezvous and relay here."""
     server_key: str = ""
-    """Base64 ed25519 key of the rendezvous server. Empty: the embedded server's key, else trust on first use."""
+    """Base64 ed25519 key of the rendezvous server. Empty: the embedded server's key, else the key it shows
+    on first contact, pinned in STATE_DIR/known_servers.json (trust on first use, like ssh)."""
     nat_test_port: int = 0
     """The rendezvous server's NAT-test port; 0 means its port - 1, as RustDesk does."""
     relay: str = ""
-    """Relay HOST:PORT for sessions this agent starts. Empty: the rendezvous host, port + 1."""
+    """Relay HOST:PORT to use when the rendezvous server names none (it names one when it has one).
+    Empty: the rendezvous host, port + 1 (RustDesk's default)."""
     relay_key: str = ""
     """Key the relay wants in RequestRelay.licence_key (empty: none)."""
     path: str = "auto"
@@ -53,7 +56,8 @@ class AgentSection:
 @dataclass
 class AccessSection:
     allow: list[str] = field(default_factory=list)
-    """Peer IDs allowed to connect to this agent (their key is pinned on first contact)."""
+    """Peers allowed to connect: ID=SHA256:<fingerprint> (what `punchthrough id` prints there) admits that key
+    only; a bare ID admits the key the rendezvous server has bound to it. Also read: STATE_DIR/allowed_peers."""
     password_file: str = ""
     """File holding a password that also admits a peer (or set PUNCHTHROUGH_PASSWORD)."""
     allow_targets: list[str] = field(default_factory=list)
@@ -94,6 +98,11 @@ class Config:
         _check_address("agent.relay", self.agent.relay, 21117)
         for target in self.access.allow_targets:
             _check_address("access.allow_targets", target, None)
+        for entry in self.access.allow:
+            try:
+                parse_peer_spec(entry)
+            except ValueError as exc:
+                raise ConfigError(f"access.allow: {exc}") from None
         for where, port, low in (
             ("embedded.rendezvous_port", self.embedded.rendezvous_port, 1),
             ("embedded.relay_port", self.embedded.relay_port, 1),

@@ -12,13 +12,14 @@ The strategies raced for one outgoing stream are in agent/race.py.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
 import socket
 import time
 import uuid as uuidlib
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,19 @@ import psutil
 
 from agent import addr as addrmod
 from agent import ctlproto
+from agent.access import build_policy
 from agent.addr import AddressError, split_host_port
 from agent.config import Config
-from agent.handshake import HandshakeError, trusted_peer_key
-from agent.handshake import Policy as AccessPolicy
-from agent.identity import Identity
+from agent.handshake import Binding, HandshakeError, trusted_peer_key
+from agent.identity import Identity, IdentityCache
 from agent.pins import PinMismatch, PinStore
 from agent.plan import LAN_BUDGET, PUNCH_BUDGET, Policy
 from agent.proto import rendezvous_pb2 as pb
 from agent.race import VERSION, Attempt, Race, SessionPlan, ms_since
 from agent.refs import Ref
-from agent.rendezvous_client import RendezvousError, send_relay_response
+from agent.rendezvous_client import RendezvousError, Signer, send_relay_response
+from agent.stats import DropStats
+from agent.trust import fingerprint, parse_peer_spec, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +78,6 @@ class ActorInfo:
         }
 
 
-def read_password(cfg: Config) -> str | None:
-    """PUNCHTHROUGH_PASSWORD, else the configured password file; never a command-line argument."""
-    env = os.environ.get("PUNCHTHROUGH_PASSWORD")
-    if env:
-        return env
-    if cfg.access.password_file:
-        text = Path(cfg.access.password_file).read_text().strip()
-        return text or None
-    return None
-
-
-def build_policy(cfg: Config, pins: PinStore) -> AccessPolicy | None:
-    """Who may connect to us, from the config; None when nobody is admitted."""
-    password = read_password(cfg)
-    allowed = set(cfg.access.allow)
-    if not allowed and password is None:
-        return None
-    pinned = {pid: key for pid in allowed if (key := pins.get(pid)) is not None}
-    return AccessPolicy.of(allowed, pinned, password, cfg.access.allow_targets)
-
-
 class Coordinator:
     def __init__(
         self,
@@ -104,7 +86,7 @@ class Coordinator:
         cfg: Config,
         identity: Identity,
         server: str,
-        server_key: bytes | None,
+        server_key: Callable[[], bytes | None],
         control_socket: Path,
         sessions_socket: Path,
         registrar: Ref,
@@ -118,10 +100,11 @@ class Coordinator:
     ) -> None:
         self.state_dir = state_dir
         self.cfg = cfg
-        self.identity = identity
+        self.identities = IdentityCache(state_dir, identity)
         self.server = server
         self.server_addr = split_host_port(server, 21116)
         self.server_key = server_key
+        """The rendezvous server's key as trusted now (configured, embedded, or pinned at registration)."""
         self.sessions_socket = sessions_socket
         self.registrar = registrar
         self.nat_probe = nat_probe
@@ -135,6 +118,8 @@ class Coordinator:
         self.actors: dict[str, ActorInfo] = {}
         self.plans: dict[str, SessionPlan] = {}
         self.pushes: dict[str, int] = {}
+        self.pushes_refused: Counter[str] = Counter()
+        self._refusal_log = DropStats(60.0)
         self._tasks: set[asyncio.Task[None]] = set()
         self._ctl = ctlproto.ControlServer(control_socket, self._handle)
 
@@ -190,17 +175,22 @@ class Coordinator:
         nat_status = await self._safe(self.nat_probe, "status")
         nat = nat_status.get("latest") or nat_status
         sessions = await self._session_list()
+        ident = self.identity
+        server_key = self.server_key()
         return {
             "ok": True,
-            "id": self.identity.peer_id,
-            "fingerprint": self.identity.fingerprint,
+            "id": ident.peer_id,
+            "fingerprint": ident.fingerprint,
+            "peer_spec": spec_for(ident.peer_id, ident.public_key),
             "server": self.server,
+            "server_key": fingerprint(server_key) if server_key else "",
             "embedded": self.embedded,
             "registration": registration,
             "nat": nat,
             "sessions_active": sum(s.get("state") in ("handshake", "open") for s in sessions),
             "sessions_total": len(sessions),
             "pushes": dict(self.pushes),
+            "pushes_refused": dict(self.pushes_refused),
             "uptime": round(time.monotonic() - self.started, 1),
             "version": VERSION,
         }
@@ -249,21 +239,40 @@ class Coordinator:
 
     # ---- A side: open a stream to a peer --------------------------------------------------
 
-    def relay_address(self) -> str:
+    @property
+    def identity(self) -> Identity:
+        """This agent's identity as it is now (the registrar may have moved to a new ID)."""
+        return self.identities.get()
+
+    def signer(self) -> Signer:
+        ident = self.identity
+        return Signer(ident.peer_id, ident.signing_key, ident.salt)
+
+    def relay_target(self, announced: str) -> str:
+        """Where to dial the relay the rendezvous server named: as named; ":PORT" is the server's own
+        host; none is our configured relay, else RustDesk's default (the server's host, port + 1)."""
+        host, port = self.server_addr
+        if announced.startswith(":"):
+            return addrmod.join_host_port(host, int(announced[1:]))
+        if announced:
+            return announced
         if self.cfg.agent.relay:
             return self.cfg.agent.relay
-        host, port = self.server_addr
-        return f"[{host}]:{port + 1}" if ":" in host else f"{host}:{port + 1}"
+        return addrmod.join_host_port(host, port + 1)
 
-    def trusted_key(self, peer: str, signed_pk: bytes) -> tuple[bytes, str]:
-        pins = PinStore(self.state_dir)
-        pinned = pins.get(peer)
-        if self.server_key is None and signed_pk and pinned is None:
-            # No server key configured: trust on first use of what the server vouches for.
-            return _unverified_idpk(peer, signed_pk), "first use"
-        if self.server_key is None:
-            return trusted_peer_key(peer, pinned=pinned)
-        return trusted_peer_key(peer, server_key=self.server_key, signed_id_pk=signed_pk or None, pinned=pinned)
+    def trusted_key(self, peer: str, signed_pk: bytes, want: str | None = None) -> tuple[bytes, str]:
+        """B's key: vouched for by the rendezvous server (its signature checked with the key we trust),
+        pinned from an earlier session, and of the fingerprint the user named, as far as each is given."""
+        pinned = PinStore(self.state_dir).get(peer)
+        server_key = self.server_key()
+        if signed_pk and server_key is None:
+            raise HandshakeError(
+                "cannot check the key the rendezvous server gave for peer "
+                f"{peer}: its own key is not known yet (this agent has not registered with it)"
+            )
+        return trusted_peer_key(
+            peer, server_key=server_key, signed_id_pk=signed_pk or None, pinned=pinned, want_fingerprint=want
+        )
 
     async def open_stream(self, req: dict[str, Any], local_fd: int) -> dict[str, Any]:
         """A's side: race every strategy the plan allows; the session owner keeps the first
@@ -285,19 +294,23 @@ class Coordinator:
         direct = ""
         if "@" in peer:  # ID@HOST[:PORT]: the peer's direct port, no rendezvous server
             peer, _, where = peer.partition("@")
-            plan.peer = peer
             try:
                 direct = await _resolve(where, DEFAULT_DIRECT_PORT)
             except (AddressError, OSError) as exc:
                 return fail(f"direct address {where!r}: {exc}")
         if not peer:
             return fail("no peer ID given")
+        try:
+            spec = parse_peer_spec(peer)  # ID, or ID=SHA256:... naming the only key to accept
+        except ValueError as exc:
+            return fail(str(exc))
+        peer = plan.peer = spec.peer_id
         if peer == self.identity.peer_id:
             return fail("that is this agent's own ID")
         started = time.monotonic()
         deadline = started + timeout
         keys: dict[str, tuple[bytes, str]] = {}
-        race = Race(self, plan, sid, peer, started, deadline, keys)
+        race = Race(self, plan, sid, spec, started, deadline, keys)
         race.direct_address = direct
         initiate = asyncio.ensure_future(
             ctlproto.acall(
@@ -318,8 +331,9 @@ class Coordinator:
         strategies = [asyncio.ensure_future(c) for c in race.coroutines(policy)]
         all_done = asyncio.ensure_future(asyncio.gather(*strategies, return_exceptions=True))
         all_done.add_done_callback(_consume)
+        over = asyncio.ensure_future(race.over.wait())
         try:
-            done, _ = await asyncio.wait({initiate, all_done}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({initiate, all_done, over}, return_when=asyncio.FIRST_COMPLETED)
             if initiate not in done:
                 with contextlib.suppress(OSError, TimeoutError, ctlproto.ControlError):
                     await ctlproto.acall(self.sessions_socket, {"op": "transports_done", "session": sid}, timeout=5)
@@ -330,6 +344,7 @@ class Coordinator:
             for task in strategies:
                 task.cancel()
             all_done.cancel()
+            over.cancel()
             # Ray keeps running a call its caller stopped awaiting: tell the strategy actors to stop.
             for ref in (self.lan, self.tcp_punch, self.udp_punch, self.ipv6, self.relay):
                 self._spawn(_quietly(ref.call("cancel", sid)))
@@ -355,35 +370,77 @@ class Coordinator:
         return int(status.get("nat_type", pb.UNKNOWN_NAT)) if isinstance(status, dict) else pb.UNKNOWN_NAT
 
     async def on_push(self, kind: str, msg: Any, source: Any = None) -> None:
+        """A push the server signed for us: act on it only for a peer we would admit."""
         self.pushes[kind] = self.pushes.get(kind, 0) + 1
         handler = {
             "request_relay": self._answer_relay,
             "punch_hole": self._answer_punch,
             "fetch_local_addr": self._answer_lan,
         }.get(kind)
-        if handler is not None:
-            task = asyncio.get_running_loop().create_task(handler(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if handler is None:
+            return
+        binding = push_binding(msg)
+        try:
+            policy = build_policy(self.cfg, self.state_dir)
+        except (OSError, ValueError) as exc:
+            log.error("cannot build the access policy: %s", exc)
+            policy = None
+        if policy is None or not policy.would_admit(binding):
+            self._refuse_push(kind, msg, binding, "this agent admits nobody yet" if policy is None else "")
+            return
+        a_ip = str(addrmod.decode(bytes(msg.socket_addr)).ip)
+        meta: dict[str, Any] = {"peer_ip": a_ip}
+        if binding is not None:
+            meta.update(binding_id=binding.peer_id, binding_pk=binding.public_key)
+        task = asyncio.get_running_loop().create_task(handler(msg, meta))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _answer_punch(self, msg: Any) -> None:
+    def _refuse_push(self, kind: str, msg: Any, binding: Binding | None, why: str) -> None:
+        """Nothing on the network for a peer we would not admit: no punch, no connection, no relay.
+        Only our own server hears (one RelayResponse with the reason, RustDesk's way of turning A
+        away), so the peer learns why at once instead of waiting out its budget."""
+        who = binding.peer_id if binding is not None else "an unnamed requester"
+        spec = spec_for(binding.peer_id, binding.public_key) if binding is not None else ""
+        reason = why or f"peer {who} is not allowed here"
+        text = f"{reason} (its owner can allow {spec})" if spec else reason
+        self.pushes_refused["not admitted" if binding is not None else "unnamed requester"] += 1
+        if self._refusal_log.drop(kind, who, time.monotonic()):
+            log.warning("ignored a %s push: %s", kind, text)
+        self._spawn(
+            _quietly(
+                send_relay_response(
+                    self.server_addr,
+                    bytes(msg.socket_addr),
+                    self.identity.peer_id,
+                    "",
+                    "",
+                    VERSION,
+                    refuse_reason=text,
+                    answer_token=bytes(msg.answer_token),
+                )
+            )
+        )
+
+    async def _answer_punch(self, msg: Any, meta: dict[str, Any]) -> None:
         if msg.udp_port > 0:
             if Policy.parse(self.cfg.agent.path).udp:
-                await self._answer_direct("udp_punch", self.udp_punch, msg, PUNCH_BUDGET)
+                await self._answer_direct("udp_punch", self.udp_punch, msg, PUNCH_BUDGET, meta)
             return
         v6 = b""
-        if addrmod.decode(bytes(msg.socket_addr_v6)).port and Policy.parse(self.cfg.agent.path).ipv6:
+        peer_v6 = bytes(msg.socket_addr_v6)
+        if addrmod.global_unicast_v6(peer_v6) and Policy.parse(self.cfg.agent.path).ipv6:
             sid = uuidlib.uuid4().hex[:12]
             v6 = await self.ipv6.call("prepare", sid)
             if v6:
-                self._spawn(self._answer_v6(sid, bytes(msg.socket_addr_v6)))
-        await self._answer_direct("tcp_punch", self.tcp_punch, msg, PUNCH_BUDGET, v6)
+                self._spawn(self._answer_v6(sid, peer_v6, meta))
+        await self._answer_direct("tcp_punch", self.tcp_punch, msg, PUNCH_BUDGET, meta, v6)
 
-    async def _answer_v6(self, sid: str, peer_v6: bytes) -> None:
-        plan = self._plan(sid, "", "responder")
+    async def _answer_v6(self, sid: str, peer_v6: bytes, meta: dict[str, Any]) -> None:
+        plan = self._plan(sid, str(meta.get("binding_id", "")), "responder")
         plan.path = "ipv6"
         started = time.monotonic()
-        res = await self.ipv6.call("connect", sid, peer_v6, "responder", PUNCH_BUDGET, {})
+        res = await self.ipv6.call("connect", sid, peer_v6, "responder", PUNCH_BUDGET, meta)
         ok = bool(res.get("ok"))
         plan.attempts.append(
             Attempt("ipv6", "connected" if ok else "error", str(res.get("reason", "")), ms_since(started))
@@ -397,16 +454,17 @@ class Coordinator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _answer_lan(self, msg: Any) -> None:
-        await self._answer_direct("lan", self.lan, msg, LAN_BUDGET)
+    async def _answer_lan(self, msg: Any, meta: dict[str, Any]) -> None:
+        await self._answer_direct("lan", self.lan, msg, LAN_BUDGET, meta)
 
-    async def _answer_direct(self, name: str, ref: Ref, msg: Any, budget: float, v6: bytes = b"") -> None:
+    async def _answer_direct(
+        self, name: str, ref: Ref, msg: Any, budget: float, meta: dict[str, Any], v6: bytes = b""
+    ) -> None:
         sid = uuidlib.uuid4().hex[:12]
-        plan = self._plan(sid, "", "responder")
+        plan = self._plan(sid, str(meta.get("binding_id", "")), "responder")
         started = time.monotonic()
-        relay = msg.relay_server or self.relay_address()
         nat = await self.our_nat_type()
-        args = (sid, msg, self.identity.peer_id, nat, relay, budget) + ((v6,) if v6 else ())
+        args = (sid, msg, self.identity.peer_id, nat, msg.relay_server, budget, meta) + ((v6,) if v6 else ())
         res = await ref.call("answer", *args)
         plan.path = name
         ok = bool(res.get("ok"))
@@ -417,25 +475,48 @@ class Coordinator:
         if not ok:
             plan.error = str(res.get("reason"))
 
-    async def _answer_relay(self, msg: Any) -> None:
+    async def _answer_relay(self, msg: Any, meta: dict[str, Any]) -> None:
         sid = uuidlib.uuid4().hex[:12]
-        plan = self._plan(sid, str(msg.id) if msg.id != self.identity.peer_id else "", "responder")
+        plan = self._plan(sid, str(meta.get("binding_id", "")), "responder")
         started = time.monotonic()
-        relay = msg.relay_server or self.relay_address()
         try:
             await send_relay_response(
-                self.server_addr, bytes(msg.socket_addr), self.identity.peer_id, msg.uuid, relay, VERSION
+                self.server_addr,
+                bytes(msg.socket_addr),
+                self.identity.peer_id,
+                msg.uuid,
+                msg.relay_server,
+                VERSION,
+                answer_token=bytes(msg.answer_token),
             )
         except RendezvousError as exc:
             plan.attempts.append(Attempt("relay", "error", str(exc), ms_since(started)))
             plan.error = str(exc)
             return
-        dial = await self.relay.call("dial", sid, relay, msg.uuid, self.identity.peer_id, "responder")
+        dial = await self.relay.call(
+            "dial",
+            sid,
+            self.relay_target(msg.relay_server),
+            msg.uuid,
+            bytes(msg.ticket),
+            msg.relay_server,
+            self.identity.peer_id,
+            "responder",
+            meta,
+        )
         outcome = "won" if dial.get("ok") else "error"
         plan.path = "relay"
         plan.attempts.append(Attempt("relay", outcome, str(dial.get("reason", "")), ms_since(started)))
         if not dial.get("ok"):
             plan.error = str(dial.get("reason"))
+
+
+def push_binding(msg: Any) -> Binding | None:
+    """Who the server says asks (it checked the request's signature), with the key bound to that ID."""
+    peer_id, pk = str(msg.requester_id), bytes(msg.requester_pk)
+    if not peer_id or len(pk) != 32:
+        return None
+    return Binding(peer_id, pk)
 
 
 async def _resolve(where: str, default_port: int) -> str:
@@ -455,30 +536,3 @@ def _consume(fut: asyncio.Future[Any]) -> None:
     """Retrieve a background future's outcome so a cancelled race logs nothing."""
     if not fut.cancelled():
         fut.exception()
-
-
-def _unverified_idpk(peer: str, signed: bytes) -> bytes:
-    """The key inside a signed IdPk whose signature we cannot check (no server key configured)."""
-    from agent.proto import message_pb2
-
-    idpk = message_pb2.IdPk()
-    try:
-        idpk.ParseFromString(signed[64:])
-    except Exception:
-        raise HandshakeError(f"rendezvous server sent a malformed key for peer {peer}") from None
-    if idpk.id != peer or len(idpk.pk) != 32:
-        raise HandshakeError(f"rendezvous server sent a key for the wrong peer (asked for {peer})")
-    return bytes(idpk.pk)
-
-
-def server_key_from(cfg: Config, embedded_key_file: Path | None) -> bytes | None:
-    """The rendezvous server's verify key: configured, else the embedded server's, else None (TOFU)."""
-    text = cfg.agent.server_key
-    if not text and embedded_key_file is not None and embedded_key_file.exists():
-        text = embedded_key_file.with_name(embedded_key_file.name + ".pub").read_text().strip()
-    if not text:
-        return None
-    key = base64.b64decode(text)
-    if len(key) != 32:
-        raise ValueError("agent.server_key must be a base64 32-byte ed25519 public key")
-    return key

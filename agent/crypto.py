@@ -29,7 +29,7 @@ def load_or_create_signing_key(path: Path) -> SigningKey:
         try:
             key = SigningKey.generate()
             write_private(path, base64.b64encode(bytes(key) + bytes(key.verify_key)) + b"\n")
-            path.with_name(path.name + ".pub").write_text(public_key_b64(key) + "\n")
+            write_private(path.with_name(path.name + ".pub"), (public_key_b64(key) + "\n").encode())
         except OSError as exc:
             raise KeyFileError(f"{path}: cannot create key ({exc.strerror or exc})") from None
         return key

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def write_private(path: Path, data: bytes) -> None:
     """Atomic replace with mode 0600, file and directory fsynced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -22,3 +22,20 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a directory only its owner can enter: created 0700, or tightened if it was looser
+    (state written by an older version, or by hand with the default umask)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def private_append(path: Path) -> int:
+    """An fd appending to `path`, which is created 0600 (and made 0600 if it was not)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd

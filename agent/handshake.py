@@ -54,8 +54,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
@@ -70,6 +71,7 @@ from nacl.signing import SigningKey, VerifyKey
 from agent.addr import AddressError, split_host_port
 from agent.proto import message_pb2 as pb
 from agent.secure_channel import ChannelError, SecureChannel
+from agent.trust import fingerprint
 
 ZERO_NONCE = bytes(24)
 """RustDesk seals the session key with an all-zero nonce; safe because both box keys are fresh."""
@@ -91,6 +93,7 @@ _AUTH_DOMAIN = b"punchthrough-peer-auth-v1\0"
 _PROOF_DOMAIN = b"punchthrough-password-proof-v1\0"
 _CHANNEL_DOMAIN = b"punchthrough-channel-v1 "
 _PASSWORD_SALT_DOMAIN = b"punchthrough-password:"
+_ID_CHARS = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class HandshakeError(Exception):
@@ -163,14 +166,27 @@ def trusted_peer_key(
     server_key: bytes | None = None,
     signed_id_pk: bytes | None = None,
     pinned: bytes | None = None,
+    want_fingerprint: str | None = None,
 ) -> tuple[bytes, str]:
     """B's long-term ed25519 key and where it came from ("rendezvous-signed", "pinned").
 
     `signed_id_pk` is PunchHoleResponse.pk / RelayResponse.pk, checked with the
     rendezvous server's key; `pinned` is a key configured or remembered for the
     ID. With both, they must agree. With neither, there is nothing to trust and
-    RustDesk would go plaintext; we refuse.
+    RustDesk would go plaintext; we refuse. `want_fingerprint` (from `ID=SHA256:...`)
+    names the only key acceptable, whoever vouches for it.
     """
+    key, source = _trusted_peer_key(peer_id, server_key, signed_id_pk, pinned)
+    if want_fingerprint is not None and fingerprint(key) != want_fingerprint:
+        raise HandshakeError(
+            f"peer {peer_id} has key {fingerprint(key)} ({source}), not {want_fingerprint} as you named it"
+        )
+    return key, source
+
+
+def _trusted_peer_key(
+    peer_id: str, server_key: bytes | None, signed_id_pk: bytes | None, pinned: bytes | None
+) -> tuple[bytes, str]:
     if pinned is not None and len(pinned) != KEY_BYTES:
         raise HandshakeError(f"pinned key for peer {peer_id} is {len(pinned)} bytes, expected {KEY_BYTES}")
     from_server: bytes | None = None
@@ -399,17 +415,46 @@ def _frozen_keys(keys: Mapping[str, bytes]) -> Mapping[str, bytes]:
     return MappingProxyType(dict(keys))
 
 
+class TrustedBy(enum.StrEnum):
+    """How B came to trust the key a peer presented for its ID (shown in logs and `sessions`)."""
+
+    PINNED = "pinned key"
+    """The key this ID showed in an earlier verified session."""
+    ALLOW_KEY = "allow-list key"
+    """The allow entry names the key (`ID=SHA256:...`)."""
+    SERVER_BINDING = "server-signed binding"
+    """A bare allow entry, and the rendezvous server vouched (in the signed push that brought this
+    transport) that this key is bound to this ID."""
+    PASSWORD = "password"
+    """Not listed: the password proof admitted it (the ID is then only a name it gave)."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The rendezvous server's word, from the signed push that brought a transport: the peer that
+    asked for us is `peer_id`, and `public_key` is the key bound to that ID."""
+
+    peer_id: str
+    public_key: bytes
+
+
+PasswordGate = Callable[[str], str | None]
+"""Called with the claimed ID before a password proof is checked; a reason to refuse (back-off) or None."""
+
+
 @dataclass(frozen=True, eq=False)
 class Policy:
     """Who may connect to B and where they may go.
 
-    A peer is admitted by its pinned key (`pinned_keys[id] == pk`), by a listed ID
-    without a pinned key yet (trust on first contact: the shell should pin
-    `Responder.peer_pk` when `admitted_by == "first contact"`), or by the
-    password. A pinned ID that shows a different key is refused even with the
-    password, as ssh does on a changed host key. An empty target means "no
-    forward" and is allowed unless `allow_no_target` is False; any other target
-    must be listed exactly.
+    A peer proves possession of its key (signature over the session transcript);
+    the question is only whether something B trusts binds that key to the ID it
+    claims. In order: an allow entry naming the key's fingerprint (`allowed_keys`);
+    a key pinned by an earlier verified session (`pinned_keys`; a different key for
+    a pinned ID is refused even with the password, as ssh does on a changed host key);
+    a bare allowed ID (`allowed_ids`) whose key the rendezvous server bound to it
+    (the Responder's `binding`); the password. Never "whatever key shows up first".
+    An empty target means "no forward" and is allowed unless `allow_no_target` is
+    False; any other target must be listed exactly.
     """
 
     allowed_ids: frozenset[str] = frozenset()
@@ -417,14 +462,17 @@ class Policy:
     password: str | None = None
     allowed_targets: frozenset[str] = frozenset()
     allow_no_target: bool = True
+    allowed_keys: Mapping[str, str] = field(default_factory=dict)
+    """ID -> the fingerprint (SHA256:...) of the only key admitted for it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_ids", frozenset(self.allowed_ids))
         object.__setattr__(self, "allowed_targets", frozenset(self.allowed_targets))
         object.__setattr__(self, "pinned_keys", _frozen_keys(self.pinned_keys))
+        object.__setattr__(self, "allowed_keys", MappingProxyType(dict(self.allowed_keys)))
         if self.password == "":
             raise ValueError("an empty password admits nobody; use None for no password")
-        if not (self.allowed_ids or self.pinned_keys or self.password is not None):
+        if not (self.allowed_ids or self.allowed_keys or self.pinned_keys or self.password is not None):
             raise ValueError("policy admits nobody: give allowed IDs, pinned keys or a password")
 
     @classmethod
@@ -435,13 +483,40 @@ class Policy:
         password: str | None = None,
         allowed_targets: Iterable[str] = (),
         allow_no_target: bool = True,
+        allowed_keys: Mapping[str, str] | None = None,
     ) -> Policy:
         """Build from any iterables (lists from a config file)."""
-        return cls(frozenset(allowed_ids), pinned_keys or {}, password, frozenset(allowed_targets), allow_no_target)
+        return cls(
+            frozenset(allowed_ids),
+            pinned_keys or {},
+            password,
+            frozenset(allowed_targets),
+            allow_no_target,
+            allowed_keys or {},
+        )
+
+    def would_admit(self, binding: Binding | None) -> bool:
+        """Could a peer the server vouches for (`binding`) get in? Decides whether B acts on a push at
+        all: an agent does nothing on the network for a peer it would not admit."""
+        if self.password is not None:
+            return True  # anyone may try the password (it is rate limited, agent/guess_limiter.py)
+        if binding is None:
+            return False
+        peer = binding.peer_id
+        if peer in self.allowed_keys:
+            return fingerprint(binding.public_key) == self.allowed_keys[peer]
+        if peer in self.pinned_keys:
+            return hmac.compare_digest(self.pinned_keys[peer], binding.public_key)
+        return peer in self.allowed_ids
 
 
 class Responder(_Machine):
-    """B, the connected-to side: proves its identity, receives the session key, judges A."""
+    """B, the connected-to side: proves its identity, receives the session key, judges A.
+
+    `binding` is what the rendezvous server said about the peer that asked for us (None on paths
+    without a server: the direct port). `password_gate` may refuse a password attempt before it
+    is checked (back-off after failures); `password_failed` tells the shell one more failed.
+    """
 
     def __init__(
         self,
@@ -449,11 +524,15 @@ class Responder(_Machine):
         my_signing_key: SigningKey,
         policy: Policy,
         *,
+        binding: Binding | None = None,
+        password_gate: PasswordGate | None = None,
         ephemeral_key: PrivateKey | None = None,
     ) -> None:
         super().__init__()
         self.my_id = my_id
         self.policy = policy
+        self.binding = binding
+        self.password_gate = password_gate
         self._sign = my_signing_key
         self._eph = ephemeral_key or PrivateKey.generate()
         self._pw_key = password_key(policy.password, my_id) if policy.password is not None else None
@@ -462,8 +541,14 @@ class Responder(_Machine):
         self.peer_id: str | None = None
         self.peer_pk: bytes | None = None
         self.target: str | None = None
-        self.admitted_by: str | None = None
-        """"pinned key", "first contact" or "password" once done."""
+        self.admitted_by: TrustedBy | None = None
+        self.id_verified = False
+        """Once done: something B trusts binds peer_pk to peer_id (always, except for a password
+        admission on a path where no server vouched for the peer)."""
+        self.password_failed = False
+        self.claimed_id: str | None = None
+        self.claimed_pk: bytes | None = None
+        """The ID and key the peer presented, once its signature verified (also when refused)."""
 
     def start(self) -> list[bytes]:
         """B's first payload: Message{signed_id} over IdPk{my ID, my ephemeral box key}."""
@@ -541,6 +626,7 @@ class Responder(_Machine):
                 f"peer {shown}: authentication signature does not verify for this session (forged or replayed)",
                 "authentication signature does not verify for this session",
             ) from None
+        self.claimed_id, self.claimed_pk = auth.id, bytes(auth.pk)
         admitted_by = self._admit(auth, shown)
         target = auth.target
         if not target and not self.policy.allow_no_target:
@@ -555,27 +641,65 @@ class Responder(_Machine):
         assert self._channel is not None
         reply = self._channel.seal(pb.Message(auth_result=pb.AuthResult(ok=True)).SerializeToString())
         self.peer_id, self.peer_pk, self.target, self.admitted_by = auth.id, bytes(auth.pk), target, admitted_by
+        self.id_verified = admitted_by is not TrustedBy.PASSWORD or (
+            self.binding is not None and hmac.compare_digest(self.binding.public_key, self.peer_pk)
+        )
         self._state = _State.DONE
         return [reply]
 
-    def _admit(self, auth: Any, shown: str) -> str:
-        """Which rule admits this authenticated key and claimed ID; refuse otherwise."""
+    def _admit(self, auth: Any, shown: str) -> TrustedBy:
+        """Which rule binds this authenticated key to the claimed ID; refuse otherwise."""
         pol = self.policy
+        pk = bytes(auth.pk)
+        spec = f"{auth.id}={fingerprint(pk)}" if _ID_CHARS.fullmatch(auth.id) else shown
+        binding = self.binding
+        if binding is not None and binding.peer_id != auth.id:
+            raise self._refuse(
+                f"peer claims to be {shown} but the rendezvous server says the requester is {_show(binding.peer_id)}",
+                f"you claim to be {shown} but the rendezvous server says you are {_show(binding.peer_id)}",
+            )
+        bound = binding is not None and hmac.compare_digest(binding.public_key, pk)
+        want = pol.allowed_keys.get(auth.id)
+        if want is not None:
+            if fingerprint(pk) == want:
+                return TrustedBy.ALLOW_KEY
+            raise self._refuse(
+                f"peer {shown} presented key {fingerprint(pk)}, but its allow entry names {want}",
+                f"peer {shown}: your key {fingerprint(pk)} is not the one on this agent's allow list",
+            )
         pinned = pol.pinned_keys.get(auth.id)
         if pinned is not None:
-            if hmac.compare_digest(pinned, auth.pk):
-                return "pinned key"
+            if hmac.compare_digest(pinned, pk):
+                return TrustedBy.PINNED
             raise self._refuse(
-                f"peer {shown} presented a key that does not match its pinned key", f"peer {shown} is not allowed"
+                f"peer {shown} presented key {fingerprint(pk)}, not its pinned key {fingerprint(pinned)}",
+                f"peer {shown}: your key {fingerprint(pk)} is not the key this agent pinned for {shown}",
             )
         if auth.id in pol.allowed_ids:
-            return "first contact"
+            if bound:
+                return TrustedBy.SERVER_BINDING
+            if binding is not None:
+                raise self._refuse(
+                    f"peer {shown} presented key {fingerprint(pk)}, not the key the rendezvous server bound to it",
+                    f"peer {shown}: your key is not the one the rendezvous server has for {shown}",
+                )
+            if self._pw_key is None:
+                raise self._refuse(
+                    f"peer {shown} is allowed by ID only and nothing vouched for its key {fingerprint(pk)} "
+                    f"on this path (allow {spec} to admit that key here)",
+                    f"peer {shown}: this agent allows your ID but cannot check your key on this path; "
+                    f"its owner can allow {spec}",
+                )
         if self._pw_key is None:
             raise self._refuse(
-                f"peer {shown} is not allowed (not listed, no password set)", f"peer {shown} is not allowed"
+                f"peer {shown} is not allowed (not listed, no password set)",
+                f"peer {shown} is not allowed here: its owner can allow {spec}",
             )
         if not auth.password_proof:
             raise self._refuse(f"peer {shown} is not listed and gave no password", "password required")
+        if self.password_gate is not None and (blocked := self.password_gate(auth.id)):
+            raise self._refuse(f"peer {shown}: password attempt refused: {blocked}", blocked)
         if not hmac.compare_digest(password_proof(self._pw_key, self._transcript), auth.password_proof):
+            self.password_failed = True
             raise self._refuse(f"peer {shown} gave a wrong password", "wrong password")
-        return "password"
+        return TrustedBy.PASSWORD

@@ -8,7 +8,7 @@ atomically with mode 0600, so a crash mid-write never leaves half an identity.
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import hashlib
 import json
 import secrets
@@ -19,6 +19,7 @@ from nacl.signing import SigningKey
 
 from agent.crypto import KeyFileError, load_or_create_signing_key
 from agent.files import write_private
+from agent.trust import fingerprint
 
 KEY_FILE = "id_ed25519"
 IDENTITY_FILE = "identity.json"
@@ -36,11 +37,6 @@ def derive_id(public_key: bytes, salt: int = 0) -> str:
     """Ten digits, first one non-zero (RustDesk-style numeric IDs are easy to read out)."""
     digest = hashlib.sha256(b"punchthrough-id:" + salt.to_bytes(4, "big") + public_key).digest()
     return str(1_000_000_000 + int.from_bytes(digest[:8], "big") % 9_000_000_000)
-
-
-def fingerprint(public_key: bytes) -> str:
-    """Short, comparable form of a key for people: SHA256:<base64 of the hash>, as ssh prints."""
-    return "SHA256:" + base64.b64encode(hashlib.sha256(public_key).digest()).decode().rstrip("=")
 
 
 @dataclass
@@ -98,3 +94,27 @@ def next_id(state_dir: Path, ident: Identity) -> Identity:
     new = Identity(ident.signing_key, derive_id(ident.public_key, ident.salt + 1), ident.uuid, ident.salt + 1)
     save(state_dir, new)
     return new
+
+
+class IdentityCache:
+    """This agent's identity as it is now: reloaded when the registrar moved to a new ID (another
+    process rewrote identity.json), so every component signs and answers with the current one."""
+
+    def __init__(self, state_dir: Path, current: Identity | None = None) -> None:
+        self.state_dir = state_dir
+        self._identity = current or load_or_create(state_dir)
+        self._stamp = self._mtime()
+
+    def _mtime(self) -> int:
+        try:
+            return (self.state_dir / IDENTITY_FILE).stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def get(self) -> Identity:
+        stamp = self._mtime()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            with contextlib.suppress(KeyFileError):  # a damaged file: keep the last good identity
+                self._identity = load_or_create(self.state_dir)
+        return self._identity

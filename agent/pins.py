@@ -1,8 +1,8 @@
-"""Pinned peer keys (trust on first use, like ssh's known_hosts).
+"""Pinned keys (trust on first use, like ssh's known_hosts): peers' keys and rendezvous servers' keys.
 
-Once a peer ID has been seen with a key, a different key for that ID is refused
-with a clear error until the user removes the pin. Written atomically, so a
-crash mid-write keeps the previous pins.
+Once a name (a peer ID, a server's HOST:PORT) has been seen with a key, a different
+key for that name is refused with a clear error until the user removes the pin.
+Written atomically, so a crash mid-write keeps the previous pins.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import json
 from pathlib import Path
 
 from agent.files import write_private
-from agent.identity import fingerprint
+from agent.trust import fingerprint
 
 PINS_FILE = "known_peers.json"
+SERVER_PINS_FILE = "known_servers.json"
 KEY_LEN = 32
 
 
 class PinMismatch(Exception):
-    """A peer presented a key that differs from the one pinned for its ID."""
+    """A name presented a key that differs from the one pinned for it."""
 
 
 def _key(value: object) -> bytes:
@@ -37,9 +38,13 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:120] + "..."
 
 
-class PinStore:
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / PINS_FILE
+class KeyPins:
+    """name -> key, in one JSON file of the state dir."""
+
+    what = "name"
+
+    def __init__(self, state_dir: Path, filename: str) -> None:
+        self.path = state_dir / filename
         self._pins: dict[str, bytes] = {}
         try:
             raw = json.loads(self.path.read_text())
@@ -53,22 +58,53 @@ class PinStore:
         except (ValueError, TypeError, AttributeError) as exc:
             raise ValueError(f"{self.path}: unreadable pins ({_short(exc)}); fix or remove it") from None
 
-    def get(self, peer_id: str) -> bytes | None:
-        return self._pins.get(peer_id)
+    def get(self, name: str) -> bytes | None:
+        return self._pins.get(name)
 
-    def check_and_pin(self, peer_id: str, key: bytes) -> bool:
-        """True if newly pinned; raises PinMismatch if `peer_id` is pinned to another key."""
+    def items(self) -> list[tuple[str, bytes]]:
+        return sorted(self._pins.items())
+
+    def check_and_pin(self, name: str, key: bytes) -> bool:
+        """True if newly pinned; raises PinMismatch if `name` is pinned to another key."""
         if len(key) != KEY_LEN:  # would make the file unreadable on the next load
-            raise ValueError(f"refusing to pin a {len(key)}-byte key for peer {peer_id!r}")
-        known = self._pins.get(peer_id)
+            raise ValueError(f"refusing to pin a {len(key)}-byte key for {self.what} {name!r}")
+        known = self._pins.get(name)
         if known == key:
             return False
         if known is not None:
             raise PinMismatch(
-                f"peer {peer_id} presented key {fingerprint(key)} but {fingerprint(known)} is pinned "
-                f"(remove it from {self.path} if the peer really changed its key)"
+                f"{self.what} {name} presented key {fingerprint(key)} but {fingerprint(known)} is pinned "
+                f"(if it really changed its key, remove {name} from {self.path})"
             )
-        self._pins[peer_id] = key
+        self._pins[name] = key
+        self._save()
+        return True
+
+    def forget(self, name: str) -> bool:
+        """Remove a pin; False if there was none."""
+        if self._pins.pop(name, None) is None:
+            return False
+        self._save()
+        return True
+
+    def _save(self) -> None:
         data = {k: base64.b64encode(v).decode() for k, v in sorted(self._pins.items())}
         write_private(self.path, (json.dumps(data, indent=1) + "\n").encode())
-        return True
+
+
+class PinStore(KeyPins):
+    """Peers' keys, pinned after every verified session."""
+
+    what = "peer"
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir, PINS_FILE)
+
+
+class ServerPins(KeyPins):
+    """Rendezvous servers' keys (by the HOST:PORT this agent uses), pinned on first registration."""
+
+    what = "rendezvous server"
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir, SERVER_PINS_FILE)

@@ -18,11 +18,11 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import addr as addrmod
+from agent import signing
 from agent.handshake import HandshakeError
 from agent.pins import PinMismatch, PinStore
 from agent.plan import DIRECT_BUDGET, LAN_BUDGET, PUNCH_BUDGET, Policy, Situation, Strategy, make_plan
@@ -34,6 +34,7 @@ from agent.rendezvous_client import (
     punch_hole_exchange,
     request_relay,
 )
+from agent.trust import PeerSpec, fingerprint
 
 if TYPE_CHECKING:
     from agent.coordinator import Coordinator
@@ -88,16 +89,20 @@ class Race:
         coord: Coordinator,
         plan: SessionPlan,
         sid: str,
-        peer: str,
+        spec: PeerSpec,
         started: float,
         deadline: float,
         keys: dict[str, tuple[bytes, str]],
     ) -> None:
-        self.coord, self.plan, self.sid, self.peer = coord, plan, sid, peer
+        self.coord, self.plan, self.sid, self.peer = coord, plan, sid, spec.peer_id
+        self.want = spec.fingerprint
+        """The fingerprint the user named for the peer's key (ID=SHA256:...), if any."""
         self.started, self.deadline, self.keys = started, deadline, keys
         self.errors: list[str] = []
         self.handed: set[str] = set()
         self.fatal = ""
+        self.over = asyncio.Event()
+        """Set with `fatal`: the answer holds for every path (the peer is unknown or refused us)."""
         self.direct_address = ""
         self.direct_running = 0
         self.direct_over = asyncio.Event()
@@ -150,6 +155,11 @@ class Race:
                 f"no key pinned for peer {self.peer}: reach it once through the rendezvous server first",
             )
             return
+        if self.want is not None and fingerprint(pinned) != self.want:
+            self._record(
+                "direct", "error", f"peer {self.peer} is pinned to key {fingerprint(pinned)}, not {self.want}"
+            )
+            return
         self.keys["direct"] = (pinned, "pinned")
         self._record("direct", "running")
         res = await self.coord.lan.call(
@@ -186,7 +196,11 @@ class Race:
                     timeout=max(0.5, self.deadline - time.monotonic()),
                     version=VERSION,
                     udp_port=port,
+                    signer=coord.signer(),
                 )
+            except RelayRefused as exc:
+                self._fail("udp_punch", str(exc))
+                return
             except RendezvousError as exc:
                 self._record("udp_punch", "error", str(exc))
                 return
@@ -195,7 +209,7 @@ class Race:
                 self._record("udp_punch", "skipped", "the server did not offer a UDP path (same LAN or relay)")
                 return
             try:
-                pk, source = coord.trusted_key(self.peer, bytes(resp.pk))
+                pk, source = coord.trusted_key(self.peer, bytes(resp.pk), self.want)
             except (HandshakeError, PinMismatch) as exc:
                 self._record("udp_punch", "error", str(exc))
                 return
@@ -229,10 +243,10 @@ class Race:
                 timeout=max(0.5, self.deadline - time.monotonic()),
                 version=VERSION,
                 socket_addr_v6=our_v6,
+                signer=coord.signer(),
             )
-        except PeerUnavailable as exc:
-            self._record("tcp_punch", "error", str(exc))
-            self.fatal = str(exc)
+        except (PeerUnavailable, RelayRefused) as exc:
+            self._fail("tcp_punch", str(exc))
             return
         except RendezvousError as exc:
             self._record("tcp_punch", "error", str(exc))
@@ -240,20 +254,24 @@ class Race:
         resp = res.response
         if isinstance(resp, pb.RelayResponse):
             self._record("tcp_punch", "skipped", "the rendezvous server or the peer chose the relay")
-            await self._dial_relay(resp, coord.relay_address())
+            await self._dial_relay(resp)
             return
         try:
-            pk, source = coord.trusted_key(self.peer, bytes(resp.pk))
+            pk, source = coord.trusted_key(self.peer, bytes(resp.pk), self.want)
         except (HandshakeError, PinMismatch) as exc:
             self._record("tcp_punch", "error", str(exc))
             return
-        peer_addr = str(addrmod.decode(bytes(resp.socket_addr)))
         is_local = resp.WhichOneof("union") == "is_local" and resp.is_local
         name = "lan" if is_local else "tcp_punch"
+        peer_sockaddr = addrmod.decode(bytes(resp.socket_addr))
+        if not dialable(peer_sockaddr):
+            self._record(name, "error", f"the peer's address {peer_sockaddr} is not one to connect to")
+            return
+        peer_addr = str(peer_sockaddr)
         meta = {"peer_pk": pk, "key_source": source}
         v6_task = None
         peer_v6 = bytes(resp.socket_addr_v6)
-        if our_v6 and addrmod.decode(peer_v6).port and not is_local:
+        if our_v6 and addrmod.global_unicast_v6(peer_v6) and not is_local:
             self.keys["ipv6"] = (pk, source)
             v6_task = asyncio.ensure_future(self._ipv6(peer_v6, meta))
         elif our_v6:
@@ -301,6 +319,12 @@ class Race:
             self._record("ipv6", "connected")
         else:
             self._record("ipv6", "error", str(res.get("reason")))
+
+    def _fail(self, strategy: str, reason: str) -> None:
+        """An answer that holds for every path: record it and end the race now."""
+        self._record(strategy, "error", reason)
+        self.fatal = self.fatal or reason
+        self.over.set()
 
     def _record(self, strategy: str, outcome: str, reason: str = "") -> None:
         """An attempt's outcome; a "running" entry of the same strategy is updated in place."""
@@ -357,36 +381,33 @@ class Race:
                     w.cancel()
         if self.fatal:
             return
-        coord = self.coord
-        relay = coord.relay_address()
         self._record("relay", "running")
         try:
-            rr = await self._request_relay(relay)
+            rr = await self._request_relay()
+        except RelayRefused as exc:
+            self._fail("relay", str(exc))
+            return
         except RendezvousError as exc:
             self._record("relay", "error", str(exc))
             return
-        await self._dial_relay(rr, relay)
+        await self._dial_relay(rr)
 
-    async def _request_relay(self, relay: str) -> Any:
+    async def _request_relay(self) -> Any:
         """RequestRelay, asked again on silence: a push lost in flight (UDP, or the peer's registrar
-        restarting) costs one short wait, not the whole budget. RustDesk also asks three times."""
+        restarting) costs one short wait, not the whole budget. RustDesk also asks three times.
+        The server picks the relay and a fresh uuid each time (a late answer never pairs with a retry)."""
         peer, deadline = self.peer, self.deadline
         waits = RELAY_REQUEST_WAITS
         for i, wait in enumerate(waits):
             left = deadline - time.monotonic()
             last = i == len(waits) - 1 or left <= wait
-            pair_uuid = str(uuidlib.uuid4())  # fresh each time: a late answer must not pair with a retry
             try:
-                rr = await request_relay(
+                return await request_relay(
                     self.coord.server_addr,
                     peer,
-                    pair_uuid,
-                    relay_server=relay,
                     timeout=max(0.5, left if last else wait),
+                    signer=self.coord.signer(),
                 )
-                if not rr.uuid:
-                    rr.uuid = pair_uuid
-                return rr
             except RelayRefused:
                 raise
             except RendezvousError:
@@ -394,19 +415,31 @@ class Race:
                     raise
         raise RendezvousError(f"no relay answer from peer {peer}")  # pragma: no cover - loop returns or raises
 
-    async def _dial_relay(self, rr: Any, relay: str) -> None:
+    async def _dial_relay(self, rr: Any) -> None:
+        """Join the relay the server named, with its ticket: both checked with the server's key first,
+        so nobody but the server chooses where we connect."""
         coord = self.coord
         try:
-            pk, source = coord.trusted_key(self.peer, rr.pk if rr.WhichOneof("union") == "pk" else b"")
+            pk, source = coord.trusted_key(self.peer, rr.pk if rr.WhichOneof("union") == "pk" else b"", self.want)
         except (HandshakeError, PinMismatch) as exc:
             self._record("relay", "error", str(exc))
+            return
+        server_key = coord.server_key()
+        try:
+            if server_key is None:
+                raise signing.SignatureError("the rendezvous server's key is not known yet")
+            signing.check_ticket((server_key,), bytes(rr.ticket), rr.uuid, rr.relay_server, time.time())
+        except signing.SignatureError as exc:
+            self._record("relay", "error", f"relay ticket from the rendezvous server: {exc}")
             return
         self.keys["relay"] = (pk, source)
         dial = await coord.relay.call(
             "dial",
             self.sid,
-            rr.relay_server or relay,
+            coord.relay_target(rr.relay_server),
             rr.uuid,
+            bytes(rr.ticket),
+            rr.relay_server,
             self.peer,
             "initiator",
             {"peer_pk": pk, "key_source": source},
@@ -415,3 +448,10 @@ class Race:
             self._record("relay", "connected")
         else:
             self._record("relay", "error", str(dial.get("reason")))
+
+
+def dialable(a: addrmod.SockAddr) -> bool:
+    """An address from a peer's answer (its LAN or public address) that we may connect to: a unicast
+    address with a port, never unspecified, multicast or broadcast."""
+    ip = a.ip
+    return bool(a.port) and not (ip.is_unspecified or ip.is_multicast or str(ip) == "255.255.255.255")

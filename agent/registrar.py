@@ -18,6 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from nacl.signing import SigningKey
+
 from agent.addr import SockAddr
 from agent.netwatch import observe_view
 from agent.netwatch_core import NetView, NetWatchCore, NetworkChanged
@@ -28,8 +30,11 @@ from agent.registrar_core import (
     Push,
     Registered,
     RegistrarCore,
+    ServerKeyLearned,
+    ServerKeyRefused,
     StateChanged,
 )
+from agent.trust import fingerprint
 
 log = logging.getLogger("punchthrough.registrar")
 
@@ -42,7 +47,9 @@ class IdentityLike(Protocol):
     @property
     def uuid(self) -> bytes: ...
     @property
-    def public_key(self) -> bytes: ...
+    def signing_key(self) -> SigningKey: ...
+    @property
+    def salt(self) -> int: ...
 
 
 PushHandler = Callable[[str, Any, tuple[str, int]], Awaitable[None] | None]
@@ -51,6 +58,8 @@ IdTakenHandler = Callable[[IdentityLike], IdentityLike | Awaitable[IdentityLike]
 """on_id_taken(current identity) -> the identity to register instead (e.g. agent.identity.next_id)."""
 NetworkChangeHandler = Callable[[NetworkChanged], Awaitable[None] | None]
 """on_network_change(change): called after the registrar re-bound and re-registered (e.g. re-measure the NAT)."""
+ServerKeyHandler = Callable[[bytes], None]
+"""on_server_key(key): the server's key, learned on first contact (pin it)."""
 
 
 class RegistrarError(Exception):
@@ -107,6 +116,8 @@ class Registrar:
         bind: str | None = None,
         on_network_change: NetworkChangeHandler | None = None,
         observe: Callable[[], NetView] | None = None,
+        server_key: bytes | None = None,
+        on_server_key: ServerKeyHandler | None = None,
     ) -> None:
         self.server = server
         self.identity = identity
@@ -120,6 +131,11 @@ class Registrar:
         self.bind = bind
         self.on_network_change = on_network_change
         self.observe = observe
+        self.server_key = server_key
+        """The key the server must sign with (configured, embedded or pinned); None: learn it."""
+        self.on_server_key = on_server_key
+        self.server_key_problem = ""
+        """One line when the server presented another key than the one we trust."""
         self.netwatch = NetWatchCore()
         self.rebinds = 0
         self._change_lock = asyncio.Lock()
@@ -146,7 +162,9 @@ class Registrar:
             SockAddr.of(sockaddr[0], sockaddr[1]),
             self.identity.peer_id,
             self.identity.uuid,
-            self.identity.public_key,
+            self.identity.signing_key,
+            salt=self.identity.salt,
+            server_key=self.server_key,
             interval=self.interval,
             reply_timeout=self.reply_timeout,
             max_backoff=self.max_backoff,
@@ -205,6 +223,8 @@ class Registrar:
         out["push_errors"] = self.push_errors
         out["network"] = self.netwatch.status(time.monotonic())
         out["network"]["rebinds"] = self.rebinds
+        if self.server_key_problem:
+            out["server_key_problem"] = self.server_key_problem
         return out
 
     def nat_type_changed(self) -> None:
@@ -312,8 +332,26 @@ class Registrar:
                 log.info("network: %s", change.reason)
                 self._spawn(self._network_changed(change))
             elif isinstance(event, IdTaken):
-                log.warning("ID %s belongs to another machine at %s:%s", event.peer_id, *self.server)
+                log.warning("ID %s belongs to another key at %s:%s", event.peer_id, *self.server)
                 self._spawn(self._change_id())
+            elif isinstance(event, ServerKeyLearned):
+                log.warning(
+                    "trusting rendezvous server %s:%s on first contact: key %s (pinned from now on)",
+                    *self.server,
+                    fingerprint(event.key),
+                )
+                if self.on_server_key is not None:
+                    try:
+                        self.on_server_key(event.key)
+                    except Exception:
+                        log.exception("pinning the server key failed")
+            elif isinstance(event, ServerKeyRefused):
+                where = f"{self.server[0]}:{self.server[1]}"
+                self.server_key_problem = (
+                    f"rendezvous server {where} signs with key {fingerprint(event.presented)}, "
+                    f"not the trusted {fingerprint(event.expected)}"
+                )
+                log.error("%s: not registering", self.server_key_problem)
 
     def _deliver(self, push: Push) -> None:
         try:
@@ -348,5 +386,5 @@ class Registrar:
             raise RegistrarError(f"on_id_taken returned the taken ID {old.peer_id} again")
         self.identity = new
         log.info("registering new ID %s instead of %s", new.peer_id, old.peer_id)
-        core.set_identity(new.peer_id, new.uuid, new.public_key)
+        core.set_identity(new.peer_id, new.uuid, new.signing_key, new.salt)
         self._flush()

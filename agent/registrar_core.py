@@ -7,30 +7,42 @@ every datagram. The rules follow `rendezvous_mediator.rs start_udp`:
 
 * RegisterPk {id, uuid, pk} until the server confirms the key, then RegisterPeer
   {id, serial, nat_type} whenever the last reply is `interval` seconds old;
+* a RegisterPk is signed (agent/signing.py): the first one of an attempt carries a
+  fresh nonce and asks for a challenge; the server answers CHALLENGE, signed with its
+  key for our nonce. That key must be the one we expect (configured, or pinned on first
+  contact: then we learn it here and the shell pins it, as ssh's known_hosts); a server
+  presenting another key is refused and registration stops. The second RegisterPk
+  carries the challenge and our signature; only a signed OK confirms it;
 * an unanswered send is repeated after a reply timeout that grows (3 s, 6 s, ...
   30 s) while the server stays silent, so a dead server costs little traffic;
 * RegisterPeerResponse.request_pk (new or restarted server) -> RegisterPk at once;
 * TOO_FREQUENT -> hold off (6 s, doubling to 60 s: the server's per-ID window);
-* UUID_MISMATCH -> the ID belongs to someone else: stop until the shell supplies
-  a new identity (`set_identity`), then RegisterPk again.
+* UUID_MISMATCH / KEY_MISMATCH -> the ID belongs to someone else: stop until the
+  shell supplies a new identity (`set_identity`), then RegisterPk again.
 
 Pushes from the server (PunchHole, FetchLocalAddr, RequestRelay, ...) come out
-as `Push` events; a repeat of the same push within 100 ms is dropped as RustDesk
-does, because the server may resend while a peer retries.
+as `Push` events only when the server signed them for our ID; a repeat of the same
+push within 100 ms is dropped as RustDesk does, because the server may resend while
+a peer retries.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nacl.signing import SigningKey
+
 from agent import addr as addrmangle
-from agent import messages
+from agent import messages, signing
 from agent.addr import SockAddr, to_v4_if_mapped
 from agent.messages import MessageError
 from agent.proto import rendezvous_pb2 as pb
 from agent.stats import DropStats
+from agent.trust import fingerprint
 
 REPLY_KINDS = frozenset({"register_peer_response", "register_pk_response"})
 
@@ -40,7 +52,11 @@ REGISTERED = "registered"
 UNREACHABLE = "unreachable"
 ID_TAKEN = "id_taken (waiting for a new id)"
 BACKING_OFF = "backing_off (server says too frequent)"
+SERVER_KEY_REFUSED = "server_key_refused"
 
+REGISTER_PK_SIZE = 192
+"""An unsigned RegisterPk is padded to this many bytes: the server's signed CHALLENGE answer (~130
+bytes) may never be larger than the request it answers."""
 DUPLICATE_WINDOW = 0.1
 """Seconds within which a repeated push is a duplicate (RustDesk: 100 ms)."""
 MAX_RECENT_PUSHES = 256
@@ -76,13 +92,28 @@ class StateChanged:
 
 
 @dataclass(frozen=True)
+class ServerKeyLearned:
+    """No server key was expected: this one signed its answer (the shell pins it, trust on first use)."""
+
+    key: bytes
+
+
+@dataclass(frozen=True)
+class ServerKeyRefused:
+    """The server signed with another key than the expected one: registration stops."""
+
+    expected: bytes
+    presented: bytes
+
+
+@dataclass(frozen=True)
 class KeyRequested:
     """The server asked for our key although it had confirmed it: it saw us at a new IP, or restarted."""
 
     peer_id: str
 
 
-Event = Push | IdTaken | Registered | StateChanged | KeyRequested
+Event = Push | IdTaken | Registered | StateChanged | KeyRequested | ServerKeyLearned | ServerKeyRefused
 
 
 def _push_key(kind: str, message: Any) -> bytes:
@@ -109,8 +140,11 @@ class RegistrarCore:
         server: SockAddr,
         peer_id: str,
         uuid: bytes,
-        public_key: bytes,
+        signing_key: SigningKey,
         *,
+        salt: int = 0,
+        server_key: bytes | None = None,
+        token_bytes: Callable[[int], bytes] = secrets.token_bytes,
         interval: float = 4.0,
         reply_timeout: float = 3.0,
         max_backoff: float = 30.0,
@@ -125,7 +159,14 @@ class RegistrarCore:
         self.server = to_v4_if_mapped(server)
         self.peer_id = peer_id
         self.uuid = uuid
-        self.public_key = public_key
+        self.signing_key = signing_key
+        self.salt = salt
+        self.server_key = server_key
+        """The key the server must sign with; None until learned (trust on first use)."""
+        self.server_key_learned = False
+        self.token_bytes = token_bytes
+        self._nonce = b""
+        self._challenge = b""
         self.interval = interval
         self.reply_timeout = reply_timeout
         self.max_backoff = max_backoff
@@ -166,9 +207,14 @@ class RegistrarCore:
             if self.confirmed:
                 self._send_now = True
 
-    def set_identity(self, peer_id: str, uuid: bytes, public_key: bytes) -> None:
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    def set_identity(self, peer_id: str, uuid: bytes, signing_key: SigningKey, salt: int) -> None:
         """Switch to a new identity (after UUID_MISMATCH): the new ID must be registered from scratch."""
-        self.peer_id, self.uuid, self.public_key = peer_id, uuid, public_key
+        self.peer_id, self.uuid, self.signing_key, self.salt = peer_id, uuid, signing_key, salt
+        self._challenge = b""
         self._waiting_identity = False
         self.confirmed = False
         self._outstanding_since = None
@@ -182,6 +228,7 @@ class RegistrarCore:
         if self._waiting_identity:
             return
         self.confirmed = False
+        self._challenge = b""
         self._outstanding_since = None
         self._timeouts = 0
         self._send_now = True
@@ -198,20 +245,30 @@ class RegistrarCore:
             self._drop(exc.reason, source, now)
             return
         if kind == "register_peer_response":
+            if self.state == SERVER_KEY_REFUSED:
+                return
             self._on_reply(now)
             if sub.request_pk:
-                # New or restarted server: it does not know our key (or saw our IP change).
+                # New or restarted server: it does not know our key (or saw our address change).
                 if self.confirmed:
                     self._events.append(KeyRequested(self.peer_id))
                 self.confirmed = False
+                self._challenge = b""
                 self._send_now = True
                 self._set_state(REGISTERING)
             elif self.confirmed:
                 self._set_state(REGISTERED)
         elif kind == "register_pk_response":
-            self._on_reply(now)
-            self._on_pk_result(sub.result, now)
+            self._on_pk_response(sub, data, source, now)
         else:
+            if self.server_key is None:
+                self._drop("push_before_server_key", source, now)
+                return
+            try:
+                signing.opened(self.server_key, signing.PUSH, self.peer_id.encode(), data)
+            except signing.SignatureError:
+                self._drop("unsigned_push", source, now)
+                return
             if kind == "configure_update" and sub.serial > self.serial:
                 self.serial = sub.serial
             self._on_push(kind, sub, now)
@@ -220,7 +277,7 @@ class RegistrarCore:
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         """At most one registration datagram, when one is due at `now`."""
-        if self._waiting_identity:
+        if self._waiting_identity or self.state == SERVER_KEY_REFUSED:
             return []
         if self._hold_until is not None:
             if now < self._hold_until:
@@ -245,7 +302,25 @@ class RegistrarCore:
             msg = pb.RegisterPeer(id=self.peer_id, serial=self.serial, nat_type=self.nat_type)  # type: ignore[arg-type]
             return [messages.build(register_peer=msg)]
         self.sent_pk += 1
-        return [messages.build(register_pk=pb.RegisterPk(id=self.peer_id, uuid=self.uuid, pk=self.public_key))]
+        return [self._register_pk()]
+
+    def _register_pk(self) -> bytes:
+        """Signed with the server's challenge when we have one; else a padded request for one."""
+        if not self._challenge or not self._nonce:
+            self._nonce = self.token_bytes(16)
+        rk = pb.RegisterPk(
+            id=self.peer_id,
+            uuid=self.uuid,
+            pk=self.public_key,
+            id_salt=self.salt,
+            nonce=self._nonce,
+            challenge=self._challenge,
+        )
+        if self._challenge:
+            return signing.seal(self.signing_key, signing.REGISTER, b"", messages.build(register_pk=rk))
+        size = len(messages.build(register_pk=rk))
+        rk.padding = bytes(max(0, REGISTER_PK_SIZE - size - 3))
+        return messages.build(register_pk=rk)
 
     def next_events(self) -> list[Event]:
         events, self._events = self._events, []
@@ -269,6 +344,8 @@ class RegistrarCore:
             "replies": self.replies,
             "consecutive_timeouts": self._timeouts,
             "last_result": self.last_result,
+            "server_key": fingerprint(self.server_key) if self.server_key else "",
+            "server_key_learned": self.server_key_learned,
             "pushes_received": self.pushes,
             "duplicate_pushes": self.duplicates,
             "drops": self.drops.snapshot(),
@@ -284,6 +361,47 @@ class RegistrarCore:
         if self.state == UNREACHABLE:
             self._set_state(REGISTERED if self.confirmed else REGISTERING)
 
+    def _on_pk_response(self, resp: Any, data: bytes, source: SockAddr, now: float) -> None:
+        """Only an answer signed for this attempt's nonce counts; the first one may teach us the key."""
+        if self.state == SERVER_KEY_REFUSED or not self._nonce:
+            self._drop("unexpected_register_pk_response", source, now)
+            return
+        R = pb.RegisterPkResponse
+        key = self.server_key
+        presented = bytes(resp.server_key)
+        if key is None and resp.result == R.CHALLENGE and len(presented) == signing.KEY_BYTES:
+            key = presented
+        if key is None:
+            self._drop("unsigned_register_pk_response", source, now)
+            return
+        try:
+            signing.opened(key, signing.SERVER, self._nonce, data)
+        except signing.SignatureError:
+            if resp.result == R.CHALLENGE and self.server_key is not None and len(presented) == signing.KEY_BYTES:
+                try:  # signed, but with another key than the one we trust: a different server
+                    signing.opened(presented, signing.SERVER, self._nonce, data)
+                except signing.SignatureError:
+                    pass
+                else:
+                    self._on_reply(now)
+                    self._set_state(SERVER_KEY_REFUSED)
+                    self._events.append(ServerKeyRefused(self.server_key, presented))
+                    return
+            self._drop("bad_register_pk_response_signature", source, now)
+            return
+        if self.server_key is None:
+            self.server_key = key
+            self.server_key_learned = True
+            self._events.append(ServerKeyLearned(key))
+        self._on_reply(now)
+        if resp.result == R.CHALLENGE:
+            self._challenge = bytes(resp.challenge)
+            self._send_now = True
+            self.last_result = "CHALLENGE"
+            return
+        self._challenge = b""  # the next attempt asks for a new one (and gets a new nonce)
+        self._on_pk_result(resp.result, now)
+
     def _on_pk_result(self, result: int, now: float) -> None:
         R = pb.RegisterPkResponse
         self.last_result = R.Result.Name(result) if result in R.Result.values() else str(result)
@@ -297,7 +415,7 @@ class RegistrarCore:
             self._set_state(REGISTERED)
             if first:
                 self._events.append(Registered(self.peer_id))
-        elif result == R.UUID_MISMATCH:
+        elif result in (R.UUID_MISMATCH, R.KEY_MISMATCH):
             self.confirmed = False
             self._waiting_identity = True
             self._send_now = False

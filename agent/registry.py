@@ -1,15 +1,21 @@
 """The rendezvous server's durable ID table (SQLite): which uuid and key own which ID.
 
-An ID is bound to the machine uuid that registered it first, and that binding must
-survive restarts and crashes, so the database runs in WAL mode with synchronous=FULL.
-The ownership rule is also written into the SQL (an update only applies when the
-uuid matches), so even a caller with a stale in-memory view cannot hand an ID to a
-different uuid. Writes come in batches: one transaction (one fsync) for everything
-that arrived while the previous batch was being committed.
+An ID is bound to the key that registered it first with its signature (`signed`), or,
+for RustDesk's unsigned registrations, to the machine uuid that registered it first;
+that binding must survive restarts and crashes, so the database runs in WAL mode with
+synchronous=FULL. The ownership rules are also written into the SQL (a signed row is
+only updated by a signed row with the same key; an unsigned row only by its own uuid),
+so even a caller with a stale in-memory view cannot hand an ID to someone else.
+Writes come in batches: one transaction (one fsync) for everything that arrived while
+the previous batch was being committed.
+
+The file is created 0600 (SQLite gives its -wal and -shm files the same mode): it
+holds every peer's uuid and key, and the uuid is upstream's only proof of ownership.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -22,16 +28,21 @@ CREATE TABLE IF NOT EXISTS peer (
     uuid        BLOB NOT NULL,
     pk          BLOB NOT NULL,
     created_at  REAL NOT NULL,
-    last_ip     TEXT NOT NULL DEFAULT ''
+    last_ip     TEXT NOT NULL DEFAULT '',
+    signed      INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID
 """
+_ADD_SIGNED = "ALTER TABLE peer ADD COLUMN signed INTEGER NOT NULL DEFAULT 0"
 
-# Insert a new ID, or refresh pk/last_ip of an ID this uuid already owns; a row owned by
-# another uuid is left untouched (the WHERE clause turns the hijack into a no-op).
+# Insert a new ID, or refresh a binding its owner holds: a signed row only with a signed row of the
+# same key (uuid and address may change), an unsigned row only with its own uuid (and it may become
+# signed). Anything else is left untouched: the WHERE clause turns a hijack into a no-op.
 _UPSERT = """
-INSERT INTO peer (id, uuid, pk, created_at, last_ip) VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET pk = excluded.pk, last_ip = excluded.last_ip
-WHERE peer.uuid = excluded.uuid
+INSERT INTO peer (id, uuid, pk, created_at, last_ip, signed) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET uuid = excluded.uuid, pk = excluded.pk, last_ip = excluded.last_ip,
+    signed = excluded.signed
+WHERE (peer.signed = 1 AND excluded.signed = 1 AND peer.pk = excluded.pk)
+   OR (peer.signed = 0 AND peer.uuid = excluded.uuid)
 """
 
 
@@ -44,6 +55,7 @@ class PeerRow:
     pk: bytes
     last_ip: str = ""
     created_at: float = 0.0
+    signed: bool = False
 
 
 class Registry:
@@ -53,22 +65,29 @@ class Registry:
         self.path = str(path)
         self._clock = clock
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(self.path, 0o600)  # an older file may have been created readable
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one transaction.
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA busy_timeout = 5000")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(peer)")}
+        if "signed" not in columns:  # a database from before signed registrations
+            self._db.execute(_ADD_SIGNED)
 
     def get(self, peer_id: str) -> PeerRow | None:
-        row = self._db.execute("SELECT id, uuid, pk, last_ip, created_at FROM peer WHERE id = ?", (peer_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT id, uuid, pk, last_ip, created_at, signed FROM peer WHERE id = ?", (peer_id,)
+        ).fetchone()
         if row is None:
             return None
-        return PeerRow(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
+        return PeerRow(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4], bool(row[5]))
 
     def put_many(self, rows: Iterable[PeerRow]) -> int:
-        """Store rows in one transaction; returns how many were refused (ID owned by another uuid)."""
+        """Store rows in one transaction; returns how many were refused (ID owned by someone else)."""
         rows = list(rows)
         if not rows:
             return 0
@@ -77,7 +96,7 @@ class Registry:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             for r in rows:
-                cur = self._db.execute(_UPSERT, (r.id, r.uuid, r.pk, now, r.last_ip))
+                cur = self._db.execute(_UPSERT, (r.id, r.uuid, r.pk, now, r.last_ip, int(r.signed)))
                 if cur.rowcount == 0:
                     refused += 1
             self._db.execute("COMMIT")
@@ -87,7 +106,7 @@ class Registry:
         return refused
 
     def put(self, row: PeerRow) -> bool:
-        """Store one row; False when the ID belongs to another uuid (nothing changed)."""
+        """Store one row; False when the ID belongs to someone else (nothing changed)."""
         return self.put_many([row]) == 0
 
     def count(self) -> int:

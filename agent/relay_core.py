@@ -3,8 +3,11 @@
 The asyncio shell (agent/relay_server.py) owns the sockets and the clock; everything
 here takes `now` as an argument so the rules can be proven with fake time in
 milliseconds. The relay is a dumb uuid-keyed pipe (protocol notes 6.8): it checks
-only that the first frame is a RequestRelay with a usable uuid (and the licence key
-when one is configured), then pairs the two connections that name the same uuid.
+that the first frame is a RequestRelay with a usable uuid and a ticket from a
+rendezvous server it trusts (agent/signing.py; an `open` relay, like hbbr, skips that
+for RustDesk clients), and the licence key when one is configured; then it pairs the
+two connections that name the same uuid. A uuid that has paired once is spent until
+its ticket expires, so a ticket cannot be used twice.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from agent import messages
+from agent import messages, signing
 from agent.ip_caps import PerIpCap
 from agent.proto import rendezvous_pb2 as pb
 from agent.wire import FrameDecoder, encode_frame
@@ -86,6 +89,8 @@ class FirstFrameReader:
 @dataclass(frozen=True)
 class Accept:
     uuid: str
+    expires: float = 0.0
+    """Unix time the ticket expires (0: no ticket, an open relay)."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +111,10 @@ class Drop:
 Decision = Accept | Refuse | Drop
 
 
-def check_request(payload: bytes, key: str = "") -> Decision:
-    """Judge the first frame's payload."""
+def check_request(
+    payload: bytes, key: str = "", *, server_keys: tuple[bytes, ...] = (), open_relay: bool = False, now: float = 0.0
+) -> Decision:
+    """Judge the first frame's payload; `now` is Unix time (tickets carry the server's clock)."""
     try:
         kind, sub = messages.parse(payload, max_len=FIRST_FRAME_MAX)
     except messages.MessageError as exc:
@@ -122,7 +129,15 @@ def check_request(payload: bytes, key: str = "") -> Decision:
     if key and not hmac.compare_digest(sub.licence_key.encode(), key.encode()):
         reply = messages.build(relay_response=pb.RelayResponse(uuid=uuid, refuse_reason=KEY_MISMATCH))
         return Refuse("key_mismatch", encode_frame(reply))
-    return Accept(uuid)
+    if open_relay:
+        return Accept(uuid)
+    try:
+        ticket = signing.check_ticket(server_keys, bytes(sub.ticket), uuid, sub.relay_server, now)
+    except signing.SignatureError as exc:
+        reason = f"relay refused: {exc}"
+        reply = messages.build(relay_response=pb.RelayResponse(uuid=uuid, refuse_reason=reason))
+        return Refuse("no_ticket" if not sub.ticket else "bad_ticket", encode_frame(reply))
+    return Accept(uuid, ticket.expires)
 
 
 def owner_index(uuid: str, replicas: int) -> int:
@@ -220,6 +235,9 @@ class PairingTable(Generic[C]):
         self.max_active = max_active
         self._waiting: OrderedDict[str, tuple[C, float]] = OrderedDict()
         self._active: set[str] = set()
+        self._spent: OrderedDict[str, float] = OrderedDict()
+        """uuids that paired and ended, until their ticket expires (oldest first, bounded)."""
+        self.max_spent = 65536
         self.per_ip: PerIpCap[str] = PerIpCap(max_waiting_per_ip)
         """uuids of the waiters, by the source IP that parked them."""
 
@@ -239,6 +257,10 @@ class PairingTable(Generic[C]):
         """Pair `conn` with the waiter under `uuid`, or park it; `source` is its IP ("" = not counted per IP)."""
         if uuid in self._active:
             return Refused("uuid_in_use")
+        while self._spent and next(iter(self._spent.values())) <= now:
+            self._spent.popitem(last=False)
+        if uuid in self._spent:
+            return Refused("uuid_spent")
         parked = self._waiting.pop(uuid, None)
         if parked is not None:
             # Even a waiter past its deadline that expire() has not collected yet is still
@@ -291,9 +313,14 @@ class PairingTable(Generic[C]):
         self.per_ip.discard(uuid)
         return True
 
-    def release(self, uuid: str) -> None:
-        """A pair ended: its uuid may be used again."""
+    def release(self, uuid: str, spent_until: float | None = None) -> None:
+        """A pair ended: its uuid may be used again, after `spent_until` (its ticket's end) if given."""
         self._active.discard(uuid)
+        if spent_until is not None:
+            self._spent.pop(uuid, None)
+            self._spent[uuid] = spent_until
+            while len(self._spent) > self.max_spent:
+                self._spent.popitem(last=False)
 
 
 # --------------------------------------------------------------------------- token buckets

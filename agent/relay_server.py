@@ -9,6 +9,10 @@ reach the partner first once the pump starts.
 Loopback connections get no special treatment: upstream hbbr turns them into an
 admin console; here they are ordinary clients.
 
+Unlike hbbr, the relay pairs only what a rendezvous server arranged: every first frame
+must carry that server's ticket for its uuid (`server_keys` are the servers it trusts).
+`open` turns that off for RustDesk clients, which have no tickets.
+
 `replicas > 1` or `ray_address` runs several copies of this server as Ray actors
 sharing the port (actors/relay_pool.py); a copy then gets a `router` that hands
 connections whose uuid it does not own to the owning copy (agent/relay_handoff.py).
@@ -22,11 +26,13 @@ import errno
 import logging
 import signal
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from agent import relay_core as core
+from agent import signing
 from agent.ip_caps import PerIpCap, source_key, unread_bytes
 from agent.netutil import tune_transport
 from agent.pump import Meter, PumpKind, default_kind, make_pump, splice_available
@@ -46,6 +52,10 @@ class RelayConfig:
     binds: list[str] = field(default_factory=lambda: ["0.0.0.0", "::"])
     port: int = DEFAULT_PORT
     key: str = ""
+    server_keys: list[bytes] = field(default_factory=list)
+    """ed25519 keys of the rendezvous servers whose tickets this relay honours."""
+    open: bool = False
+    """Pair any two connections naming one uuid, ticket or not (hbbr's behaviour, for RustDesk clients)."""
     replicas: int = 1
     ray_address: str | None = None
     stream_limit_bps: float = 0.0
@@ -165,6 +175,10 @@ class RelayServer:
     def __init__(self, cfg: RelayConfig, *, router: Router | None = None) -> None:
         if cfg.pump == "splice" and not splice_available():
             raise RuntimeError("pump=splice requested but os.splice does not work here")
+        if not cfg.open and not cfg.server_keys:
+            raise ValueError(
+                "the relay needs the key of the rendezvous server whose pairs it carries (or `open` to pair anyone)"
+            )
         self.cfg = cfg
         self.router = router
         self.pump_kind: PumpKind = default_kind() if cfg.pump == "auto" else cfg.pump
@@ -204,10 +218,11 @@ class RelayServer:
             lsock.setblocking(False)
             loop.add_reader(lsock.fileno(), self._on_accept, lsock)
         log.info(
-            "relay listening on %s (pump=%s, key=%s, stream limit=%s, total limit=%s)",
+            "relay listening on %s (pump=%s, key=%s, pairs %s, stream limit=%s, total limit=%s)",
             ", ".join(_peer_str(s.getsockname()) for s in listeners),
             self.pump_kind,
             "set" if self.cfg.key else "none",
+            "anyone (open)" if self.cfg.open else f"tickets of {len(self.cfg.server_keys)} rendezvous server(s)",
             _rate(self.cfg.stream_limit_bps),
             _rate(self.cfg.total_limit_bps),
         )
@@ -361,7 +376,13 @@ class RelayServer:
             if payload is None:
                 self._drop("eof_before_request", peer)
                 return
-            decision = core.check_request(payload, self.cfg.key)
+            decision = core.check_request(
+                payload,
+                self.cfg.key,
+                server_keys=tuple(self.cfg.server_keys),
+                open_relay=self.cfg.open,
+                now=time.time(),
+            )
             if isinstance(decision, core.Drop):
                 self._drop(decision.reason, peer)
                 return
@@ -513,7 +534,9 @@ class RelayServer:
         finally:
             first.sock.close()
             second.sock.close()
-            self.table.release(uuid)
+            # A ticketed uuid is spent until any ticket for it has expired: no second pair on one ticket.
+            spent = None if self.cfg.open else loop.time() + signing.TICKET_TTL + signing.TICKET_SKEW
+            self.table.release(uuid, spent)
             self.pair_ends[reason.split(":", 1)[0]] += 1
             if throttle is not None:
                 self._throttles.discard(throttle)

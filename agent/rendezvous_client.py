@@ -6,6 +6,10 @@ address and answers on it when B has replied. B answers pushes on fresh
 connections (RelayResponse here). Each call opens its own connection: the server
 matches answers by A's address, so two requests must never share one.
 
+A's requests are signed for its ID (`Signer`, agent/signing.py REQUEST), afresh for
+every send (each carries its own time and nonce, so a resend is no replay). B's
+answers echo the push's answer_token, which tells the server they come from B.
+
 Failures become RendezvousError subclasses whose message is one line for people
 ("peer 123456789 is offline"), so the coordinator can record them as they are.
 """
@@ -14,13 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent import messages
+from nacl.signing import SigningKey
+
+from agent import messages, signing
 from agent.addr import SockAddr
 from agent.addr import encode as mangle
 from agent.messages import MessageError
@@ -45,11 +52,34 @@ class PeerUnavailable(RendezvousError):
 
 
 class RelayRefused(RendezvousError):
-    """B (or the server on its behalf) refused the relay; `reason` is the refuse_reason text."""
+    """B (or the server on its behalf) turned A away; `reason` is the refuse_reason text."""
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Signs A's requests as `peer_id` with the key that ID is bound to at the server (derived from,
+    with `salt`: a server that could not register us takes the key and the salt as the proof)."""
+
+    peer_id: str
+    key: SigningKey
+    salt: int = 0
+
+    def sign(self, member: str, sub: Any) -> bytes:
+        """`sub` (a PunchHoleRequest or RequestRelay) named, timed, nonced and signed, as an envelope."""
+        sub.requester_id = self.peer_id
+        sub.requester_pk = bytes(self.key.verify_key)
+        sub.requester_salt = self.salt
+        sub.request_time_ms = int(time.time() * 1000)
+        sub.request_nonce = secrets.token_bytes(16)
+        return signing.seal(self.key, signing.REQUEST, b"", messages.build(**{member: sub}))
+
+
+def _request(member: str, sub: Any, signer: Signer | None) -> bytes:
+    return signer.sign(member, sub) if signer is not None else messages.build(**{member: sub})
 
 
 def _where(server: tuple[str, int]) -> str:
@@ -184,7 +214,7 @@ def refuse_text(peer_id: str, reason: str) -> str:
     known = {"ID does not exist": "does not exist", "Remote desktop is offline": "is offline"}
     if reason in known:
         return f"peer {peer_id} {known[reason]}"
-    return f"peer {peer_id} refused the relay: {reason}"
+    return f"peer {peer_id} refused: {reason}"
 
 
 async def punch_hole_exchange(
@@ -201,6 +231,7 @@ async def punch_hole_exchange(
     socket_addr_v6: bytes = b"",
     bind: tuple[str, int] | None = None,
     resend_after: Sequence[float] = (3.0, 6.0),
+    signer: Signer | None = None,
 ) -> PunchResult:
     """PunchHoleRequest on a fresh connection; the answer plus the local address it came from.
 
@@ -219,7 +250,6 @@ async def punch_hole_exchange(
         force_relay=force_relay,
         socket_addr_v6=socket_addr_v6,
     )
-    payload = messages.build(punch_hole_request=req)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     started = time.monotonic()
@@ -227,7 +257,7 @@ async def punch_hole_exchange(
     conn = _Conn(sock, server)
     try:
         local = conn.local_address()
-        await conn.send(payload)
+        await conn.send(_request("punch_hole_request", req, signer))
         waits = [*resend_after, float("inf")]
         for i, wait in enumerate(waits):
             left = deadline - loop.time()
@@ -238,12 +268,14 @@ async def punch_hole_exchange(
                     kind, answer = await conn.receive(("punch_hole_response", "relay_response"))
             except TimeoutError:
                 if i + 1 < len(waits) and deadline - loop.time() > 0:
-                    await conn.send(payload)
+                    await conn.send(_request("punch_hole_request", req, signer))
                 continue
             if kind == "relay_response":
                 if answer.refuse_reason:
                     raise RelayRefused(refuse_text(peer_id, answer.refuse_reason), answer.refuse_reason)
             elif not answer.socket_addr:
+                if answer.other_failure:
+                    raise RendezvousError(failure_text(peer_id, answer))
                 raise PeerUnavailable(failure_text(peer_id, answer), answer.failure)
             return PunchResult(answer, local, time.monotonic() - started)
     finally:
@@ -274,14 +306,16 @@ async def punch_hole_request(
 async def request_relay(
     server: tuple[str, int],
     peer_id: str,
-    uuid: str,
+    uuid: str = "",
     relay_server: str = "",
     secure: bool = True,
     timeout: float = 10.0,
     *,
     conn_type: int = 0,
+    signer: Signer | None = None,
 ) -> pb.RelayResponse:
-    """RequestRelay on a fresh connection; B's RelayResponse (with the server-signed pk).
+    """RequestRelay on a fresh connection; B's RelayResponse (with the server-signed pk, and the
+    relay, uuid and ticket the server chose: it ignores `uuid` and `relay_server` of a signed request).
 
     Raises RelayRefused when B or the server refuse (unknown or offline peer), and
     RendezvousError on timeout or a broken connection.
@@ -296,7 +330,7 @@ async def request_relay(
     sock = await open_tcp(server, timeout)
     conn = _Conn(sock, server)
     try:
-        await conn.send(messages.build(request_relay=req))
+        await conn.send(_request("request_relay", req, signer))
         try:
             async with asyncio.timeout(timeout):
                 _kind, answer = await conn.receive(("relay_response",))
@@ -326,11 +360,12 @@ async def send_relay_response(
     socket_addr_v6: bytes = b"",
     refuse_reason: str = "",
     timeout: float = 3.0,
+    answer_token: bytes = b"",
 ) -> None:
     """B's answer to a RequestRelay push: RelayResponse on a fresh connection, then close.
 
-    `socket_addr` is copied from the push (it names A's parked request); a non-empty
-    `version` makes the server sign our key for A; `refuse_reason` turns A away.
+    `socket_addr` and `answer_token` are copied from the push (they name A's parked request
+    and prove the answer is ours); `refuse_reason` turns A away.
     """
     resp = pb.RelayResponse(
         socket_addr=socket_addr,
@@ -340,6 +375,7 @@ async def send_relay_response(
         refuse_reason=refuse_reason,
         version=version,
         socket_addr_v6=socket_addr_v6,
+        answer_token=answer_token,
     )
     await _send_one(server, messages.build(relay_response=resp), timeout, None)
 
@@ -371,6 +407,7 @@ async def send_punch_hole_sent(
     socket_addr_v6: bytes = b"",
     bind: tuple[str, int] | None = None,
     timeout: float = 3.0,
+    answer_token: bytes = b"",
 ) -> SockAddr:
     """B's answer to a PunchHole push: the server hands A the source address of this connection.
 
@@ -384,6 +421,7 @@ async def send_punch_hole_sent(
         nat_type=nat_type,  # type: ignore[arg-type]
         version=version,
         socket_addr_v6=socket_addr_v6,
+        answer_token=answer_token,
     )
     return await _send_one(server, messages.build(punch_hole_sent=msg), timeout, bind)
 
@@ -399,6 +437,7 @@ async def send_local_addr(
     socket_addr_v6: bytes = b"",
     bind: tuple[str, int] | None = None,
     timeout: float = 3.0,
+    answer_token: bytes = b"",
 ) -> SockAddr:
     """B's answer to a FetchLocalAddr push (same LAN): A is told to dial `local_addr`.
 
@@ -416,6 +455,7 @@ async def send_local_addr(
             id=peer_id,
             version=version,
             socket_addr_v6=socket_addr_v6,
+            answer_token=answer_token,
         )
         await asyncio.wait_for(conn.send(messages.build(local_addr=msg)), timeout)
     except TimeoutError:

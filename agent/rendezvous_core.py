@@ -30,13 +30,40 @@ Where we differ from upstream hbbs, and why:
   turn the server into a datagram cannon aimed at a registered address.
 * The per-IP distinct-ID window is a fixed day from the first ID (upstream restarts
   the day on every registration, so a steady trickle never resets it).
+
+Trust (issue 9; the signatures are described in agent/signing.py):
+
+* Registration proves possession of the key. An agent's RegisterPk first gets a
+  challenge (bound to its ID, its address and the time, so it cannot be replayed from
+  elsewhere), then comes again signed by the key, and the ID must be derived from that
+  key (agent/identity.py derive_id). The first signed registration binds ID <-> key for
+  good; later ones may change the uuid or the address only with the same key's signature.
+  The uuid is no secret any more. RustDesk's unsigned registrations are refused unless
+  `allow_unsigned` (an explicit server flag), and they can never displace or change a
+  signed binding.
+* RegisterPeer (the unsigned heartbeat) only keeps a signed binding alive from the exact
+  address it was registered from; from anywhere else it gets request_pk.
+* Requests (PunchHoleRequest, RequestRelay) name and sign for their requester
+  (requester_id, by the key bound to it, with a time and a nonce); a requester whose ID
+  is bound to no key yet (it could not register: UDP blocked) is taken on its key
+  and the proof that its ID is derived from it, as a registration would be. Pushes
+  tell B who asks and with which key (requester_id, requester_pk) and are signed by
+  the server, so B can decide whether to act at all and admits the peer only with that key.
+* Answers are taken only from the party the push went to: each push carries a random
+  answer_token that B echoes (an unsigned RustDesk B: the answer must come from its IP).
+  A always gets B's key from the registry, signed, never a key from the answer.
+* Nobody but the server picks a relay: a client's relay_server is ignored, and every
+  relay pair gets a ticket the relay checks (agent/signing.py make_ticket).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import re
+import secrets
 import uuid as uuid_mod
 from array import array
 from bisect import bisect_left
@@ -48,9 +75,10 @@ from typing import Any, Literal, Protocol
 from nacl.signing import SigningKey
 
 from agent import addr as addrmod
-from agent import messages
+from agent import messages, signing
 from agent.addr import SockAddr, to_v4_if_mapped
 from agent.crypto import public_key_b64, sign_id_pk
+from agent.identity import derive_id
 from agent.proto import rendezvous_pb2 as pb
 from agent.registry import PeerRow
 from agent.stats import DropStats
@@ -65,6 +93,14 @@ MAX_RELAY_UUID = 128
 MAX_RELAY_SERVER = 255
 V6_MANGLED_LEN = 18
 MAX_TCP_MESSAGE = 64 * 1024
+NONCE_BYTES = 16
+CHALLENGE_BYTES = 16
+CHALLENGE_EPOCH = 30.0
+"""Seconds a challenge is issued for; one from the epoch before is still taken (so 30-60 s)."""
+REQUEST_WINDOW = 600.0
+"""A signed request's time may be this many seconds off the server's clock (clocks drift; a
+replay inside the window is caught by its nonce)."""
+MAX_REFUSE_REASON = 200
 
 Role = Literal["main", "nat"]
 """Which TCP listener a connection came in on: the main port or the NAT-test port (port-1)."""
@@ -133,6 +169,8 @@ class Limits:
     # timeout, while a flood still reaches B as at most ~3 KB/s of small datagrams.
     log_interval: float = 10.0
     max_log_sources: int = 4096
+    max_nonce_ids: int = 65536  # requesters whose recent request nonces are remembered
+    max_nonces_per_id: int = 4096  # ... each: more than this in REQUEST_WINDOW * 2 forgets the oldest
 
 
 @dataclass(slots=True)
@@ -149,6 +187,8 @@ class Peer:
     pk_time: float = -math.inf
     push_tokens: float = -1.0  # < 0: full bucket on first use
     push_time: float = 0.0
+    signed: bool = False
+    """Bound by a signed registration: only that key may ever change it."""
 
 
 @dataclass(slots=True)
@@ -170,10 +210,28 @@ class Pending:
     udp_port: int = 0
     relay_server: str = ""
     uuid: str = ""
+    ticket: bytes = b""
+    token: bytes = b""
+    """B's answer must echo this (it went to B only, inside the push)."""
+    answer_ip: str = ""
+    """Where the push went: an unsigned (RustDesk) B, which echoes no token, must answer from there."""
+
+
+@dataclass(frozen=True, slots=True)
+class Requester:
+    """Who signed a request, and the key bound to that ID."""
+
+    id: str
+    pk: bytes
 
 
 def valid_id(peer_id: str) -> bool:
     return ID_RE.fullmatch(peer_id) is not None
+
+
+def _clean(text: str, limit: int) -> str:
+    """Peer-supplied text passed on to another peer: printable and bounded."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 def _v6(data: bytes) -> bytes:
@@ -193,6 +251,10 @@ class RendezvousCore:
         always_relay: bool = False,
         limits: Limits | None = None,
         new_uuid: Callable[[], str] = lambda: str(uuid_mod.uuid4()),
+        allow_unsigned: bool = False,
+        secret: bytes | None = None,
+        new_token: Callable[[], bytes] = lambda: secrets.token_bytes(16),
+        wall_offset: float = 0.0,
     ) -> None:
         self.store = store
         self.key = signing_key
@@ -201,7 +263,15 @@ class RendezvousCore:
         self.always_relay = always_relay
         self.limits = limits or Limits()
         self.new_uuid = new_uuid
+        self.allow_unsigned = allow_unsigned
+        self.secret = secret if secret is not None else secrets.token_bytes(32)
+        """Keys the registration challenges (a restart just issues new ones)."""
+        self.new_token = new_token
+        self.wall_offset = wall_offset
+        """Unix time minus `now` (the shell keeps it current): request times and tickets are Unix time."""
+        self.public_key = bytes(signing_key.verify_key)
         self.peers: OrderedDict[str, Peer] = OrderedDict()
+        self._nonces: OrderedDict[str, OrderedDict[bytes, float]] = OrderedDict()
         self.pending: OrderedDict[SockAddr, Pending] = OrderedDict()
         self._conn_pending: dict[int, SockAddr] = {}
         self.ip_states: OrderedDict[str, _IpState] = OrderedDict()
@@ -259,7 +329,7 @@ class RendezvousCore:
         row = self.store.get(peer_id)
         if row is None:
             return None
-        peer = Peer(row.id, row.uuid, row.pk, row.last_ip)
+        peer = Peer(row.id, row.uuid, row.pk, row.last_ip, signed=row.signed)
         self._remember(peer)
         return peer
 
@@ -298,8 +368,10 @@ class RendezvousCore:
             self._conn_pending.pop(evicted.conn, None)
             self.events["pending_evicted"] += 1
 
-    def _take(self, a: SockAddr, answer_id: str | None, src: SockAddr, now: float) -> Pending | None:
-        """Remove and return A's pending request that this answer from B belongs to."""
+    def _take(self, a: SockAddr, answer_id: str | None, token: bytes, src: SockAddr, now: float) -> Pending | None:
+        """Remove and return A's pending request that this answer belongs to, if it comes from the
+        party the push went to: it echoes the push's answer_token (an unsigned RustDesk B, which
+        cannot, must answer from the address the push went to)."""
         p = self.pending.get(a)
         if p is None or now - p.created >= self.limits.pending_ttl:
             if p is not None:
@@ -308,6 +380,13 @@ class RendezvousCore:
             return None
         if answer_id is not None and answer_id != p.target:
             self.drop("pending_id_mismatch", src, now, f"{answer_id!r} answered a request for {p.target!r}")
+            return None
+        if p.token:
+            if not hmac.compare_digest(token, p.token):
+                self.drop("answer_token_mismatch", src, now, f"an answer for {p.target} without its push's token")
+                return None
+        elif src.host != p.answer_ip:
+            self.drop("answer_from_wrong_address", src, now, f"{p.target} was pushed at {p.answer_ip}")
             return None
         self._unpark(a)
         return p
@@ -347,7 +426,7 @@ class RendezvousCore:
         if kind == "register_peer":
             return self._register_peer(msg, src, via, len(data), now)
         if kind == "register_pk":
-            return self._register_pk(msg, src, via, len(data), now)
+            return self._register_pk(msg, data, src, via, now)
         if kind == "test_nat_request":
             reply = messages.build(test_nat_response=pb.TestNatResponse(port=src.port))
             return self._reply_udp(src, via, len(data), reply, now)
@@ -363,7 +442,11 @@ class RendezvousCore:
             request_pk = True
         else:
             self.peers.move_to_end(rp.id)
-            if peer.addr is not None:
+            if peer.signed:
+                # An unsigned heartbeat keeps a signed binding alive only from the very address its
+                # key registered: anything else (a new port, a new network, a stranger) must sign.
+                request_pk = peer.addr != src
+            elif peer.addr is not None:
                 request_pk = peer.addr.ip != src.ip
             else:
                 request_pk = bool(peer.last_ip) and peer.last_ip != src.host
@@ -376,8 +459,29 @@ class RendezvousCore:
         return self._reply_udp(src, via, req_len, reply, now)
 
     def _pk_result(self, src: SockAddr, via: int, req_len: int, result: int, now: float) -> list[Action]:
+        """An unsigned answer (to RustDesk's unsigned registrations)."""
         reply = messages.build(register_pk_response=pb.RegisterPkResponse(result=result))  # type: ignore[arg-type]
         return self._reply_udp(src, via, req_len, reply, now)
+
+    def _signed_result(
+        self, rk: Any, src: SockAddr, via: int, req_len: int, result: int, now: float, challenge: bytes = b""
+    ) -> list[Action]:
+        """An answer to a signed-registration attempt, signed for the agent's nonce: the agent learns
+        (and checks) our key from it, and a stale or forged answer cannot pass for this one."""
+        resp = pb.RegisterPkResponse(result=result, challenge=challenge)  # type: ignore[arg-type]
+        if challenge:
+            resp.server_key = self.public_key
+        body = messages.build(register_pk_response=resp)
+        reply = signing.seal(self.key, signing.SERVER, bytes(rk.nonce), body)
+        return self._reply_udp(src, via, req_len, reply, now)
+
+    def _challenge(self, peer_id: str, src: SockAddr, epoch: int) -> bytes:
+        msg = b"challenge\0" + peer_id.encode() + b"\0" + str(src).encode() + epoch.to_bytes(8, "big", signed=True)
+        return hmac.new(self.secret, msg, hashlib.sha256).digest()[:CHALLENGE_BYTES]
+
+    def _challenge_ok(self, challenge: bytes, peer_id: str, src: SockAddr, now: float) -> bool:
+        epoch = int(now // CHALLENGE_EPOCH)
+        return any(hmac.compare_digest(challenge, self._challenge(peer_id, src, e)) for e in (epoch, epoch - 1))
 
     def ip_allows(self, ip: str, peer_id: str, now: float) -> bool:
         """Upstream's check_ip_blocker: registrations per IP without a pause, distinct IDs per day."""
@@ -408,12 +512,78 @@ class RendezvousCore:
             ids.insert(pos, h)
         return True
 
-    def _register_pk(self, rk: Any, src: SockAddr, via: int, req_len: int, now: float) -> list[Action]:
+    def _id_pk_allows(self, peer: Peer, now: float) -> bool:
+        """Upstream's per-ID limit: the 4th accepted RegisterPk for one ID inside the window is refused."""
+        if now - peer.pk_time > self.limits.id_pk_window:
+            peer.pk_count = 0
+        elif peer.pk_count >= self.limits.id_pk_limit:
+            self.events["register_pk_id_too_frequent"] += 1
+            return False
+        return True
+
+    def _register_pk(self, rk: Any, data: bytes, src: SockAddr, via: int, now: float) -> list[Action]:
         R = pb.RegisterPkResponse
+        req_len = len(data)
         if not rk.uuid or not rk.pk:
             return self.drop("missing_uuid_or_pk", src, now)
         if len(rk.uuid) > MAX_UUID or len(rk.pk) > MAX_PK:
             return self.drop("field_too_long", src, now, "register_pk")
+        if not rk.nonce:  # RustDesk's registration: the uuid is the only proof
+            if not self.allow_unsigned:
+                self.events["register_pk_unsigned_refused"] += 1
+                return self._pk_result(src, via, req_len, R.NOT_SUPPORT, now)
+            return self._register_unsigned(rk, src, via, req_len, now)
+        if len(rk.nonce) != NONCE_BYTES or len(rk.pk) != signing.KEY_BYTES:
+            return self.drop("bad_registration_fields", src, now)
+        if not valid_id(rk.id):
+            return self._signed_result(rk, src, via, req_len, R.INVALID_ID_FORMAT, now)
+        if not rk.challenge or not self._challenge_ok(bytes(rk.challenge), rk.id, src, now):
+            self.events["register_pk_challenged"] += 1
+            challenge = self._challenge(rk.id, src, int(now // CHALLENGE_EPOCH))
+            return self._signed_result(rk, src, via, req_len, R.CHALLENGE, now, challenge)
+        body, sig = signing.split(data)
+        if not signing.verify(bytes(rk.pk), signing.REGISTER, b"", body, sig):
+            self.events["register_pk_bad_signature"] += 1
+            return self._signed_result(rk, src, via, req_len, R.BAD_SIGNATURE, now)
+        if derive_id(bytes(rk.pk), rk.id_salt) != rk.id:
+            self.events["register_pk_id_not_derived"] += 1
+            return self._signed_result(rk, src, via, req_len, R.ID_NOT_DERIVED, now)
+        ip = src.host
+        if not self.ip_allows(ip, rk.id, now):
+            self.events["register_pk_ip_blocked"] += 1
+            return self._signed_result(rk, src, via, req_len, R.TOO_FREQUENT, now)
+        peer = self.lookup(rk.id)
+        if peer is None:
+            peer = Peer(rk.id, bytes(rk.uuid), bytes(rk.pk), ip, signed=True)
+            self._remember(peer)
+            changed = True
+        elif peer.signed:
+            if peer.pk != rk.pk:
+                self.events["register_pk_key_mismatch"] += 1
+                return self._signed_result(rk, src, via, req_len, R.KEY_MISMATCH, now)
+            if not self._id_pk_allows(peer, now):
+                return self._signed_result(rk, src, via, req_len, R.TOO_FREQUENT, now)
+            changed = peer.uuid != rk.uuid or peer.last_ip != ip
+        else:
+            # Bound by an unsigned registration: only its uuid may take it over (and sign it from now on).
+            if peer.uuid != rk.uuid:
+                self.events["register_pk_uuid_mismatch"] += 1
+                return self._signed_result(rk, src, via, req_len, R.UUID_MISMATCH, now)
+            changed = True
+        peer.uuid, peer.pk, peer.last_ip, peer.signed = bytes(rk.uuid), bytes(rk.pk), ip, True
+        peer.pk_count += 1
+        peer.pk_time = now
+        peer.addr = src
+        peer.via = via
+        peer.last_reg = now
+        actions: list[Action] = []
+        if changed:
+            actions.append(Persist(PeerRow(peer.id, peer.uuid, peer.pk, ip, signed=True)))
+        return actions + self._signed_result(rk, src, via, req_len, R.OK, now)
+
+    def _register_unsigned(self, rk: Any, src: SockAddr, via: int, req_len: int, now: float) -> list[Action]:
+        """RustDesk's RegisterPk, behind `allow_unsigned`: upstream's uuid rule, and never a signed binding."""
+        R = pb.RegisterPkResponse
         if not valid_id(rk.id):
             return self._pk_result(src, via, req_len, R.INVALID_ID_FORMAT, now)
         ip = src.host
@@ -426,16 +596,14 @@ class RendezvousCore:
             peer = Peer(rk.id, bytes(rk.uuid), bytes(rk.pk), ip)
             self._remember(peer)
             changed = True
-        elif peer.uuid != rk.uuid or (peer.last_ip and peer.last_ip != ip and peer.pk != rk.pk):
+        elif peer.signed or peer.uuid != rk.uuid or (peer.last_ip and peer.last_ip != ip and peer.pk != rk.pk):
             # The ID belongs to the first uuid that registered it; the same uuid may move to a
-            # new IP or change its key, but not both at once (upstream's rule).
+            # new IP or change its key, but not both at once (upstream's rule). A signed binding
+            # belongs to its key: no unsigned registration touches it.
             self.events["register_pk_uuid_mismatch"] += 1
             return self._pk_result(src, via, req_len, R.UUID_MISMATCH, now)
         else:
-            if now - peer.pk_time > self.limits.id_pk_window:
-                peer.pk_count = 0
-            elif peer.pk_count >= self.limits.id_pk_limit:
-                self.events["register_pk_id_too_frequent"] += 1
+            if not self._id_pk_allows(peer, now):
                 return self._pk_result(src, via, req_len, R.TOO_FREQUENT, now)
             changed = peer.pk != rk.pk or peer.last_ip != ip
             peer.pk = bytes(rk.pk)
@@ -455,13 +623,13 @@ class RendezvousCore:
         p = self.pending.get(a)
         if p is not None and p.udp_port <= 0:
             return self.drop("udp_hole_sent_without_udp_request", src, now)
-        p = self._take(a, phs.id, src, now)
+        p = self._take(a, phs.id, bytes(phs.answer_token), src, now)
         if p is None:
             return []
         resp = pb.PunchHoleResponse(
             socket_addr=self._mangle(src, now),
-            pk=self.signed_pk(phs.id) if phs.version else b"",
-            relay_server=phs.relay_server or p.relay_server,
+            pk=self.signed_pk(p.target),
+            relay_server=p.relay_server,
             nat_type=phs.nat_type,
             is_udp=True,
             socket_addr_v6=_v6(phs.socket_addr_v6),
@@ -484,9 +652,9 @@ class RendezvousCore:
         if role != "main":
             return self.drop("wrong_kind", src, now, f"tcp nat-port {kind}")
         if kind == "punch_hole_request":
-            return self._punch_request(conn, src, msg, now)
+            return self._punch_request(conn, src, msg, payload, now)
         if kind == "request_relay":
-            return self._relay_request(conn, src, msg, now)
+            return self._relay_request(conn, src, msg, payload, now)
         if kind == "punch_hole_sent":
             return [*self._hole_sent_tcp(conn, src, msg, now), CloseTcp(conn)]
         if kind == "local_addr":
@@ -506,16 +674,87 @@ class RendezvousCore:
                 states[i // 8] |= 0x80 >> (i % 8)
         return messages.build(online_response=pb.OnlineResponse(states=bytes(states)))
 
-    def _punch_request(self, conn: int, a: SockAddr, req: Any, now: float) -> list[Action]:
+    def _requester(self, req: Any, payload: bytes, src: SockAddr, now: float) -> tuple[Requester | None, str]:
+        """Who signed this request (None, "" for an unsigned one the server admits); or a refusal text."""
+        if not req.requester_id:
+            if self.allow_unsigned:
+                return None, ""
+            self.events["request_unsigned_refused"] += 1
+            return None, "this rendezvous server takes only signed requests from registered punchthrough agents"
+        shown = req.requester_id if valid_id(req.requester_id) else "?"
+        peer = self.lookup(req.requester_id) if valid_id(req.requester_id) else None
+        if peer is not None and peer.signed:
+            key = peer.pk
+        elif peer is None and valid_id(req.requester_id) and len(req.requester_pk) == signing.KEY_BYTES:
+            # Not registered (its UDP may be blocked): its ID must be derived from the key it signs with.
+            if derive_id(bytes(req.requester_pk), req.requester_salt) != req.requester_id:
+                self.events["request_id_not_derived"] += 1
+                return None, f"requester {shown} is not derived from the key it signs with"
+            key = bytes(req.requester_pk)
+        else:
+            self.events["request_unknown_requester"] += 1
+            return None, f"requester {shown} is not registered with a key at this server"
+        body, sig = signing.split(payload)
+        if not signing.verify(key, signing.REQUEST, b"", body, sig):
+            self.events["request_bad_signature"] += 1
+            self.drop("request_bad_signature", src, now, f"claiming {shown}")
+            return None, f"the request is not signed by the key bound to {shown}"
+        skew = now + self.wall_offset - req.request_time_ms / 1000.0
+        if abs(skew) > REQUEST_WINDOW:
+            self.events["request_stale"] += 1
+            return None, f"the request's time is {skew:+.0f} s off this server's clock (check both clocks)"
+        nonce = bytes(req.request_nonce)
+        if len(nonce) != NONCE_BYTES or not self._fresh_nonce(req.requester_id, nonce, now):
+            self.events["request_replayed"] += 1
+            self.drop("request_replayed", src, now, f"from {shown}")
+            return None, "the request was seen before (replayed)"
+        return Requester(req.requester_id, key), ""
+
+    def _fresh_nonce(self, peer_id: str, nonce: bytes, now: float) -> bool:
+        """Remember `nonce` for as long as a request carrying it could be taken; False if seen."""
+        lim = self.limits
+        seen = self._nonces.get(peer_id)
+        if seen is None:
+            seen = self._nonces[peer_id] = OrderedDict()
+            while len(self._nonces) > lim.max_nonce_ids:
+                self._nonces.popitem(last=False)
+        else:
+            self._nonces.move_to_end(peer_id)
+        while seen and next(iter(seen.values())) < now:
+            seen.popitem(last=False)
+        if nonce in seen:
+            return False
+        seen[nonce] = now + 2 * REQUEST_WINDOW
+        while len(seen) > lim.max_nonces_per_id:
+            seen.popitem(last=False)
+        return True
+
+    def _push(self, peer: Peer, member: str, push: Any, requester: Requester | None, token: bytes) -> Action:
+        """A push to B: who asks and with which key, the token B's answer must carry; signed for B."""
+        if requester is not None:
+            push.requester_id = requester.id
+            push.requester_pk = requester.pk
+        push.answer_token = token
+        body = messages.build(**{member: push})
+        assert peer.addr is not None
+        return SendUdp(peer.addr, signing.seal(self.key, signing.PUSH, peer.id.encode(), body), peer.via)
+
+    def _ticket(self, uuid: str, relay: str, now: float) -> bytes:
+        return signing.make_ticket(self.key, uuid, relay, int((now + self.wall_offset) * 1000))
+
+    def _punch_request(self, conn: int, a: SockAddr, req: Any, payload: bytes, now: float) -> list[Action]:
         Failure = pb.PunchHoleResponse
 
-        def fail(failure: int) -> list[Action]:
-            resp = pb.PunchHoleResponse(failure=failure)  # type: ignore[arg-type]
+        def fail(failure: int, text: str = "") -> list[Action]:
+            resp = pb.PunchHoleResponse(failure=failure, other_failure=text)  # type: ignore[arg-type]
             return [SendTcp(conn, messages.build(punch_hole_response=resp))]
 
         if req.licence_key and req.licence_key != self.public_key_b64:
             self.events["licence_mismatch"] += 1
             return fail(Failure.LICENSE_MISMATCH)
+        requester, problem = self._requester(req, payload, a, now)
+        if problem:
+            return fail(Failure.ID_NOT_EXIST, problem)
         peer = self.lookup(req.id) if valid_id(req.id) else None
         if peer is None:
             self.events["punch_id_not_exist"] += 1
@@ -527,7 +766,9 @@ class RendezvousCore:
             return self.drop("push_rate_limited", a, now, f"to {peer.id}")
         relay = self.next_relay()
         udp_port = req.udp_port if 0 < req.udp_port <= 0xFFFF else 0
-        pending = Pending(conn, peer.id, now, udp_port=udp_port, relay_server=relay)
+        token = self.new_token() if peer.signed else b""
+        pending = Pending(conn, peer.id, now, udp_port=udp_port, relay_server=relay, token=token)
+        pending.answer_ip = peer.addr.host
         mangled_a = self._mangle(a, now)
         a_v6 = _v6(req.socket_addr_v6)
         if req.force_relay or self.always_relay:
@@ -539,38 +780,38 @@ class RendezvousCore:
         else:
             decision = "punch"
         self.events[f"punch_{decision}"] += 1
+        push: pb.RequestRelay | pb.FetchLocalAddr | pb.PunchHole
         if decision == "relay":
             pending.uuid = self.new_uuid()
-            push = messages.build(
-                request_relay=pb.RequestRelay(
-                    id=peer.id,
-                    uuid=pending.uuid,
-                    socket_addr=mangled_a,
-                    relay_server=relay,
-                    secure=True,
-                    conn_type=req.conn_type,
-                )
+            pending.ticket = self._ticket(pending.uuid, relay, now)
+            member, push = "request_relay", pb.RequestRelay(
+                id=peer.id,
+                uuid=pending.uuid,
+                socket_addr=mangled_a,
+                relay_server=relay,
+                secure=True,
+                conn_type=req.conn_type,
+                ticket=pending.ticket,
             )
         elif decision == "lan":
-            push = messages.build(
-                fetch_local_addr=pb.FetchLocalAddr(socket_addr=mangled_a, relay_server=relay, socket_addr_v6=a_v6)
+            member, push = "fetch_local_addr", pb.FetchLocalAddr(
+                socket_addr=mangled_a, relay_server=relay, socket_addr_v6=a_v6
             )
         else:
-            push = messages.build(
-                punch_hole=pb.PunchHole(
-                    socket_addr=mangled_a,
-                    relay_server=relay,
-                    nat_type=req.nat_type,
-                    udp_port=udp_port,
-                    force_relay=req.force_relay,
-                    socket_addr_v6=a_v6,
-                )
+            member, push = "punch_hole", pb.PunchHole(
+                socket_addr=mangled_a,
+                relay_server=relay,
+                nat_type=req.nat_type,
+                udp_port=udp_port,
+                force_relay=req.force_relay,
+                socket_addr_v6=a_v6,
             )
         self._park(conn, a, pending)
-        return [SendUdp(peer.addr, push, peer.via)]
+        return [self._push(peer, member, push, requester, token)]
 
-    def _relay_request(self, conn: int, a: SockAddr, rr: Any, now: float) -> list[Action]:
-        """A asks for a relay directly: forward to B over UDP with A's address filled in."""
+    def _relay_request(self, conn: int, a: SockAddr, rr: Any, payload: bytes, now: float) -> list[Action]:
+        """A asks for a relay directly: the server picks the relay (whatever A named) and the uuid,
+        and pushes B a RequestRelay with A's address filled in and the pair's ticket."""
 
         def refuse(reason: str) -> list[Action]:
             resp = pb.RelayResponse(uuid=rr.uuid, refuse_reason=reason)
@@ -578,6 +819,9 @@ class RendezvousCore:
 
         if len(rr.uuid) > MAX_RELAY_UUID or len(rr.relay_server) > MAX_RELAY_SERVER:
             return self.drop("field_too_long", a, now, "request_relay")
+        requester, problem = self._requester(rr, payload, a, now)
+        if problem:
+            return refuse(problem)
         peer = self.lookup(rr.id) if valid_id(rr.id) else None
         if peer is None:
             return refuse("ID does not exist")
@@ -585,29 +829,36 @@ class RendezvousCore:
             return refuse("Remote desktop is offline")
         if not self._take_push_token(peer, now):
             return self.drop("push_rate_limited", a, now, f"to {peer.id}")
+        relay = self.next_relay()
+        # A signed requester gets a uuid of the server's (A learns it from the answer); a RustDesk
+        # client (unsigned, allowed by flag) joins the relay with the uuid it chose, so keep that one.
+        uuid = rr.uuid if requester is None and rr.uuid else self.new_uuid()
+        token = self.new_token() if peer.signed else b""
         pending = Pending(
-            conn, peer.id, now, relay_server=rr.relay_server or self.next_relay(), uuid=rr.uuid or self.new_uuid()
+            conn, peer.id, now, relay_server=relay, uuid=uuid, ticket=self._ticket(uuid, relay, now), token=token
         )
+        pending.answer_ip = peer.addr.host
         push = pb.RequestRelay(
             id=peer.id,
             uuid=pending.uuid,
             socket_addr=self._mangle(a, now),
-            relay_server=pending.relay_server,
+            relay_server=relay,
             secure=rr.secure,
             conn_type=rr.conn_type,
+            ticket=pending.ticket,
         )
         self._park(conn, a, pending)
         self.events["relay_request_forwarded"] += 1
-        return [SendUdp(peer.addr, messages.build(request_relay=push), peer.via)]
+        return [self._push(peer, "request_relay", push, requester, token)]
 
     def _hole_sent_tcp(self, conn: int, b: SockAddr, phs: Any, now: float) -> list[Action]:
-        p = self._take(self._demangle(phs.socket_addr), phs.id, b, now)
+        p = self._take(self._demangle(phs.socket_addr), phs.id, bytes(phs.answer_token), b, now)
         if p is None:
             return []
         resp = pb.PunchHoleResponse(
             socket_addr=self._mangle(b, now),
-            pk=self.signed_pk(phs.id) if phs.version else b"",
-            relay_server=phs.relay_server or p.relay_server,
+            pk=self.signed_pk(p.target),
+            relay_server=p.relay_server,
             nat_type=phs.nat_type,
             socket_addr_v6=_v6(phs.socket_addr_v6),
         )
@@ -616,32 +867,43 @@ class RendezvousCore:
     def _local_addr(self, b: SockAddr, la: Any, now: float) -> list[Action]:
         if not la.local_addr or len(la.local_addr) > V6_MANGLED_LEN:
             return self.drop("bad_local_addr", b, now)
-        p = self._take(self._demangle(la.socket_addr), la.id, b, now)
+        p = self._take(self._demangle(la.socket_addr), la.id, bytes(la.answer_token), b, now)
         if p is None:
             return []
         resp = pb.PunchHoleResponse(
             socket_addr=la.local_addr,
-            pk=self.signed_pk(la.id) if la.version else b"",
-            relay_server=la.relay_server or p.relay_server,
+            pk=self.signed_pk(p.target),
+            relay_server=p.relay_server,
             is_local=True,
             socket_addr_v6=_v6(la.socket_addr_v6),
         )
         return [SendTcp(p.conn, messages.build(punch_hole_response=resp))]
 
     def _relay_response(self, b: SockAddr, rr: Any, now: float) -> list[Action]:
+        """B's answer to a relay push (or to a punch push, when B chooses the relay): A gets the
+        server's relay, uuid and ticket and B's key from the registry; of B's message only its
+        refusal reason is passed on."""
         has_id = rr.WhichOneof("union") == "id"
-        p = self._take(self._demangle(rr.socket_addr), rr.id if has_id else None, b, now)
+        p = self._take(self._demangle(rr.socket_addr), rr.id if has_id else None, bytes(rr.answer_token), b, now)
         if p is None:
             return []
-        out = pb.RelayResponse()
-        out.CopyFrom(rr)
-        out.ClearField("socket_addr")
-        if has_id and rr.version:
-            out.pk = self.signed_pk(rr.id)
-        if not out.uuid:
-            out.uuid = p.uuid
-        if not out.relay_server:
-            out.relay_server = p.relay_server
+        if rr.refuse_reason:  # B turns A away (whatever the push was): A hears why at once
+            self.events["answer_refused"] += 1
+            refusal = pb.RelayResponse(uuid=p.uuid, refuse_reason=_clean(rr.refuse_reason, MAX_REFUSE_REASON))
+            return [SendTcp(p.conn, messages.build(relay_response=refusal))]
+        if not p.uuid:  # B chose the relay in answer to a punch: it joins with its uuid
+            if not rr.uuid or len(rr.uuid) > MAX_RELAY_UUID:
+                return self.drop("relay_response_without_uuid", b, now)
+            p.uuid = rr.uuid
+            p.ticket = self._ticket(p.uuid, p.relay_server, now)
+        out = pb.RelayResponse(
+            uuid=p.uuid,
+            relay_server=p.relay_server,
+            refuse_reason=_clean(rr.refuse_reason, MAX_REFUSE_REASON),
+            version=rr.version,
+            ticket=p.ticket,
+        )
+        out.pk = self.signed_pk(p.target)
         return [SendTcp(p.conn, messages.build(relay_response=out))]
 
     # ------------------------------------------------------------------ stats

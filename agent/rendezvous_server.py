@@ -19,6 +19,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,10 +50,15 @@ log = logging.getLogger("punchthrough.rendezvous")
 class RendezvousConfig:
     binds: list[str] = field(default_factory=lambda: ["0.0.0.0", "::"])
     port: int = 21116  # UDP + TCP; 0 = ephemeral (tests)
-    relays: list[str] = field(default_factory=list)  # "HOST:PORT" handed to peers, round robin
+    relays: list[str] = field(default_factory=list)
+    """"HOST:PORT" handed to peers, round robin; ":PORT" means this server's host (as each peer
+    reaches it); none means RustDesk's default, this server's host and port + 1."""
     db_path: Path
     key_file: Path
     always_relay: bool = False
+    allow_unsigned: bool = False
+    """Also serve RustDesk clients: unsigned registrations (never over a signed binding) and unsigned
+    requests. Off by default: then every ID is bound to a key that signed for it."""
     nat_test_port: int | None = None  # None -> port-1 (ephemeral when port == 0)
     idle_timeout: float = 30.0  # TCP connections with no frame for this long are closed
     max_frame: int = 64 * 1024  # larger TCP frames are refused before buffering
@@ -329,6 +335,8 @@ class RendezvousServer:
             ",".join(cfg.relays) or "(none)",
             "; always relay" if cfg.always_relay else "",
         )
+        if cfg.allow_unsigned:
+            log.warning("unsigned registrations and requests allowed (RustDesk clients): their IDs are first come")
 
     # ------------------------------------------------------------------ actions
 
@@ -374,8 +382,8 @@ class RendezvousServer:
             try:
                 refused = await self.loop.run_in_executor(self._executor, self._writer.put_many, rows)
                 if refused:
-                    self.core.events["db_refused_other_uuid"] += refused
-                    log.warning("database refused %d binding(s) owned by another uuid", refused)
+                    self.core.events["db_refused_other_owner"] += refused
+                    log.warning("database refused %d binding(s) owned by another key or uuid", refused)
             except sqlite3.Error as exc:
                 # Upstream answers OK even when the DB write fails; we do the same (the
                 # binding holds in memory) but say so loudly.
@@ -469,6 +477,7 @@ class RendezvousServer:
         while True:
             await asyncio.sleep(interval)
             now = self.loop.time()
+            self.core.wall_offset = time.time() - now  # follows clock adjustments
             self.core.tick(now)
             idle_before = now - self.cfg.idle_timeout
             for conn in list(self._conns.values()):
@@ -523,7 +532,15 @@ async def start_rendezvous(cfg: RendezvousConfig) -> RendezvousServer:
     key = load_or_create_signing_key(cfg.key_file)
     reader = Registry(cfg.db_path)
     writer = Registry(cfg.db_path)
-    core = RendezvousCore(reader, key, relays=cfg.relays, always_relay=cfg.always_relay, limits=cfg.limits)
+    core = RendezvousCore(
+        reader,
+        key,
+        relays=cfg.relays,
+        always_relay=cfg.always_relay,
+        limits=cfg.limits,
+        allow_unsigned=cfg.allow_unsigned,
+        wall_offset=time.time() - asyncio.get_running_loop().time(),
+    )
     server = RendezvousServer(cfg, core, reader, writer)
     try:
         await server._start()

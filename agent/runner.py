@@ -26,6 +26,8 @@ from typing import Any
 import psutil
 
 from agent import ctlproto
+from agent.files import private_append, private_dir
+from agent.pins import SERVER_PINS_FILE
 from agent.runtime_paths import control_socket, runtime_dir
 from agent.stack import enabled_components, load_runtime
 
@@ -60,13 +62,15 @@ def query(state_dir: Path, op: str, timeout: float = 3.0) -> dict[str, Any] | No
 
 def start_background(state_dir: Path, wait: float = 90.0) -> int:
     """Spawn the supervisor detached and wait until the agent is registered (or say why not)."""
-    logs = state_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = private_dir(state_dir / "logs")
     cmd = [sys.executable, "-m", "agent.cli", "--state-dir", str(state_dir), "up", "--foreground", "--keep-config"]
-    with open(logs / "agent.log", "ab") as out:
+    out = private_append(logs / "agent.log")
+    try:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+    finally:
+        os.close(out)
     deadline = time.monotonic() + wait
     status: dict[str, Any] | None = None
     answering_since: float | None = None
@@ -75,7 +79,7 @@ def start_background(state_dir: Path, wait: float = 90.0) -> int:
             tail = (logs / "agent.log").read_text(errors="replace").strip().splitlines()[-5:]
             raise RunnerError(f"agent exited with status {proc.returncode}: {' | '.join(tail)}")
         status = query(state_dir, "status")
-        if status and status.get("registration", {}).get("state") == "registered":
+        if status and status.get("registration", {}).get("state") in ("registered", "server_key_refused"):
             break
         if status and answering_since is None:
             answering_since = time.monotonic()
@@ -84,12 +88,28 @@ def start_background(state_dir: Path, wait: float = 90.0) -> int:
         time.sleep(0.2)
     if not status:
         raise RunnerError(f"agent did not come up within {wait:.0f}s (see {logs / 'agent.log'})")
-    state = status.get("registration", {}).get("state", "unknown")
+    registration = status.get("registration", {})
+    state = registration.get("state", "unknown")
+    if registration.get("server_key_problem"):
+        down(state_dir, quiet=True)
+        raise RunnerError(
+            f"{registration['server_key_problem']}: not registering. If the server's key really changed, "
+            f"remove {status['server']} from {state_dir / SERVER_PINS_FILE} (or give the right --server-key) "
+            f"and run `punchthrough up` again"
+        )
     print(
         f"punchthrough agent {status['id']} is up (pid {proc.pid}); server {status['server']}"
         f"{' (embedded)' if status.get('embedded') else ''}; registration: {state}",
         flush=True,
     )
+    if registration.get("server_key_learned"):
+        print(
+            f"trusting rendezvous server {status['server']} on first contact: key {registration.get('server_key')} "
+            f"(pinned in {state_dir / SERVER_PINS_FILE}; a different key from now on is refused)",
+            flush=True,
+        )
+    if status.get("peer_spec"):
+        print(f"peers allow this agent as {status['peer_spec']}", flush=True)
     return 0
 
 
@@ -137,9 +157,11 @@ def supervise(state_dir: Path) -> int:
                 path.unlink()
 
 
-def down(state_dir: Path, timeout: float = 20.0) -> int:
+def down(state_dir: Path, timeout: float = 20.0, quiet: bool = False) -> int:
     pid = running_pid(state_dir)
     if pid is None:
+        if quiet:
+            return 0
         raise RunnerError(f"no agent running for state dir {state_dir}")
     os.kill(pid, signal.SIGTERM)
     try:
@@ -148,5 +170,6 @@ def down(state_dir: Path, timeout: float = 20.0) -> int:
         os.kill(pid, signal.SIGKILL)  # its Ray head dies with it
     except psutil.NoSuchProcess:
         pass
-    print(f"punchthrough agent (pid {pid}) stopped")
+    if not quiet:
+        print(f"punchthrough agent (pid {pid}) stopped")
     return 0

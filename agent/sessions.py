@@ -9,6 +9,13 @@ the first authenticated handshake wins, A sends SELECT on it and closes the rest
 target only once it is selected, so a losing path never touches the target.
 Every session and every transport ends in a recorded outcome.
 
+On the responding side it judges who gets in: the handshake proves the peer holds
+its key, and the policy (agent/access.py) says whether something this agent trusts
+binds that key to the ID it claims. The rendezvous server's word about who asked
+(a Binding, from the signed push that brought the transport) comes along in the
+transport's metadata. Password guesses are slowed down (agent/guess_limiter.py).
+Every admission and refusal is logged and kept in the session record.
+
 A KCP transport comes with a second fd, its pump's notice socket (agent/kcp_stream.py):
 when the session fails, that says whether KCP itself failed (and why) or the actor
 pumping it died, so the error the client prints names the cause instead of "cut".
@@ -26,12 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nacl.signing import SigningKey
-
 from agent import ctlproto
-from agent.handshake import HandshakeError, Initiator, Policy, Responder
+from agent.guess_limiter import GuessLimiter, guess_keys
+from agent.handshake import Binding, HandshakeError, Initiator, Policy, Responder
+from agent.identity import Identity
 from agent.netutil import connect_tcp, describe_error, tune_transport
 from agent.session import PumpStats, SessionError, StreamCodec, pump, run_handshake
+from agent.trust import fingerprint
 from agent.wire import encode_frame
 
 log = logging.getLogger(__name__)
@@ -124,6 +132,9 @@ class SessionRecord:
     state: str = "waiting"
     error: str = ""
     admitted_by: str = ""
+    peer_key: str = ""
+    """Fingerprint of the key the peer proved it holds (responder: also when it was refused)."""
+    id_verified: bool = False
     transports: list[dict[str, Any]] = field(default_factory=list)
     stats: PumpStats = field(default_factory=PumpStats)
     created: float = field(default_factory=time.monotonic)
@@ -155,6 +166,8 @@ class SessionRecord:
             "state": self.state,
             "error": self.failure(),
             "admitted_by": self.admitted_by,
+            "peer_key": self.peer_key,
+            "id_verified": self.id_verified,
             "bytes_out": self.stats.bytes_out,
             "bytes_in": self.stats.bytes_in,
             "age": round(time.monotonic() - self.created, 3),
@@ -175,22 +188,25 @@ class _Won:
     path: str
     sock: socket.socket
     codec: StreamCodec
+    peer_pk: bytes = b""
+    key_source: str = ""
+    """Where A's trust in B's key came from: "pinned" or "rendezvous-signed" (agent/handshake.py)."""
 
 
 class SessionOwner:
     def __init__(
         self,
         socket_path: Path,
-        my_id: str,
-        signing_key: SigningKey,
+        identity: Callable[[], Identity],
         policy_factory: Callable[[], Policy | None],
         on_admitted: Callable[[str, bytes, str], None] | None = None,
         handshake_timeout: float = 10.0,
     ) -> None:
         self.socket_path = socket_path
-        self.my_id = my_id
-        self.signing_key = signing_key
+        self.identity = identity
+        """This agent's identity as it is now (it changes if the server made us move to a new ID)."""
         self.policy_factory = policy_factory
+        self.guesses = GuessLimiter()
         self.on_admitted = on_admitted
         self.handshake_timeout = handshake_timeout
         self.sessions: dict[str, SessionRecord] = {}
@@ -311,6 +327,7 @@ class SessionOwner:
             rec.state = "failed"
             return {"ok": False, "error": rec.error, "transports": rec.transports}
         rec.path = won.path
+        rec.peer_key, rec.admitted_by, rec.id_verified = fingerprint(won.peer_pk), won.key_source, True
         loop = asyncio.get_running_loop()
         try:
             await loop.sock_sendall(won.sock, won.codec.encode(SELECT)[0])
@@ -332,16 +349,18 @@ class SessionOwner:
         failures: list[str] = []
 
         async def shake(meta: dict[str, Any], sock: socket.socket) -> _Won:
+            ident = self.identity()
             machine = Initiator(
-                self.my_id,
-                self.signing_key,
+                ident.peer_id,
+                ident.signing_key,
                 rec.peer,
                 bytes(meta["peer_pk"]),
                 password=req.get("password"),
                 target=rec.target,
                 key_source=str(meta.get("key_source", "expected")),
             )
-            return _Won(str(meta.get("path", "")), sock, await run_handshake(sock, machine, self.handshake_timeout))
+            codec = await run_handshake(sock, machine, self.handshake_timeout)
+            return _Won(str(meta.get("path", "")), sock, codec, bytes(meta["peer_pk"]), str(meta.get("key_source", "")))
 
         def note(path: str, outcome: str, reason: str, since: float) -> None:
             rec.transports.append(
@@ -432,46 +451,77 @@ class SessionOwner:
         """A strategy delivers a transport from a peer that wants in (for KCP, with its pump's notice socket)."""
         rec = self._record(str(req["session"]), "responder")
         rec.path = str(req.get("path", ""))
-        rec.peer = str(req.get("peer", ""))
+        rec.peer = str(req.get("binding_id", ""))
         if notice is not None:
             if rec.notice is not None:
                 rec.notice.close()
             rec.notice = PumpNotice(notice.dup(), rec.path)
-        self._spawn(self._serve_responder_settled(rec, transport.dup()))
+        binding = None
+        if req.get("binding_id") and len(bytes(req.get("binding_pk", b""))) == 32:
+            binding = Binding(str(req["binding_id"]), bytes(req["binding_pk"]))
+        source = str(req.get("peer_ip") or "")
+        if not source and rec.path not in ("relay", "udp_punch"):
+            with contextlib.suppress(OSError, IndexError):
+                source = str(transport.getpeername()[0])
+        self._spawn(self._serve_responder_settled(rec, transport.dup(), binding, source))
         return {"ok": True}
 
-    async def _serve_responder_settled(self, rec: SessionRecord, transport: socket.socket) -> None:
+    async def _serve_responder_settled(
+        self, rec: SessionRecord, transport: socket.socket, binding: Binding | None, source: str
+    ) -> None:
         try:
-            await self._serve_responder(rec, transport)
+            await self._serve_responder(rec, transport, binding, source)
         finally:
             rec.settle_notice()
 
-    async def _serve_responder(self, rec: SessionRecord, transport: socket.socket) -> None:
+    async def _serve_responder(
+        self, rec: SessionRecord, transport: socket.socket, binding: Binding | None, source: str
+    ) -> None:
         policy = self.policy_factory()
         if policy is None:
-            rec.state, rec.error = "failed", "this agent admits nobody (no --allow and no password)"
+            rec.state, rec.error = "failed", "this agent admits nobody (no allowed peers and no password)"
+            log.warning("refused a %s connection from %s: %s", rec.path, source or "?", rec.error)
             transport.close()
             return
         rec.state = "handshake"
-        machine = Responder(self.my_id, self.signing_key, policy)
+        ident = self.identity()
+
+        def gate(claimed: str) -> str | None:
+            return self.guesses.check(guess_keys(claimed, source), time.monotonic())
+
+        machine = Responder(ident.peer_id, ident.signing_key, policy, binding=binding, password_gate=gate)
         loop = asyncio.get_running_loop()
         try:
             codec = await run_handshake(transport, machine, self.handshake_timeout)
         except HandshakeError as exc:
             rec.state, rec.error = "failed", exc.reason
+            self._note_peer(rec, machine)
+            if machine.password_failed and machine.claimed_id is not None:
+                self.guesses.failed(guess_keys(machine.claimed_id, source), time.monotonic())
             for reply in exc.reply:
                 with contextlib.suppress(OSError):
                     await loop.sock_sendall(transport, encode_frame(reply))
             transport.close()
-            log.info("session %s refused: %s", rec.id, exc.reason)
+            log.warning(
+                "refused peer %s (key %s) on %s from %s: %s",
+                rec.peer or "?", rec.peer_key or "?", rec.path, source or "?", exc.reason,
+            )
             return
         except SessionError as exc:
             rec.state, rec.error = "failed", str(exc)
             transport.close()
             return
-        rec.peer = machine.peer_id or ""
+        self._note_peer(rec, machine)
         rec.target = machine.target or ""
-        rec.admitted_by = machine.admitted_by or ""
+        rec.admitted_by = str(machine.admitted_by or "")
+        rec.id_verified = machine.id_verified
+        if machine.admitted_by is not None and machine.admitted_by.value == "password":
+            self.guesses.succeeded(guess_keys(rec.peer, source))
+        log.info(
+            "admitted peer %s (key %s, trusted by %s%s) on %s from %s, target %s",
+            rec.peer, rec.peer_key, rec.admitted_by, "" if rec.id_verified else ", ID not verified",
+            rec.path, source or "?", rec.target or "(none)",
+        )
         try:
             selected = await self._await_select(transport, codec)
         except (SessionError, OSError, TimeoutError) as exc:
@@ -481,8 +531,8 @@ class SessionOwner:
             rec.error = rec.error or "the peer chose another path"
             transport.close()
             return
-        if self.on_admitted and machine.peer_pk and machine.admitted_by == "first contact":
-            self.on_admitted(rec.peer, machine.peer_pk, rec.admitted_by)
+        if self.on_admitted and machine.peer_pk and machine.id_verified and _listed(policy, rec.peer):
+            self.on_admitted(rec.peer, machine.peer_pk, rec.admitted_by)  # pinned from now on
         try:
             local = await connect_tcp(rec.target, timeout=5.0)
         except (OSError, TimeoutError, ValueError) as exc:
@@ -549,6 +599,19 @@ class SessionOwner:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _note_peer(rec: SessionRecord, machine: Responder) -> None:
+        """Who the peer proved to be (its key), whatever came of it."""
+        if machine.claimed_id is not None:
+            rec.peer = machine.claimed_id
+        if machine.claimed_pk is not None:
+            rec.peer_key = fingerprint(machine.claimed_pk)
+
+
+def _listed(policy: Policy, peer: str) -> bool:
+    """Only a listed peer's key is worth pinning (a pin is consulted for listed IDs only)."""
+    return peer in policy.allowed_ids or peer in policy.allowed_keys
 
 
 async def _first_pieces(transport: socket.socket, codec: StreamCodec, timeout: float) -> list[bytes | None] | None:

@@ -10,6 +10,7 @@ restart. `build_component` makes one component given references to the others;
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -20,13 +21,14 @@ from typing import Any
 
 from agent import config as configmod
 from agent import identity as identitymod
+from agent.access import build_policy
 from agent.addr import split_host_port
 from agent.config import Config
-from agent.coordinator import Coordinator, build_policy, server_key_from
+from agent.coordinator import Coordinator
 from agent.crypto import load_or_create_signing_key
 from agent.identity import Identity
 from agent.netwatch_core import REMOTE_JITTER, NetworkChanged
-from agent.pins import PinMismatch, PinStore
+from agent.pins import PinMismatch, PinStore, ServerPins
 from agent.refs import LocalRef, Ref
 from agent.runtime_paths import control_socket, sessions_socket
 
@@ -55,7 +57,8 @@ class Runtime:
     cfg: Config
     identity: Identity
     server: str
-    server_key: bytes | None
+    fixed_server_key: bytes | None
+    """The rendezvous server's key as configured (`agent.server_key`), or the embedded server's own."""
     embedded: bool
 
     @property
@@ -66,6 +69,17 @@ class Runtime:
     def embedded_dir(self) -> Path:
         return self.state_dir / "server"
 
+    def server_key(self) -> bytes | None:
+        """The key the rendezvous server must sign with: configured or embedded, else the one pinned on
+        first contact (known_servers.json; None until the registrar has met the server)."""
+        if self.fixed_server_key is not None:
+            return self.fixed_server_key
+        return ServerPins(self.state_dir).get(self.server)
+
+    def pin_server_key(self, key: bytes) -> None:
+        with contextlib.suppress(PinMismatch):  # the registrar only learns a key when none is pinned
+            ServerPins(self.state_dir).check_and_pin(self.server, key)
+
 
 def load_runtime(state_dir: Path) -> Runtime:
     path = state_dir / CONFIG_FILE
@@ -73,10 +87,19 @@ def load_runtime(state_dir: Path) -> Runtime:
     ident = identitymod.load_or_create(state_dir)
     embedded = not cfg.agent.server
     server = cfg.agent.server or f"127.0.0.1:{cfg.embedded.rendezvous_port}"
-    key_file = state_dir / "server" / "id_ed25519"
-    if embedded:
-        load_or_create_signing_key(key_file)
-    return Runtime(state_dir, cfg, ident, server, server_key_from(cfg, key_file if embedded else None), embedded)
+    key: bytes | None = None
+    if cfg.agent.server_key:
+        key = base64.b64decode(cfg.agent.server_key)  # checked by config.validate
+    elif embedded:
+        key = bytes(load_or_create_signing_key(state_dir / "server" / "id_ed25519").verify_key)
+    return Runtime(state_dir, cfg, ident, server, key, embedded)
+
+
+def embedded_relays(cfg: Config) -> list[str]:
+    """What the embedded rendezvous server names as its relay: nothing when the relay is on port + 1
+    (RustDesk's default, which every client assumes), else ":PORT" on the server's own host."""
+    emb = cfg.embedded
+    return [] if emb.relay_port == emb.rendezvous_port + 1 else [f":{emb.relay_port}"]
 
 
 class EmbeddedServers:
@@ -98,9 +121,12 @@ class EmbeddedServers:
                 port=emb.rendezvous_port,
                 db_path=self.rt.embedded_dir / "rendezvous.sqlite3",
                 key_file=self.rt.embedded_dir / "id_ed25519",
+                relays=embedded_relays(self.rt.cfg),
             )
         )
-        self.relay = await start_relay(RelayConfig(binds=[emb.bind], port=emb.relay_port))
+        self.relay = await start_relay(
+            RelayConfig(binds=[emb.bind], port=emb.relay_port, server_keys=[self.rendezvous.core.public_key])
+        )
 
     async def close(self) -> None:
         for server in (self.relay, self.rendezvous):
@@ -131,6 +157,8 @@ class RegistrarComponent:
             lambda: self.nat_type,
             on_id_taken=self._id_taken,
             on_network_change=self._network_changed,
+            server_key=rt.server_key(),
+            on_server_key=rt.pin_server_key,
         )
         self._task: asyncio.Task[None] | None = None
         self._remeasuring = False
@@ -192,7 +220,7 @@ def enabled_components(rt: Runtime) -> list[str]:
 
 def _policy_factory(rt: Runtime) -> Any:
     def factory() -> Any:
-        return build_policy(rt.cfg, PinStore(rt.state_dir))
+        return build_policy(rt.cfg, rt.state_dir)
 
     return factory
 
@@ -221,8 +249,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
     elif kind == "sessions":
         comp = SessionOwner(
             sessions_socket(rt.state_dir),
-            rt.identity.peer_id,
-            rt.identity.signing_key,
+            identitymod.IdentityCache(rt.state_dir, rt.identity).get,
             _policy_factory(rt),
             on_admitted=_pin_admitted(rt),
         )

@@ -12,11 +12,13 @@ memory flat over 10 minutes":
   sampled is the server's alone (not this load generator's). Default limits: no per-IP limit is lifted.
 * --peers simulated peers, each with its own UDP socket (its own "NAT mapping"), --peers-per-ip of
   them per source address in 127.1/16 (so the per-IP RegisterPk limits hold, as for real hosts).
-  Each registers (RegisterPk, retried on loss as a client would), then sends RegisterPeer every
-  --heartbeat seconds; the heartbeats of all peers are spread evenly over the period.
-* --punch-rate punch requests per second from 127.0.0.1 to random simulated peers: the server
-  pushes PunchHole to the peer's UDP socket, the peer answers PunchHoleSent over TCP as RustDesk
-  does, and the requester must get a PunchHoleResponse carrying the peer's address.
+  Each has a key of its own and registers as an agent does (RegisterPk for a challenge, then
+  RegisterPk signed with it, each retried on loss), then sends RegisterPeer every --heartbeat
+  seconds; the heartbeats of all peers are spread evenly over the period.
+* --punch-rate punch requests per second, signed by a registered requester on 127.0.0.1, to random
+  simulated peers: the server pushes PunchHole to the peer's UDP socket, the peer answers
+  PunchHoleSent over TCP with the push's token, and the requester must get a PunchHoleResponse
+  carrying the peer's address.
 * Two in-process agents (agent.stack.LocalAgent, as tests/integration/test_load.py uses them) open
   a stream to each other through the server every --stream-every seconds and echo 64 KiB.
 * Every --sample seconds: the server's RSS and CPU, and an OnlineRequest for every simulated ID
@@ -60,14 +62,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent import addr as addrmod
 from agent import messages
 from agent.config import Config
+from agent.crypto import load_or_create_signing_key
 from agent.proto import rendezvous_pb2 as pb
 from agent.relay_server import RelayConfig, start_relay
 from agent.stack import LocalAgent
 from agent.wire import FrameDecoder, encode_frame
 from tests.agent_fixtures import echo_server, open_stream, prepare_state, transfer, wait_registered
+from tests.signed import Member
 
 ROOT = Path(__file__).resolve().parent.parent
-PK = bytes(range(32))
 REPLY_TIMEOUT = 3.0
 """Seconds before a RegisterPk is sent again (a real client retries too)."""
 PROBE_TIMEOUT = 10.0
@@ -138,18 +141,19 @@ def start_server(tmp: Path, relay_addr: str) -> ServerProc:
 
 
 class Peer:
-    __slots__ = ("heartbeat", "id", "ip", "outstanding", "sock", "waiter")
+    __slots__ = ("heartbeat", "id", "ip", "member", "outstanding", "sock", "waiter")
 
-    def __init__(self, peer_id: str, ip: str) -> None:
-        self.id = peer_id
+    def __init__(self, member: Member, ip: str) -> None:
+        self.member = member
+        self.id = member.id
         self.ip = ip
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         self.sock.bind((ip, 0))
-        self.heartbeat = messages.build(register_peer=pb.RegisterPeer(id=peer_id, serial=0))
+        self.heartbeat = messages.build(register_peer=pb.RegisterPeer(id=self.id, serial=0))
         self.outstanding = 0
         """Heartbeats sent and not answered yet."""
-        self.waiter: asyncio.Future[int] | None = None
+        self.waiter: asyncio.Future[Any] | None = None
 
 
 @dataclass
@@ -191,14 +195,17 @@ class Swarm:
         for i in range(n):
             ip_index = i // per_ip
             ip = f"127.1.{ip_index // 250}.{1 + ip_index % 250}"
-            p = Peer(f"soak{i:07d}", ip)
+            p = Peer(Member.new(f"soak{i:07d}".encode()), ip)
             self.peers.append(p)
             self.loop.add_reader(p.sock.fileno(), self._readable, p)
+        self.prober = Peer(Member.new(b"soak-prober"), "127.0.0.1")
+        """Signs the punch probes (a requester must be registered); its socket only registers it."""
+        self.loop.add_reader(self.prober.sock.fileno(), self._readable, self.prober)
 
     def close(self) -> None:
         for t in self.tasks:
             t.cancel()
-        for p in self.peers:
+        for p in [*self.peers, self.prober]:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(p.sock.fileno())
             p.sock.close()
@@ -239,29 +246,36 @@ class Swarm:
                     self._spawn(self.register(p))  # as a real client: register the key again
             elif kind == "register_pk_response":
                 if p.waiter is not None and not p.waiter.done():
-                    p.waiter.set_result(int(msg.result))
+                    p.waiter.set_result(msg)
             elif kind == "punch_hole":
                 self._spawn(self._hole_sent(p, msg))
             else:
                 c.pushes_unexpected += 1
 
     async def register(self, p: Peer, attempts: int = 4) -> bool:
-        payload = messages.build(register_pk=pb.RegisterPk(id=p.id, uuid=f"uuid-{p.id}".encode(), pk=PK))
+        """As the registrar does: ask for a challenge, then sign it (each step retried on loss)."""
         c = self.counts
-        for attempt in range(attempts):
+        nonce = os.urandom(16)
+        challenge = b""
+        for attempt in range(2 * attempts):
             p.waiter = self.loop.create_future()
-            if attempt:
+            if attempt > 1:
                 c.reg_retries += 1
-            self._send(p, payload)
+            self._send(p, p.member.register_pk(nonce, challenge))
             try:
-                result = await asyncio.wait_for(p.waiter, REPLY_TIMEOUT)
+                msg = await asyncio.wait_for(p.waiter, REPLY_TIMEOUT)
             except TimeoutError:
                 continue
             finally:
                 p.waiter = None
+            result = int(msg.result)
+            if result == pb.RegisterPkResponse.CHALLENGE:
+                challenge = bytes(msg.challenge)
+                continue
             c.reg_results[result] = c.reg_results.get(result, 0) + 1
             if result == pb.RegisterPkResponse.OK:
-                c.reg_ok += 1
+                if p is not self.prober:
+                    c.reg_ok += 1
                 return True
             break
         c.reg_failed += 1
@@ -276,7 +290,9 @@ class Swarm:
                 await self.register(p)
 
         await asyncio.gather(*(one(p) for p in self.peers))
-        return time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        await self.register(self.prober)
+        return took
 
     async def heartbeat(self, period: float, until: float) -> None:
         """Every peer sends RegisterPeer once per `period`, all spread evenly over it."""
@@ -301,7 +317,9 @@ class Swarm:
             s.bind((p.ip, 0))
             async with asyncio.timeout(PROBE_TIMEOUT):
                 await self.loop.sock_connect(s, self.to)
-                sent = pb.PunchHoleSent(socket_addr=ph.socket_addr, id=p.id, nat_type=pb.ASYMMETRIC, version="1")
+                sent = pb.PunchHoleSent(
+                    socket_addr=ph.socket_addr, id=p.id, nat_type=pb.ASYMMETRIC, answer_token=ph.answer_token
+                )
                 await self.loop.sock_sendall(s, encode_frame(messages.build(punch_hole_sent=sent)))
                 while await self.loop.sock_recv(s, 4096):  # the server closes it
                     pass
@@ -322,7 +340,7 @@ class Swarm:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 await self.loop.sock_connect(s, self.to)
                 req = pb.PunchHoleRequest(id=target.id, nat_type=pb.ASYMMETRIC, version="1")
-                await self.loop.sock_sendall(s, encode_frame(messages.build(punch_hole_request=req)))
+                await self.loop.sock_sendall(s, encode_frame(self.prober.member.request("punch_hole_request", req)))
                 while True:
                     data = await self.loop.sock_recv(s, 4096)
                     if not data:
@@ -496,7 +514,9 @@ async def soak(args: argparse.Namespace) -> int:
             raise SystemExit(f"{args.peers} peers need {need} descriptors; the hard limit is {hard}")
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     loop = asyncio.get_running_loop()
-    relay = await start_relay(RelayConfig(binds=["127.0.0.1"], port=0))
+    # The relay honours the rendezvous server's tickets: it gets that server's key (made here first).
+    server_key = load_or_create_signing_key(tmp / "server" / "id_ed25519")
+    relay = await start_relay(RelayConfig(binds=["127.0.0.1"], port=0, server_keys=[bytes(server_key.verify_key)]))
     relay_addr = f"127.0.0.1:{relay.port}"
     server = start_server(tmp, relay_addr)
     if args.nice:
@@ -636,7 +656,8 @@ async def storm(args: argparse.Namespace) -> int:
     # Lazy: these helpers live in the load test, which only this mode needs.
     from agent.rendezvous_core import Limits
     from agent.rendezvous_server import RendezvousConfig, start_rendezvous
-    from tests.integration.test_load import online_states, register_peers, relay_pairs, rss_mib
+    from tests.integration.relay_helpers import relay_cfg
+    from tests.integration.test_load import online_states, register_peers, relay_pairs, rss_mib, sim_peers
 
     tmp = Path(tempfile.mkdtemp(prefix="load-bench-"))
     rv = await start_rendezvous(
@@ -649,7 +670,7 @@ async def storm(args: argparse.Namespace) -> int:
         )
     )
     # Every pair comes from 127.0.0.1 (many simulated hosts, one address): lift the per-IP caps.
-    relay = await start_relay(RelayConfig(binds=["127.0.0.1"], port=0, max_waiting_per_ip=0, max_handshaking_per_ip=0))
+    relay = await start_relay(relay_cfg(max_waiting_per_ip=0, max_handshaking_per_ip=0))
     t_start = time.monotonic()
     deadline = t_start + args.minutes * 60
     failures = 0
@@ -673,9 +694,9 @@ async def storm(args: argparse.Namespace) -> int:
     rnd = 0
     try:
         while time.monotonic() < deadline:
-            ids = [f"soak{rnd:04d}x{i:07d}" for i in range(args.peers)]
-            took = await register_peers(rv, ids)
-            online = await online_states(rv.nat_port, ids)
+            peers = sim_peers(args.peers, f"soak{rnd:04d}x")
+            took = await register_peers(rv, peers)
+            online = await online_states(rv.nat_port, [m.id for m in peers])
             lost = online.count(False)
             failures += lost > 0
             durations = await relay_pairs(relay.port, args.pairs, args.pair_kib << 10)

@@ -6,10 +6,12 @@ The server (or the echo baseline) runs in a child process and a closed-loop clie
 this one keeps `window` datagrams in flight, so both numbers are "answered per
 second" on the same machine in the same run; the ratio says what the rendezvous
 logic costs over the bare asyncio datagram path. The `peers` IDs are bound first
-(database rows preloaded in one transaction, then one RegisterPk each so they are in
-memory and online); the per-IP RegisterPk limits are lifted for that preload only.
-Memory per ID is the RSS growth of a child process that registers `mem-ids` IDs
-through the core (no sockets), divided by the count. Traffic goes to 127.0.0.1 only.
+(database rows preloaded in one transaction, then a signed registration each, as agents
+register: RegisterPk for a challenge and RegisterPk signed with it, so they are in memory and
+online); the per-IP RegisterPk limits are lifted for that preload only. Its rate is printed
+too: what a signature check per registration costs. Memory per ID is the RSS growth of a
+child process that registers `mem-ids` IDs through the core (no sockets), divided by the count.
+Traffic goes to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -23,24 +25,27 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import messages
+from agent import messages, signing
 from agent.proto import rendezvous_pb2 as pb
+from tests.signed import Member
 
-PK = bytes(range(32))
 LIFTED_LIMITS = {"ip_block_limit": 10**9, "ip_ids_limit": 10**9}
 
 
-def peer_id(i: int) -> str:
-    return f"{1_000_000_000 + i}"
-
-
-def uuid_of(i: int) -> bytes:
-    return b"bench-uuid-%d" % i
+def members(n: int) -> list[Member]:
+    """n agents' identities: a key each, the ID derived from it (deterministic, so both processes agree)."""
+    out = []
+    for i in range(n):
+        m = Member.new(b"bench-%d" % i)
+        m.uuid = b"bench-uuid-%d" % i
+        out.append(m)
+    return out
 
 
 # --------------------------------------------------------------------------- children
@@ -97,8 +102,12 @@ def _memory_per_id(n: int, tmp: str, conn: Connection) -> None:
     proc = psutil.Process()
     registry = Registry(Path(tmp) / "mem.sqlite3")
     core = RendezvousCore(registry, SigningKey.generate(), limits=Limits(**LIFTED_LIMITS))
-    datagrams = [messages.build(register_pk=pb.RegisterPk(id=peer_id(i), uuid=uuid_of(i), pk=PK)) for i in range(n)]
     srcs = [SockAddr.of(f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", 40000) for i in range(n)]
+    # The signed registrations as agents send them (the challenge taken from the core: it is the
+    # second datagram of each registration, the one that binds and costs a signature check)
+    datagrams = [
+        m.register_pk(bytes(16), core._challenge(m.id, srcs[i], int(1000.0 // 30))) for i, m in enumerate(members(n))
+    ]
     gc.collect()
     before = proc.memory_info().rss
     t0 = time.perf_counter()
@@ -142,24 +151,43 @@ def closed_loop(port: int, payloads: list[bytes], seconds: float, window: int) -
     return got / (now - t0), lost
 
 
-def register_all(port: int, n: int, window: int) -> None:
-    """One RegisterPk per ID (rows exist, nothing changes on disk), so all are in memory and online."""
-    payloads = [messages.build(register_pk=pb.RegisterPk(id=peer_id(i), uuid=uuid_of(i), pk=PK)) for i in range(n)]
-    ok_reply = messages.build(register_pk_response=pb.RegisterPkResponse())
+def register_all(port: int, peers: list[Member], window: int, server_key: bytes) -> None:
+    """A signed registration per ID (rows exist, nothing changes on disk), so all are in memory and online.
+
+    One socket, `window` in flight: the server answers in order, and each answer is checked to be
+    signed for the nonce of the attempt it answers."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     s.connect(("127.0.0.1", port))
     s.settimeout(2.0)
-    sent = min(window, n)
-    for i in range(sent):
-        s.send(payloads[i])
-    for _ in range(n):
-        reply = s.recv(2048)
-        if reply != ok_reply:
-            raise SystemExit(f"registration failed: {messages.parse(reply)}")
-        if sent < n:
-            s.send(payloads[sent])
-            sent += 1
+    nonces = [os.urandom(16) for _ in peers]
+    challenges: list[bytes] = []
+
+    def ask_challenge(i: int) -> bytes:
+        return peers[i].register_pk(nonces[i])
+
+    def signed(i: int) -> bytes:
+        return peers[i].register_pk(nonces[i], challenges[i])
+
+    phases: list[tuple[int, Callable[[int], bytes]]] = [
+        (pb.RegisterPkResponse.CHALLENGE, ask_challenge),
+        (pb.RegisterPkResponse.OK, signed),
+    ]
+    for want, payload_of in phases:
+        n = len(peers)
+        sent = min(window, n)
+        for i in range(sent):
+            s.send(payload_of(i))
+        for i in range(n):
+            reply = s.recv(2048)
+            msg = messages.parse(signing.opened(server_key, signing.SERVER, nonces[i], reply))[1]
+            if msg.result != want:
+                raise SystemExit(f"registration failed: {msg}")
+            if want == pb.RegisterPkResponse.CHALLENGE:
+                challenges.append(bytes(msg.challenge))
+            if sent < n:
+                s.send(payload_of(sent))
+                sent += 1
     s.close()
 
 
@@ -189,20 +217,23 @@ def main() -> None:
     print(f"cpus: {os.cpu_count()}, python {sys.version.split()[0]}, peers {args.peers}, window {args.window}")
 
     with tempfile.TemporaryDirectory(prefix="rv-bench-") as tmp:
+        from agent.crypto import load_or_create_signing_key
         from agent.registry import PeerRow, Registry
 
         t0 = time.perf_counter()
+        peers = members(args.peers)
         reg = Registry(Path(tmp) / "rv.sqlite3")
-        reg.put_many(PeerRow(peer_id(i), uuid_of(i), PK, "127.0.0.1") for i in range(args.peers))
+        reg.put_many(PeerRow(m.id, m.uuid, m.pk, "127.0.0.1", signed=True) for m in peers)
         reg.close()
+        server_key = bytes(load_or_create_signing_key(Path(tmp) / "id_ed25519").verify_key)
         print(f"preloaded {args.peers} rows in {time.perf_counter() - t0:.2f} s")
 
         proc, conn, port = start_child(_run_rendezvous, tmp)
         t0 = time.perf_counter()
-        register_all(port, args.peers, args.window)
+        register_all(port, peers, args.window, server_key)
         rate = args.peers / (time.perf_counter() - t0)
-        print(f"RegisterPk of {args.peers} known IDs (DB read each, no write): {rate:,.0f}/s")
-        beats = [messages.build(register_peer=pb.RegisterPeer(id=peer_id(i))) for i in range(args.peers)]
+        print(f"signed registrations of {args.peers} known IDs (2 RegisterPk each, DB read, no write): {rate:,.0f}/s")
+        beats = [messages.build(register_peer=pb.RegisterPeer(id=m.id)) for m in peers]
         rv_rate, rv_lost = closed_loop(port, beats, args.seconds, args.window)
         stats = stop_child(proc, conn)
         assert stats["peers_online"] == args.peers, stats["peers_online"]

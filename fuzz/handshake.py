@@ -43,10 +43,12 @@ with instrumented():
     from nacl.signing import SigningKey
 
     from agent.handshake import (
+        Binding,
         HandshakeError,
         Initiator,
         Policy,
         Responder,
+        TrustedBy,
         auth_signed_bytes,
         direction_keys,
         password_key,
@@ -79,7 +81,7 @@ TARGET = "127.0.0.1:22"
 PASSWORD = "correct horse battery staple"
 TARGETS = frozenset({TARGET})
 POLICIES = (
-    Policy(allowed_ids=frozenset({A_ID}), allowed_targets=TARGETS),
+    Policy(allowed_ids=frozenset({A_ID}), allowed_targets=TARGETS),  # with the server's binding of A_ID -> A_PK
     Policy(pinned_keys={A_ID: A_PK}, allowed_targets=TARGETS, allow_no_target=False),
     Policy(password=PASSWORD, allowed_targets=TARGETS),
     Policy(pinned_keys={A_ID: B_PK}, password=PASSWORD, allowed_targets=TARGETS),
@@ -99,8 +101,11 @@ def make_a(variant: int) -> Initiator:
     )
 
 
+BINDINGS = (Binding(A_ID, A_PK), None, None, None)
+
+
 def make_b(variant: int) -> Responder:
-    return Responder(B_ID, B_SIGN, POLICIES[variant], ephemeral_key=B_EPH)
+    return Responder(B_ID, B_SIGN, POLICIES[variant], ephemeral_key=B_EPH, binding=BINDINGS[variant])
 
 
 class Ref:
@@ -272,12 +277,14 @@ def peer_auth(variant: int, p1: bytes, p2: bytes) -> None:
     assert (b.peer_id, b.peer_pk, b.target) == (peer_id, pk, target)
     assert target in policy.allowed_targets or (not target and policy.allow_no_target), f"target {target!r}"
     pinned = policy.pinned_keys.get(peer_id)
-    if b.admitted_by == "pinned key":
+    binding = BINDINGS[variant]
+    if b.admitted_by is TrustedBy.PINNED:
         assert pinned == pk
-    elif b.admitted_by == "first contact":
-        assert pinned is None and peer_id in policy.allowed_ids
+    elif b.admitted_by is TrustedBy.SERVER_BINDING:
+        assert pinned is None and peer_id in policy.allowed_ids, "a bare ID admitted without the server's binding"
+        assert binding is not None and (binding.peer_id, binding.public_key) == (peer_id, pk)
     else:
-        assert b.admitted_by == "password" and pinned is None and peer_id not in policy.allowed_ids
+        assert b.admitted_by is TrustedBy.PASSWORD and pinned is None and peer_id not in policy.allowed_ids
         assert policy.password is not None and proof == password_proof(password_key(PASSWORD, B_ID), ref.transcript)
 
 

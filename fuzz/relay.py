@@ -2,13 +2,16 @@
 
 Input: [cfg][stream...]. The stream is read the way the relay shell reads a new connection:
 never more than `want()` bytes at a time, in pieces no larger than the chunk size cfg picks.
-cfg also picks whether a licence key is configured and how many replicas share the port.
+cfg also picks whether a licence key is configured, how many replicas share the port, and whether
+the relay is open or honours only the tickets of one rendezvous server.
 
 Invariants: the reader raises only FrameError, and only when the header declares more than
 FIRST_FRAME_MAX; it never consumes a byte past the first frame and returns exactly that
 frame's payload; check_request returns a Decision for anything; an accepted uuid is non-empty
 and short, routes to a replica in range, and survives the socket-handoff codec (encode, then
-decode, gives it back); a refusal carries one complete RelayResponse frame. decode_handoff on
+decode, gives it back); a relay that is not open accepts only a ticket its server signed for
+that uuid and relay (a seed carries one; the fuzzer cannot forge another); a refusal carries
+one complete RelayResponse frame. decode_handoff on
 arbitrary bytes raises only ValueError and never yields a uuid that encode_handoff would refuse.
 """
 
@@ -17,7 +20,9 @@ from __future__ import annotations
 from fuzz._common import Reader, entry, instrumented
 
 with instrumented():
-    from agent import messages
+    from nacl.signing import SigningKey
+
+    from agent import messages, signing
     from agent.proto import rendezvous_pb2 as pb
     from agent.relay_core import (
         FIRST_FRAME_MAX,
@@ -35,6 +40,10 @@ with instrumented():
 
 CHUNKS = (1, 2, 3, 5, 64, 4096, 1 << 20, 1 << 20)
 KEY = "OeVuKk5nlHiXp+APNn0Y3pC1Iwpwn44JGqrQCsWqmBw="
+SERVER_KEY = SigningKey(bytes(32))
+"""The rendezvous server the ticketed relay trusts; one seed carries its ticket."""
+SERVER_PK = bytes(SERVER_KEY.verify_key)
+NOW = 1_800_000_000.0
 
 
 def TestOneInput(data: bytes) -> None:
@@ -44,6 +53,7 @@ def TestOneInput(data: bytes) -> None:
     chunk = CHUNKS[cfg & 7]
     key = KEY if cfg & 8 else ""
     replicas = 1 + ((cfg >> 4) & 7)
+    open_relay = bool(cfg & 128)
 
     reader = FirstFrameReader()
     pos = 0
@@ -66,14 +76,17 @@ def TestOneInput(data: bytes) -> None:
     assert reader.want() == 0
     assert FrameDecoder(FIRST_FRAME_MAX).feed(stream[:pos]) == [payload], "consumed more or less than one frame"
 
-    decision = check_request(payload, key)
+    decision = check_request(payload, key, server_keys=(SERVER_PK,), open_relay=open_relay, now=NOW)
     if isinstance(decision, Accept):
         uuid = decision.uuid
         assert uuid and len(uuid) <= MAX_UUID_LEN
+        if not open_relay:
+            sub = messages.parse(payload)[1]
+            signing.check_ticket((SERVER_PK,), bytes(sub.ticket), uuid, sub.relay_server, NOW)  # raises if forged
         assert 0 <= owner_index(uuid, replicas) < replicas
         assert decode_handoff(encode_handoff(uuid, "203.0.113.9:40000")) == (uuid, "203.0.113.9:40000")
     elif isinstance(decision, Refuse):
-        assert key
+        assert key or not open_relay
         (frame,) = FrameDecoder().feed(decision.reply)
         kind, msg = messages.parse(frame)
         assert kind == "relay_response" and msg.refuse_reason
@@ -92,8 +105,11 @@ def seeds() -> list[bytes]:
     def rr(**kw: object) -> bytes:
         return encode_frame(messages.build(request_relay=pb.RequestRelay(**kw)))  # type: ignore[arg-type]
 
+    uuid = "5a1e0c1e-0000-4000-8000-000000000001"
+    ticket = signing.make_ticket(SERVER_KEY, uuid, "r:21117", int(NOW * 1000))
     frames = [
-        rr(uuid="5a1e0c1e-0000-4000-8000-000000000001", licence_key=KEY, id="123456789", relay_server="r:21117"),
+        rr(uuid=uuid, licence_key=KEY, id="123456789", relay_server="r:21117", ticket=ticket),
+        rr(uuid=uuid, relay_server="r:21117", ticket=ticket[:-1] + b"\0"),
         rr(uuid="u", licence_key="wrong"),
         rr(uuid=""),
         rr(uuid="x" * 65),
@@ -101,7 +117,7 @@ def seeds() -> list[bytes]:
         encode_frame(b""),
         bytes.fromhex("fdff0100"),
     ]
-    out = [bytes((cfg,)) + f + b"EARLY DATA" for f in frames for cfg in (0, 8, 0x19, 0x2E)]
+    out = [bytes((cfg,)) + f + b"EARLY DATA" for f in frames for cfg in (0, 8, 0x19, 0x2E, 0x80, 0x88)]
     out.append(bytes((0,)) + encode_handoff("5a1e0c1e-0000-4000-8000-000000000001", "[2001:db8::1]:5"))
     return out
 

@@ -5,15 +5,19 @@ Input: [cfg] then records [op][aux][len u16][payload]. op: bits 0-1 what (0 UDP 
 the payload is not empty), bits 2-4 the source (a pool of eight addresses: private, public,
 same-IP, IPv6, v4-mapped, loopback, unspecified), bits 5-7 how far the clock moves first.
 aux: bits 0-2 the TCP connection id, bits 3-4 the UDP endpoint index. cfg picks always_relay,
-whether relays are configured, and small or default limits. Persist actions are applied to
-an in-memory store that keeps the registry's ownership rule, so evicted peers come back.
+whether relays are configured, small or default limits, and whether RustDesk's unsigned clients
+are allowed. Persist actions are applied to an in-memory store that keeps the registry's
+ownership rules, so evicted peers come back. The core's challenge secret is fixed, so seeds
+carry real signed registrations and requests (keys below).
 
 Invariants (anything else that escapes is a crash): the core never raises; every datagram it
 answers a UDP source with goes to that source, from the endpoint it came in on, and is never
 larger than the request (so a spoofed source cannot turn it into an amplifier); every datagram
 a TCP request causes goes to a registered, online peer; frames and closes go to connections
 that exist; every payload it emits parses; Persist rows carry valid IDs and bounded fields;
-no table outgrows its limit.
+a signed binding never changes key and is never replaced by an unsigned one; every push is
+signed by the server for the peer it goes to, and never names a key-bound requester with another
+key than its bound one; no table outgrows its limit.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from fuzz._common import Reader, entry, instrumented, record
 with instrumented():
     from nacl.signing import SigningKey
 
-    from agent import addr, messages
+    from agent import addr, messages, signing
     from agent.addr import SockAddr, to_v4_if_mapped
+    from agent.identity import derive_id
     from agent.proto import rendezvous_pb2 as pb
     from agent.registry import PeerRow
     from agent.rendezvous_core import (
@@ -68,10 +73,13 @@ SMALL = Limits(
     max_log_sources=4,
 )
 SERVER_KEY = SigningKey(bytes(range(32)))
+SERVER_PK = bytes(SERVER_KEY.verify_key)
+SECRET = bytes(32)
+PUSHES = ("punch_hole", "fetch_local_addr", "request_relay")
 
 
 class Store:
-    """The registry's read side, with its rule that a row owned by another uuid is never overwritten."""
+    """The registry's read side, with its ownership rules (agent/registry.py's SQL)."""
 
     def __init__(self) -> None:
         self.rows: dict[str, PeerRow] = {}
@@ -81,7 +89,10 @@ class Store:
 
     def persist(self, row: PeerRow) -> None:
         old = self.rows.get(row.id)
-        if old is None or old.uuid == row.uuid:
+        if old is not None and old.signed:
+            assert row.signed, f"an unsigned registration replaced the signed binding of {row.id}"
+            assert row.pk == old.pk, f"the signed binding of {row.id} changed key"
+        if old is None or (old.signed and row.pk == old.pk) or (not old.signed and old.uuid == row.uuid):
             self.rows[row.id] = row
 
 
@@ -107,6 +118,7 @@ def check_actions(
                 assert len(act.payload) <= size, f"amplification: {len(act.payload)}-byte answer to {size} bytes"
             else:
                 assert registered(core, act.addr, now), f"TCP input made the core send to unregistered {act.addr}"
+                check_push(core, act)
         elif isinstance(act, SendTcp):
             assert act.conn in conns, f"frame for unknown connection {act.conn}"
             messages.parse(act.payload, max_len=MAX_TCP_MESSAGE)
@@ -120,13 +132,34 @@ def check_actions(
             raise AssertionError(f"unknown action {act!r}")
 
 
+def check_push(core: RendezvousCore, act: Any) -> None:
+    """A push is the server's, signed for the peer it goes to, and names its requester truthfully."""
+    kind, msg = messages.parse(act.payload, max_len=MAX_TCP_MESSAGE)
+    assert kind in PUSHES, f"TCP input made the core push a {kind}"
+    targets = [p.id for p in core.peers.values() if p.addr == act.addr]
+    body, sig = signing.split(act.payload)
+    assert any(signing.verify(SERVER_PK, signing.PUSH, t.encode(), body, sig) for t in targets), "unsigned push"
+    if msg.requester_id:  # a key-bound requester with its bound key, or an unbound one (derived: the core checks)
+        bound = core.lookup(msg.requester_id)
+        assert bound is None or (bound.signed and bound.pk == msg.requester_pk), "push names a requester falsely"
+
+
 def TestOneInput(data: bytes) -> None:
     r = Reader(data)
     cfg = r.byte()
     store = Store()
     limits = SMALL if cfg & 4 else Limits()
     relays = [] if cfg & 2 else ["127.0.0.1:21117", "[2001:db8::9]:21117"]
-    core = RendezvousCore(store, SERVER_KEY, relays=relays, always_relay=bool(cfg & 1), limits=limits)
+    core = RendezvousCore(
+        store,
+        SERVER_KEY,
+        relays=relays,
+        always_relay=bool(cfg & 1),
+        limits=limits,
+        allow_unsigned=bool(cfg & 8),
+        secret=SECRET,
+        new_token=lambda: b"t" * 16,
+    )
     now = 1000.0
     slots: dict[int, tuple[int, SockAddr]] = {}  # slot -> (connection id, its source): a TCP peer never moves
     conns: set[int] = set()  # open connections
@@ -176,6 +209,32 @@ def TestOneInput(data: bytes) -> None:
 A, B, C = 0, 1, 3  # source indexes: A asks, B is asked, C is a stranger
 A_ID, B_ID = "111111111", "222222222"
 PK = bytes(range(32))
+A_KEY, B_KEY = SigningKey(b"a" * 32), SigningKey(b"b" * 32)
+SA_ID, SB_ID = derive_id(bytes(A_KEY.verify_key)), derive_id(bytes(B_KEY.verify_key))
+"""The signed peers' IDs, derived from their keys."""
+
+
+def signed_register(src: int, key: Any, nat: int = 0, step: int = 1) -> bytes:
+    """The two RegisterPk an agent sends (the challenge computed as the core will, at seed time ~now),
+    then a heartbeat."""
+    pk = bytes(key.verify_key)
+    peer_id = derive_id(pk)
+    probe = RendezvousCore(Store(), SERVER_KEY, secret=SECRET)
+    challenge = probe._challenge(peer_id, to_v4_if_mapped(SOURCES[src]), int(1001.0 // 30))
+    rk = pb.RegisterPk(id=peer_id, uuid=b"u-" + pk[:4], pk=pk, nonce=bytes(16), padding=bytes(120))
+    first = build(register_pk=rk)
+    rk.ClearField("padding")
+    rk.challenge = challenge
+    second = signing.seal(key, signing.REGISTER, b"", build(register_pk=rk))
+    beat = build(register_peer=pb.RegisterPeer(id=peer_id, serial=1, nat_type=nat))  # type: ignore[arg-type]
+    return udp(src, first, step) + udp(src, second, 0) + udp(src, beat, 0)
+
+
+def signed_request(key: Any, member: str, sub: Any, nonce: int) -> bytes:
+    sub.requester_id = derive_id(bytes(key.verify_key))
+    sub.request_time_ms = 1_010_000
+    sub.request_nonce = nonce.to_bytes(16, "big")
+    return signing.seal(key, signing.REQUEST, b"", build(**{member: sub}))
 
 
 def udp(src: int, payload: bytes, step: int = 1, via: int = 0) -> bytes:
@@ -258,6 +317,28 @@ def seeds() -> list[bytes]:
     relays = b"".join(tcp(A, 1, build(request_relay=pb.RequestRelay(id=B_ID, uuid=f"u{i}")), step=0) for i in range(5))
     out.append(bytes((4,)) + reg + relays)
     out.append(bytes((0,)) + reg + burst + answers[0])
+    # the unsigned flows above again, for a server that allows RustDesk's clients
+    out += [bytes((c | 8,)) + rest[1:] for c, rest in ((s[0], s) for s in list(out))][:40]
+    # signed registrations, signed requests, answers with and without the push's token
+    sreg = signed_register(B, B_KEY) + signed_register(A, A_KEY, step=0)
+    signed_hole = pb.PunchHoleRequest(id=SB_ID, nat_type=pb.ASYMMETRIC, udp_port=5000)
+    token = b"t" * 16
+    refusal = pb.RelayResponse(socket_addr=mangled(A), refuse_reason="no", answer_token=token)
+    sanswers = [
+        tcp(B, 2, build(punch_hole_sent=pb.PunchHoleSent(socket_addr=mangled(A), id=SB_ID, answer_token=token))),
+        tcp(B, 2, build(punch_hole_sent=pb.PunchHoleSent(socket_addr=mangled(A), id=SB_ID))),
+        udp(B, build(punch_hole_sent=pb.PunchHoleSent(socket_addr=mangled(A), id=SB_ID, answer_token=token))),
+        tcp(B, 2, build(relay_response=pb.RelayResponse(socket_addr=mangled(A), id=SB_ID, answer_token=token))),
+        tcp(C, 2, build(relay_response=refusal)),
+    ]
+    for cfg in (0, 1, 4, 8):
+        for i, answer in enumerate(sanswers):
+            ask_signed = tcp(A, 1, signed_request(A_KEY, "punch_hole_request", signed_hole, i))
+            out.append(bytes((cfg,)) + sreg + ask_signed + answer)
+    srr = signed_request(A_KEY, "request_relay", pb.RequestRelay(id=SB_ID, uuid="x", relay_server="10.0.0.9:6379"), 9)
+    out.append(bytes((0,)) + sreg + tcp(A, 1, srr) + tcp(A, 1, srr) + sanswers[3])
+    squat = signed_register(C, SigningKey(b"c" * 32))
+    out.append(bytes((8,)) + sreg + squat + register(C, SB_ID, uuid=b"u-" + bytes(B_KEY.verify_key)[:4]))
     return out
 
 

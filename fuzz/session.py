@@ -46,7 +46,7 @@ def _handshake() -> tuple[bytes, bytes, int]:
     b = Responder(
         B_ID,
         B_SIGN,
-        Policy(allowed_ids=frozenset({A_ID}), allowed_targets=frozenset({TARGET})),
+        Policy(pinned_keys={A_ID: bytes(A_SIGN.verify_key)}, allowed_targets=frozenset({TARGET})),
         ephemeral_key=PrivateKey(bytes(range(4, 36))),
     )
     a.start()

@@ -58,13 +58,17 @@ def render_status(st: dict[str, Any]) -> str:
     reg = st.get("registration", {})
     nat = st.get("nat") or {}
     lines = [
-        f"id            {st.get('id')}  ({st.get('fingerprint')})",
-        f"server        {st.get('server')}{'  (embedded)' if st.get('embedded') else ''}",
-        f"registration  {reg.get('state', '-')}  last reply {_age(reg.get('last_reply_age'))} ago",
+        f"id            {st.get('peer_spec') or st.get('id')}",
+        f"server        {st.get('server')}{'  (embedded)' if st.get('embedded') else ''}"
+        + (f"  key {st['server_key']}" if st.get("server_key") else "  key not known yet"),
+        f"registration  {reg.get('state', '-')}  last reply {_age(reg.get('last_reply_age'))} ago"
+        + (f"  ({reg['server_key_problem']})" if reg.get("server_key_problem") else ""),
         f"nat           {nat.get('nat_name', 'unknown')}"
         + (f"  measured {_age(time.time() - nat['measured_at'])} ago" if nat.get("measured_at") else "")
         + (f"  error: {nat['error']}" if nat.get("error") else ""),
         f"sessions      {st.get('sessions_active', 0)} active, {st.get('sessions_total', 0)} total",
+        f"pushes        {sum((st.get('pushes') or {}).values())} received, "
+        f"{sum((st.get('pushes_refused') or {}).values())} refused (a peer this agent does not admit)",
         f"uptime        {_age(st.get('uptime'))}",
     ]
     net = reg.get("network") if isinstance(reg, dict) else None
@@ -99,22 +103,28 @@ def render_sessions(st: dict[str, Any]) -> str:
             f"{a['strategy']}:{a['outcome']}" + (f"({a['reason']})" if a.get("reason") else "")
             for a in s.get("attempts", [])
         )
+        key = str(s.get("peer_key") or "")
+        trust = f"{key[:18]}... {s.get('admitted_by') or '?'}" if key else "-"
+        if key and not s.get("id_verified", True):
+            trust += " (ID unverified)"
         rows.append(
             [
                 s["id"],
-                s.get("peer", "-"),
+                s.get("peer", "-") or "-",
                 s.get("role", "-"),
-                s.get("path", "-"),
+                s.get("path", "-") or "-",
                 s.get("state", "-"),
+                trust,
                 _bytes(s.get("bytes_out", 0)),
                 _bytes(s.get("bytes_in", 0)),
                 _age(s.get("age")),
-                attempts or "-",
+                attempts or one_line(s.get("error") or "-", 120),
             ]
         )
     if not rows:
         return "no sessions"
-    return table(["SESSION", "PEER", "ROLE", "PATH", "STATE", "OUT", "IN", "AGE", "ATTEMPTS"], rows)
+    headers = ["SESSION", "PEER", "ROLE", "PATH", "STATE", "KEY / TRUSTED BY", "OUT", "IN", "AGE", "ATTEMPTS / ERROR"]
+    return table(headers, rows)
 
 
 def render_netcheck(st: dict[str, Any]) -> str:

@@ -54,9 +54,17 @@ def relay_config(port: int = 0, **options: Any) -> RelayConfig:
 async def start_servers(
     tmp: Path, rendezvous: RendezvousConfig | None = None, relay: RelayConfig | None = None
 ) -> Servers:
-    """Rendezvous + relay on loopback; by default ephemeral ports and files under `tmp`."""
+    """Rendezvous + relay on loopback; by default ephemeral ports and files under `tmp`. The relay
+    honours the rendezvous server's tickets unless its config names other servers (or is open)."""
     rv = await start_rendezvous(rendezvous or rendezvous_config(tmp))
-    rl = await start_relay(relay or relay_config())
+    relay = relay or relay_config()
+    if not relay.server_keys and not relay.open:
+        relay.server_keys = [rv.core.public_key]
+    try:
+        rl = await start_relay(relay)
+    except BaseException:
+        await rv.close()
+        raise
     return Servers(rv, rl, f"127.0.0.1:{rv.ports['tcp']}", f"127.0.0.1:{rl.port}", rv.public_key_b64)
 
 

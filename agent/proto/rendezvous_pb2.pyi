@@ -88,7 +88,7 @@ class ControlledContext(_message.Message):
     def __init__(self, conn_audit_ref: _Optional[str] = ...) -> None: ...
 
 class PunchHoleRequest(_message.Message):
-    __slots__ = ("id", "nat_type", "licence_key", "conn_type", "token", "version", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "switch_code")
+    __slots__ = ("id", "nat_type", "licence_key", "conn_type", "token", "version", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "switch_code", "requester_id", "request_time_ms", "request_nonce", "requester_pk", "requester_salt")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAT_TYPE_FIELD_NUMBER: _ClassVar[int]
     LICENCE_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,11 @@ class PunchHoleRequest(_message.Message):
     UPNP_PORT_FIELD_NUMBER: _ClassVar[int]
     SOCKET_ADDR_V6_FIELD_NUMBER: _ClassVar[int]
     SWITCH_CODE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_NONCE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_PK_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_SALT_FIELD_NUMBER: _ClassVar[int]
     id: str
     nat_type: NatType
     licence_key: str
@@ -111,10 +116,15 @@ class PunchHoleRequest(_message.Message):
     upnp_port: int
     socket_addr_v6: bytes
     switch_code: str
-    def __init__(self, id: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., licence_key: _Optional[str] = ..., conn_type: _Optional[_Union[ConnType, str]] = ..., token: _Optional[str] = ..., version: _Optional[str] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., switch_code: _Optional[str] = ...) -> None: ...
+    requester_id: str
+    request_time_ms: int
+    request_nonce: bytes
+    requester_pk: bytes
+    requester_salt: int
+    def __init__(self, id: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., licence_key: _Optional[str] = ..., conn_type: _Optional[_Union[ConnType, str]] = ..., token: _Optional[str] = ..., version: _Optional[str] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., switch_code: _Optional[str] = ..., requester_id: _Optional[str] = ..., request_time_ms: _Optional[int] = ..., request_nonce: _Optional[bytes] = ..., requester_pk: _Optional[bytes] = ..., requester_salt: _Optional[int] = ...) -> None: ...
 
 class PunchHole(_message.Message):
-    __slots__ = ("socket_addr", "relay_server", "nat_type", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "control_permissions", "controlled_context")
+    __slots__ = ("socket_addr", "relay_server", "nat_type", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "control_permissions", "controlled_context", "requester_id", "requester_pk", "answer_token")
     SOCKET_ADDR_FIELD_NUMBER: _ClassVar[int]
     RELAY_SERVER_FIELD_NUMBER: _ClassVar[int]
     NAT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +134,9 @@ class PunchHole(_message.Message):
     SOCKET_ADDR_V6_FIELD_NUMBER: _ClassVar[int]
     CONTROL_PERMISSIONS_FIELD_NUMBER: _ClassVar[int]
     CONTROLLED_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_PK_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     socket_addr: bytes
     relay_server: str
     nat_type: NatType
@@ -133,7 +146,10 @@ class PunchHole(_message.Message):
     socket_addr_v6: bytes
     control_permissions: ControlPermissions
     controlled_context: ControlledContext
-    def __init__(self, socket_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., control_permissions: _Optional[_Union[ControlPermissions, _Mapping]] = ..., controlled_context: _Optional[_Union[ControlledContext, _Mapping]] = ...) -> None: ...
+    requester_id: str
+    requester_pk: bytes
+    answer_token: bytes
+    def __init__(self, socket_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., control_permissions: _Optional[_Union[ControlPermissions, _Mapping]] = ..., controlled_context: _Optional[_Union[ControlledContext, _Mapping]] = ..., requester_id: _Optional[str] = ..., requester_pk: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ...) -> None: ...
 
 class TestNatRequest(_message.Message):
     __slots__ = ("serial", "padding")
@@ -152,7 +168,7 @@ class TestNatResponse(_message.Message):
     def __init__(self, port: _Optional[int] = ..., cu: _Optional[_Union[ConfigUpdate, _Mapping]] = ...) -> None: ...
 
 class PunchHoleSent(_message.Message):
-    __slots__ = ("socket_addr", "id", "relay_server", "nat_type", "version", "upnp_port", "socket_addr_v6")
+    __slots__ = ("socket_addr", "id", "relay_server", "nat_type", "version", "upnp_port", "socket_addr_v6", "answer_token")
     SOCKET_ADDR_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     RELAY_SERVER_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +176,7 @@ class PunchHoleSent(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPNP_PORT_FIELD_NUMBER: _ClassVar[int]
     SOCKET_ADDR_V6_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     socket_addr: bytes
     id: str
     relay_server: str
@@ -167,24 +184,33 @@ class PunchHoleSent(_message.Message):
     version: str
     upnp_port: int
     socket_addr_v6: bytes
-    def __init__(self, socket_addr: _Optional[bytes] = ..., id: _Optional[str] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., version: _Optional[str] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ...) -> None: ...
+    answer_token: bytes
+    def __init__(self, socket_addr: _Optional[bytes] = ..., id: _Optional[str] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., version: _Optional[str] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ...) -> None: ...
 
 class RegisterPk(_message.Message):
-    __slots__ = ("id", "uuid", "pk", "old_id", "no_register_device")
+    __slots__ = ("id", "uuid", "pk", "old_id", "no_register_device", "id_salt", "nonce", "challenge", "padding")
     ID_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     PK_FIELD_NUMBER: _ClassVar[int]
     OLD_ID_FIELD_NUMBER: _ClassVar[int]
     NO_REGISTER_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ID_SALT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
     id: str
     uuid: bytes
     pk: bytes
     old_id: str
     no_register_device: bool
-    def __init__(self, id: _Optional[str] = ..., uuid: _Optional[bytes] = ..., pk: _Optional[bytes] = ..., old_id: _Optional[str] = ..., no_register_device: _Optional[bool] = ...) -> None: ...
+    id_salt: int
+    nonce: bytes
+    challenge: bytes
+    padding: bytes
+    def __init__(self, id: _Optional[str] = ..., uuid: _Optional[bytes] = ..., pk: _Optional[bytes] = ..., old_id: _Optional[str] = ..., no_register_device: _Optional[bool] = ..., id_salt: _Optional[int] = ..., nonce: _Optional[bytes] = ..., challenge: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class RegisterPkResponse(_message.Message):
-    __slots__ = ("result", "keep_alive")
+    __slots__ = ("result", "keep_alive", "challenge", "server_key")
     class Result(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OK: _ClassVar[RegisterPkResponse.Result]
@@ -195,6 +221,10 @@ class RegisterPkResponse(_message.Message):
         NOT_SUPPORT: _ClassVar[RegisterPkResponse.Result]
         SERVER_ERROR: _ClassVar[RegisterPkResponse.Result]
         NOT_DEPLOYED: _ClassVar[RegisterPkResponse.Result]
+        CHALLENGE: _ClassVar[RegisterPkResponse.Result]
+        KEY_MISMATCH: _ClassVar[RegisterPkResponse.Result]
+        BAD_SIGNATURE: _ClassVar[RegisterPkResponse.Result]
+        ID_NOT_DERIVED: _ClassVar[RegisterPkResponse.Result]
     OK: RegisterPkResponse.Result
     UUID_MISMATCH: RegisterPkResponse.Result
     ID_EXISTS: RegisterPkResponse.Result
@@ -203,11 +233,19 @@ class RegisterPkResponse(_message.Message):
     NOT_SUPPORT: RegisterPkResponse.Result
     SERVER_ERROR: RegisterPkResponse.Result
     NOT_DEPLOYED: RegisterPkResponse.Result
+    CHALLENGE: RegisterPkResponse.Result
+    KEY_MISMATCH: RegisterPkResponse.Result
+    BAD_SIGNATURE: RegisterPkResponse.Result
+    ID_NOT_DERIVED: RegisterPkResponse.Result
     RESULT_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_KEY_FIELD_NUMBER: _ClassVar[int]
     result: RegisterPkResponse.Result
     keep_alive: int
-    def __init__(self, result: _Optional[_Union[RegisterPkResponse.Result, str]] = ..., keep_alive: _Optional[int] = ...) -> None: ...
+    challenge: bytes
+    server_key: bytes
+    def __init__(self, result: _Optional[_Union[RegisterPkResponse.Result, str]] = ..., keep_alive: _Optional[int] = ..., challenge: _Optional[bytes] = ..., server_key: _Optional[bytes] = ...) -> None: ...
 
 class PunchHoleResponse(_message.Message):
     __slots__ = ("socket_addr", "pk", "failure", "relay_server", "nat_type", "is_local", "other_failure", "feedback", "is_udp", "upnp_port", "socket_addr_v6")
@@ -254,7 +292,7 @@ class ConfigUpdate(_message.Message):
     def __init__(self, serial: _Optional[int] = ..., rendezvous_servers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RequestRelay(_message.Message):
-    __slots__ = ("id", "uuid", "socket_addr", "relay_server", "secure", "licence_key", "conn_type", "token", "control_permissions", "controlled_context", "switch_code")
+    __slots__ = ("id", "uuid", "socket_addr", "relay_server", "secure", "licence_key", "conn_type", "token", "control_permissions", "controlled_context", "switch_code", "requester_id", "request_time_ms", "request_nonce", "ticket", "requester_pk", "answer_token", "requester_salt")
     ID_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     SOCKET_ADDR_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +304,13 @@ class RequestRelay(_message.Message):
     CONTROL_PERMISSIONS_FIELD_NUMBER: _ClassVar[int]
     CONTROLLED_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SWITCH_CODE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_NONCE_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_PK_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_SALT_FIELD_NUMBER: _ClassVar[int]
     id: str
     uuid: str
     socket_addr: bytes
@@ -277,10 +322,17 @@ class RequestRelay(_message.Message):
     control_permissions: ControlPermissions
     controlled_context: ControlledContext
     switch_code: str
-    def __init__(self, id: _Optional[str] = ..., uuid: _Optional[str] = ..., socket_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., secure: _Optional[bool] = ..., licence_key: _Optional[str] = ..., conn_type: _Optional[_Union[ConnType, str]] = ..., token: _Optional[str] = ..., control_permissions: _Optional[_Union[ControlPermissions, _Mapping]] = ..., controlled_context: _Optional[_Union[ControlledContext, _Mapping]] = ..., switch_code: _Optional[str] = ...) -> None: ...
+    requester_id: str
+    request_time_ms: int
+    request_nonce: bytes
+    ticket: bytes
+    requester_pk: bytes
+    answer_token: bytes
+    requester_salt: int
+    def __init__(self, id: _Optional[str] = ..., uuid: _Optional[str] = ..., socket_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., secure: _Optional[bool] = ..., licence_key: _Optional[str] = ..., conn_type: _Optional[_Union[ConnType, str]] = ..., token: _Optional[str] = ..., control_permissions: _Optional[_Union[ControlPermissions, _Mapping]] = ..., controlled_context: _Optional[_Union[ControlledContext, _Mapping]] = ..., switch_code: _Optional[str] = ..., requester_id: _Optional[str] = ..., request_time_ms: _Optional[int] = ..., request_nonce: _Optional[bytes] = ..., ticket: _Optional[bytes] = ..., requester_pk: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ..., requester_salt: _Optional[int] = ...) -> None: ...
 
 class RelayResponse(_message.Message):
-    __slots__ = ("socket_addr", "uuid", "relay_server", "id", "pk", "refuse_reason", "version", "feedback", "socket_addr_v6", "upnp_port")
+    __slots__ = ("socket_addr", "uuid", "relay_server", "id", "pk", "refuse_reason", "version", "feedback", "socket_addr_v6", "upnp_port", "ticket", "answer_token")
     SOCKET_ADDR_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     RELAY_SERVER_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +343,8 @@ class RelayResponse(_message.Message):
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     SOCKET_ADDR_V6_FIELD_NUMBER: _ClassVar[int]
     UPNP_PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     socket_addr: bytes
     uuid: str
     relay_server: str
@@ -301,7 +355,9 @@ class RelayResponse(_message.Message):
     feedback: int
     socket_addr_v6: bytes
     upnp_port: int
-    def __init__(self, socket_addr: _Optional[bytes] = ..., uuid: _Optional[str] = ..., relay_server: _Optional[str] = ..., id: _Optional[str] = ..., pk: _Optional[bytes] = ..., refuse_reason: _Optional[str] = ..., version: _Optional[str] = ..., feedback: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., upnp_port: _Optional[int] = ...) -> None: ...
+    ticket: bytes
+    answer_token: bytes
+    def __init__(self, socket_addr: _Optional[bytes] = ..., uuid: _Optional[str] = ..., relay_server: _Optional[str] = ..., id: _Optional[str] = ..., pk: _Optional[bytes] = ..., refuse_reason: _Optional[str] = ..., version: _Optional[str] = ..., feedback: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., upnp_port: _Optional[int] = ..., ticket: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ...) -> None: ...
 
 class SoftwareUpdate(_message.Message):
     __slots__ = ("url",)
@@ -310,34 +366,42 @@ class SoftwareUpdate(_message.Message):
     def __init__(self, url: _Optional[str] = ...) -> None: ...
 
 class FetchLocalAddr(_message.Message):
-    __slots__ = ("socket_addr", "relay_server", "socket_addr_v6", "control_permissions", "controlled_context")
+    __slots__ = ("socket_addr", "relay_server", "socket_addr_v6", "control_permissions", "controlled_context", "requester_id", "requester_pk", "answer_token")
     SOCKET_ADDR_FIELD_NUMBER: _ClassVar[int]
     RELAY_SERVER_FIELD_NUMBER: _ClassVar[int]
     SOCKET_ADDR_V6_FIELD_NUMBER: _ClassVar[int]
     CONTROL_PERMISSIONS_FIELD_NUMBER: _ClassVar[int]
     CONTROLLED_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_PK_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     socket_addr: bytes
     relay_server: str
     socket_addr_v6: bytes
     control_permissions: ControlPermissions
     controlled_context: ControlledContext
-    def __init__(self, socket_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., socket_addr_v6: _Optional[bytes] = ..., control_permissions: _Optional[_Union[ControlPermissions, _Mapping]] = ..., controlled_context: _Optional[_Union[ControlledContext, _Mapping]] = ...) -> None: ...
+    requester_id: str
+    requester_pk: bytes
+    answer_token: bytes
+    def __init__(self, socket_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., socket_addr_v6: _Optional[bytes] = ..., control_permissions: _Optional[_Union[ControlPermissions, _Mapping]] = ..., controlled_context: _Optional[_Union[ControlledContext, _Mapping]] = ..., requester_id: _Optional[str] = ..., requester_pk: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ...) -> None: ...
 
 class LocalAddr(_message.Message):
-    __slots__ = ("socket_addr", "local_addr", "relay_server", "id", "version", "socket_addr_v6")
+    __slots__ = ("socket_addr", "local_addr", "relay_server", "id", "version", "socket_addr_v6", "answer_token")
     SOCKET_ADDR_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ADDR_FIELD_NUMBER: _ClassVar[int]
     RELAY_SERVER_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOCKET_ADDR_V6_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     socket_addr: bytes
     local_addr: bytes
     relay_server: str
     id: str
     version: str
     socket_addr_v6: bytes
-    def __init__(self, socket_addr: _Optional[bytes] = ..., local_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., id: _Optional[str] = ..., version: _Optional[str] = ..., socket_addr_v6: _Optional[bytes] = ...) -> None: ...
+    answer_token: bytes
+    def __init__(self, socket_addr: _Optional[bytes] = ..., local_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., id: _Optional[str] = ..., version: _Optional[str] = ..., socket_addr_v6: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ...) -> None: ...
 
 class PeerDiscovery(_message.Message):
     __slots__ = ("cmd", "mac", "id", "username", "hostname", "platform", "misc")
@@ -416,7 +480,7 @@ class HttpProxyResponse(_message.Message):
     def __init__(self, status: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[HeaderEntry, _Mapping]]] = ..., body: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RendezvousMessage(_message.Message):
-    __slots__ = ("register_peer", "register_peer_response", "punch_hole_request", "punch_hole", "punch_hole_sent", "punch_hole_response", "fetch_local_addr", "local_addr", "configure_update", "register_pk", "register_pk_response", "software_update", "request_relay", "relay_response", "test_nat_request", "test_nat_response", "peer_discovery", "online_request", "online_response", "key_exchange", "hc", "http_proxy_request", "http_proxy_response")
+    __slots__ = ("register_peer", "register_peer_response", "punch_hole_request", "punch_hole", "punch_hole_sent", "punch_hole_response", "fetch_local_addr", "local_addr", "configure_update", "register_pk", "register_pk_response", "software_update", "request_relay", "relay_response", "test_nat_request", "test_nat_response", "peer_discovery", "online_request", "online_response", "key_exchange", "hc", "http_proxy_request", "http_proxy_response", "signature")
     REGISTER_PEER_FIELD_NUMBER: _ClassVar[int]
     REGISTER_PEER_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     PUNCH_HOLE_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -440,6 +504,7 @@ class RendezvousMessage(_message.Message):
     HC_FIELD_NUMBER: _ClassVar[int]
     HTTP_PROXY_REQUEST_FIELD_NUMBER: _ClassVar[int]
     HTTP_PROXY_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     register_peer: RegisterPeer
     register_peer_response: RegisterPeerResponse
     punch_hole_request: PunchHoleRequest
@@ -463,4 +528,5 @@ class RendezvousMessage(_message.Message):
     hc: HealthCheck
     http_proxy_request: HttpProxyRequest
     http_proxy_response: HttpProxyResponse
-    def __init__(self, register_peer: _Optional[_Union[RegisterPeer, _Mapping]] = ..., register_peer_response: _Optional[_Union[RegisterPeerResponse, _Mapping]] = ..., punch_hole_request: _Optional[_Union[PunchHoleRequest, _Mapping]] = ..., punch_hole: _Optional[_Union[PunchHole, _Mapping]] = ..., punch_hole_sent: _Optional[_Union[PunchHoleSent, _Mapping]] = ..., punch_hole_response: _Optional[_Union[PunchHoleResponse, _Mapping]] = ..., fetch_local_addr: _Optional[_Union[FetchLocalAddr, _Mapping]] = ..., local_addr: _Optional[_Union[LocalAddr, _Mapping]] = ..., configure_update: _Optional[_Union[ConfigUpdate, _Mapping]] = ..., register_pk: _Optional[_Union[RegisterPk, _Mapping]] = ..., register_pk_response: _Optional[_Union[RegisterPkResponse, _Mapping]] = ..., software_update: _Optional[_Union[SoftwareUpdate, _Mapping]] = ..., request_relay: _Optional[_Union[RequestRelay, _Mapping]] = ..., relay_response: _Optional[_Union[RelayResponse, _Mapping]] = ..., test_nat_request: _Optional[_Union[TestNatRequest, _Mapping]] = ..., test_nat_response: _Optional[_Union[TestNatResponse, _Mapping]] = ..., peer_discovery: _Optional[_Union[PeerDiscovery, _Mapping]] = ..., online_request: _Optional[_Union[OnlineRequest, _Mapping]] = ..., online_response: _Optional[_Union[OnlineResponse, _Mapping]] = ..., key_exchange: _Optional[_Union[KeyExchange, _Mapping]] = ..., hc: _Optional[_Union[HealthCheck, _Mapping]] = ..., http_proxy_request: _Optional[_Union[HttpProxyRequest, _Mapping]] = ..., http_proxy_response: _Optional[_Union[HttpProxyResponse, _Mapping]] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, register_peer: _Optional[_Union[RegisterPeer, _Mapping]] = ..., register_peer_response: _Optional[_Union[RegisterPeerResponse, _Mapping]] = ..., punch_hole_request: _Optional[_Union[PunchHoleRequest, _Mapping]] = ..., punch_hole: _Optional[_Union[PunchHole, _Mapping]] = ..., punch_hole_sent: _Optional[_Union[PunchHoleSent, _Mapping]] = ..., punch_hole_response: _Optional[_Union[PunchHoleResponse, _Mapping]] = ..., fetch_local_addr: _Optional[_Union[FetchLocalAddr, _Mapping]] = ..., local_addr: _Optional[_Union[LocalAddr, _Mapping]] = ..., configure_update: _Optional[_Union[ConfigUpdate, _Mapping]] = ..., register_pk: _Optional[_Union[RegisterPk, _Mapping]] = ..., register_pk_response: _Optional[_Union[RegisterPkResponse, _Mapping]] = ..., software_update: _Optional[_Union[SoftwareUpdate, _Mapping]] = ..., request_relay: _Optional[_Union[RequestRelay, _Mapping]] = ..., relay_response: _Optional[_Union[RelayResponse, _Mapping]] = ..., test_nat_request: _Optional[_Union[TestNatRequest, _Mapping]] = ..., test_nat_response: _Optional[_Union[TestNatResponse, _Mapping]] = ..., peer_discovery: _Optional[_Union[PeerDiscovery, _Mapping]] = ..., online_request: _Optional[_Union[OnlineRequest, _Mapping]] = ..., online_response: _Optional[_Union[OnlineResponse, _Mapping]] = ..., key_exchange: _Optional[_Union[KeyExchange, _Mapping]] = ..., hc: _Optional[_Union[HealthCheck, _Mapping]] = ..., http_proxy_request: _Optional[_Union[HttpProxyRequest, _Mapping]] = ..., http_proxy_response: _Optional[_Union[HttpProxyResponse, _Mapping]] = ..., signature: _Optional[bytes] = ...) -> None: ...

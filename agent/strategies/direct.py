@@ -2,8 +2,10 @@
 
 B listens on a TCP port; A dials ID@HOST[:PORT] and skips the rendezvous server
 entirely. Unlike RustDesk this path is not plaintext: the session owner runs the
-same handshake as on every other path, and A needs B's key already pinned (from an
-earlier session through the rendezvous server), since there is nobody to vouch for it.
+same handshake as on every other path. Nobody vouches for anyone here, so each side
+needs the other's key already: A has B's pinned (from an earlier session through the
+rendezvous server), and B admits only keys it has pinned or that an allow entry
+names (`ID=SHA256:...`), never a bare allowed ID's first key.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class DirectServer:
         while True:
             await self._slots.acquire()
             try:
-                conn, _addr = await loop.sock_accept(self._listener)
+                conn, addr = await loop.sock_accept(self._listener)
             except OSError as exc:
                 self._slots.release()
                 log.warning("direct port: accept failed: %s", describe_error(exc))
@@ -72,15 +74,17 @@ class DirectServer:
                 continue
             self.accepted += 1
             self._seq += 1
-            task = loop.create_task(self._handover(conn, f"direct-{self._seq}"))
+            task = loop.create_task(self._handover(conn, f"direct-{self._seq}", str(addr[0])))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _handover(self, conn: socket.socket, session: str) -> None:
+    async def _handover(self, conn: socket.socket, session: str, peer_ip: str) -> None:
         try:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            result = await handover(self.sessions_socket, conn, "respond", session, self.name)
+            # No server vouches for anyone here: only pinned keys and keys named in allow entries get in.
+            meta = {"peer_ip": peer_ip}
+            result = await handover(self.sessions_socket, conn, "respond", session, self.name, meta)
             if not result["ok"]:
                 self.failures += 1
                 log.info("direct port: %s", result["reason"])

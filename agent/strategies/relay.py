@@ -1,7 +1,9 @@
 """The relay strategy: reach the peer through a relay server by a shared uuid.
 
-Both sides connect to the relay and send RequestRelay{uuid} as the first frame;
-the relay pairs them and then copies bytes. The connected socket goes to the
+Both sides connect to the relay and send RequestRelay{uuid, ticket} as the first
+frame (the ticket is the rendezvous server's, signed for the uuid and the relay as the
+server named it, which travels along in relay_server); the relay pairs them and then
+copies bytes. The connected socket goes to the
 session owner (fd passing) which runs the encrypted handshake: the relay only
 ever sees ciphertext.
 """
@@ -37,13 +39,22 @@ class RelayStrategy(Tracked):
         return await self._track(session, self._dial(session, *args), CANCELLED)
 
     async def _dial(
-        self, session: str, relay: str, uuid: str, peer_id: str, role: str, meta: dict[str, Any] | None = None
+        self,
+        session: str,
+        relay: str,
+        uuid: str,
+        ticket: bytes,
+        relay_name: str,
+        peer_id: str,
+        role: str,
+        meta: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Connect to `relay`, join `uuid`, hand the socket to the session owner. Never raises.
+        """Connect to `relay`, join `uuid` with the server's `ticket` (issued for the relay the server
+        called `relay_name`), hand the socket to the session owner. Never raises.
 
         `role` says which side of the handshake the session owner must run on it:
         "initiator" (we asked for the peer) or "responder" (the peer asked for us);
-        `meta` goes along to the session owner (the peer's key for an initiator).
+        `meta` goes along to the session owner (the peer's key).
         """
         self.attempts += 1
         started = time.monotonic()
@@ -53,7 +64,14 @@ class RelayStrategy(Tracked):
             self.failures += 1
             return {"ok": False, "reason": f"relay {relay}: {describe_error(exc)}"}
         try:
-            request = pb.RequestRelay(id=peer_id, uuid=uuid, licence_key=self.relay_key, conn_type=pb.PORT_FORWARD)
+            request = pb.RequestRelay(
+                id=peer_id,
+                uuid=uuid,
+                licence_key=self.relay_key,
+                conn_type=pb.PORT_FORWARD,
+                ticket=ticket,
+                relay_server=relay_name,
+            )
             await asyncio.get_running_loop().sock_sendall(sock, encode_frame(messages.build(request_relay=request)))
         except OSError as exc:
             sock.close()

@@ -120,9 +120,12 @@ class TcpDirectStrategy(Tracked):
         nat_type: int,
         relay: str,
         budget: float,
+        meta: dict[str, Any],
         socket_addr_v6: bytes = b"",
     ) -> dict[str, Any]:
-        """Answer a PunchHole (tcp_punch) or FetchLocalAddr (lan) push and get A's connection."""
+        """Answer a PunchHole (tcp_punch) or FetchLocalAddr (lan) push and get A's connection.
+
+        `meta` (who the server says asks, with which key) goes to the session owner with it."""
         peer = addrmod.decode(bytes(push.socket_addr))
         family = socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET
         listener = _reuse_socket(family)
@@ -149,10 +152,17 @@ class TcpDirectStrategy(Tracked):
                     self.version,
                     bind=(any_ip, port),
                     socket_addr_v6=socket_addr_v6,
+                    answer_token=bytes(push.answer_token),
                 )
             else:
                 await send_local_addr(
-                    self.server, bytes(push.socket_addr), my_id, relay, self.version, bind=(any_ip, port)
+                    self.server,
+                    bytes(push.socket_addr),
+                    my_id,
+                    relay,
+                    self.version,
+                    bind=(any_ip, port),
+                    answer_token=bytes(push.answer_token),
                 )
             conn = await _first(tasks, budget)
         except (OSError, TimeoutError, RendezvousError) as exc:
@@ -166,7 +176,7 @@ class TcpDirectStrategy(Tracked):
         self.accepted += 1
         conn.setblocking(False)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return await self._handover(conn, "respond", session, {})
+        return await self._handover(conn, "respond", session, meta)
 
 
 async def _first(tasks: list[asyncio.Task[Any]], budget: float) -> socket.socket:

@@ -138,7 +138,7 @@ class UdpPunchStrategy(Tracked):
     # ---- B --------------------------------------------------------------------------------
 
     async def _answer(
-        self, session: str, push: Any, my_id: str, nat_type: int, relay: str, budget: float
+        self, session: str, push: Any, my_id: str, nat_type: int, relay: str, budget: float, meta: dict[str, Any]
     ) -> dict[str, Any]:
         """Tell the server our UDP mapping (PunchHoleSent as a datagram), then punch to A's UDP port."""
         server = await self._server_addr()
@@ -152,6 +152,7 @@ class UdpPunchStrategy(Tracked):
             relay_server=relay,
             nat_type=nat_type,  # type: ignore[arg-type]
             version=self.version,
+            answer_token=bytes(push.answer_token),
         )
         datagram = messages.build(punch_hole_sent=sent)
         for i in range(3):  # as RustDesk: three copies, 10-29 ms apart (UDP may lose one)
@@ -161,7 +162,7 @@ class UdpPunchStrategy(Tracked):
                 await asyncio.sleep(random.uniform(0.01, 0.029))
         a = addrmod.decode(bytes(push.socket_addr))
         peer = f"[{a.ip}]:{push.udp_port}" if a.ip.version == 6 else f"{a.ip}:{push.udp_port}"
-        return await self._run(sock, session, peer, budget, {}, listen=True)
+        return await self._run(sock, session, peer, budget, meta, listen=True)
 
     # ---- both -----------------------------------------------------------------------------
 

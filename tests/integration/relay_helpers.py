@@ -12,14 +12,34 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from nacl.signing import SigningKey
+
 from agent import messages
 from agent.proto import rendezvous_pb2 as pb
 from agent.relay_server import RelayConfig, RelayServer, start_relay
 from agent.wire import FrameDecoder, encode_frame
+from tests.signed import ticket_for
+
+TEST_SERVER = SigningKey(b"relay-tests-rendezvous-server-00")
+"""The rendezvous server the test relays trust: every raw client here joins with its ticket."""
+TEST_SERVER_PK = bytes(TEST_SERVER.verify_key)
 
 
-def request_frame(uuid: str, key: str = "", **fields: Any) -> bytes:
-    return encode_frame(messages.build(request_relay=pb.RequestRelay(uuid=uuid, licence_key=key, **fields)))
+def relay_cfg(**kw: Any) -> RelayConfig:
+    """A loopback relay on an ephemeral port that honours TEST_SERVER's tickets (other fields from `kw`)."""
+    kw.setdefault("binds", ["127.0.0.1"])
+    kw.setdefault("port", 0)
+    kw.setdefault("server_keys", [TEST_SERVER_PK])
+    return RelayConfig(**kw)
+
+
+def request_frame(uuid: str, key: str = "", ticket: bytes | None = None, **fields: Any) -> bytes:
+    """RequestRelay as an agent sends it to the relay: with TEST_SERVER's ticket unless one is given."""
+    if ticket is None:
+        ticket = ticket_for(TEST_SERVER, uuid, str(fields.get("relay_server", "")))
+    return encode_frame(
+        messages.build(request_relay=pb.RequestRelay(uuid=uuid, licence_key=key, ticket=ticket, **fields))
+    )
 
 
 async def open_half(

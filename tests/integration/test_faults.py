@@ -158,7 +158,7 @@ async def test_relay_restart_under_load_is_an_error_not_a_truncation(lab: AgentP
     for outcome, s in zip(outcomes, sessions[-len(flows) :], strict=True):
         assert outcome == "reset" or (outcome == "eof-midway" and s.get("error")), (outcome, s)
 
-    relay2 = await start_relay(relay_config(port=port))
+    relay2 = await start_relay(relay_config(port=port, server_keys=[lab.servers.rendezvous.core.public_key]))
     lab.servers.relay = relay2
     sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
     assert sock is not None, reply

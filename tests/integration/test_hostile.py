@@ -24,10 +24,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from nacl.signing import SigningKey
 
 from agent import addr, messages
+from agent.handshake import HandshakeError
 from agent.proto import message_pb2
 from agent.proto import rendezvous_pb2 as pb
 from agent.relay_server import RelayConfig, start_relay
-from agent.stack import LocalAgent
+from agent.stack import LocalAgent, write_config
+from agent.trust import fingerprint
 from agent.wire import FrameDecoder, encode_frame
 from tests.agent_fixtures import Servers, open_stream, two_agents
 from tests.integration.test_rendezvous_junk import exchange
@@ -260,9 +262,12 @@ async def one_mitm_case(tmp: Path, direction: str, action: Action | None) -> dic
     mitm: Mitm | None = None
 
     async def through_mitm(servers: Servers) -> str:
+        """The man in the middle sits on the path to the relay: the relay the server names is him."""
         nonlocal mitm
         mitm = Mitm(servers.relay_addr, direction, action)
-        return await mitm.start()
+        where = await mitm.start()
+        servers.rendezvous.core.relays = [where]
+        return where
 
     async with two_agents(tmp, a_relay=through_mitm) as env:
         assert mitm is not None
@@ -291,7 +296,7 @@ async def test_mitm_control_run_passes_everything(tmp_path: Path) -> None:
     out = await one_mitm_case(tmp_path, DOWN, None)
     assert out["reply"]["ok"] and out["reply"]["path"] == "relay", out["reply"]
     assert out["got"] == out["payload"] and out["ending"] == "eof"
-    assert out["connections"] == 2  # both A and B dialled the relay A named: both legs went through us
+    assert out["connections"] == 2  # both A and B dialled the relay the server named: both legs went through us
     assert out["a"]["state"] == "done" and not out["a"].get("error"), out["a"]
 
 
@@ -341,18 +346,35 @@ def known_peers(state_dir: Path) -> dict[str, str]:
 
 
 async def test_wrong_server_key_is_refused_and_nothing_pinned(tmp_path: Path) -> None:
-    """A trusts another server key: every IdPk the real server signs fails, so A stops before any handshake."""
-
-    other_key = base64.b64encode(bytes(SigningKey.generate().verify_key)).decode()
-    async with two_agents(tmp_path, a_server_key=other_key) as env:
-        for path in ("relay-only", "auto"):
-            sock, reply = await open_stream(env.a_dir, env.b_id, env.echo, path=path)
-            print(f"\nwrong server key, path={path}: {reply.get('error')!r}")
-            assert sock is None
-            assert "signature" in reply["error"] or "server" in reply["error"], reply
-        assert env.b_id not in known_peers(env.a_dir)
-        b_recs = await records(env.b)
-        assert all(r["state"] != "open" for r in b_recs)  # A never started a handshake it could finish
+    """A trusts another server key: A refuses to register with that server (it signs with a key A does
+    not trust), says so in one line, and every IdPk the server signs fails at A too."""
+    async with two_agents(tmp_path) as env:
+        await env.a.close()  # A again, now trusting another server key
+        other = SigningKey.generate()
+        cfg = env.a_cfg
+        cfg.agent.server_key = base64.b64encode(bytes(other.verify_key)).decode()
+        write_config(env.a_dir, cfg)
+        a = await LocalAgent(env.a_dir).start()
+        try:
+            registrar = a.components["registrar"].registrar
+            async with asyncio.timeout(5):
+                while registrar.status()["state"] != "server_key_refused":
+                    await asyncio.sleep(0.05)
+            problem = registrar.status()["server_key_problem"]
+            assert fingerprint(other.verify_key.encode()) in problem, problem
+            assert fingerprint(env.servers.rendezvous.core.public_key) in problem, problem
+            for path in ("relay-only", "auto"):
+                sock, reply = await open_stream(env.a_dir, env.b_id, env.echo, path=path)
+                print(f"\nwrong server key, path={path}: {reply.get('error')!r}")
+                assert sock is None
+                assert "signature" in reply["error"] or "server" in reply["error"], reply
+            with pytest.raises(HandshakeError, match="does not verify with the server key"):
+                a.components["coordinator"].trusted_key(env.b_id, env.servers.rendezvous.core.signed_pk(env.b_id))
+            assert env.b_id not in known_peers(env.a_dir)
+            b_recs = await records(env.b)
+            assert all(r["state"] != "open" for r in b_recs)  # nothing got near a handshake
+        finally:
+            await a.close()
 
 
 @pytest.mark.parametrize("forgery", ["another pk", "another id's pk"])
@@ -442,8 +464,12 @@ async def test_relay_with_a_key_refuses_agents_without_it(tmp_path: Path) -> Non
     keyed: list[Any] = []
 
     async def keyed_relay(servers: Servers) -> str:
-        keyed.append(await start_relay(RelayConfig(binds=["127.0.0.1"], port=0, key="the-relay-key")))
-        return f"127.0.0.1:{keyed[0].port}"
+        server_keys = [servers.rendezvous.core.public_key]
+        cfg = RelayConfig(binds=["127.0.0.1"], port=0, key="the-relay-key", server_keys=server_keys)
+        keyed.append(await start_relay(cfg))
+        where = f"127.0.0.1:{keyed[0].port}"
+        servers.rendezvous.core.relays = [where]  # the server names it; A and B both go there
+        return where
 
     try:
         async with two_agents(tmp_path, a_relay=keyed_relay) as env:

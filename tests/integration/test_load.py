@@ -21,14 +21,15 @@ from typing import Any
 import psutil
 import pytest
 
-from agent import messages
+from agent import messages, signing
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_server import RelayConfig, RelayServer, start_relay
+from agent.relay_server import RelayServer, start_relay
 from agent.rendezvous_core import Limits
 from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
 from agent.wire import FrameDecoder, encode_frame
 from tests.agent_fixtures import AgentPair, open_stream, transfer, two_agents
-from tests.integration.relay_helpers import open_half, recv_all, request_frame, send_all
+from tests.integration.relay_helpers import open_half, recv_all, relay_cfg, request_frame, send_all
+from tests.signed import Member
 
 SOAK = os.environ.get("PUNCHTHROUGH_SOAK") == "1"
 PEERS = 10_000 if SOAK else 2_000
@@ -36,7 +37,6 @@ RELAY_PAIRS = 200
 RELAY_BYTES = 4 << 20 if SOAK else 256 << 10
 FORWARDED = 50
 IDLE = 500
-PK = bytes(range(32))
 WINDOW = 8
 """Requests in flight per client socket. The server's UDP socket keeps the kernel's default
 receive buffer (~208 KiB of skb truesize, roughly 250 small datagrams); 8 sockets x 32 in
@@ -56,13 +56,15 @@ class _Counter(asyncio.DatagramProtocol):
     """One UDP socket that many simulated peers share (like many hosts behind one NAT mapping).
 
     Replies carry no ID, so they are counted per kind; a window bounds what is in flight so
-    the loopback socket buffers never overflow."""
+    the loopback socket buffers never overflow. A RegisterPkResponse is signed for the nonce of
+    the attempt it answers: `on_pk_reply` gets its bytes, so a peer can take its challenge."""
 
     def __init__(self, window: int) -> None:
         self.window = asyncio.Semaphore(window)
         self.replies: dict[tuple[str, Any], int] = {}
         self.progress = asyncio.Event()
         self.transport: asyncio.DatagramTransport | None = None
+        self.on_pk_reply: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -71,6 +73,8 @@ class _Counter(asyncio.DatagramProtocol):
         kind, msg = messages.parse(data)
         value = msg.result if kind == "register_pk_response" else msg.request_pk
         self.replies[(kind, value)] = self.replies.get((kind, value), 0) + 1
+        if kind == "register_pk_response" and self.on_pk_reply is not None:
+            self.on_pk_reply(data, msg)
         self.window.release()
         self.progress.set()
 
@@ -93,15 +97,38 @@ async def _blast(proto: _Counter, to: tuple[str, int], payloads: list[bytes], ki
     assert proto.replies.get((kind, expect), 0) == len(payloads), proto.replies
 
 
-async def register_peers(server: RendezvousServer, ids: list[str], sockets: int = 8) -> float:
-    """RegisterPk then one RegisterPeer heartbeat for every ID; returns the seconds it took."""
+def sim_peers(n: int, tag: str = "load") -> list[Member]:
+    return [Member.new(f"{tag}{i}".encode()) for i in range(n)]
+
+
+async def register_peers(server: RendezvousServer, peers: list[Member], sockets: int = 8) -> float:
+    """What each agent does to register: RegisterPk for a challenge, RegisterPk signed with it, then a
+    RegisterPeer heartbeat; for every peer, `sockets` of them sharing one source address and port.
+    Returns the seconds it took."""
     loop = asyncio.get_running_loop()
     to = ("127.0.0.1", server.udp_port)
     protos: list[_Counter] = []
     for _ in range(sockets):
         _, proto = await loop.create_datagram_endpoint(lambda: _Counter(WINDOW), local_addr=("127.0.0.1", 0))
         protos.append(proto)
-    shares = [ids[i::sockets] for i in range(sockets)]
+    shares = [peers[i::sockets] for i in range(sockets)]
+    nonces = {id(m): os.urandom(16) for m in peers}
+    challenges: dict[bytes, bytes] = {}
+    server_pk = server.core.public_key
+
+    def take_challenge(outstanding: dict[bytes, Member]) -> Any:
+        def on_reply(data: bytes, msg: Any) -> None:
+            # a reply names no peer; its signature names the attempt (the window keeps few outstanding)
+            for nonce in list(outstanding):
+                if signing.verify(server_pk, signing.SERVER, nonce, *signing.split(data)):
+                    challenges[nonce] = bytes(msg.challenge)
+                    del outstanding[nonce]
+                    return
+
+        return on_reply
+
+    for p, share in zip(protos, shares, strict=True):
+        p.on_pk_reply = take_challenge({nonces[id(m)]: m for m in share})
     t0 = time.perf_counter()
     try:
         await asyncio.gather(
@@ -109,7 +136,21 @@ async def register_peers(server: RendezvousServer, ids: list[str], sockets: int 
                 _blast(
                     p,
                     to,
-                    [messages.build(register_pk=pb.RegisterPk(id=i, uuid=f"uuid-{i}".encode(), pk=PK)) for i in share],
+                    [m.register_pk(nonces[id(m)]) for m in share],
+                    "register_pk_response",
+                    pb.RegisterPkResponse.CHALLENGE,
+                )
+                for p, share in zip(protos, shares, strict=True)
+            )
+        )
+        for p in protos:
+            p.on_pk_reply, p.replies = None, {}
+        await asyncio.gather(
+            *(
+                _blast(
+                    p,
+                    to,
+                    [m.register_pk(nonces[id(m)], challenges[nonces[id(m)]]) for m in share],
                     "register_pk_response",
                     pb.RegisterPkResponse.OK,
                 )
@@ -121,7 +162,7 @@ async def register_peers(server: RendezvousServer, ids: list[str], sockets: int 
                 _blast(
                     p,
                     to,
-                    [messages.build(register_peer=pb.RegisterPeer(id=i, serial=1)) for i in share],
+                    [messages.build(register_peer=pb.RegisterPeer(id=m.id, serial=1)) for m in share],
                     "register_peer_response",
                     False,  # request_pk=False: the server knows the peer and its key
                 )
@@ -185,9 +226,10 @@ async def one_stream(lab: AgentPair, size: int, path: str = "auto") -> bool:
 
 async def test_registration_storm_loses_nothing_while_agents_connect(lab: AgentPair) -> None:
     rv: RendezvousServer = lab.servers.rendezvous
-    ids = [f"load{i:07d}" for i in range(PEERS)]
+    peers = sim_peers(PEERS)
+    ids = [m.id for m in peers]
     rss_before = rss_mib()
-    storm = asyncio.ensure_future(register_peers(rv, ids))
+    storm = asyncio.ensure_future(register_peers(rv, peers))
     sessions = 0
     while not storm.done() or sessions < 3:
         assert await one_stream(lab, 20_000)
@@ -199,15 +241,15 @@ async def test_registration_storm_loses_nothing_while_agents_connect(lab: AgentP
     missing = [i for i, up in zip(ids, online, strict=True) if not up]
     st = rv.stats()
     print(
-        f"\n[load 1a] {PEERS} peers registered (RegisterPk + RegisterPeer) in {took:.2f} s = "
-        f"{PEERS / took:,.0f} peers/s ({2 * PEERS / took:,.0f} datagrams/s); "
+        f"\n[load 1a] {PEERS} peers registered (RegisterPk x 2 signed + RegisterPeer) in {took:.2f} s = "
+        f"{PEERS / took:,.0f} peers/s ({3 * PEERS / took:,.0f} datagrams/s); "
         f"{sessions} agent sessions meanwhile; DB commits {st['events'].get('db_commits', 0)}; "
         f"process RSS {rss_before:.1f} -> {rss_after:.1f} MiB"
     )
     assert missing == []
     assert st["peers_registered"] == PEERS + 2  # and the two agents
     assert st["peers_online"] >= PEERS + 2
-    assert st["messages"]["udp.register_pk"] >= PEERS
+    assert st["messages"]["udp.register_pk"] >= 2 * PEERS
     # Every punch request was answered: none still parked, none expired unanswered.
     assert st["messages"]["tcp.punch_hole_request"] >= sessions
     assert st["pending_requests"] == 0
@@ -220,9 +262,7 @@ async def test_registration_storm_loses_nothing_while_agents_connect(lab: AgentP
 
 async def test_concurrent_relayed_pairs_intact_and_fair(tmp_path: Path) -> None:
     # 200 pairs from one address at once, as 200 hosts behind one NAT: lift the per-IP caps.
-    relay: RelayServer = await start_relay(
-        RelayConfig(binds=["127.0.0.1"], port=0, max_handshaking_per_ip=0, max_waiting_per_ip=0)
-    )
+    relay: RelayServer = await start_relay(relay_cfg(max_handshaking_per_ip=0, max_waiting_per_ip=0))
     try:
         durations = await relay_pairs(relay.port, RELAY_PAIRS, RELAY_BYTES)
         st = relay.stats()
@@ -243,7 +283,7 @@ async def relay_pairs(port: int, pairs: int, size: int) -> list[float]:
     """`pairs` concurrent pairs, `size` bytes each way; asserts every SHA-256; returns each pair's seconds."""
 
     async def one(n: int) -> float:
-        uuid = f"load-pair-{n}"
+        uuid = f"load-pair-{n}-{os.urandom(4).hex()}"  # a uuid pairs once per ticket
         ra, wa = await open_half(port, uuid)
         rb, wb = await open_half(port, uuid)
         t0 = time.perf_counter()
@@ -326,15 +366,15 @@ async def _settle(cond: Any) -> None:
 async def test_idle_and_unpaired_connections_stay_bounded(tmp_path: Path, cap: int | None) -> None:
     # One attacking address: lift the per-IP caps so that the totals are what this tests
     # (tests/integration/test_per_ip_caps.py covers the per-IP caps).
-    relay_cfg = RelayConfig(binds=["127.0.0.1"], port=0, max_handshaking_per_ip=0, max_waiting_per_ip=0)
+    relay_config = relay_cfg(max_handshaking_per_ip=0, max_waiting_per_ip=0)
     rv_cfg = RendezvousConfig(
         binds=["127.0.0.1"], port=0, db_path=tmp_path / "rv.db", key_file=tmp_path / "k", max_idle_tcp_per_ip=0,
         max_tcp_per_ip=0,
     )
     if cap is not None:
-        relay_cfg.max_waiting = relay_cfg.max_handshaking = cap
+        relay_config.max_waiting = relay_config.max_handshaking = cap
         rv_cfg.max_tcp_connections = cap
-    relay = await start_relay(relay_cfg)
+    relay = await start_relay(relay_config)
     rv = await start_rendezvous(rv_cfg)
     proc = psutil.Process()
     fds_before = proc.num_fds()
@@ -343,12 +383,11 @@ async def test_idle_and_unpaired_connections_stay_bounded(tmp_path: Path, cap: i
         clients += await _connect_many(relay.port, [b""] * IDLE)  # half-open
         clients += await _connect_many(relay.port, [request_frame(f"never-paired-{n}") for n in range(IDLE)])
         clients += await _connect_many(rv.tcp_port, [b""] * IDLE)  # half-open against the rendezvous server
-        await _settle(
-            lambda: relay.stats()["handshaking"] + relay.stats()["waiting"] >= min(relay_cfg.max_handshaking, 2 * IDLE)
-        )
+        enough = min(relay_config.max_handshaking, 2 * IDLE)
+        await _settle(lambda: relay.stats()["handshaking"] + relay.stats()["waiting"] >= enough)
         await _settle(lambda: rv.stats()["tcp_connections"] >= min(rv_cfg.max_tcp_connections, IDLE))
         # A refused connection is aborted on the next loop pass: let those finish first.
-        relay_limit = relay_cfg.max_waiting + relay_cfg.max_handshaking
+        relay_limit = relay_config.max_waiting + relay_config.max_handshaking
         await _settle(lambda: _server_side_sockets(relay.port) <= relay_limit)
         await _settle(lambda: _server_side_sockets(rv.tcp_port) <= rv_cfg.max_tcp_connections)
         relay_held = _server_side_sockets(relay.port)
@@ -358,26 +397,14 @@ async def test_idle_and_unpaired_connections_stay_bounded(tmp_path: Path, cap: i
         print(
             f"\n[load 1d {cap or 'default'}] {IDLE} half-open + {IDLE} unpaired -> relay holds {relay_held} "
             f"sockets (handshaking {st['handshaking']}, waiting {st['waiting']}, limits "
-            f"{relay_cfg.max_handshaking}+{relay_cfg.max_waiting}, drops {st['drops']}); {IDLE} half-open -> "
+            f"{relay_config.max_handshaking}+{relay_config.max_waiting}, drops {st['drops']}); {IDLE} half-open -> "
             f"rendezvous holds {rv_held} (limit {rv_cfg.max_tcp_connections}); server-side fds {server_fds}"
         )
         assert relay_held <= relay_limit
         assert rv_held <= rv_cfg.max_tcp_connections
         assert server_fds <= relay_limit + rv_cfg.max_tcp_connections + 16
         # Meanwhile a real registration (UDP) and a real relay pair still work.
-        reg = await asyncio.get_running_loop().create_datagram_endpoint(
-            lambda: _Counter(1), local_addr=("127.0.0.1", 0)
-        )
-        try:
-            await _blast(
-                reg[1],
-                ("127.0.0.1", rv.udp_port),
-                [messages.build(register_pk=pb.RegisterPk(id="realpeer1", uuid=b"u", pk=PK))],
-                "register_pk_response",
-                pb.RegisterPkResponse.OK,
-            )
-        finally:
-            reg[0].close()
+        await register_peers(rv, sim_peers(1, "realpeer"), sockets=1)
         await relay_pairs(relay.port, 1, 64 * 1024)
     finally:
         for s in clients:

@@ -41,6 +41,9 @@ STATUS: dict[str, Any] = {
     "sessions_active": 1,
     "sessions_total": 3,
     "pushes": {"punch": 2},
+    "pushes_refused": {"not admitted": 1},
+    "server_key": "SHA256:kkkkJ0bLd1rQ6w5o0fTj3g2xXq8oXlqKk1Ue2xJb3aY",
+    "peer_spec": "1234567890=SHA256:q0PmJ0bLd1rQ6w5o0fTj3g2xXq8oXlqKk1Ue2xJb3aY",
     "uptime": 4000.0,
     "version": "0.1.0",
 }
@@ -78,7 +81,9 @@ SESSIONS: dict[str, Any] = {
             "path": "relay",
             "state": "open",
             "error": "",
-            "admitted_by": "",
+            "admitted_by": "rendezvous-signed",
+            "peer_key": "SHA256:bbbbJ0bLd1rQ6w5o0fTj3g2xXq8oXlqKk1Ue2xJb3aY",
+            "id_verified": True,
             "bytes_out": 2048,
             "bytes_in": 3 * 1024**3,
             "age": 5.0,
@@ -88,6 +93,18 @@ SESSIONS: dict[str, Any] = {
             ],
         },
         {"id": "s-2", "peer": "3456789012", "role": "responder", "state": "failed", "attempts": []},
+        {
+            "id": "s-3",
+            "peer": "4567890123",
+            "role": "responder",
+            "state": "failed",
+            "path": "relay",
+            "admitted_by": "",
+            "peer_key": "SHA256:ccccJ0bLd1rQ6w5o0fTj3g2xXq8oXlqKk1Ue2xJb3aY",
+            "id_verified": False,
+            "error": "peer 4567890123 is not allowed (not listed, no password set)",
+            "attempts": [],
+        },
     ],
 }
 NETCHECK: dict[str, Any] = {
@@ -179,14 +196,16 @@ async def test_status_table(agent: CannedAgent, capsys: pytest.CaptureFixture[st
     rc, out, err = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "status"], capsys)
     assert rc == 0 and err == ""
     lines = out.splitlines()
-    assert [line.split()[0] for line in lines] == ["id", "server", "registration", "nat", "sessions", "uptime"]
-    assert lines[0] == f"id            1234567890  ({STATUS['fingerprint']})"
-    assert lines[1] == "server        127.0.0.1:21116  (embedded)"
+    heads = ["id", "server", "registration", "nat", "sessions", "pushes", "uptime"]
+    assert [line.split()[0] for line in lines] == heads
+    assert lines[0] == f"id            {STATUS['peer_spec']}"
+    assert lines[1] == f"server        127.0.0.1:21116  (embedded)  key {STATUS['server_key']}"
     assert lines[2] == "registration  registered  last reply 1.5s ago"
     # NOW is taken at import: in a long suite run the age may have grown past a minute
     assert re.fullmatch(r"nat           ASYMMETRIC  measured \d+(\.\d)?[smh] ago", lines[3]), lines[3]
     assert lines[4] == "sessions      1 active, 3 total"
-    assert lines[5] == "uptime        67m"
+    assert lines[5] == "pushes        2 received, 1 refused (a peer this agent does not admit)"
+    assert lines[6] == "uptime        67m"
     assert agent.requests == [{"op": "status"}]
 
 
@@ -223,11 +242,18 @@ async def test_sessions_table(agent: CannedAgent, capsys: pytest.CaptureFixture[
     rc, out, err = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "sessions"], capsys)
     assert rc == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].split() == ["SESSION", "PEER", "ROLE", "PATH", "STATE", "OUT", "IN", "AGE", "ATTEMPTS"]
+    assert lines[0].split() == [
+        "SESSION", "PEER", "ROLE", "PATH", "STATE", "KEY", "/", "TRUSTED", "BY", "OUT", "IN", "AGE", "ATTEMPTS", "/",
+        "ERROR",
+    ]
     assert lines[1].split()[:5] == ["s-1", "2345678901", "initiator", "relay", "open"]
+    assert "SHA256:bbbbJ0bLd1r... rendezvous-signed" in lines[1]
     assert "2.0 KiB" in lines[1] and "3.0 GiB" in lines[1] and "5.0s" in lines[1]
     assert lines[1].endswith("direct_tcp:failed(timed out), relay:ok")
-    assert lines[2].split() == ["s-2", "3456789012", "responder", "-", "failed", "0", "B", "0", "B", "-", "-"]
+    assert lines[2].split() == ["s-2", "3456789012", "responder", "-", "failed", "-", "0", "B", "0", "B", "-", "-"]
+    # a refusal shows who (the key it proved) and why
+    assert "SHA256:ccccJ0bLd1r... ? (ID unverified)" in lines[3]
+    assert lines[3].endswith("peer 4567890123 is not allowed (not listed, no password set)")
 
 
 async def test_sessions_empty(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,9 +26,11 @@ import pytest
 from agent import addr as addrmod
 from agent import messages
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_server import RelayConfig, RelayServer, start_relay
+from agent.relay_server import RelayServer, start_relay
 from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
 from agent.wire import FrameDecoder, encode_frame
+from tests.integration.relay_helpers import relay_cfg, request_frame
+from tests.signed import Member, aregister_via
 
 ATTACKER = "127.0.0.2"
 LEGIT = "127.0.0.1"
@@ -39,7 +41,9 @@ PER_IP = 8
 TOTAL = 64
 """Total caps below the attack: without the per-IP cap the attacker would evict the legitimate client."""
 TIMEOUT = 10.0
-B_ID = "legitpeer1"
+B = Member.new(b"per-ip-caps-B")
+A = Member.new(b"per-ip-caps-A")
+B_ID = B.id
 
 
 # --------------------------------------------------------------------------- helpers
@@ -110,7 +114,7 @@ async def send_frame(s: socket.socket, **member: Any) -> None:
 
 
 def request_relay(uuid: str) -> bytes:
-    return encode_frame(messages.build(request_relay=pb.RequestRelay(uuid=uuid)))
+    return request_frame(uuid)
 
 
 async def exchange(a: socket.socket, b: socket.socket, size: int = 256 * 1024) -> None:
@@ -135,22 +139,27 @@ async def exchange(a: socket.socket, b: socket.socket, size: int = 256 * 1024) -
 
 class UdpPeer(asyncio.DatagramProtocol):
     def __init__(self) -> None:
-        self.inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.inbox: asyncio.Queue[tuple[bytes, tuple[str, Any]]] = asyncio.Queue()
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.inbox.put_nowait(messages.parse(data))
+        self.inbox.put_nowait((data, messages.parse(data)))
 
-    async def ask(self, to: tuple[str, int], **member: Any) -> tuple[str, Any]:
-        assert self.transport is not None
-        self.transport.sendto(messages.build(**member), to)
-        return await self.recv()
+    async def register(self, to: tuple[str, int], who: Member) -> int:
+        """A signed registration (challenge, then signature)."""
+
+        async def send(data: bytes) -> bytes:
+            assert self.transport is not None
+            self.transport.sendto(data, to)
+            return (await asyncio.wait_for(self.inbox.get(), TIMEOUT))[0]
+
+        return await aregister_via(send, who)
 
     async def recv(self) -> tuple[str, Any]:
-        return await asyncio.wait_for(self.inbox.get(), TIMEOUT)
+        return (await asyncio.wait_for(self.inbox.get(), TIMEOUT))[1]
 
 
 # --------------------------------------------------------------------------- rendezvous
@@ -179,15 +188,14 @@ async def test_rendezvous_idle_flood_from_one_ip_spares_everyone_else(
     loop = asyncio.get_running_loop()
     # B, a real peer, registers over UDP; A, a real client, connects and has not spoken yet.
     _, b = await loop.create_datagram_endpoint(UdpPeer, local_addr=(PEER_B, 0))
+    _, a_udp = await loop.create_datagram_endpoint(UdpPeer, local_addr=(LEGIT, 0))
     a = await connect_from(LEGIT, rv.tcp_port)
     await settle(lambda: rv.idle_from(LEGIT) == 1, "A accepted")
     fds_before = fd_count()
     caplog.set_level(logging.INFO, logger="punchthrough.rendezvous")
     try:
-        kind, resp = await b.ask(
-            ("127.0.0.1", rv.udp_port), register_pk=pb.RegisterPk(id=B_ID, uuid=b"uuid-b", pk=bytes(32))
-        )
-        assert (kind, resp.result) == ("register_pk_response", pb.RegisterPkResponse.OK)
+        assert await b.register(("127.0.0.1", rv.udp_port), B) == pb.RegisterPkResponse.OK
+        assert await a_udp.register(("127.0.0.1", rv.udp_port), A) == pb.RegisterPkResponse.OK
 
         flood = await attack(rv.tcp_port, [b""] * ATTACK)
         try:
@@ -217,12 +225,14 @@ async def test_rendezvous_idle_flood_from_one_ip_spares_everyone_else(
             await send_frame(a, online_request=pb.OnlineRequest(id="asker01", peers=[B_ID]))
             kind, online = await recv_frame(a, dec)
             assert kind == "online_response" and online.states[0] & 0x80
-            await send_frame(a, punch_hole_request=pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC))
+            request = A.request("punch_hole_request", pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC))
+            await loop.sock_sendall(a, encode_frame(request))
             kind, ph = await b.recv()
             assert kind == "punch_hole"
             bt = await connect_from(PEER_B, rv.tcp_port)
             try:
-                await send_frame(bt, punch_hole_sent=pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID))
+                sent = pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, answer_token=ph.answer_token)
+                await send_frame(bt, punch_hole_sent=sent)
                 kind, resp = await recv_frame(a, dec)
                 assert kind == "punch_hole_response"
                 assert addrmod.decode(resp.socket_addr).host == PEER_B
@@ -236,6 +246,8 @@ async def test_rendezvous_idle_flood_from_one_ip_spares_everyone_else(
         a.close()
         assert b.transport is not None
         b.transport.close()
+        if a_udp.transport is not None:
+            a_udp.transport.close()
 
 
 async def test_rendezvous_burst_with_requests_already_queued_is_not_evicted(rendezvous: RendezvousServer) -> None:
@@ -299,9 +311,7 @@ async def test_rendezvous_talking_flood_from_one_ip_is_capped_per_ip(tmp_path: P
 @pytest.fixture
 async def relay() -> Any:
     server = await start_relay(
-        RelayConfig(
-            binds=["127.0.0.1"],
-            port=0,
+        relay_cfg(
             max_handshaking=TOTAL,
             max_waiting=TOTAL,
             max_handshaking_per_ip=PER_IP,

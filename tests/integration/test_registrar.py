@@ -11,15 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nacl.signing import SigningKey
 
 from agent import identity as identitymod
 from agent import messages
+from agent.identity import derive_id
 from agent.netwatch import observe_view, route_source
 from agent.netwatch_core import NetView, NetworkChanged
 from agent.proto import rendezvous_pb2 as pb
 from agent.registrar import Registrar, RegistrarError
 from agent.registrar_core import REGISTERED, UNREACHABLE
+from agent.rendezvous_client import Signer
 from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
+from agent.trust import fingerprint
 
 FAST: dict[str, Any] = {"tick": 0.02, "reply_timeout": 0.1, "max_backoff": 0.2}
 """Registrar timers scaled down so a test sees resends and back-off in a fraction of a second."""
@@ -27,13 +31,41 @@ FAST: dict[str, Any] = {"tick": 0.02, "reply_timeout": 0.1, "max_backoff": 0.2}
 
 @dataclass
 class FakeIdentity:
-    peer_id: str
+    """What the registrar needs of an identity: a key, and the ID derived from it (or one claimed)."""
+
+    signing_key: SigningKey
     uuid: bytes
-    public_key: bytes
+    salt: int = 0
+    claimed: str = ""
+
+    @property
+    def peer_id(self) -> str:
+        return self.claimed or derive_id(self.public_key, self.salt)
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
 
 
-def ident(peer_id: str = "1234567890") -> FakeIdentity:
-    return FakeIdentity(peer_id, secrets.token_bytes(16), secrets.token_bytes(32))
+def ident(claimed: str = "") -> FakeIdentity:
+    return FakeIdentity(SigningKey.generate(), secrets.token_bytes(16), claimed=claimed)
+
+
+def signer(me: FakeIdentity) -> Signer:
+    """Requests signed by `me` (registered): A asking for itself is enough to make the server push."""
+    return Signer(me.peer_id, me.signing_key)
+
+
+@pytest.fixture
+def ids_collide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server takes any ID as derived from any key: two keys can then want one ID (a collision,
+    or a squatter who spent 2^33 hashes on it), which is what UUID_MISMATCH / KEY_MISMATCH are for."""
+
+    class AnyId(str):
+        def __ne__(self, other: object) -> bool:
+            return False
+
+    monkeypatch.setattr("agent.rendezvous_core.derive_id", lambda pk, salt: AnyId())
 
 
 def config(tmp_path: Path, host: str = "127.0.0.1", port: int = 0, nat_port: int | None = None) -> RendezvousConfig:
@@ -121,14 +153,20 @@ async def test_pushes_reach_the_callback_and_foreign_datagrams_do_not(server: Re
             s.sendto(fake, reg.local_address)
             s.sendto(b"\xff garbage", reg.local_address)
         await until(lambda: reg.status()["drops"].get("foreign_source", 0) == 2)
+        # ... even from the server's own address (a spoofed source): it is not signed for us
+        server_side = server._udp[0]
+        server_side.sendto(fake, reg.local_address)
+        await until(lambda: reg.status()["drops"].get("unsigned_push", 0) == 1)
         # A real push: A asks the server for a relay to us; the server forwards over UDP.
         from agent.rendezvous_client import request_relay
 
-        task = asyncio.create_task(request_relay(("127.0.0.1", server.tcp_port), me.peer_id, "pair-1", timeout=0.5))
+        task = asyncio.create_task(
+            request_relay(("127.0.0.1", server.tcp_port), me.peer_id, timeout=0.5, signer=signer(me))
+        )
         await pushes.wait(1)
         kind, msg, source = pushes.items[0]
         assert kind == "request_relay"
-        assert msg.uuid == "pair-1"
+        assert (msg.requester_id, msg.requester_pk) == (me.peer_id, me.public_key)
         assert source == ("127.0.0.1", server.udp_port)
         with pytest.raises(Exception, match="no relay answer"):
             await task
@@ -142,8 +180,8 @@ async def test_async_and_failing_push_handlers(server: RendezvousServer) -> None
 
     async def handler(kind: str, msg: Any, source: tuple[str, int]) -> None:
         await asyncio.sleep(0)
-        seen.append(msg.uuid)
-        if msg.uuid == "boom":
+        seen.append("boom" if not seen else "fine")
+        if seen[-1] == "boom":
             raise RuntimeError("handler bug")
 
     me = ident()
@@ -153,9 +191,9 @@ async def test_async_and_failing_push_handlers(server: RendezvousServer) -> None
         await asyncio.wait_for(reg.registered.wait(), 5)
         from agent.rendezvous_client import request_relay
 
-        for uuid in ("boom", "fine"):
+        for _ in ("boom", "fine"):
             with pytest.raises(Exception, match="no relay answer"):
-                await request_relay(("127.0.0.1", server.tcp_port), me.peer_id, uuid, timeout=0.2)
+                await request_relay(("127.0.0.1", server.tcp_port), me.peer_id, timeout=0.2, signer=signer(me))
         await until(lambda: len(seen) == 2)
         await until(lambda: reg.status()["push_errors"] == 1)
         assert seen == ["boom", "fine"]
@@ -216,7 +254,7 @@ async def test_unreachable_server_backs_off() -> None:
             await reg.close()
 
 
-async def test_id_taken_moves_to_the_next_id(server: RendezvousServer, tmp_path: Path) -> None:
+async def test_id_taken_moves_to_the_next_id(server: RendezvousServer, tmp_path: Path, ids_collide: None) -> None:
     owner = ident("5555555555")
     first = Registrar(("127.0.0.1", server.udp_port), owner, Pushes(), **FAST)
     await first.start()
@@ -226,7 +264,7 @@ async def test_id_taken_moves_to_the_next_id(server: RendezvousServer, tmp_path:
     state = tmp_path / "b"
     state.mkdir()
     real = identitymod.load_or_create(state)
-    real.peer_id = owner.peer_id  # claims an ID another uuid already holds
+    real.peer_id = owner.peer_id  # claims an ID another key already holds
     calls: list[str] = []
 
     def on_id_taken(current: Any) -> Any:
@@ -247,7 +285,7 @@ async def test_id_taken_moves_to_the_next_id(server: RendezvousServer, tmp_path:
         await reg.close()
 
 
-async def test_id_taken_without_handler_stays_put(server: RendezvousServer) -> None:
+async def test_id_taken_without_handler_stays_put(server: RendezvousServer, ids_collide: None) -> None:
     owner = ident("6666666666")
     a = Registrar(("127.0.0.1", server.udp_port), owner, Pushes(), **FAST)
     await a.start()
@@ -310,9 +348,11 @@ async def test_network_change_rebinds_and_reregisters_at_once(server: Rendezvous
         # the server's pushes now reach the new socket
         from agent.rendezvous_client import request_relay
 
-        task = asyncio.create_task(request_relay(("127.0.0.1", server.tcp_port), me.peer_id, "pair-2", timeout=0.5))
+        task = asyncio.create_task(
+            request_relay(("127.0.0.1", server.tcp_port), me.peer_id, timeout=0.5, signer=signer(me))
+        )
         await pushes.wait(1)
-        assert pushes.items[0][0] == "request_relay" and pushes.items[0][1].uuid == "pair-2"
+        assert pushes.items[0][0] == "request_relay" and pushes.items[0][1].requester_id == me.peer_id
         with pytest.raises(Exception, match="no relay answer"):
             await task
     finally:
@@ -348,3 +388,31 @@ def test_route_lookup_sends_nothing_and_follows_the_routing_table() -> None:
     assert route_source("192.0.2.1", socket.AF_INET6) == ""  # family mismatch: no route, no exception
     view = observe_view("127.0.0.1", socket.AF_INET)
     assert "127.0.0.1" not in view.addresses  # loopback is never an address a peer could use
+
+
+async def test_the_server_key_is_learned_on_first_contact(server: RendezvousServer) -> None:
+    learned: list[bytes] = []
+    reg = Registrar(("127.0.0.1", server.udp_port), ident(), Pushes(), on_server_key=learned.append, **FAST)
+    await reg.start()
+    try:
+        await asyncio.wait_for(reg.registered.wait(), 5)
+        assert learned == [server.core.public_key]
+        assert reg.status()["server_key"] == fingerprint(server.core.public_key)
+    finally:
+        await reg.close()
+
+
+async def test_a_server_with_another_key_is_refused_with_one_line(server: RendezvousServer) -> None:
+    trusted = bytes(SigningKey.generate().verify_key)  # say, the key configured for the real server
+    reg = Registrar(("127.0.0.1", server.udp_port), ident(), Pushes(), server_key=trusted, **FAST)
+    await reg.start()
+    try:
+        await until(lambda: reg.status()["state"] == "server_key_refused")
+        problem = reg.status()["server_key_problem"]
+        assert fingerprint(server.core.public_key) in problem and fingerprint(trusted) in problem
+        sent = reg.status()["registrations_sent"]
+        await asyncio.sleep(0.3)
+        assert reg.status()["registrations_sent"] == sent and not reg.registered.is_set()
+        assert server.stats()["peers_registered"] == 0
+    finally:
+        await reg.close()

@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from agent import messages
 from agent.proto import rendezvous_pb2 as pb
 from agent.relay_core import FIRST_FRAME_MAX
-from agent.relay_server import RelayConfig
 from agent.wire import encode_frame, encode_header
 from tests.integration.relay_helpers import (
     ThreadedRelay,
     blocking_pair_roundtrip,
     blocking_send_expect_close,
+    relay_cfg,
     request_frame,
     threaded_relay,
 )
@@ -27,7 +27,7 @@ from tests.integration.relay_helpers import (
 @pytest.fixture(scope="module")
 def relay() -> Iterator[ThreadedRelay]:
     # Short waits so a junk input that happens to be a valid request does not linger.
-    cfg = RelayConfig(binds=["127.0.0.1"], port=0, pair_timeout=0.5, first_frame_timeout=5.0)
+    cfg = relay_cfg(pair_timeout=0.5, first_frame_timeout=5.0)
     with threaded_relay(cfg) as r:
         yield r
 
@@ -98,7 +98,7 @@ def test_raw_http_and_tls_probes(relay: ThreadedRelay) -> None:
 
 
 def test_key_mismatch_reply_is_bounded(relay: ThreadedRelay) -> None:
-    cfg = RelayConfig(binds=["127.0.0.1"], port=0, key="k")
+    cfg = relay_cfg(key="k")
     with threaded_relay(cfg) as keyed:
         reply = blocking_send_expect_close(keyed.port, request_frame("u" * 64, key="x" * 3000))
         assert 0 < len(reply) < 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import os
 import secrets
@@ -21,7 +22,7 @@ from actors.relay_pool import RelayReplica, group_by_node, plan_placement, reser
 from agent.relay_core import encode_handoff, owner_index
 from agent.relay_handoff import Handoff
 from agent.relay_server import RelayConfig
-from tests.integration.relay_helpers import exchange, open_pair, wait_for, wait_listening
+from tests.integration.relay_helpers import TEST_SERVER_PK, exchange, open_pair, relay_cfg, wait_for, wait_listening
 
 
 def names(n: int) -> list[str]:
@@ -31,7 +32,7 @@ def names(n: int) -> list[str]:
 
 async def start_replicas(n: int, **kw: Any) -> tuple[list[RelayReplica], int]:
     port, held = reserve_port(["127.0.0.1"])
-    cfg = RelayConfig(binds=["127.0.0.1"], port=port, replicas=n, **kw)
+    cfg = relay_cfg(port=port, replicas=n, **kw)
     group = names(n)
     reps = [RelayReplica(cfg, group, i) for i in range(n)]
     try:
@@ -133,7 +134,7 @@ async def test_handoff_rejects_garbage_and_keeps_working() -> None:
 async def test_handoff_to_a_missing_owner_is_counted() -> None:
     group = names(2)
     port, held = reserve_port(["127.0.0.1"])
-    cfg = RelayConfig(binds=["127.0.0.1"], port=port, replicas=2)
+    cfg = relay_cfg(port=port, replicas=2)
     only = RelayReplica(cfg, group, 0)
     only.handoff.owner_wait = 0.2
     await only.start()
@@ -188,7 +189,7 @@ def _procs_naming(marker: str) -> list[int]:
 def test_ray_two_replicas_relay_eight_pairs(ray_head: Any) -> None:
     from actors.relay_pool import RelayPool
 
-    pool = RelayPool(RelayConfig(binds=["127.0.0.1"], port=0, replicas=2))
+    pool = RelayPool(relay_cfg(replicas=2))
     try:
         infos = pool.start(timeout=60)
         assert len({i["pid"] for i in infos}) == 2
@@ -245,8 +246,10 @@ def test_cli_with_replicas_serves_and_cleans_up() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    key = base64.b64encode(TEST_SERVER_PK).decode()
+    argv = ["relay", "--replicas", "2", "--bind", "127.0.0.1", "--port", str(port), "--server-key", key]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "relay", "--replicas", "2", "--bind", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "agent.cli", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from agent.pump import splice_available
 from agent.relay_core import KEY_MISMATCH, TokenBucket
 from agent.relay_server import RelayConfig, bind_listeners, start_relay
 from tests.integration.relay_helpers import (
+    TEST_SERVER_PK,
     exchange,
     expect_closed,
     open_half,
@@ -42,7 +44,7 @@ def has_ipv6() -> bool:
 
 
 def cfg(**kw: object) -> RelayConfig:
-    base: dict[str, object] = {"binds": ["127.0.0.1"], "port": 0}
+    base: dict[str, object] = {"binds": ["127.0.0.1"], "port": 0, "server_keys": [TEST_SERVER_PK]}
     base.update(kw)
     return RelayConfig(**base)  # type: ignore[arg-type]
 
@@ -328,8 +330,9 @@ def test_cli_relay_serves_and_stops_on_sigterm() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    key = base64.b64encode(TEST_SERVER_PK).decode()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "relay", "--bind", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "agent.cli", "relay", "--bind", "127.0.0.1", "--port", str(port), "--server-key", key],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -351,7 +354,7 @@ def test_cli_relay_serves_and_stops_on_sigterm() -> None:
 
 def test_request_frame_helper_matches_upstream_layout() -> None:
     # Field 18 (request_relay) of RendezvousMessage, uuid in field 2: a sanity check of the test client.
-    frame = request_frame("u")
+    frame = request_frame("u", ticket=b"")
     assert frame[1:3] == b"\x92\x01"
 
 

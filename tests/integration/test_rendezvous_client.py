@@ -19,6 +19,7 @@ from agent.rendezvous_client import (
     PeerUnavailable,
     RelayRefused,
     RendezvousError,
+    Signer,
     punch_hole_exchange,
     punch_hole_request,
     request_relay,
@@ -28,7 +29,7 @@ from agent.rendezvous_client import (
 )
 from agent.rendezvous_server import RendezvousServer, start_rendezvous
 from tests.integration.test_nat_probe import FakeTcpServer
-from tests.integration.test_registrar import FAST, config, ident
+from tests.integration.test_registrar import FAST, Pushes, config, ident, signer
 
 
 @pytest.fixture
@@ -36,6 +37,17 @@ async def server(tmp_path: Path) -> AsyncIterator[RendezvousServer]:
     srv = await start_rendezvous(config(tmp_path))
     yield srv
     await srv.close()
+
+
+@pytest.fixture
+async def a(server: RendezvousServer) -> AsyncIterator[Signer]:
+    """A, registered: its requests are signed for an ID the server has bound to its key."""
+    me = ident()
+    reg = Registrar(("127.0.0.1", server.udp_port), me, Pushes(), **FAST)
+    await reg.start()
+    await asyncio.wait_for(reg.registered.wait(), 5)
+    yield signer(me)
+    await reg.close()
 
 
 class PeerB:
@@ -72,17 +84,27 @@ def signed_key(server: RendezvousServer, signed: bytes) -> tuple[str, bytes]:
 # --------------------------------------------------------------------------- relay
 
 
-async def test_request_relay_answered_by_b(server: RendezvousServer) -> None:
+async def test_request_relay_answered_by_b(server: RendezvousServer, a: Signer) -> None:
     async with PeerB(server) as b:
 
         async def answer(kind: str, msg: Any) -> None:
             assert kind == "request_relay"
-            await send_relay_response(b.main, bytes(msg.socket_addr), b.id.peer_id, msg.uuid, msg.relay_server, "1.0")
+            await send_relay_response(
+                b.main,
+                bytes(msg.socket_addr),
+                b.id.peer_id,
+                msg.uuid,
+                msg.relay_server,
+                "1.0",
+                answer_token=bytes(msg.answer_token),
+            )
 
         b.answer = answer
-        rr = await request_relay(b.main, b.id.peer_id, "pair-uuid-1", relay_server="relay.example:21117", timeout=5)
-    assert rr.uuid == "pair-uuid-1"
-    assert rr.relay_server == "relay.example:21117"
+        rr = await request_relay(
+            b.main, b.id.peer_id, "pair-uuid-1", relay_server="relay.example:21117", timeout=5, signer=a
+        )
+    assert rr.uuid == b.pushes[0][1].uuid != "pair-uuid-1"  # the server's uuid and relay, whatever A asked
+    assert rr.relay_server == "" and rr.ticket == b.pushes[0][1].ticket
     assert rr.WhichOneof("union") == "pk"
     assert signed_key(server, rr.pk) == (b.id.peer_id, b.id.public_key)
     assert not rr.socket_addr  # the server does not show A its own address
@@ -90,46 +112,68 @@ async def test_request_relay_answered_by_b(server: RendezvousServer) -> None:
     assert push.secure is True and push.id == b.id.peer_id
 
 
-async def test_request_relay_refused_by_b(server: RendezvousServer) -> None:
+async def test_request_relay_refused_by_b(server: RendezvousServer, a: Signer) -> None:
     async with PeerB(server) as b:
 
         async def answer(kind: str, msg: Any) -> None:
             await send_relay_response(
-                b.main, bytes(msg.socket_addr), b.id.peer_id, msg.uuid, "", "1.0", refuse_reason="busy"
+                b.main,
+                bytes(msg.socket_addr),
+                b.id.peer_id,
+                msg.uuid,
+                "",
+                "1.0",
+                refuse_reason="busy",
+                answer_token=bytes(msg.answer_token),
             )
 
         b.answer = answer
-        with pytest.raises(RelayRefused, match=f"^peer {b.id.peer_id} refused the relay: busy$") as info:
-            await request_relay(b.main, b.id.peer_id, "u", timeout=5)
+        with pytest.raises(RelayRefused, match=f"^peer {b.id.peer_id} refused: busy$") as info:
+            await request_relay(b.main, b.id.peer_id, timeout=5, signer=a)
     assert info.value.reason == "busy"
 
 
-async def test_request_relay_unknown_peer(server: RendezvousServer) -> None:
+async def test_request_relay_unknown_peer(server: RendezvousServer, a: Signer) -> None:
     with pytest.raises(RelayRefused, match=r"^peer 9999999999 does not exist$"):
-        await request_relay(("127.0.0.1", server.tcp_port), "9999999999", "u", timeout=5)
+        await request_relay(("127.0.0.1", server.tcp_port), "9999999999", timeout=5, signer=a)
 
 
-async def test_request_relay_times_out_when_b_is_silent(server: RendezvousServer) -> None:
+async def test_unsigned_requests_are_refused_with_the_reason(server: RendezvousServer) -> None:
+    main = ("127.0.0.1", server.tcp_port)
+    with pytest.raises(RelayRefused, match="only signed requests"):
+        await request_relay(main, "9999999999", timeout=5)
+    with pytest.raises(RendezvousError, match="only signed requests"):
+        await punch_hole_request(main, "9999999999", 0, timeout=5)
+
+
+async def test_request_relay_times_out_when_b_is_silent(server: RendezvousServer, a: Signer) -> None:
     async with PeerB(server) as b:
         with pytest.raises(RendezvousError, match=f"^no relay answer from peer {b.id.peer_id} via .* within 0.3 s$"):
-            await request_relay(b.main, b.id.peer_id, "u", timeout=0.3)
+            await request_relay(b.main, b.id.peer_id, timeout=0.3, signer=a)
         assert b.pushes and b.pushes[0][0] == "request_relay"
 
 
 # --------------------------------------------------------------------------- punch hole
 
 
-async def test_same_lan_gets_fetch_local_addr_and_is_local_answer(server: RendezvousServer) -> None:
+async def test_same_lan_gets_fetch_local_addr_and_is_local_answer(server: RendezvousServer, a: Signer) -> None:
     async with PeerB(server) as b:
         listen_on: list[SockAddr] = []
 
         async def answer(kind: str, msg: Any) -> None:
             assert kind == "fetch_local_addr"
-            local = await send_local_addr(b.main, bytes(msg.socket_addr), b.id.peer_id, msg.relay_server, "1.0")
+            local = await send_local_addr(
+                b.main,
+                bytes(msg.socket_addr),
+                b.id.peer_id,
+                msg.relay_server,
+                "1.0",
+                answer_token=bytes(msg.answer_token),
+            )
             listen_on.append(local)
 
         b.answer = answer
-        result = await punch_hole_exchange(b.main, b.id.peer_id, pb.ASYMMETRIC, timeout=5)
+        result = await punch_hole_exchange(b.main, b.id.peer_id, pb.ASYMMETRIC, timeout=5, signer=a)
     resp = result.response
     assert isinstance(resp, pb.PunchHoleResponse)
     assert resp.is_local is True
@@ -140,7 +184,7 @@ async def test_same_lan_gets_fetch_local_addr_and_is_local_answer(server: Rendez
     assert result.elapsed > 0
 
 
-async def test_punch_hole_from_another_address_and_punch_hole_sent(server: RendezvousServer) -> None:
+async def test_punch_hole_from_another_address_and_punch_hole_sent(server: RendezvousServer, a: Signer) -> None:
     """A on 127.0.0.2 looks like another host to the server: B gets a PunchHole."""
     async with PeerB(server, nat_type=pb.ASYMMETRIC) as b:
         b_local: list[SockAddr] = []
@@ -148,13 +192,19 @@ async def test_punch_hole_from_another_address_and_punch_hole_sent(server: Rende
         async def answer(kind: str, msg: Any) -> None:
             assert kind == "punch_hole"
             local = await send_punch_hole_sent(
-                b.main, bytes(msg.socket_addr), b.id.peer_id, msg.relay_server, pb.ASYMMETRIC, "1.0"
+                b.main,
+                bytes(msg.socket_addr),
+                b.id.peer_id,
+                msg.relay_server,
+                pb.ASYMMETRIC,
+                "1.0",
+                answer_token=bytes(msg.answer_token),
             )
             b_local.append(local)
 
         b.answer = answer
         result = await punch_hole_exchange(
-            b.main, b.id.peer_id, pb.SYMMETRIC, udp_port=40000, timeout=5, bind=("127.0.0.2", 0)
+            b.main, b.id.peer_id, pb.SYMMETRIC, udp_port=40000, timeout=5, bind=("127.0.0.2", 0), signer=a
         )
     resp = result.response
     assert isinstance(resp, pb.PunchHoleResponse)
@@ -172,33 +222,43 @@ async def test_punch_hole_from_another_address_and_punch_hole_sent(server: Rende
         s.bind(result.local_address.as_tuple())
 
 
-async def test_forced_relay_answer_is_a_relay_response(server: RendezvousServer) -> None:
+async def test_forced_relay_answer_is_a_relay_response(server: RendezvousServer, a: Signer) -> None:
     async with PeerB(server) as b:
 
         async def answer(kind: str, msg: Any) -> None:
             assert kind == "request_relay"
-            await send_relay_response(b.main, bytes(msg.socket_addr), b.id.peer_id, msg.uuid, msg.relay_server, "1.0")
+            await send_relay_response(
+                b.main,
+                bytes(msg.socket_addr),
+                b.id.peer_id,
+                msg.uuid,
+                msg.relay_server,
+                "1.0",
+                answer_token=bytes(msg.answer_token),
+            )
 
         b.answer = answer
-        resp = await punch_hole_request(b.main, b.id.peer_id, pb.ASYMMETRIC, force_relay=True, timeout=5)
+        resp = await punch_hole_request(b.main, b.id.peer_id, pb.ASYMMETRIC, force_relay=True, timeout=5, signer=a)
     assert isinstance(resp, pb.RelayResponse)
     assert resp.uuid == b.pushes[0][1].uuid != ""
     assert signed_key(server, resp.pk)[0] == b.id.peer_id
 
 
-async def test_punch_failures_are_one_line_errors(server: RendezvousServer) -> None:
+async def test_punch_failures_are_one_line_errors(server: RendezvousServer, a: Signer) -> None:
     main = ("127.0.0.1", server.tcp_port)
     with pytest.raises(PeerUnavailable, match=r"^peer 9999999999 does not exist$") as info:
-        await punch_hole_request(main, "9999999999", pb.ASYMMETRIC, timeout=5)
+        await punch_hole_request(main, "9999999999", pb.ASYMMETRIC, timeout=5, signer=a)
     assert info.value.failure == pb.PunchHoleResponse.ID_NOT_EXIST
     async with PeerB(server) as b:
         with pytest.raises(PeerUnavailable, match=r"^key mismatch") as info:
-            await punch_hole_request(main, b.id.peer_id, pb.ASYMMETRIC, licence_key="not-the-key", timeout=5)
+            await punch_hole_request(
+                main, b.id.peer_id, pb.ASYMMETRIC, licence_key="not-the-key", timeout=5, signer=a
+            )
         assert info.value.failure == pb.PunchHoleResponse.LICENSE_MISMATCH
         assert b.pushes == []
         # the right key is accepted (B is silent here, so the request times out instead)
         with pytest.raises(RendezvousError, match="no answer about peer"):
-            await punch_hole_request(main, b.id.peer_id, 0, licence_key=server.public_key_b64, timeout=0.2)
+            await punch_hole_request(main, b.id.peer_id, 0, licence_key=server.public_key_b64, timeout=0.2, signer=a)
 
 
 async def test_offline_peer(tmp_path: Path) -> None:
@@ -209,21 +269,29 @@ async def test_offline_peer(tmp_path: Path) -> None:
     await srv.close()
     srv = await start_rendezvous(config(tmp_path))
     main = ("127.0.0.1", srv.tcp_port)
+    me = ident()
+    reg = Registrar(("127.0.0.1", srv.udp_port), me, Pushes(), **FAST)
     try:
+        await reg.start()
+        await asyncio.wait_for(reg.registered.wait(), 5)
         with pytest.raises(PeerUnavailable, match=f"^peer {b.id.peer_id} is offline$") as info:
-            await punch_hole_request(main, b.id.peer_id, pb.ASYMMETRIC, timeout=5)
+            await punch_hole_request(main, b.id.peer_id, pb.ASYMMETRIC, timeout=5, signer=signer(me))
         assert info.value.failure == pb.PunchHoleResponse.OFFLINE
         with pytest.raises(RelayRefused, match=f"^peer {b.id.peer_id} is offline$"):
-            await request_relay(main, b.id.peer_id, "u", timeout=5)
+            await request_relay(main, b.id.peer_id, timeout=5, signer=signer(me))
     finally:
+        await reg.close()
         await srv.close()
 
 
-async def test_silent_peer_gets_the_request_resent_then_times_out(server: RendezvousServer) -> None:
+async def test_silent_peer_gets_the_request_resent_then_times_out(server: RendezvousServer, a: Signer) -> None:
     async with PeerB(server) as b:
         with pytest.raises(RendezvousError, match=f"^no answer about peer {b.id.peer_id} from .* within 0.6 s$"):
-            await punch_hole_request(b.main, b.id.peer_id, pb.ASYMMETRIC, timeout=0.6, resend_after=(0.05, 0.05))
+            await punch_hole_request(
+                b.main, b.id.peer_id, pb.ASYMMETRIC, timeout=0.6, resend_after=(0.05, 0.05), signer=a
+            )
     assert server.stats()["messages"]["tcp.punch_hole_request"] == 3
+    assert server.stats()["events"].get("request_replayed", 0) == 0  # each resend is signed afresh
 
 
 # --------------------------------------------------------------------------- broken servers

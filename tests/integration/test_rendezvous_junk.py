@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +17,8 @@ from agent.proto import rendezvous_pb2 as pb
 from agent.wire import encode_header
 from tests.integration.test_rendezvous_server import (
     B_ID,
-    B_PK,
-    B_UUID,
     TIMEOUT,
+    B,
     ServerThread,
     TcpClient,
     make_cfg,
@@ -141,19 +141,24 @@ def test_flood_of_junk_while_a_real_registration_succeeds(tmp_path: Path) -> Non
         junk = [bytes([i % 256]) * (1 + i % 200) for i in range(3000)]
         b = udp_socket()
         b.settimeout(0.5)
-        register = messages.build(register_pk=pb.RegisterPk(id=B_ID, uuid=B_UUID, pk=B_PK))
-        answer = None
+        nonce = os.urandom(16)
         for i, datagram in enumerate(junk):
             flood.sendto(datagram, srv.udp)
-            if i == 1500:
-                b.sendto(register, srv.udp)
-        for _ in range(10):  # a real client retries, as RustDesk's does every few seconds
+            if i == 1500:  # B's registration starts in the middle of the flood
+                b.sendto(B.register_pk(nonce), srv.udp)
+        answer = None
+        challenge = b""
+        for _ in range(10):  # a real client retries, as the registrar does every few seconds
             try:
-                answer = messages.parse(b.recv(100))
-                break
+                answer = messages.parse(b.recv(300))[1]
             except TimeoutError:
-                b.sendto(register, srv.udp)
-        assert answer == ("register_pk_response", pb.RegisterPkResponse())
+                b.sendto(B.register_pk(nonce, challenge), srv.udp)
+                continue
+            if answer.result != pb.RegisterPkResponse.CHALLENGE:
+                break
+            challenge = answer.challenge
+            b.sendto(B.register_pk(nonce, challenge), srv.udp)
+        assert answer is not None and answer.result == pb.RegisterPkResponse.OK
         stats = srv.stats()
         assert sum(stats["drops"].values()) > 0
         assert stats["peers_online"] == 1

@@ -24,12 +24,16 @@ from agent.crypto import open_signed_id_pk
 from agent.proto import rendezvous_pb2 as pb
 from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
 from agent.wire import FrameDecoder, encode_frame
+from tests.signed import Member, register_udp
 
 T = TypeVar("T")
 TIMEOUT = 5.0
-B_ID = "123456789"
-B_UUID = b"machine-uid-of-B"
-B_PK = bytes(range(32))
+B = Member.new(b"B-of-the-rendezvous-tests")
+B.uuid = b"machine-uid-of-B"
+B_ID = B.id
+B_UUID = B.uuid
+B_PK = B.pk
+A = Member.new(b"A-of-the-rendezvous-tests")
 
 
 def has_ipv6() -> bool:
@@ -134,6 +138,11 @@ class TcpClient:
     def send(self, **member: Any) -> None:
         self.sock.sendall(encode_frame(messages.build(**member)))
 
+    def ask(self, who: Member = A, **member: Any) -> None:
+        """A request signed by `who` (which must be registered)."""
+        ((kind, sub),) = member.items()
+        self.sock.sendall(encode_frame(who.request(kind, sub)))
+
     def recv(self) -> tuple[str, Any]:
         while not self.frames:
             chunk = self.sock.recv(65536)
@@ -152,10 +161,16 @@ class TcpClient:
         self.sock.close()
 
 
-def register(srv: ServerThread, s: socket.socket, peer_id: str = B_ID, uuid: bytes = B_UUID) -> int:
-    kind, msg = udp_ask(s, srv.udp, register_pk=pb.RegisterPk(id=peer_id, uuid=uuid, pk=B_PK))
-    assert kind == "register_pk_response"
-    return int(msg.result)
+def register(srv: ServerThread, s: socket.socket, who: Member = B) -> int:
+    """A signed registration (challenge, then signature) from `s`."""
+    return register_udp(s, srv.udp, who)
+
+
+def register_a(srv: ServerThread) -> socket.socket:
+    """A registers too (its requests are signed for an ID bound to its key); keep its socket open."""
+    s = udp_socket()
+    assert register(srv, s, A) == 0
+    return s
 
 
 def verify_key(srv: ServerThread) -> bytes:
@@ -176,8 +191,20 @@ def test_register_and_heartbeat(server: ServerThread) -> None:
     assert (kind, msg.request_pk) == ("register_peer_response", False)
     st = server.stats()
     assert (st["peers_registered"], st["peers_online"]) == (1, 1)
-    assert st["messages"]["udp.register_pk"] == 1
+    assert st["messages"]["udp.register_pk"] == 2  # the challenge, then the signed registration
     b.close()
+
+
+def test_unsigned_registration_needs_the_compat_flag(tmp_path: Path) -> None:
+    for allow, result in ((False, pb.RegisterPkResponse.NOT_SUPPORT), (True, pb.RegisterPkResponse.OK)):
+        srv = ServerThread(make_cfg(tmp_path / str(allow), allow_unsigned=allow))
+        try:
+            c = udp_socket()
+            kind, msg = udp_ask(c, srv.udp, register_pk=pb.RegisterPk(id="123456789", uuid=b"u", pk=B_PK))
+            assert (kind, msg.result) == ("register_pk_response", result)
+            c.close()
+        finally:
+            srv.close()
 
 
 def test_restart_keeps_binding(tmp_path: Path) -> None:
@@ -192,14 +219,15 @@ def test_restart_keeps_binding(tmp_path: Path) -> None:
         assert srv.server.public_key_b64 == key  # same key file
         assert udp_ask(b, srv.udp, register_peer=pb.RegisterPeer(id=B_ID))[1].request_pk is True
         # the DB-only peer is known but offline until it registers again
+        a_udp = register_a(srv)
         a = TcpClient(srv.tcp)
-        a.send(punch_hole_request=pb.PunchHoleRequest(id=B_ID))
+        a.ask(punch_hole_request=pb.PunchHoleRequest(id=B_ID))
         assert a.recv()[1].failure == pb.PunchHoleResponse.OFFLINE
         a.close()
-        assert register(srv, udp_socket(), uuid=b"someone-else") == pb.RegisterPkResponse.UUID_MISMATCH
+        a_udp.close()
         assert register(srv, b) == pb.RegisterPkResponse.OK
         assert udp_ask(b, srv.udp, register_peer=pb.RegisterPeer(id=B_ID))[1].request_pk is False
-        assert srv.stats()["peers_registered"] == 1
+        assert srv.stats()["peers_registered"] == 2  # B, and A (which signs its requests)
     finally:
         srv.close()
         b.close()
@@ -216,28 +244,38 @@ def test_too_frequent_from_one_ip(server: ServerThread) -> None:
 
 
 def test_punch_unknown_id_and_offline(server: ServerThread) -> None:
+    a_udp = register_a(server)
     a = TcpClient(server.tcp)
-    a.send(punch_hole_request=pb.PunchHoleRequest(id="987654321"))
+    a.ask(punch_hole_request=pb.PunchHoleRequest(id="987654321"))
     kind, resp = a.recv()
     assert kind == "punch_hole_response" and resp == pb.PunchHoleResponse()  # ID_NOT_EXIST is empty
-    a.send(punch_hole_request=pb.PunchHoleRequest(id=B_ID, licence_key="not-the-key"))
+    a.ask(punch_hole_request=pb.PunchHoleRequest(id=B_ID, licence_key="not-the-key"))
     assert a.recv()[1].failure == pb.PunchHoleResponse.LICENSE_MISMATCH
+    a.send(punch_hole_request=pb.PunchHoleRequest(id="987654321"))  # unsigned: refused, with the reason
+    assert "only signed requests" in a.recv()[1].other_failure
     a.close()
+    a_udp.close()
 
 
 def test_lan_path_fetch_local_addr(server: ServerThread) -> None:
     b = udp_socket()
     assert register(server, b) == 0
+    a_udp = register_a(server)
     a = TcpClient(server.tcp)  # same IP as B: the LAN path
-    a.send(punch_hole_request=pb.PunchHoleRequest(id=B_ID, licence_key=server.server.public_key_b64))
+    a.ask(punch_hole_request=pb.PunchHoleRequest(id=B_ID, licence_key=server.server.public_key_b64))
     kind, fla = udp_recv(b)
     assert kind == "fetch_local_addr"
     assert addrmod.decode(fla.socket_addr) == a.local
     assert fla.relay_server == "127.0.0.1:21117"
+    assert (fla.requester_id, fla.requester_pk) == (A.id, A.pk)
 
     bt = TcpClient(server.tcp)
     local = addrmod.encode(bt.local, 12345)
-    bt.send(local_addr=pb.LocalAddr(socket_addr=fla.socket_addr, local_addr=local, id=B_ID, version="1.4.2"))
+    bt.send(
+        local_addr=pb.LocalAddr(
+            socket_addr=fla.socket_addr, local_addr=local, id=B_ID, version="1.4.2", answer_token=fla.answer_token
+        )
+    )
     kind, resp = a.recv()
     assert kind == "punch_hole_response"
     assert resp.is_local and addrmod.decode(resp.socket_addr) == bt.local
@@ -246,20 +284,23 @@ def test_lan_path_fetch_local_addr(server: ServerThread) -> None:
     for c in (a, bt):
         c.close()
     b.close()
+    a_udp.close()
 
 
 def test_punch_hole_path_with_signature(server: ServerThread) -> None:
     b = udp_socket()
     assert register(server, b) == 0
+    a_udp = register_a(server)
     a = TcpClient(server.tcp, bind="127.0.0.2")  # a different IP than B's 127.0.0.1
-    a.send(punch_hole_request=pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC, version="1.4.2"))
+    a.ask(punch_hole_request=pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC, version="1.4.2"))
     kind, ph = udp_recv(b)
     assert kind == "punch_hole"
     assert addrmod.decode(ph.socket_addr) == a.local
     assert ph.nat_type == pb.ASYMMETRIC
 
     bt = TcpClient(server.tcp)
-    bt.send(punch_hole_sent=pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, nat_type=pb.ASYMMETRIC, version="1"))
+    sent = pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, nat_type=pb.ASYMMETRIC, answer_token=ph.answer_token)
+    bt.send(punch_hole_sent=sent)
     kind, resp = a.recv()
     assert kind == "punch_hole_response"
     assert addrmod.decode(resp.socket_addr) == bt.local  # B's address as the server saw it
@@ -272,19 +313,20 @@ def test_punch_hole_path_with_signature(server: ServerThread) -> None:
     for c in (a, bt):
         c.close()
     b.close()
+    a_udp.close()
 
 
 def test_udp_punch_path(server: ServerThread) -> None:
     b = udp_socket()
     assert register(server, b) == 0
+    a_udp = register_a(server)
     a = TcpClient(server.tcp, bind="127.0.0.2")
-    a.send(punch_hole_request=pb.PunchHoleRequest(id=B_ID, udp_port=40000, version="1"))
+    a.ask(punch_hole_request=pb.PunchHoleRequest(id=B_ID, udp_port=40000, version="1"))
     kind, ph = udp_recv(b)
     assert (kind, ph.udp_port) == ("punch_hole", 40000)
     b_punch = udp_socket()  # B's fresh UDP punch socket announces itself
-    b_punch.sendto(
-        messages.build(punch_hole_sent=pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, version="1")), server.udp
-    )
+    sent = pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, version="1", answer_token=ph.answer_token)
+    b_punch.sendto(messages.build(punch_hole_sent=sent), server.udp)
     kind, resp = a.recv()
     host, port = b_punch.getsockname()
     assert resp.is_udp and addrmod.decode(resp.socket_addr) == SockAddr.of(host, port)
@@ -292,13 +334,15 @@ def test_udp_punch_path(server: ServerThread) -> None:
     a.close()
     b.close()
     b_punch.close()
+    a_udp.close()
 
 
 def test_forced_relay(server: ServerThread) -> None:
     b = udp_socket()
     assert register(server, b) == 0
+    a_udp = register_a(server)
     a = TcpClient(server.tcp, bind="127.0.0.2")
-    a.send(punch_hole_request=pb.PunchHoleRequest(id=B_ID, force_relay=True, nat_type=pb.SYMMETRIC))
+    a.ask(punch_hole_request=pb.PunchHoleRequest(id=B_ID, force_relay=True, nat_type=pb.SYMMETRIC))
     kind, rr = udp_recv(b)
     assert kind == "request_relay"
     assert re.fullmatch(r"[0-9a-f-]{36}", rr.uuid)
@@ -306,27 +350,57 @@ def test_forced_relay(server: ServerThread) -> None:
     assert addrmod.decode(rr.socket_addr) == a.local
 
     bt = TcpClient(server.tcp)
-    bt.send(relay_response=pb.RelayResponse(socket_addr=rr.socket_addr, id=B_ID, version="1.4.2"))
+    bt.send(
+        relay_response=pb.RelayResponse(
+            socket_addr=rr.socket_addr, id=B_ID, version="1.4.2", answer_token=rr.answer_token
+        )
+    )
     kind, out = a.recv()
     assert kind == "relay_response"
-    assert (out.uuid, out.relay_server, out.socket_addr) == (rr.uuid, "127.0.0.1:21117", b"")
+    assert (out.uuid, out.relay_server, out.socket_addr, out.ticket) == (rr.uuid, "127.0.0.1:21117", b"", rr.ticket)
     assert open_signed_id_pk(verify_key(server), out.pk) == (B_ID, B_PK)
     assert bt.closed_by_peer()
     for c in (a, bt):
         c.close()
     b.close()
+    a_udp.close()
 
 
 def test_request_relay_from_a(server: ServerThread) -> None:
     b = udp_socket()
     assert register(server, b) == 0
+    a_udp = register_a(server)
     a = TcpClient(server.tcp, bind="127.0.0.2")
-    a.send(request_relay=pb.RequestRelay(id=B_ID, uuid="u-1", relay_server="127.0.0.1:21117", secure=True))
+    a.ask(request_relay=pb.RequestRelay(id=B_ID, uuid="u-1", relay_server="10.9.9.9:6379", secure=True))
     kind, rr = udp_recv(b)
-    assert (kind, rr.uuid, rr.secure) == ("request_relay", "u-1", True)
+    assert (kind, rr.secure, rr.relay_server) == ("request_relay", True, "127.0.0.1:21117")  # the server's own
+    assert rr.uuid != "u-1" and rr.ticket
     assert addrmod.decode(rr.socket_addr) == a.local
     a.close()
     b.close()
+    a_udp.close()
+
+
+def test_compat_rustdesk_clients_on_both_sides(tmp_path: Path) -> None:
+    """With --allow-unsigned, RustDesk's unsigned clients register and relay as with hbbs."""
+    srv = ServerThread(make_cfg(tmp_path, relays=["127.0.0.1:21117"], allow_unsigned=True))
+    try:
+        b = udp_socket()
+        kind, msg = udp_ask(b, srv.udp, register_pk=pb.RegisterPk(id="123456789", uuid=b"u", pk=B_PK))
+        assert msg.result == 0
+        a = TcpClient(srv.tcp, bind="127.0.0.2")
+        a.send(request_relay=pb.RequestRelay(id="123456789", uuid="u-1", relay_server="10.9.9.9:1", secure=True))
+        kind, rr = udp_recv(b)
+        assert (kind, rr.uuid, rr.relay_server) == ("request_relay", "u-1", "127.0.0.1:21117")
+        bt = TcpClient(srv.tcp)
+        bt.send(relay_response=pb.RelayResponse(socket_addr=rr.socket_addr, id="123456789", version="1"))
+        kind, out = a.recv()
+        assert (kind, out.uuid) == ("relay_response", "u-1")
+        for c in (a, bt):
+            c.close()
+        b.close()
+    finally:
+        srv.close()
 
 
 # --------------------------------------------------------------------------- probes
@@ -385,19 +459,19 @@ def test_online_request_on_nat_port(server: ServerThread) -> None:
 @pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
 def test_ipv6_registration_and_nat_test(server: ServerThread) -> None:
     b = udp_socket("::1")
-    kind, msg = udp_ask(
-        b, ("::1", server.server.udp_port), register_pk=pb.RegisterPk(id="v6peer01", uuid=b"u6", pk=B_PK)
-    )
-    assert (kind, msg.result) == ("register_pk_response", 0)
+    v6peer = Member.new(b"v6peer")
+    assert register_udp(b, ("::1", server.server.udp_port), v6peer) == 0
     c = TcpClient(("::1", server.server.nat_port), bind="::1")
     c.send(test_nat_request=pb.TestNatRequest())
     assert c.recv()[1].port == c.local.port
+    a_udp = register_a(server)
     a = TcpClient(server.tcp)  # an IPv4 A reaches the IPv6 B: push goes out of the v6 socket
-    a.send(punch_hole_request=pb.PunchHoleRequest(id="v6peer01"))
+    a.ask(punch_hole_request=pb.PunchHoleRequest(id=v6peer.id))
     assert udp_recv(b)[0] == "punch_hole"
     for x in (a, c):
         x.close()
     b.close()
+    a_udp.close()
 
 
 def test_idle_tcp_connection_closed(tmp_path: Path) -> None:
@@ -482,8 +556,7 @@ def test_run_rendezvous_stops_cleanly_on_signal(tmp_path: Path, sig: int) -> Non
 
 
 def register_to(s: socket.socket, to: tuple[str, int]) -> int:
-    _, msg = udp_ask(s, to, register_pk=pb.RegisterPk(id=B_ID, uuid=B_UUID, pk=B_PK))
-    return int(msg.result)
+    return register_udp(s, to, B)
 
 
 def test_run_rendezvous_port_in_use_is_one_line(tmp_path: Path) -> None:

@@ -333,9 +333,19 @@ def test_serve_cannot_bind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_relay_cannot_bind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--state-dir", str(tmp_path / "s"), "relay", "--bind", "192.0.2.1", "--port", "0"]
+    argv = ["--state-dir", str(tmp_path / "s"), "relay", "--bind", "192.0.2.1", "--port", "0", "--open"]
     rc, _, err = run(cli.main, argv, capsys)
     assert "192.0.2.1" in assert_one_line_error(rc, err, statuses=(1, 2))
+
+
+def test_relay_needs_the_rendezvous_servers_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a server key (flag, file, or one in its state dir) the relay would pair anyone: it refuses to start."""
+    argv = ["--state-dir", str(tmp_path / "s"), "relay", "--bind", "192.0.2.1", "--port", "0"]
+    rc, _, err = run(cli.main, argv, capsys)
+    assert "--server-key-file" in assert_one_line_error(rc, err)
+    for bad in (["--server-key", "nope"], ["--server-key-file", str(tmp_path / "missing")]):
+        rc, _, err = run(cli.main, argv + bad, capsys)
+        assert_one_line_error(rc, err)
 
 
 def test_serve_port_leaves_no_room_for_relay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -354,7 +364,7 @@ def test_id_creates_and_is_stable(tmp_path: Path, capsys: pytest.CaptureFixture[
     rc, out, err = run(cli.main, ["--state-dir", str(state), "id"], capsys)
     assert rc == 0 and err == ""
     ident = load_or_create(state)
-    assert out == f"{ident.peer_id}  {ident.fingerprint}\n"
+    assert out == f"{ident.peer_id}={ident.fingerprint}\n"  # the string a peer allows, as is
     assert run(cli.main, ["--state-dir", str(state), "id"], capsys)[1] == out
 
 
@@ -363,12 +373,13 @@ def test_id_json_stable_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     rc, out, err = run(cli.main, ["--state-dir", str(state), "id", "--json"], capsys)
     assert rc == 0 and err == "" and out.count("\n") == 1
     data = json.loads(out)
-    assert set(data) == {"id", "fingerprint", "public_key"}
+    assert set(data) == {"id", "fingerprint", "public_key", "peer_spec"}
     ident = load_or_create(state)
     assert data == {
         "id": ident.peer_id,
         "fingerprint": ident.fingerprint,
         "public_key": base64.b64encode(ident.public_key).decode(),
+        "peer_spec": f"{ident.peer_id}={ident.fingerprint}",
     }
 
 

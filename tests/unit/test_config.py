@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from agent import config
 from agent.config import Config, ConfigError
+from agent.trust import fingerprint
 
 
 def _write(tmp_path: Path, text: str | bytes) -> Path:
@@ -102,7 +103,13 @@ _printable = st.text(
 @given(
     server_key=st.one_of(st.just(""), st.binary(min_size=32, max_size=32).map(lambda k: base64.b64encode(k).decode())),
     relay_key=_printable,
-    allow=st.lists(_printable, max_size=4),
+    allow=st.lists(
+        st.tuples(
+            st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True),
+            st.one_of(st.just(""), st.binary(min_size=32, max_size=32).map(lambda k: "=" + fingerprint(k))),
+        ).map("".join),
+        max_size=4,
+    ),
     password_file=_printable,
     timeout=st.floats(min_value=1e-6, max_value=1e9, allow_nan=False),
     port=st.integers(1, 0xFFFF),
@@ -133,7 +140,7 @@ def test_dump_load_round_trip_control_characters(tmp_path: Path, value: str) -> 
     effective config with dump and every actor reads it back with load."""
     cfg = Config()
     cfg.agent.relay_key = value
-    cfg.access.allow = [value]
+    cfg.access.password_file = value
     assert config.load(_write(tmp_path, config.dump(cfg))) == cfg
 
 
@@ -368,5 +375,24 @@ def test_dump_load_round_trip_any_text(tmp_path: Path, value: str) -> None:
     """Control characters included: dump escapes what a TOML basic string cannot hold raw."""
     cfg = Config()
     cfg.agent.relay_key = value
-    cfg.access.allow = [value, value + '"\\']
+    cfg.access.allow_targets = []
+    cfg.access.password_file = value + '"\\'
     assert config.load(_write(tmp_path, config.dump(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ("", "not a peer ID"),
+        ("has space", "not a peer ID"),
+        ("1234567890=", "not a key fingerprint"),
+        ("1234567890=SHA256:short", "not a key fingerprint"),
+        ("1234567890=MD5:" + "A" * 43, "not a key fingerprint"),
+        ("x" * 65, "not a peer ID"),
+    ],
+)
+def test_allow_entries_must_be_peer_specs(tmp_path: Path, entry: str, why: str) -> None:
+    cfg = Config()
+    cfg.access.allow = [entry]
+    with pytest.raises(ConfigError, match=f"access.allow: {why}"):
+        config.load(_write(tmp_path, config.dump(cfg)))

@@ -143,7 +143,7 @@ TARGET = "127.0.0.1:22"
 
 
 def _machines() -> tuple[Initiator, Responder]:
-    policy = Policy(allowed_ids=frozenset({A_ID}), allowed_targets=frozenset({TARGET}))
+    policy = Policy(pinned_keys={A_ID: bytes(A_SIGN.verify_key)}, allowed_targets=frozenset({TARGET}))
     a = Initiator(A_ID, A_SIGN, B_ID, bytes(B_SIGN.verify_key), target=TARGET)
     return a, Responder(B_ID, B_SIGN, policy)
 

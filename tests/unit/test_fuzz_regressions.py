@@ -13,6 +13,6 @@ def test_relay_uuid_limit_counts_bytes_so_every_accepted_uuid_can_be_handed_off(
     wide = "\U0001f600" * MAX_UUID_LEN
     assert check_request(messages.build(request_relay=pb.RequestRelay(uuid=wide))) == Drop("uuid_too_long")
     fits = "\U0001f600" * (MAX_UUID_LEN // 4)
-    decision = check_request(messages.build(request_relay=pb.RequestRelay(uuid=fits)))
+    decision = check_request(messages.build(request_relay=pb.RequestRelay(uuid=fits)), open_relay=True)
     assert decision == Accept(fits)
     assert decode_handoff(encode_handoff(fits, "203.0.113.9:1")) == (fits, "203.0.113.9:1")

@@ -17,10 +17,12 @@ from agent.handshake import (
     MAX_AUTH_PAYLOAD,
     MAX_HANDSHAKE_PAYLOAD,
     ZERO_NONCE,
+    Binding,
     HandshakeError,
     Initiator,
     Policy,
     Responder,
+    TrustedBy,
     auth_signed_bytes,
     direction_keys,
     password_proof,
@@ -29,6 +31,7 @@ from agent.handshake import (
 )
 from agent.proto import message_pb2 as pb
 from agent.secure_channel import SecureChannel
+from agent.trust import fingerprint
 from agent.wire import FrameDecoder, encode_frame
 from tests.conftest import load_vectors
 
@@ -50,11 +53,17 @@ A_SIGN = SigningKey(hashlib.sha256(b"test-peer-A-ed25519").digest())
 B_PK = bytes(B_SIGN.verify_key)
 A_PK = bytes(A_SIGN.verify_key)
 PASSWORD = "correct horse battery staple"
-OPEN_POLICY = Policy(allowed_ids=frozenset({A_ID}), allowed_targets=frozenset({"127.0.0.1:22"}))
+OPEN_POLICY = Policy(allowed_keys={A_ID: fingerprint(A_PK)}, allowed_targets=frozenset({"127.0.0.1:22"}))
 
 
-def make_b(policy: Policy = OPEN_POLICY, eph: PrivateKey | None = None, key: SigningKey = B_SIGN) -> Responder:
-    return Responder(B_ID, key, policy, ephemeral_key=eph)
+def make_b(
+    policy: Policy = OPEN_POLICY,
+    eph: PrivateKey | None = None,
+    key: SigningKey = B_SIGN,
+    binding: Binding | None = None,
+    gate: Any = None,
+) -> Responder:
+    return Responder(B_ID, key, policy, ephemeral_key=eph, binding=binding, password_gate=gate)
 
 
 def make_a(**kw: Any) -> Initiator:
@@ -197,10 +206,91 @@ def test_full_handshake_random_keys() -> None:
     assert len(r.signed_id) < 200 and len(r.public_key) < 100
 
 
-def test_first_contact_and_empty_target() -> None:
-    b = make_b(Policy(allowed_ids=frozenset({A_ID})))
+def test_allow_entry_with_the_key_and_empty_target() -> None:
+    b = make_b(Policy(allowed_keys={A_ID: fingerprint(A_PK)}))
     run(make_a(target=""), b)
-    assert (b.admitted_by, b.target, b.peer_pk) == ("first contact", "", A_PK)
+    assert (b.admitted_by, b.target, b.peer_pk, b.id_verified) == (TrustedBy.ALLOW_KEY, "", A_PK, True)
+
+
+def test_a_bare_allowed_id_is_admitted_with_the_key_the_server_bound_to_it() -> None:
+    b = make_b(Policy(allowed_ids=frozenset({A_ID})), binding=Binding(A_ID, A_PK))
+    run(make_a(target=""), b)
+    assert (b.admitted_by, b.peer_pk, b.id_verified) == (TrustedBy.SERVER_BINDING, A_PK, True)
+
+
+def test_a_bare_allowed_id_with_nothing_to_vouch_for_its_key_is_refused() -> None:
+    """Finding 1: the first contact claiming an allowed ID with a key of its own."""
+    auth_refused(
+        make_b(Policy(allowed_ids=frozenset({A_ID}))),
+        make_a(),
+        "nothing vouched for its key",
+        f"peer {A_ID}: this agent allows your ID but cannot check your key on this path; "
+        f"its owner can allow {A_ID}={fingerprint(A_PK)}",
+    )
+
+
+def test_a_key_other_than_the_servers_binding_is_refused() -> None:
+    other = bytes(SigningKey.generate().verify_key)
+    policy = Policy(allowed_ids=frozenset({A_ID}), password=PASSWORD, allowed_targets=frozenset({"127.0.0.1:22"}))
+    auth_refused(
+        make_b(policy, binding=Binding(A_ID, other)),
+        make_a(password=PASSWORD),
+        "not the key the rendezvous server bound to it",
+        f"peer {A_ID}: your key is not the one the rendezvous server has for {A_ID}",
+    )
+
+
+def test_claiming_another_id_than_the_server_named_is_refused() -> None:
+    policy = Policy(password=PASSWORD, allowed_targets=frozenset({"127.0.0.1:22"}))
+    auth_refused(
+        make_b(policy, binding=Binding("555", A_PK)),
+        make_a(password=PASSWORD),
+        "says the requester is 555",
+        f"you claim to be {A_ID} but the rendezvous server says you are 555",
+    )
+
+
+def test_an_allow_entry_naming_another_key_refuses_even_a_pinned_one() -> None:
+    other = bytes(SigningKey.generate().verify_key)
+    policy = Policy(allowed_keys={A_ID: fingerprint(other)}, pinned_keys={A_ID: A_PK})
+    auth_refused(
+        make_b(policy, binding=Binding(A_ID, A_PK)),
+        make_a(),
+        "its allow entry names",
+        f"peer {A_ID}: your key {fingerprint(A_PK)} is not the one on this agent's allow list",
+    )
+
+
+def test_password_gate_refuses_before_checking_and_failures_are_flagged() -> None:
+    policy = Policy(password=PASSWORD, allowed_targets=frozenset({"127.0.0.1:22"}))
+    refusal = f"{A_ID}: too many failed password attempts; retry in 9 s"
+    b = make_b(policy, gate=lambda claimed: f"{claimed}: too many failed password attempts; retry in 9 s")
+    auth_refused(b, make_a(password=PASSWORD), "retry in 9 s", refusal)
+    assert not b.password_failed
+    b = make_b(policy, gate=lambda claimed: None)
+    auth_refused(b, make_a(password="nope"), "wrong password", "wrong password")
+    assert b.password_failed and b.claimed_id == A_ID and b.claimed_pk == A_PK
+
+
+def test_password_admission_without_a_binding_leaves_the_id_unverified() -> None:
+    policy = Policy(password=PASSWORD, allowed_targets=frozenset({"127.0.0.1:22"}))
+    b = make_b(policy)
+    run(make_a(password=PASSWORD), b)
+    assert (b.admitted_by, b.id_verified) == (TrustedBy.PASSWORD, False)
+    b = make_b(policy, binding=Binding(A_ID, A_PK))
+    run(make_a(password=PASSWORD), b)
+    assert (b.admitted_by, b.id_verified) == (TrustedBy.PASSWORD, True)
+
+
+def test_would_admit_decides_whether_b_acts_on_a_push() -> None:
+    bound = Binding(A_ID, A_PK)
+    assert Policy(allowed_ids=frozenset({A_ID})).would_admit(bound)
+    assert not Policy(allowed_ids=frozenset({"555"})).would_admit(bound)
+    assert not Policy(allowed_ids=frozenset({A_ID})).would_admit(None)
+    assert Policy(allowed_keys={A_ID: fingerprint(A_PK)}).would_admit(bound)
+    assert not Policy(allowed_keys={A_ID: fingerprint(B_PK)}).would_admit(bound)
+    assert not Policy(pinned_keys={A_ID: B_PK}, allowed_ids=frozenset({A_ID})).would_admit(bound)
+    assert Policy(password=PASSWORD).would_admit(None)  # anyone may try a password
 
 
 def test_directions_never_share_a_nonce() -> None:
@@ -409,13 +499,21 @@ def auth_refused(b: Responder, a: Initiator, local: str, public: str) -> None:
 
 
 def test_unlisted_peer() -> None:
-    auth_refused(make_b(Policy(allowed_ids=frozenset({"111"}))), make_a(), "not allowed", f"peer {A_ID} is not allowed")
+    auth_refused(
+        make_b(Policy(allowed_ids=frozenset({"111"}))),
+        make_a(),
+        "not allowed",
+        f"peer {A_ID} is not allowed here: its owner can allow {A_ID}={fingerprint(A_PK)}",
+    )
 
 
 def test_pinned_key_mismatch_is_refused_even_with_password() -> None:
     policy = Policy(pinned_keys={A_ID: bytes(32)}, password=PASSWORD, allowed_targets=frozenset({"127.0.0.1:22"}))
     auth_refused(
-        make_b(policy), make_a(password=PASSWORD), "does not match its pinned key", f"peer {A_ID} is not allowed"
+        make_b(policy),
+        make_a(password=PASSWORD),
+        "not its pinned key",
+        f"peer {A_ID}: your key {fingerprint(A_PK)} is not the key this agent pinned for {A_ID}",
     )
 
 
@@ -434,7 +532,7 @@ def test_disallowed_target() -> None:
 
 
 def test_target_required() -> None:
-    policy = Policy(allowed_ids=frozenset({A_ID}), allow_no_target=False)
+    policy = Policy(allowed_keys={A_ID: fingerprint(A_PK)}, allow_no_target=False)
     auth_refused(make_b(policy), make_a(target=""), "a target is required", "a forward target is required")
 
 

@@ -13,7 +13,8 @@ from nacl.signing import SigningKey
 
 from agent import identity
 from agent.crypto import KeyFileError
-from agent.identity import IDENTITY_FILE, KEY_FILE, derive_id, fingerprint, load_or_create, next_id
+from agent.identity import IDENTITY_FILE, KEY_FILE, derive_id, load_or_create, next_id
+from agent.trust import fingerprint
 
 
 def _mode(path: Path) -> int:

@@ -6,8 +6,9 @@ import itertools
 
 from hypothesis import given
 from hypothesis import strategies as st
+from nacl.signing import SigningKey
 
-from agent import messages
+from agent import messages, signing
 from agent.addr import SockAddr
 from agent.netwatch_core import NetView, NetWatchCore, describe_change, usable_addresses
 from agent.proto import rendezvous_pb2 as pb
@@ -78,13 +79,21 @@ def test_changes_count_exactly_the_differences_between_neighbours(seq: list[NetV
 # --- the registrar's half: re-registering at once, and the server's hint -----------------------------
 
 SERVER = SockAddr.of("198.51.100.1", 21116)
+KEY = SigningKey(b"k" * 32)
+SERVER_KEY = SigningKey(b"s" * 32)
+SERVER_PK = bytes(SERVER_KEY.verify_key)
+
+
+def ok(core: RegistrarCore) -> bytes:
+    """The server's OK for the core's RegisterPk in flight (signed for its nonce)."""
+    body = messages.build(register_pk_response=pb.RegisterPkResponse(result=pb.RegisterPkResponse.OK))
+    return signing.seal(SERVER_KEY, signing.SERVER, core._nonce, body)
 
 
 def registered_core() -> RegistrarCore:
-    core = RegistrarCore(SERVER, "1234567890", b"u" * 16, b"k" * 32, interval=30.0)
+    core = RegistrarCore(SERVER, "1234567890", b"u" * 16, KEY, interval=30.0, server_key=SERVER_PK)
     assert messages.parse(core.datagrams_to_send(0.0)[0])[0] == "register_pk"
-    ok = messages.build(register_pk_response=pb.RegisterPkResponse(result=pb.RegisterPkResponse.OK))
-    core.receive_datagram(ok, SERVER, 0.1)
+    core.receive_datagram(ok(core), SERVER, 0.1)
     assert any(isinstance(e, Registered) for e in core.next_events())
     assert messages.parse(core.datagrams_to_send(0.1)[0])[0] == "register_peer"
     core.receive_datagram(messages.build(register_peer_response=pb.RegisterPeerResponse()), SERVER, 0.2)
@@ -99,15 +108,14 @@ def test_reregister_sends_register_pk_now_not_at_the_next_heartbeat() -> None:
     assert core.state == REGISTERING
     sent = core.datagrams_to_send(1.0)
     assert [messages.parse(d)[0] for d in sent] == ["register_pk"]
-    ok = messages.build(register_pk_response=pb.RegisterPkResponse(result=pb.RegisterPkResponse.OK))
-    core.receive_datagram(ok, SERVER, 1.1)
+    core.receive_datagram(ok(core), SERVER, 1.1)
     assert any(isinstance(e, Registered) for e in core.next_events())
     # ... followed at once by a RegisterPeer, which carries the (maybe re-measured) NAT type
     assert [messages.parse(d)[0] for d in core.datagrams_to_send(1.1)] == ["register_peer"]
 
 
 def test_request_pk_while_registered_is_a_hint_but_not_before() -> None:
-    core = RegistrarCore(SERVER, "1234567890", b"u" * 16, b"k" * 32)
+    core = RegistrarCore(SERVER, "1234567890", b"u" * 16, KEY, server_key=SERVER_PK)
     core.datagrams_to_send(0.0)
     ask = messages.build(register_peer_response=pb.RegisterPeerResponse(request_pk=True))
     core.receive_datagram(ask, SERVER, 0.1)  # not yet confirmed: the normal first-contact case

@@ -7,8 +7,9 @@ import contextlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nacl.signing import SigningKey
 
-from agent import messages
+from agent import messages, signing
 from agent.proto import rendezvous_pb2 as pb
 from agent.relay_core import (
     FIRST_FRAME_MAX,
@@ -109,22 +110,72 @@ def test_reader_on_random_bytes_never_reads_past_a_frame(data: bytes) -> None:
 # ------------------------------------------------------------------ first frame decision
 
 
-def test_check_request_accepts_a_uuid() -> None:
-    assert check_request(rr("abc", id="123", conn_type=pb.DEFAULT_CONN)) == Accept("abc")
+def test_an_open_relay_accepts_any_uuid() -> None:
+    assert check_request(rr("abc", id="123", conn_type=pb.DEFAULT_CONN), open_relay=True) == Accept("abc")
+
+
+SERVER = SigningKey(b"r" * 32)
+SERVER_PK = bytes(SERVER.verify_key)
+NOW = 1_800_000_000.0
+
+
+def ticketed(uuid: str, relay: str = "r:1", issued: float = NOW, key: SigningKey = SERVER) -> bytes:
+    ticket = signing.make_ticket(key, uuid, relay, int(issued * 1000))
+    return rr(uuid, relay_server=relay, ticket=ticket)
+
+
+def refusal(decision: object) -> str:
+    assert isinstance(decision, Refuse), decision
+    (frame,) = FrameDecoder().feed(decision.reply)
+    kind, sub = messages.parse(frame)
+    assert kind == "relay_response"
+    return str(sub.refuse_reason)
+
+
+def test_a_ticketed_relay_pairs_only_what_its_server_arranged() -> None:
+    keys = (bytes(SigningKey.generate().verify_key), SERVER_PK)  # it may trust several servers
+    ok = check_request(ticketed("abc"), server_keys=keys, now=NOW + 1)
+    assert ok == Accept("abc", NOW + signing.TICKET_TTL)
+    cases = {
+        "no ticket": rr("abc"),
+        "not signed by a rendezvous server this relay trusts": ticketed("abc", key=SigningKey.generate()),
+        "expired": ticketed("abc", issued=NOW - signing.TICKET_TTL - 1),
+        "in the future": ticketed("abc", issued=NOW + signing.TICKET_SKEW + 1),
+    }
+    for why, payload in cases.items():
+        assert why in refusal(check_request(payload, server_keys=keys, now=NOW)), why
+    # a ticket is for one uuid at one relay (as the server named it)
+    stolen = messages.parse(ticketed("abc"))[1].ticket
+    for uuid, relay in (("abd", "r:1"), ("abc", "other:2")):
+        payload = rr(uuid, relay_server=relay, ticket=stolen)
+        assert "not signed" in refusal(check_request(payload, server_keys=keys, now=NOW))
+    short = check_request(rr("abc", ticket=b"x" * 10), server_keys=keys, now=NOW)
+    assert "a ticket is 72 bytes, got 10" in refusal(short)
+
+
+def test_a_spent_uuid_is_refused_until_its_ticket_expired() -> None:
+    table: PairingTable[str] = PairingTable()
+    assert isinstance(table.offer("u", "c1", 0.0), Wait)
+    assert isinstance(table.offer("u", "c2", 0.0), Paired)
+    table.release("u", spent_until=100.0)
+    assert table.offer("u", "c3", 50.0) == Refused("uuid_spent")
+    assert isinstance(table.offer("u", "c4", 100.0), Wait)
+    table.release("v")  # no ticket (an open relay): reusable at once
+    assert isinstance(table.offer("v", "c5", 0.0), Wait)
 
 
 def test_check_request_key() -> None:
-    assert check_request(rr("abc", key="k"), key="k") == Accept("abc")
-    decision = check_request(rr("abc", key="nope"), key="k")
+    assert check_request(rr("abc", key="k"), key="k", open_relay=True) == Accept("abc")
+    decision = check_request(rr("abc", key="nope"), key="k", open_relay=True)
     assert isinstance(decision, Refuse)
     frames = FrameDecoder().feed(decision.reply)
     kind, sub = messages.parse(frames[0])
     assert kind == "relay_response"
     assert sub.refuse_reason == KEY_MISMATCH
     assert sub.uuid == "abc"
-    assert isinstance(check_request(rr("abc"), key="k"), Refuse)
+    assert isinstance(check_request(rr("abc"), key="k", open_relay=True), Refuse)
     # No key configured: any licence key is fine (upstream's default).
-    assert check_request(rr("abc", key="whatever")) == Accept("abc")
+    assert check_request(rr("abc", key="whatever"), open_relay=True) == Accept("abc")
 
 
 @pytest.mark.parametrize(

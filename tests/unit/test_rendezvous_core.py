@@ -1,8 +1,14 @@
-"""RendezvousCore without sockets: every decision, rate limit and cap, with a fake `now`."""
+"""RendezvousCore without sockets: every decision, rate limit and cap, with a fake `now`.
+
+The default harness is the production mode (signed registrations and requests only);
+`compat` harnesses add RustDesk's unsigned clients (`allow_unsigned`).
+"""
 
 from __future__ import annotations
 
 import itertools
+import os
+import time
 from typing import Any
 
 import pytest
@@ -11,7 +17,7 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from agent import addr as addrmod
-from agent import messages
+from agent import messages, signing
 from agent.addr import SockAddr
 from agent.crypto import open_signed_id_pk
 from agent.proto import rendezvous_pb2 as pb
@@ -26,12 +32,18 @@ from agent.rendezvous_core import (
     SendUdp,
     valid_id,
 )
+from tests.signed import Member, register_core
 
 KEY = SigningKey(bytes(range(32)))
-PK_B = b"B" * 32
-B_ID = "123456789"
-B_UUID = b"uuid-of-B"
+B = Member.new(b"B", salt=0)
+B.uuid = b"uuid-of-B"
+B_ID = B.id
+PK_B = B.pk
+B_UUID = B.uuid
 B_UDP = SockAddr.of("198.51.100.7", 40001)
+A = Member.new(b"A")
+A_ID = A.id
+A_UDP = SockAddr.of("203.0.113.5", 40000)
 A_TCP = SockAddr.of("203.0.113.5", 50001)
 A_CONN = 1
 B_CONN = 2
@@ -48,12 +60,16 @@ class Harness:
         self.registry = Registry(":memory:")
         counter = itertools.count(1)
         kw.setdefault("new_uuid", lambda: f"uuid-{next(counter)}")
+        kw.setdefault("wall_offset", time.time() - 1000.0)  # requests are signed with the real clock
+        self.kw = kw
         self.core = RendezvousCore(self.registry, KEY, **kw)
         self.now = 1000.0
+        self.a_registered = False
 
     def restart(self, **kw: Any) -> None:
         """A new core over the same database (the in-memory peer table is gone)."""
-        self.core = RendezvousCore(self.registry, KEY, **kw)
+        self.core = RendezvousCore(self.registry, KEY, **{**self.kw, **kw})
+        self.a_registered = False
 
     def _apply(self, actions: list[Action]) -> list[Action]:
         for a in actions:
@@ -75,10 +91,22 @@ class Harness:
         data = raw if raw is not None else messages.build(**member)
         return self._apply(self.core.handle_tcp(conn, src, role, data, self.now))  # type: ignore[arg-type]
 
-    def register(
+    def ask(self, conn: int, src: SockAddr, who: Member = A, role: str = "main", **member: Any) -> list[Action]:
+        """A request signed by `who` (registered first, at its own UDP address, if it is A)."""
+        if who is A and not self.a_registered:
+            assert self.register(A, A_UDP) == R.OK
+            self.a_registered = True
+        ((kind, sub),) = member.items()
+        return self.tcp(conn, src, role, raw=who.request(kind, sub))
+
+    def register(self, who: Member = B, src: SockAddr = B_UDP, via: int = 0, peer_id: str | None = None) -> int:
+        """A signed RegisterPk (with its challenge); returns the result code."""
+        return register_core(self.core, who, src, self.now, via, self._apply, peer_id)
+
+    def register_unsigned(
         self, peer_id: str = B_ID, uuid: bytes = B_UUID, pk: bytes = PK_B, src: SockAddr = B_UDP, via: int = 0
     ) -> int:
-        """RegisterPk; returns the result code."""
+        """RustDesk's RegisterPk (no nonce, no signature); returns the result code."""
         acts = self.udp(src, via, register_pk=pb.RegisterPk(id=peer_id, uuid=uuid, pk=pk))
         (reply,) = [a for a in acts if isinstance(a, SendUdp)]
         kind, msg = messages.parse(reply.payload)
@@ -108,10 +136,16 @@ def parsed(payload: bytes) -> tuple[str, Any]:
     return messages.parse(payload, max_len=1 << 16)
 
 
+def pushed(push: SendUdp, to: str = B_ID) -> tuple[str, Any]:
+    """A push, checked to carry the server's signature for `to`."""
+    signing.opened(bytes(KEY.verify_key), signing.PUSH, to.encode(), push.payload)
+    return parsed(push.payload)
+
+
 R = pb.RegisterPkResponse
 
 
-# --------------------------------------------------------------------------- registration
+# --------------------------------------------------------------------------- registration (signed)
 
 
 def test_register_peer_unknown_asks_for_pk() -> None:
@@ -122,10 +156,8 @@ def test_register_peer_unknown_asks_for_pk() -> None:
 
 def test_register_pk_binds_and_persists_then_heartbeat_keeps_online() -> None:
     h = Harness()
-    acts = h.udp(register_pk=pb.RegisterPk(id=B_ID, uuid=B_UUID, pk=PK_B))
-    assert isinstance(acts[0], Persist) and acts[0].row == PeerRow(B_ID, B_UUID, PK_B, "198.51.100.7")
-    assert messages.parse(acts[1].payload) == ("register_pk_response", pb.RegisterPkResponse())  # type: ignore[union-attr]
-    assert h.registry.get(B_ID) is not None
+    assert h.register() == R.OK
+    assert h.registry.get(B_ID) == PeerRow(B_ID, B_UUID, PK_B, "198.51.100.7", h.registry.get(B_ID).created_at, True)  # type: ignore[union-attr]
     assert h.core.stats(h.now)["peers_online"] == 1
     h.now += 15
     assert h.heartbeat(nat=pb.ASYMMETRIC) is False
@@ -136,13 +168,102 @@ def test_register_pk_binds_and_persists_then_heartbeat_keeps_online() -> None:
     assert h.core.stats(h.now)["peers_online"] == 0
 
 
-def test_register_peer_from_new_ip_requests_pk_and_does_not_move() -> None:
+def test_first_register_pk_gets_a_signed_challenge_and_binds_nothing() -> None:
+    h = Harness()
+    nonce = os.urandom(16)
+    reply = only(h.udp(raw=B.register_pk(nonce)), SendUdp)
+    body = signing.opened(bytes(KEY.verify_key), signing.SERVER, nonce, reply.payload)  # signed for our nonce
+    resp = parsed(body)[1]
+    assert (resp.result, len(resp.challenge), resp.server_key) == (R.CHALLENGE, 16, bytes(KEY.verify_key))
+    assert h.registry.count() == 0 and h.core.peers == {}
+    with pytest.raises(signing.SignatureError):
+        signing.opened(bytes(KEY.verify_key), signing.SERVER, os.urandom(16), reply.payload)
+
+
+def test_challenge_is_bound_to_the_address_and_expires() -> None:
+    h = Harness()
+    nonce = os.urandom(16)
+    challenge = parsed(only(h.udp(raw=B.register_pk(nonce)), SendUdp).payload)[1].challenge
+    # replayed from another address (or port): challenged again, nothing bound
+    other = sa("192.0.2.9:40001")
+    resp = parsed(only(h.udp(other, raw=B.register_pk(nonce, challenge)), SendUdp).payload)[1]
+    assert resp.result == R.CHALLENGE and h.registry.count() == 0
+    h.now += 25  # the epoch after the one it was issued in: still accepted (a challenge lives 30-60 s)
+    assert parsed(only(h.udp(raw=B.register_pk(nonce, challenge)), SendUdp).payload)[1].result == R.OK
+    h.now += 120
+    resp = parsed(only(h.udp(raw=B.register_pk(nonce, challenge)), SendUdp).payload)[1]
+    assert resp.result == R.CHALLENGE  # too old: a fresh one
+
+
+def test_registration_must_be_signed_by_its_key() -> None:
+    h = Harness()
+    nonce = os.urandom(16)
+    challenge = parsed(only(h.udp(raw=B.register_pk(nonce)), SendUdp).payload)[1].challenge
+    forged = Member(SigningKey.generate())  # signs B's registration with another key
+    rk = pb.RegisterPk(id=B_ID, uuid=B_UUID, pk=PK_B, nonce=nonce, challenge=challenge)
+    data = signing.seal(forged.key, signing.REGISTER, b"", messages.build(register_pk=rk))
+    assert parsed(only(h.udp(raw=data), SendUdp).payload)[1].result == R.BAD_SIGNATURE
+    unsigned = messages.build(register_pk=rk)
+    assert parsed(only(h.udp(raw=unsigned), SendUdp).payload)[1].result == R.BAD_SIGNATURE
+    assert h.registry.count() == 0
+    assert h.core.events["register_pk_bad_signature"] >= 1
+
+
+def test_the_id_must_be_derived_from_the_key() -> None:
+    """A squatter with a key of his own cannot register someone else's ID, nor a chosen one."""
+    h = Harness()
+    squatter = Member.new(b"squatter")
+    assert h.register(squatter, sa("192.0.2.66:1"), peer_id=B_ID) == R.ID_NOT_DERIVED
+    assert h.register(squatter, sa("192.0.2.66:1"), peer_id="1000000000") == R.ID_NOT_DERIVED
+    assert h.registry.count() == 0
+    assert h.register() == R.OK  # the owner is unaffected
+    salted = Member.new(b"salted", salt=7)  # the next IDs of a key (after a collision) are its own too
+    assert h.register(salted, sa("192.0.2.70:1")) == R.OK
+
+
+def test_a_signed_binding_never_changes_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness()
+    assert h.register() == R.OK
+    # a thief whose key happens to derive the same ID (2^33 work, or a collision): the binding holds
+    monkeypatch.setattr("agent.rendezvous_core.derive_id", lambda pk, salt: B_ID)
+    thief = Member.new(b"thief")
+    thief.uuid = B_UUID  # the uuid is no secret any more
+    h.now += 10
+    assert h.register(thief, sa("192.0.2.66:1"), peer_id=B_ID) == R.KEY_MISMATCH
+    assert h.register(thief, B_UDP, peer_id=B_ID) == R.KEY_MISMATCH
+    assert h.registry.get(B_ID).pk == PK_B  # type: ignore[union-attr]
+    assert h.core.peers[B_ID].addr == B_UDP
+    assert h.core.events["register_pk_key_mismatch"] == 2
+
+
+def test_the_same_key_may_move_and_change_uuid() -> None:
+    h = Harness()
+    h.register()
+    h.now += 10
+    new_ip = sa("192.0.2.10:1234")
+    assert h.register(src=new_ip) == R.OK
+    assert h.registry.get(B_ID).last_ip == "192.0.2.10"  # type: ignore[union-attr]
+    assert h.core.peers[B_ID].addr == new_ip
+    h.now += 10
+    moved = Member(B.key, uuid=b"reinstalled")
+    assert h.register(moved, new_ip) == R.OK
+    assert h.registry.get(B_ID).uuid == b"reinstalled"  # type: ignore[union-attr]
+
+
+def test_unsigned_heartbeat_keeps_only_the_exact_address_alive() -> None:
     h = Harness()
     h.register()
     assert h.heartbeat(src=sa("192.0.2.1:40001")) is True
+    assert h.heartbeat(src=sa("198.51.100.7:40999")) is True  # same IP, new port: must sign again
     assert h.core.peers[B_ID].addr == B_UDP
-    assert h.heartbeat(src=sa("198.51.100.7:40999")) is False  # same IP, new port: follows the NAT
-    assert h.core.peers[B_ID].addr == sa("198.51.100.7:40999")
+    assert h.heartbeat() is False
+
+
+def test_unsigned_registration_refused_by_default() -> None:
+    h = Harness()
+    assert h.register_unsigned() == R.NOT_SUPPORT
+    assert h.registry.count() == 0
+    assert h.core.events["register_pk_unsigned_refused"] == 1
 
 
 def test_register_peer_invalid_id_dropped() -> None:
@@ -152,7 +273,7 @@ def test_register_peer_invalid_id_dropped() -> None:
     assert h.drops()["invalid_id"] == 2
 
 
-@pytest.mark.parametrize("peer_id", ["", "12345", "x" * 65, "has space", "ünïcode1", "semi;colon", "a/b/cdef"])
+@pytest.mark.parametrize("peer_id", ["12345", "x" * 65, "has space", "ünïcode1", "semi;colon", "a/b/cdef"])
 def test_register_pk_invalid_id_format(peer_id: str) -> None:
     h = Harness()
     assert h.register(peer_id=peer_id) == R.INVALID_ID_FORMAT
@@ -162,8 +283,8 @@ def test_register_pk_invalid_id_format(peer_id: str) -> None:
 @pytest.mark.parametrize("peer_id", ["123456", "x" * 64, "Ab_-09", "1000000000"])
 def test_valid_ids(peer_id: str) -> None:
     assert valid_id(peer_id)
-    h = Harness()
-    assert h.register(peer_id=peer_id) == R.OK
+    h = Harness(allow_unsigned=True)
+    assert h.register_unsigned(peer_id=peer_id) == R.OK
 
 
 def test_register_pk_without_uuid_or_pk_is_ignored() -> None:
@@ -171,40 +292,19 @@ def test_register_pk_without_uuid_or_pk_is_ignored() -> None:
     assert h.udp(register_pk=pb.RegisterPk(id=B_ID, uuid=B_UUID)) == []
     assert h.udp(register_pk=pb.RegisterPk(id=B_ID, pk=PK_B)) == []
     assert h.udp(register_pk=pb.RegisterPk(id=B_ID, uuid=B_UUID * 100, pk=PK_B)) == []
-    assert h.drops() == {"missing_uuid_or_pk": 2, "field_too_long": 1}
-
-
-def test_uuid_mismatch_keeps_the_first_owner() -> None:
-    h = Harness()
-    assert h.register() == R.OK
-    h.now += 10
-    assert h.register(uuid=b"thief", pk=b"T" * 32, src=sa("192.0.2.66:1")) == R.UUID_MISMATCH
-    assert h.register(uuid=b"thief", pk=PK_B, src=B_UDP) == R.UUID_MISMATCH
-    assert h.core.peers[B_ID].addr == B_UDP
-    assert h.registry.get(B_ID).uuid == B_UUID  # type: ignore[union-attr]
-    assert h.core.events["register_pk_uuid_mismatch"] == 2
-
-
-def test_same_uuid_may_change_key_or_ip_but_not_both() -> None:
-    h = Harness()
-    h.register()
-    h.now += 10
-    assert h.register(pk=b"N" * 32) == R.OK  # new key, same IP
-    assert h.registry.get(B_ID).pk == b"N" * 32  # type: ignore[union-attr]
-    h.now += 10
-    new_ip = sa("192.0.2.10:1234")
-    assert h.register(pk=b"N" * 32, src=new_ip) == R.OK  # same key, new IP
-    assert h.registry.get(B_ID).last_ip == "192.0.2.10"  # type: ignore[union-attr]
-    h.now += 10
-    assert h.register(pk=b"Z" * 32, src=sa("192.0.2.99:1")) == R.UUID_MISMATCH  # both at once
+    assert h.udp(register_pk=pb.RegisterPk(id=B_ID, uuid=B_UUID, pk=PK_B, nonce=b"short")) == []
+    assert h.drops() == {"missing_uuid_or_pk": 2, "field_too_long": 1, "bad_registration_fields": 1}
 
 
 def test_unchanged_register_pk_writes_nothing() -> None:
     h = Harness()
     h.register()
     h.now += 10
-    acts = h.udp(register_pk=pb.RegisterPk(id=B_ID, uuid=B_UUID, pk=PK_B))
-    assert not any(isinstance(a, Persist) for a in acts)
+    count = h.registry.put_many
+    writes: list[Any] = []
+    h.registry.put_many = lambda rows: writes.append(list(rows)) or count([])  # type: ignore[method-assign,func-returns-value]
+    assert h.register() == R.OK
+    assert writes == []
 
 
 def test_per_id_rate_fourth_within_6s_too_frequent() -> None:
@@ -217,66 +317,144 @@ def test_per_id_rate_fourth_within_6s_too_frequent() -> None:
     assert h.core.events["register_pk_id_too_frequent"] == 1
 
 
+def members(n: int, tag: str = "peer") -> list[Member]:
+    return [Member.new(f"{tag}{i}".encode()) for i in range(n)]
+
+
 def test_per_ip_blocker_31st_register_pk_without_pause() -> None:
     h = Harness()
+    peers = members(32)
     results = []
-    for i in range(31):
+    for m in peers[:31]:
         h.now += 1.0
-        results.append(h.register(peer_id=f"peer{i:04d}", uuid=b"u%d" % i))
+        results.append(h.register(m))
     assert results[:30] == [R.OK] * 30
     assert results[30] == R.TOO_FREQUENT
     h.now += 59.0  # still blocked: the window counts from the last accepted one
-    assert h.register(peer_id="peer9999", uuid=b"late") == R.TOO_FREQUENT
+    assert h.register(peers[31]) == R.TOO_FREQUENT
     h.now += 2.0  # > 60 s since the 30th
-    assert h.register(peer_id="peer9999", uuid=b"late") == R.OK
+    assert h.register(peers[31]) == R.OK
     # another IP was never affected
-    assert h.register(peer_id="other001", uuid=b"o", src=sa("192.0.2.200:5")) == R.OK
+    assert h.register(Member.new(b"other"), sa("192.0.2.200:5")) == R.OK
+
+
+def test_challenges_do_not_count_against_the_ip_blocker() -> None:
+    """Asking for a challenge binds nothing and costs the server no state: only signed attempts count."""
+    h = Harness()
+    for _ in range(100):
+        h.udp(raw=B.register_pk(os.urandom(16)))
+    assert h.register() == R.OK
 
 
 def test_per_ip_distinct_ids_per_day() -> None:
     h = Harness()
-    for i in range(300):
+    peers = members(301)
+    for m in peers[:300]:
         h.now += 61  # a pause each time, so only the distinct-ID limit applies
-        assert h.register(peer_id=f"peer{i:04d}", uuid=b"u%d" % i) == R.OK
+        assert h.register(m) == R.OK
     h.now += 61
-    assert h.register(peer_id="peer0300", uuid=b"new") == R.TOO_FREQUENT
+    assert h.register(peers[300]) == R.TOO_FREQUENT
     h.now += 61
-    assert h.register(peer_id="peer0007", uuid=b"u7") == R.OK  # a known ID is still fine
+    assert h.register(peers[7]) == R.OK  # a known ID is still fine
     h.now += 86400
-    assert h.register(peer_id="peer0300", uuid=b"new") == R.OK
+    assert h.register(peers[300]) == R.OK
 
 
 def test_ip_limiter_table_is_bounded() -> None:
     h = Harness(limits=Limits(max_ip_states=10))
-    for i in range(50):
-        h.register(peer_id=f"peer{i:04d}", uuid=b"u%d" % i, src=sa(f"10.0.{i}.1:1"))
+    for i, m in enumerate(members(50)):
+        h.register(m, sa(f"10.0.{i}.1:1"))
     assert len(h.core.ip_states) == 10
     assert list(h.core.ip_states)[-1] == "10.0.49.1"
 
 
 def test_peer_table_is_bounded_and_reloads_from_db() -> None:
     h = Harness(limits=Limits(max_peers=5))
-    for i in range(20):
-        h.register(peer_id=f"peer{i:04d}", uuid=b"u%d" % i, src=sa(f"10.1.{i}.1:1"))
-    assert len(h.core.peers) == 5
+    peers = members(20)
+    for i, m in enumerate(peers):
+        h.register(m, sa(f"10.1.{i}.1:1"))
+    assert len(h.core.peers) <= 6  # A's registration for the request below may be in there too
     assert h.registry.count() == 20
     # an evicted peer is known (from the DB) but offline until it registers again
-    acts = h.tcp(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id="peer0000"))
+    acts = h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=peers[0].id))
     assert parsed(only(acts, SendTcp).payload)[1].failure == pb.PunchHoleResponse.OFFLINE
-    assert h.register(peer_id="peer0000", uuid=b"u0", src=sa("10.1.0.1:1")) == R.OK
-    assert h.register(peer_id="peer0000", uuid=b"evil", src=sa("10.1.0.1:1")) == R.UUID_MISMATCH
+    assert h.register(peers[0], sa("10.1.0.1:1")) == R.OK
+    assert h.core.peers[peers[0].id].signed
 
 
-def test_restart_keeps_bindings() -> None:
+def test_restart_keeps_bindings(monkeypatch: pytest.MonkeyPatch) -> None:
     h = Harness()
     h.register()
     h.restart()
     assert h.heartbeat() is True  # not in memory: ask for the key
-    acts = h.udp(register_pk=pb.RegisterPk(id=B_ID, uuid=B_UUID, pk=PK_B))
-    assert not any(isinstance(a, Persist) for a in acts)  # nothing changed on disk
+    assert h.register() == R.OK
     assert h.heartbeat() is False
     assert h.core.stats(h.now)["peers_online"] == 1  # RegisterPk refreshed the address at once
-    assert h.register(uuid=b"thief") == R.UUID_MISMATCH
+    monkeypatch.setattr("agent.rendezvous_core.derive_id", lambda pk, salt: B_ID)
+    h.now += 10
+    assert h.register(Member.new(b"thief"), peer_id=B_ID) == R.KEY_MISMATCH  # the binding came from disk
+
+
+# --------------------------------------------------------------------------- RustDesk's unsigned clients
+
+
+def test_compat_uuid_mismatch_keeps_the_first_owner() -> None:
+    h = Harness(allow_unsigned=True)
+    assert h.register_unsigned() == R.OK
+    h.now += 10
+    assert h.register_unsigned(uuid=b"thief", pk=b"T" * 32, src=sa("192.0.2.66:1")) == R.UUID_MISMATCH
+    assert h.register_unsigned(uuid=b"thief", pk=PK_B, src=B_UDP) == R.UUID_MISMATCH
+    assert h.core.peers[B_ID].addr == B_UDP
+    assert h.registry.get(B_ID).uuid == B_UUID  # type: ignore[union-attr]
+    assert h.core.events["register_pk_uuid_mismatch"] == 2
+
+
+def test_compat_same_uuid_may_change_key_or_ip_but_not_both() -> None:
+    h = Harness(allow_unsigned=True)
+    h.register_unsigned()
+    h.now += 10
+    assert h.register_unsigned(pk=b"N" * 32) == R.OK  # new key, same IP
+    assert h.registry.get(B_ID).pk == b"N" * 32  # type: ignore[union-attr]
+    h.now += 10
+    new_ip = sa("192.0.2.10:1234")
+    assert h.register_unsigned(pk=b"N" * 32, src=new_ip) == R.OK  # same key, new IP
+    assert h.registry.get(B_ID).last_ip == "192.0.2.10"  # type: ignore[union-attr]
+    h.now += 10
+    assert h.register_unsigned(pk=b"Z" * 32, src=sa("192.0.2.99:1")) == R.UUID_MISMATCH  # both at once
+    h.now += 10
+    assert h.heartbeat(src=sa("192.0.2.10:999")) is False  # upstream: same IP, new port follows the NAT
+
+
+def test_compat_unsigned_never_displaces_or_changes_a_signed_binding() -> None:
+    h = Harness(allow_unsigned=True)
+    assert h.register() == R.OK
+    h.now += 10
+    # B's uuid is no secret: with it, an unsigned registration still cannot touch the signed binding
+    assert h.register_unsigned(uuid=B_UUID, pk=b"T" * 32, src=B_UDP) == R.UUID_MISMATCH
+    assert h.register_unsigned(uuid=B_UUID, pk=PK_B, src=sa("192.0.2.66:1")) == R.UUID_MISMATCH
+    assert h.registry.get(B_ID).pk == PK_B and h.registry.get(B_ID).signed  # type: ignore[union-attr]
+    assert h.core.peers[B_ID].addr == B_UDP
+
+
+def test_compat_an_unsigned_binding_is_upgraded_by_its_own_uuid_only() -> None:
+    h = Harness(allow_unsigned=True)
+    assert h.register_unsigned() == R.OK  # B's ID, registered the RustDesk way first
+    other = Member(B.key, uuid=b"someone-else")
+    h.now += 10
+    assert h.register(other) == R.UUID_MISMATCH
+    h.now += 10
+    assert h.register() == R.OK  # its own uuid, now signed
+    assert h.registry.get(B_ID).signed  # type: ignore[union-attr]
+
+
+def test_compat_restart_keeps_unsigned_bindings() -> None:
+    h = Harness(allow_unsigned=True)
+    h.register_unsigned()
+    h.restart()
+    assert h.heartbeat() is True
+    assert h.register_unsigned() == R.OK
+    assert h.heartbeat() is False
+    assert h.register_unsigned(uuid=b"thief") == R.UUID_MISMATCH
 
 
 # --------------------------------------------------------------------------- UDP probes / junk
@@ -290,6 +468,14 @@ def test_udp_test_nat_needs_padding() -> None:
     acts = h.udp(src, test_nat_request=pb.TestNatRequest(padding=b"\0" * 8))
     kind, msg = parsed(only(acts, SendUdp).payload)
     assert (kind, msg.port) == ("test_nat_response", 61234)
+
+
+def test_an_unpadded_challenge_request_gets_nothing() -> None:
+    """The signed CHALLENGE answer is ~130 bytes: a request smaller than that is not answered."""
+    h = Harness()
+    rk = pb.RegisterPk(id=B_ID, uuid=B_UUID, pk=PK_B, nonce=os.urandom(16))
+    assert h.udp(register_pk=rk) == []
+    assert h.drops()["reply_larger_than_request"] == 1
 
 
 @pytest.mark.parametrize(
@@ -328,10 +514,13 @@ _fields = st.fixed_dictionaries(
         "uuid": st.binary(max_size=40),
         "pk": st.binary(max_size=40),
         "serial": st.integers(-(2**31), 2**31 - 1),
-        "padding": st.binary(max_size=12),
+        "padding": st.binary(max_size=200),
         "version": st.text(max_size=8),
         "nat_type": st.sampled_from([0, 1, 2]),
         "socket_addr": st.binary(max_size=20),
+        "nonce": st.binary(min_size=15, max_size=17),
+        "challenge": st.binary(max_size=17),
+        "answer_token": st.binary(max_size=17),
     },
 )
 
@@ -351,7 +540,7 @@ def udp_messages(draw: st.DrawFn) -> bytes:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(udp_messages(), st.integers(0, 3), st.floats(0, 10)), max_size=25))
 def test_property_no_udp_reply_larger_than_its_request(traffic: list[tuple[bytes, int, float]]) -> None:
-    h = Harness()
+    h = Harness(allow_unsigned=True)
     for data, who, dt in traffic:
         h.now += dt
         src = SockAddr.of(f"192.0.2.{who}", 1000 + who)
@@ -377,10 +566,10 @@ def test_tcp_test_nat_reports_source_port(role: str) -> None:
 @pytest.mark.parametrize("role", ["main", "nat"])
 def test_online_bitmap_msb_first(role: str) -> None:
     h = Harness()
-    online = ["peer0000", "peer0002", "peer0008"]
-    for i, pid in enumerate(online):
-        h.register(peer_id=pid, uuid=b"u%d" % i, src=sa(f"10.2.{i}.1:1"))
-    asked = [f"peer{i:04d}" for i in range(10)]
+    peers = members(10)
+    for i in (0, 2, 8):
+        h.register(peers[i], sa(f"10.2.{i}.1:1"))
+    asked = [m.id for m in peers]
     acts = h.tcp(7, A_TCP, role, online_request=pb.OnlineRequest(id="asker1", peers=asked))
     kind, msg = parsed(only(acts, SendTcp).payload)
     assert kind == "online_response"
@@ -399,7 +588,7 @@ def test_register_pk_over_tcp_not_supported() -> None:
 def test_nat_port_serves_only_nat_and_online() -> None:
     h = Harness()
     h.register()
-    assert h.tcp(7, A_TCP, "nat", punch_hole_request=pb.PunchHoleRequest(id=B_ID)) == []
+    assert h.ask(7, A_TCP, role="nat", punch_hole_request=pb.PunchHoleRequest(id=B_ID)) == []
     assert h.drops() == {"wrong_kind": 1}
 
 
@@ -419,18 +608,103 @@ def test_tcp_bad_input_dropped(data: bytes, reason: str) -> None:
     assert h.drops() == {reason: 1}
 
 
-# --------------------------------------------------------------------------- punch requests
+# --------------------------------------------------------------------------- who asks
 
 
 def online_b(h: Harness, nat: int = pb.ASYMMETRIC) -> None:
-    h.register()
+    assert h.register() == R.OK
     h.heartbeat(nat=nat)
+
+
+def refusal(acts: list[Action]) -> str:
+    kind, msg = parsed(only(acts, SendTcp).payload)
+    return str(msg.other_failure if kind == "punch_hole_response" else msg.refuse_reason)
+
+
+@pytest.mark.parametrize("member", ["punch_hole_request", "request_relay"])
+def test_unsigned_requests_are_refused(member: str) -> None:
+    h = Harness()
+    online_b(h)
+    sub = pb.PunchHoleRequest(id=B_ID) if member == "punch_hole_request" else pb.RequestRelay(id=B_ID)
+    acts = h.tcp(A_CONN, A_TCP, raw=messages.build(**{member: sub}))
+    assert "only signed requests" in refusal(acts)
+    assert h.core.pending == {} and not any(isinstance(a, SendUdp) for a in acts)
+
+
+def test_a_request_names_a_key_bound_or_derived_requester() -> None:
+    h = Harness()
+    online_b(h)
+    # unregistered (its UDP may be blocked): taken on the key its ID is derived from, named in the push
+    stranger = Member.new(b"stranger")
+    acts = h.ask(A_CONN, A_TCP, who=stranger, punch_hole_request=pb.PunchHoleRequest(id=B_ID))
+    ph = pushed(only(acts, SendUdp))[1]
+    assert (ph.requester_id, ph.requester_pk) == (stranger.id, stranger.pk)
+    # ... but an ID not derived from the key it shows is nobody's
+    sub = pb.PunchHoleRequest(id=B_ID, requester_id="1000000000", requester_pk=stranger.pk)
+    sub.request_time_ms, sub.request_nonce = int(time.time() * 1000), os.urandom(16)
+    claim = signing.seal(stranger.key, signing.REQUEST, b"", messages.build(punch_hole_request=sub))
+    assert "not derived from the key" in refusal(h.tcp(3, A_TCP, raw=claim))
+    # claiming A's (registered) ID with his own key: the signature is not by the key bound to A
+    h.ask(9, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID))  # registers A
+    sub = pb.PunchHoleRequest(id=B_ID, requester_id=A_ID, requester_pk=stranger.pk)
+    sub.request_time_ms, sub.request_nonce = int(time.time() * 1000), bytes(16)
+    forged = signing.seal(stranger.key, signing.REQUEST, b"", messages.build(punch_hole_request=sub))
+    assert "not signed by the key bound to" in refusal(h.tcp(A_CONN, A_TCP, raw=forged))
+    assert h.core.events["request_bad_signature"] == 1
+
+
+def test_an_id_bound_the_rustdesk_way_signs_no_requests() -> None:
+    h = Harness(allow_unsigned=True)
+    online_b(h)
+    assert h.register_unsigned(peer_id="123456789", uuid=b"u", src=A_UDP) == R.OK
+    sub = pb.PunchHoleRequest(id=B_ID, requester_id="123456789", requester_pk=A.pk)
+    sub.request_time_ms, sub.request_nonce = int(time.time() * 1000), bytes(16)
+    data = signing.seal(A.key, signing.REQUEST, b"", messages.build(punch_hole_request=sub))
+    assert "not registered with a key" in refusal(h.tcp(A_CONN, A_TCP, raw=data))
+
+
+def test_a_replayed_or_stale_request_is_refused() -> None:
+    h = Harness(limits=Limits(push_burst=100))
+    online_b(h)
+    h.ask(9, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID))  # registers A
+    data = A.request("punch_hole_request", pb.PunchHoleRequest(id=B_ID))
+    assert any(isinstance(a, SendUdp) for a in h.tcp(A_CONN, A_TCP, raw=data))
+    assert "replayed" in refusal(h.tcp(3, sa("192.0.2.99:5"), raw=data))  # the same request from elsewhere
+    sub = pb.PunchHoleRequest(id=B_ID, requester_id=A_ID, request_nonce=os.urandom(16))
+    sub.request_time_ms = int((time.time() - 700) * 1000)
+    stale = signing.seal(A.key, signing.REQUEST, b"", messages.build(punch_hole_request=sub))
+    assert "off this server's clock" in refusal(h.tcp(4, A_TCP, raw=stale))
+
+
+def test_the_nonce_memory_is_bounded_per_requester() -> None:
+    h = Harness(limits=Limits(push_burst=1000, max_nonces_per_id=5, max_nonce_ids=2))
+    online_b(h)
+    for i in range(20):
+        h.ask(10 + i, sa(f"203.0.113.5:{9000 + i}"), punch_hole_request=pb.PunchHoleRequest(id=B_ID))
+    assert len(h.core._nonces[A_ID]) == 5
+    for m in members(3, "asker"):
+        assert h.register(m, sa("192.0.2.80:1")) == R.OK
+        h.ask(99, A_TCP, who=m, punch_hole_request=pb.PunchHoleRequest(id=B_ID))
+    assert len(h.core._nonces) == 2
+
+
+def test_push_names_the_requester_with_its_key_and_is_signed_for_b() -> None:
+    h = Harness()
+    online_b(h)
+    push = only(h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp)
+    kind, ph = pushed(push)
+    assert (kind, ph.requester_id, ph.requester_pk, len(ph.answer_token)) == ("punch_hole", A_ID, A.pk, 16)
+    with pytest.raises(signing.SignatureError):
+        signing.opened(bytes(KEY.verify_key), signing.PUSH, b"someone-else", push.payload)  # not for anyone else
+
+
+# --------------------------------------------------------------------------- punch requests
 
 
 def test_punch_unknown_id_is_empty_response() -> None:
     h = Harness()
     for target in ["987654321", "bad id"]:
-        acts = h.tcp(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=target))
+        acts = h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=target))
         payload = only(acts, SendTcp).payload
         assert payload == messages.build(punch_hole_response=pb.PunchHoleResponse())
         assert parsed(payload)[1].socket_addr == b""
@@ -441,17 +715,17 @@ def test_punch_offline() -> None:
     h = Harness()
     h.register()
     h.now += 30
-    acts = h.tcp(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID))
+    acts = h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID))
     assert parsed(only(acts, SendTcp).payload)[1].failure == pb.PunchHoleResponse.OFFLINE
 
 
 def test_licence_key_checked_when_given() -> None:
     h = Harness()
     online_b(h)
-    acts = h.tcp(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID, licence_key="wrong"))
+    acts = h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID, licence_key="wrong"))
     assert parsed(only(acts, SendTcp).payload)[1].failure == pb.PunchHoleResponse.LICENSE_MISMATCH
     for key in ["", h.core.public_key_b64]:
-        acts = h.tcp(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID, licence_key=key))
+        acts = h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID, licence_key=key))
         assert isinstance(only(acts, SendUdp), SendUdp)
 
 
@@ -460,10 +734,10 @@ def test_same_ip_goes_lan_fetch_local_addr_then_is_local_response() -> None:
     h.register(via=1)
     a = sa("198.51.100.7:50002")  # same public IP as B
     v6 = addrmod.encode(sa("[2001:db8::1]:4000"), 0)
-    acts = h.tcp(A_CONN, a, punch_hole_request=pb.PunchHoleRequest(id=B_ID, socket_addr_v6=v6))
+    acts = h.ask(A_CONN, a, punch_hole_request=pb.PunchHoleRequest(id=B_ID, socket_addr_v6=v6))
     push = only(acts, SendUdp)
     assert (push.addr, push.via) == (B_UDP, 1)
-    kind, fla = parsed(push.payload)
+    kind, fla = pushed(push)
     assert kind == "fetch_local_addr"
     assert addrmod.decode(fla.socket_addr) == a
     assert fla.relay_server == "relay.example.com:21117"
@@ -472,6 +746,9 @@ def test_same_ip_goes_lan_fetch_local_addr_then_is_local_response() -> None:
 
     local = addrmod.encode(sa("192.168.1.20:50003"), 77)
     la = pb.LocalAddr(socket_addr=fla.socket_addr, local_addr=local, id=B_ID, version="1.4.2", socket_addr_v6=v6)
+    assert h.tcp(B_CONN, sa("198.51.100.7:50003"), local_addr=la) == [CloseTcp(B_CONN)]  # no token: not B's
+    assert h.drops()["answer_token_mismatch"] == 1
+    la.answer_token = fla.answer_token
     acts = h.tcp(B_CONN, sa("198.51.100.7:50003"), local_addr=la)
     assert CloseTcp(B_CONN) in acts
     to_a = only(acts, SendTcp)
@@ -490,8 +767,8 @@ def test_different_ip_punch_hole_then_punch_hole_sent() -> None:
     online_b(h)
     v6 = addrmod.encode(sa("[2001:db8::a]:5000"), 0)
     req = pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC, udp_port=0, socket_addr_v6=v6, version="1.4.2")
-    push = only(h.tcp(A_CONN, A_TCP, punch_hole_request=req), SendUdp)
-    kind, ph = parsed(push.payload)
+    push = only(h.ask(A_CONN, A_TCP, punch_hole_request=req), SendUdp)
+    kind, ph = pushed(push)
     assert kind == "punch_hole"
     assert addrmod.decode(ph.socket_addr) == A_TCP
     assert (ph.relay_server, ph.nat_type, ph.udp_port, ph.force_relay) == ("r1:21117", pb.ASYMMETRIC, 0, False)
@@ -502,10 +779,11 @@ def test_different_ip_punch_hole_then_punch_hole_sent() -> None:
     phs = pb.PunchHoleSent(
         socket_addr=ph.socket_addr,
         id=B_ID,
-        relay_server="r1:21117",
+        relay_server="b-chosen:9",
         nat_type=pb.ASYMMETRIC,
         version="1.4.2",
         socket_addr_v6=b_v6,
+        answer_token=ph.answer_token,
     )
     acts = h.tcp(B_CONN, b_tcp, punch_hole_sent=phs)
     assert acts[-1] == CloseTcp(B_CONN)
@@ -516,34 +794,38 @@ def test_different_ip_punch_hole_then_punch_hole_sent() -> None:
     assert resp.WhichOneof("union") == "nat_type" and resp.nat_type == pb.ASYMMETRIC
     assert not resp.is_udp
     assert resp.socket_addr_v6 == b_v6
+    assert resp.relay_server == "r1:21117"  # the server's relay, never B's
     assert open_signed_id_pk(bytes(KEY.verify_key), resp.pk) == (B_ID, PK_B)
 
 
-def test_punch_hole_sent_without_version_is_not_signed() -> None:
+def test_the_key_always_comes_from_the_registry_signed() -> None:
+    """An answer without `version` (upstream sends B's key unsigned then) still gets the signed key."""
     h = Harness()
     online_b(h)
-    push = only(h.tcp(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp)
-    sock = parsed(push.payload)[1].socket_addr
-    acts = h.tcp(B_CONN, B_UDP, punch_hole_sent=pb.PunchHoleSent(socket_addr=sock, id=B_ID))
-    assert parsed(only(acts, SendTcp).payload)[1].pk == b""
+    ph = pushed(only(h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp))[1]
+    phs = pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, answer_token=ph.answer_token)
+    acts = h.tcp(B_CONN, B_UDP, punch_hole_sent=phs)
+    assert open_signed_id_pk(bytes(KEY.verify_key), parsed(only(acts, SendTcp).payload)[1].pk) == (B_ID, PK_B)
 
 
 def test_bad_v6_address_is_not_copied() -> None:
     h = Harness()
     online_b(h)
     req = pb.PunchHoleRequest(id=B_ID, socket_addr_v6=b"\x01" * 400)
-    assert parsed(only(h.tcp(A_CONN, A_TCP, punch_hole_request=req), SendUdp).payload)[1].socket_addr_v6 == b""
+    assert pushed(only(h.ask(A_CONN, A_TCP, punch_hole_request=req), SendUdp))[1].socket_addr_v6 == b""
 
 
 def test_udp_punch_path_is_udp_response_with_b_mapping() -> None:
     h = Harness()
     online_b(h)
     req = pb.PunchHoleRequest(id=B_ID, udp_port=61000, nat_type=pb.ASYMMETRIC)
-    push = only(h.tcp(A_CONN, A_TCP, punch_hole_request=req), SendUdp)
-    ph = parsed(push.payload)[1]
+    push = only(h.ask(A_CONN, A_TCP, punch_hole_request=req), SendUdp)
+    ph = pushed(push)[1]
     assert ph.udp_port == 61000
     b_punch = sa("198.51.100.7:33333")  # B's new UDP socket, as mapped by its NAT
     phs = pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, nat_type=pb.ASYMMETRIC, version="1.4.2")
+    assert h.udp(b_punch, punch_hole_sent=phs) == []  # without the push's token: not B
+    phs.answer_token = ph.answer_token
     acts = h.udp(b_punch, punch_hole_sent=phs)
     to_a = only(acts, SendTcp)  # no UDP reply to the datagram itself
     assert not any(isinstance(a, SendUdp) for a in acts)
@@ -558,10 +840,19 @@ def test_udp_punch_path_is_udp_response_with_b_mapping() -> None:
 def test_udp_hole_sent_for_a_tcp_only_request_is_refused() -> None:
     h = Harness()
     online_b(h)
-    ph = parsed(only(h.tcp(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp).payload)[1]
-    assert h.udp(punch_hole_sent=pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID)) == []
+    ph = pushed(only(h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp))[1]
+    sent = pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, answer_token=ph.answer_token)
+    assert h.udp(punch_hole_sent=sent) == []
     assert h.drops() == {"udp_hole_sent_without_udp_request": 1}
     assert len(h.core.pending) == 1  # still waiting for the TCP answer
+
+
+def ticket_ok(uuid: str, relay: str, ticket: bytes, now: float) -> bool:
+    try:
+        signing.check_ticket((bytes(KEY.verify_key),), ticket, uuid, relay, time.time())
+    except signing.SignatureError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("how", ["request", "server"])
@@ -570,8 +861,8 @@ def test_forced_relay_request_relay_then_relay_response(how: str) -> None:
     online_b(h)
     a = sa("198.51.100.7:50009") if how == "server" else A_TCP  # always-relay beats the LAN path
     req = pb.PunchHoleRequest(id=B_ID, force_relay=how == "request", conn_type=pb.PORT_FORWARD)
-    push = only(h.tcp(A_CONN, a, punch_hole_request=req), SendUdp)
-    kind, rr = parsed(push.payload)
+    push = only(h.ask(A_CONN, a, punch_hole_request=req), SendUdp)
+    kind, rr = pushed(push)
     assert kind == "request_relay"
     assert (rr.id, rr.uuid, rr.relay_server, rr.secure, rr.conn_type) == (
         B_ID,
@@ -581,37 +872,55 @@ def test_forced_relay_request_relay_then_relay_response(how: str) -> None:
         pb.PORT_FORWARD,
     )
     assert addrmod.decode(rr.socket_addr) == a
+    assert ticket_ok("uuid-1", "relay.example.com:21117", rr.ticket, h.now)
 
-    answer = pb.RelayResponse(socket_addr=rr.socket_addr, id=B_ID, version="1.4.2")
+    answer = pb.RelayResponse(socket_addr=rr.socket_addr, id=B_ID, version="1.4.2", answer_token=rr.answer_token)
     acts = h.tcp(B_CONN, B_UDP, relay_response=answer)
     assert acts[-1] == CloseTcp(B_CONN)
     kind, out = parsed(only(acts, SendTcp).payload)
     assert kind == "relay_response"
     assert out.socket_addr == b""
-    assert (out.uuid, out.relay_server) == ("uuid-1", "relay.example.com:21117")
+    assert (out.uuid, out.relay_server, out.ticket) == ("uuid-1", "relay.example.com:21117", rr.ticket)
     assert out.WhichOneof("union") == "pk"
     assert open_signed_id_pk(bytes(KEY.verify_key), out.pk) == (B_ID, PK_B)
 
 
-def test_relay_response_keeps_b_choices_and_refusal() -> None:
+def test_relay_response_to_a_punch_gets_the_servers_relay_and_key() -> None:
     h = Harness(relays=["r1:1"])
     online_b(h)
-    ph = parsed(only(h.tcp(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp).payload)[1]
-    # B decided on relay itself (B-initiated): its uuid and relay win; no version: id stays
+    ph = pushed(only(h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp))[1]
+    # B decided on the relay itself (B-initiated): its uuid pairs, but the relay and the key are the server's
     rr = pb.RelayResponse(
-        socket_addr=ph.socket_addr, id=B_ID, uuid="b-uuid", relay_server="b-relay:2", refuse_reason="no"
+        socket_addr=ph.socket_addr, id=B_ID, uuid="b-uuid", relay_server="b-relay:2", answer_token=ph.answer_token
+    )
+    rr.pk = b"T" * 32
+    out = parsed(only(h.tcp(B_CONN, B_UDP, relay_response=rr), SendTcp).payload)[1]
+    assert (out.uuid, out.relay_server, out.refuse_reason) == ("b-uuid", "r1:1", "")
+    assert open_signed_id_pk(bytes(KEY.verify_key), out.pk) == (B_ID, PK_B)
+    assert ticket_ok("b-uuid", "r1:1", out.ticket, h.now)
+
+
+def test_a_refusal_from_b_reaches_a_at_once_and_alone() -> None:
+    """B turns A away (not on its allow list): A hears B's reason, cleaned, and nothing else."""
+    h = Harness(relays=["r1:1"])
+    online_b(h)
+    ph = pushed(only(h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp))[1]
+    rr = pb.RelayResponse(
+        socket_addr=ph.socket_addr, id=B_ID, refuse_reason="no\n" + "x" * 500, answer_token=ph.answer_token
     )
     out = parsed(only(h.tcp(B_CONN, B_UDP, relay_response=rr), SendTcp).payload)[1]
-    assert (out.uuid, out.relay_server, out.refuse_reason, out.id) == ("b-uuid", "b-relay:2", "no", B_ID)
+    assert out.refuse_reason.startswith("no?x") and len(out.refuse_reason) == 200
+    assert (out.relay_server, out.ticket, out.pk) == ("", b"", b"")
+    assert h.core.events["answer_refused"] == 1 and h.core.pending == {}
 
 
 def test_both_symmetric_goes_relay_one_symmetric_punches() -> None:
     h = Harness()
     online_b(h, nat=pb.SYMMETRIC)
-    acts = h.tcp(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC))
-    assert parsed(only(acts, SendUdp).payload)[0] == "punch_hole"
-    acts = h.tcp(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID, nat_type=pb.SYMMETRIC))
-    assert parsed(only(acts, SendUdp).payload)[0] == "request_relay"
+    acts = h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC))
+    assert pushed(only(acts, SendUdp))[0] == "punch_hole"
+    acts = h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID, nat_type=pb.SYMMETRIC))
+    assert pushed(only(acts, SendUdp))[0] == "request_relay"
 
 
 def test_both_symmetric_with_an_ipv6_offer_still_punches() -> None:
@@ -620,7 +929,7 @@ def test_both_symmetric_with_an_ipv6_offer_still_punches() -> None:
     online_b(h, nat=pb.SYMMETRIC)
     v6 = addrmod.encode(addrmod.parse_sockaddr("[2001:db8:1::2]:40000"), 0)
     req = pb.PunchHoleRequest(id=B_ID, nat_type=pb.SYMMETRIC, socket_addr_v6=v6)
-    kind, ph = parsed(only(h.tcp(A_CONN, A_TCP, punch_hole_request=req), SendUdp).payload)
+    kind, ph = pushed(only(h.ask(A_CONN, A_TCP, punch_hole_request=req), SendUdp))
     assert kind == "punch_hole" and ph.socket_addr_v6 == v6
 
 
@@ -629,31 +938,35 @@ def test_relay_round_robin() -> None:
     online_b(h)
     seen = []
     for i in range(4):
-        push = only(h.tcp(i, sa(f"203.0.113.5:{6000 + i}"), punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp)
-        seen.append(parsed(push.payload)[1].relay_server)
+        acts = h.ask(i, sa(f"203.0.113.5:{6000 + i}"), punch_hole_request=pb.PunchHoleRequest(id=B_ID))
+        seen.append(pushed(only(acts, SendUdp))[1].relay_server)
     assert seen == ["r1:1", "r2:2", "r1:1", "r2:2"]
 
 
-def test_request_relay_from_a_forwarded_to_b() -> None:
+def test_request_relay_from_a_gets_the_servers_relay_and_uuid() -> None:
+    """A names a relay and a uuid of its choosing (a Redis command, say): the server ignores both."""
     h = Harness(relays=["r1:1"])
     online_b(h)
-    rr = pb.RequestRelay(id=B_ID, uuid="a-uuid", relay_server="r9:9", secure=True, licence_key="x", token="t")
-    push = only(h.tcp(A_CONN, A_TCP, request_relay=rr), SendUdp)
+    rr = pb.RequestRelay(id=B_ID, uuid="x\r\nPING\r\n", relay_server="10.0.0.1:6379", secure=True, licence_key="x")
+    push = only(h.ask(A_CONN, A_TCP, request_relay=rr), SendUdp)
     assert push.addr == B_UDP
-    kind, fwd = parsed(push.payload)
-    assert (kind, fwd.id, fwd.uuid, fwd.relay_server, fwd.secure) == ("request_relay", B_ID, "a-uuid", "r9:9", True)
+    kind, fwd = pushed(push)
+    assert (kind, fwd.id, fwd.uuid, fwd.relay_server, fwd.secure) == ("request_relay", B_ID, "uuid-1", "r1:1", True)
+    assert (fwd.requester_id, fwd.requester_pk) == (A_ID, A.pk)
     assert addrmod.decode(fwd.socket_addr) == A_TCP
     assert fwd.token == "" and fwd.licence_key == ""  # nothing B does not need
-    answer = pb.RelayResponse(socket_addr=fwd.socket_addr, id=B_ID, version="1")
+    assert ticket_ok("uuid-1", "r1:1", fwd.ticket, h.now)
+    answer = pb.RelayResponse(socket_addr=fwd.socket_addr, id=B_ID, version="1", answer_token=fwd.answer_token)
     out = parsed(only(h.tcp(B_CONN, B_UDP, relay_response=answer), SendTcp).payload)[1]
-    assert (out.uuid, out.relay_server) == ("a-uuid", "r9:9")
+    assert (out.uuid, out.relay_server, out.ticket) == ("uuid-1", "r1:1", fwd.ticket)
 
 
-def test_request_relay_fills_uuid_and_relay_when_missing() -> None:
-    h = Harness(relays=["r1:1"])
+def test_no_relay_configured_names_none() -> None:
+    h = Harness()
     online_b(h)
-    fwd = parsed(only(h.tcp(A_CONN, A_TCP, request_relay=pb.RequestRelay(id=B_ID)), SendUdp).payload)[1]
-    assert (fwd.uuid, fwd.relay_server) == ("uuid-1", "r1:1")
+    fwd = pushed(only(h.ask(A_CONN, A_TCP, request_relay=pb.RequestRelay(id=B_ID)), SendUdp))[1]
+    assert (fwd.uuid, fwd.relay_server) == ("uuid-1", "")
+    assert ticket_ok("uuid-1", "", fwd.ticket, h.now)
 
 
 @pytest.mark.parametrize(
@@ -664,17 +977,40 @@ def test_request_relay_unknown_or_offline_refused(setup: str, reason: str) -> No
     if setup == "offline":
         h.register()
         h.now += 31
-    out = parsed(only(h.tcp(A_CONN, A_TCP, request_relay=pb.RequestRelay(id=B_ID, uuid="u")), SendTcp).payload)[1]
+    out = parsed(only(h.ask(A_CONN, A_TCP, request_relay=pb.RequestRelay(id=B_ID, uuid="u")), SendTcp).payload)[1]
     assert out.refuse_reason == reason
     assert h.core.pending == {}
+
+
+def test_compat_unsigned_clients_keep_their_uuid_and_answer_from_their_ip() -> None:
+    """RustDesk on both sides (allowed by flag): A joins the relay with the uuid it chose, and B,
+    which echoes no token, is believed only from the address its push went to."""
+    h = Harness(relays=["r1:1"], allow_unsigned=True)
+    assert h.register_unsigned(peer_id="123456789") == R.OK
+    h.heartbeat(peer_id="123456789")
+    rr = pb.RequestRelay(id="123456789", uuid="a-uuid", relay_server="r9:9")
+    _, fwd = pushed(only(h.tcp(A_CONN, A_TCP, request_relay=rr), SendUdp), to="123456789")
+    assert (fwd.uuid, fwd.relay_server, fwd.requester_id, fwd.answer_token) == ("a-uuid", "r1:1", "", b"")
+    answer = pb.RelayResponse(socket_addr=fwd.socket_addr, id="123456789")
+    assert h.tcp(B_CONN, sa("192.0.2.66:1"), relay_response=answer) == [CloseTcp(B_CONN)]
+    assert h.drops()["answer_from_wrong_address"] == 1
+    out = parsed(only(h.tcp(B_CONN, sa("198.51.100.7:2"), relay_response=answer), SendTcp).payload)[1]
+    assert (out.uuid, out.relay_server) == ("a-uuid", "r1:1")
 
 
 # --------------------------------------------------------------------------- pending table
 
 
-def park(h: Harness, conn: int = A_CONN, a: SockAddr = A_TCP) -> bytes:
-    push = only(h.tcp(conn, a, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp)
-    return parsed(push.payload)[1].socket_addr
+def park(h: Harness, conn: int = A_CONN, a: SockAddr = A_TCP) -> Any:
+    """A's request parked; returns B's push (its socket_addr names A's request, its token proves B)."""
+    push = only(h.ask(conn, a, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp)
+    return pushed(push)[1]
+
+
+def sent(ph: Any, peer_id: str = B_ID, token: bytes | None = None) -> pb.PunchHoleSent:
+    return pb.PunchHoleSent(
+        socket_addr=ph.socket_addr, id=peer_id, answer_token=ph.answer_token if token is None else token
+    )
 
 
 def test_answer_without_pending_dropped_and_b_closed() -> None:
@@ -689,17 +1025,28 @@ def test_answer_without_pending_dropped_and_b_closed() -> None:
 def test_answer_for_another_id_is_refused() -> None:
     h = Harness()
     online_b(h)
-    sock = park(h)
-    acts = h.tcp(B_CONN, B_UDP, punch_hole_sent=pb.PunchHoleSent(socket_addr=sock, id="intruder1"))
+    ph = park(h)
+    acts = h.tcp(B_CONN, B_UDP, punch_hole_sent=sent(ph, "intruder1"))
     assert acts == [CloseTcp(B_CONN)]
     assert h.drops() == {"pending_id_mismatch": 1}
     assert len(h.core.pending) == 1
 
 
+def test_an_answer_without_the_push_token_is_not_bs() -> None:
+    """A stranger who knows A's address answers for B: dropped, and B's real answer still counts."""
+    h = Harness()
+    online_b(h)
+    ph = park(h)
+    for token in (b"", os.urandom(16)):
+        assert h.tcp(B_CONN, sa("192.0.2.66:1"), punch_hole_sent=sent(ph, token=token)) == [CloseTcp(B_CONN)]
+    assert h.drops() == {"answer_token_mismatch": 2}
+    assert any(isinstance(a, SendTcp) for a in h.tcp(B_CONN, B_UDP, punch_hole_sent=sent(ph)))
+
+
 def test_pending_expires_and_is_cleared_on_close() -> None:
     h = Harness()
     online_b(h)
-    sock = park(h)
+    ph = park(h)
     h.now += 29.9
     h.core.tick(h.now)
     assert len(h.core.pending) == 1
@@ -712,16 +1059,16 @@ def test_pending_expires_and_is_cleared_on_close() -> None:
     h.core.tcp_closed(A_CONN)
     assert h.core.pending == {}
     h.core.tcp_closed(A_CONN)  # idempotent
-    acts = h.tcp(B_CONN, B_UDP, punch_hole_sent=pb.PunchHoleSent(socket_addr=sock, id=B_ID))
+    acts = h.tcp(B_CONN, B_UDP, punch_hole_sent=sent(ph))
     assert acts == [CloseTcp(B_CONN)]
 
 
 def test_expired_pending_not_answered_even_before_tick() -> None:
     h = Harness()
     online_b(h)
-    sock = park(h)
+    ph = park(h)
     h.now += 30
-    acts = h.tcp(B_CONN, B_UDP, punch_hole_sent=pb.PunchHoleSent(socket_addr=sock, id=B_ID))
+    acts = h.tcp(B_CONN, B_UDP, punch_hole_sent=sent(ph))
     assert acts == [CloseTcp(B_CONN)]
 
 
@@ -746,23 +1093,24 @@ def test_pending_table_is_bounded() -> None:
 def test_pushes_to_one_peer_are_rate_limited() -> None:
     h = Harness(limits=Limits(push_burst=5, push_rate=1))
     online_b(h)
-    sent = 0
+    pushes = 0
     for i in range(10):
-        acts = h.tcp(i, sa(f"203.0.113.5:{8000 + i}"), punch_hole_request=pb.PunchHoleRequest(id=B_ID))
-        sent += sum(isinstance(a, SendUdp) for a in acts)
-    assert sent == 5
+        acts = h.ask(i, sa(f"203.0.113.5:{8000 + i}"), punch_hole_request=pb.PunchHoleRequest(id=B_ID))
+        pushes += sum(isinstance(a, SendUdp) for a in acts)
+    assert pushes == 5
     assert h.drops()["push_rate_limited"] == 5
     h.now += 2
     h.heartbeat()
-    acts = h.tcp(50, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID))
+    acts = h.ask(50, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID))
     assert any(isinstance(a, SendUdp) for a in acts)
 
 
 def test_local_addr_with_bad_address_dropped() -> None:
     h = Harness()
     online_b(h)
-    sock = park(h)
-    acts = h.tcp(B_CONN, B_UDP, local_addr=pb.LocalAddr(socket_addr=sock, local_addr=b"x" * 40, id=B_ID))
+    ph = park(h)
+    la = pb.LocalAddr(socket_addr=ph.socket_addr, local_addr=b"x" * 40, id=B_ID, answer_token=ph.answer_token)
+    acts = h.tcp(B_CONN, B_UDP, local_addr=la)
     assert acts == [CloseTcp(B_CONN)]
     assert h.drops() == {"bad_local_addr": 1}
 
@@ -772,6 +1120,6 @@ def test_stats_shape() -> None:
     online_b(h)
     park(h)
     s = h.core.stats(h.now)
-    assert s["messages"] == {"udp.register_pk": 1, "udp.register_peer": 1, "tcp.punch_hole_request": 1}
-    assert (s["peers_online"], s["peers_in_memory"], s["pending_requests"]) == (1, 1, 1)
+    assert s["messages"] == {"udp.register_pk": 4, "udp.register_peer": 1, "tcp.punch_hole_request": 1}
+    assert (s["peers_online"], s["peers_in_memory"], s["pending_requests"]) == (2, 2, 1)
     assert s["events"]["punch_punch"] == 1
