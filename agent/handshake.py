@@ -54,7 +54,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -71,7 +70,7 @@ from nacl.signing import SigningKey, VerifyKey
 from agent.addr import AddressError, split_host_port
 from agent.proto import message_pb2 as pb
 from agent.secure_channel import ChannelError, SecureChannel
-from agent.trust import fingerprint
+from agent.trust import ID_RE, fingerprint
 
 ZERO_NONCE = bytes(24)
 """RustDesk seals the session key with an all-zero nonce; safe because both box keys are fresh."""
@@ -93,7 +92,6 @@ _AUTH_DOMAIN = b"punchthrough-peer-auth-v1\0"
 _PROOF_DOMAIN = b"punchthrough-password-proof-v1\0"
 _CHANNEL_DOMAIN = b"punchthrough-channel-v1 "
 _PASSWORD_SALT_DOMAIN = b"punchthrough-password:"
-_ID_CHARS = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class HandshakeError(Exception):
@@ -651,7 +649,7 @@ class Responder(_Machine):
         """Which rule binds this authenticated key to the claimed ID; refuse otherwise."""
         pol = self.policy
         pk = bytes(auth.pk)
-        spec = f"{auth.id}={fingerprint(pk)}" if _ID_CHARS.fullmatch(auth.id) else shown
+        spec = f"{auth.id}={fingerprint(pk)}" if ID_RE.fullmatch(auth.id) else shown
         binding = self.binding
         if binding is not None and binding.peer_id != auth.id:
             raise self._refuse(

@@ -36,6 +36,7 @@ from kcp.exceptions import KCPConvMismatchError
 from kcp.extension import KCP
 
 from agent import kcp_release
+from agent.addr import join_host_port
 from agent.kcp_core import (
     HEADER_SIZE,
     SEGMENT_OVERHEAD,
@@ -549,7 +550,7 @@ class KcpTransport:
             host, port = self._udp.getpeername()[:2]
         except OSError:
             return "peer"
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return join_host_port(str(host), int(port))
 
     # ------------------------------------------------------------------ pump: app -> KCP
 

@@ -28,7 +28,7 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from agent import messages, signing
-from agent.addr import SockAddr
+from agent.addr import SockAddr, join_host_port
 from agent.addr import encode as mangle
 from agent.messages import MessageError
 from agent.netutil import describe_error
@@ -83,8 +83,7 @@ def _request(member: str, sub: Any, signer: Signer | None) -> bytes:
 
 
 def _where(server: tuple[str, int]) -> str:
-    host, port = server
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_host_port(*server)
 
 
 async def open_tcp(

@@ -19,7 +19,8 @@ ALLOWED_PEERS_FILE = "allowed_peers"
 """In the state dir: one peer spec per line (`ID` or `ID=SHA256:...`), `#` comments. Read at every
 session, so an edit takes effect without a restart."""
 MAX_ID_LEN = 64
-_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""What a peer ID may look like (agent/rendezvous_core.py valid_id asks for 6 characters at least)."""
 _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 MAX_ALLOWED_PEERS_BYTES = 1 << 20
 
@@ -48,7 +49,7 @@ def parse_peer_spec(text: str) -> PeerSpec:
     """`ID` or `ID=SHA256:<43 base64 characters>`; ValueError with one line otherwise."""
     shown = text if len(text) <= 100 else text[:100] + "..."
     peer_id, sep, fp = text.strip().partition("=")
-    if not _ID.fullmatch(peer_id):
+    if not ID_RE.fullmatch(peer_id):
         raise ValueError(f"not a peer ID: {shown!r} (letters, digits, '-' and '_', at most {MAX_ID_LEN})")
     if not sep:
         return PeerSpec(peer_id)

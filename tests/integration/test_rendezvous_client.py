@@ -77,6 +77,20 @@ class PeerB:
         await self.reg.close()
 
 
+async def answer_relay(b: PeerB, msg: Any, relay: str = "", refuse_reason: str = "") -> None:
+    """B's RelayResponse to a relay push, with the push's token."""
+    await send_relay_response(
+        b.main,
+        bytes(msg.socket_addr),
+        b.id.peer_id,
+        msg.uuid,
+        relay,
+        "1.0",
+        refuse_reason=refuse_reason,
+        answer_token=bytes(msg.answer_token),
+    )
+
+
 def signed_key(server: RendezvousServer, signed: bytes) -> tuple[str, bytes]:
     return open_signed_id_pk(bytes(server.core.key.verify_key), signed)
 
@@ -89,15 +103,7 @@ async def test_request_relay_answered_by_b(server: RendezvousServer, a: Signer) 
 
         async def answer(kind: str, msg: Any) -> None:
             assert kind == "request_relay"
-            await send_relay_response(
-                b.main,
-                bytes(msg.socket_addr),
-                b.id.peer_id,
-                msg.uuid,
-                msg.relay_server,
-                "1.0",
-                answer_token=bytes(msg.answer_token),
-            )
+            await answer_relay(b, msg, msg.relay_server)
 
         b.answer = answer
         rr = await request_relay(
@@ -116,16 +122,7 @@ async def test_request_relay_refused_by_b(server: RendezvousServer, a: Signer) -
     async with PeerB(server) as b:
 
         async def answer(kind: str, msg: Any) -> None:
-            await send_relay_response(
-                b.main,
-                bytes(msg.socket_addr),
-                b.id.peer_id,
-                msg.uuid,
-                "",
-                "1.0",
-                refuse_reason="busy",
-                answer_token=bytes(msg.answer_token),
-            )
+            await answer_relay(b, msg, refuse_reason="busy")
 
         b.answer = answer
         with pytest.raises(RelayRefused, match=f"^peer {b.id.peer_id} refused: busy$") as info:
@@ -227,15 +224,7 @@ async def test_forced_relay_answer_is_a_relay_response(server: RendezvousServer,
 
         async def answer(kind: str, msg: Any) -> None:
             assert kind == "request_relay"
-            await send_relay_response(
-                b.main,
-                bytes(msg.socket_addr),
-                b.id.peer_id,
-                msg.uuid,
-                msg.relay_server,
-                "1.0",
-                answer_token=bytes(msg.answer_token),
-            )
+            await answer_relay(b, msg, msg.relay_server)
 
         b.answer = answer
         resp = await punch_hole_request(b.main, b.id.peer_id, pb.ASYMMETRIC, force_relay=True, timeout=5, signer=a)

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nacl.signing import SigningKey
@@ -39,6 +40,7 @@ from tests.agent_fixtures import (
     wait_registered,
 )
 from tests.integration.test_local_agent import free_port
+from tests.integration.test_rendezvous_server import has_ipv6
 
 
 def _connections(counter: list[socket.socket]) -> tuple[socket.socket, int]:
@@ -76,6 +78,22 @@ async def _tcp_send(server: str, bind: str = "127.0.0.1", raw: bytes | None = No
     await loop.sock_connect(sock, (host, int(port)))
     await loop.sock_sendall(sock, encode_frame(raw if raw is not None else messages.build(**member)))
     return sock
+
+
+async def _udp_ask(port: int, **member: object) -> tuple[str, Any] | None:
+    """One datagram to the rendezvous server from a fresh socket; its answer, or None after a second."""
+    loop = asyncio.get_running_loop()
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    try:
+        await loop.sock_sendto(s, messages.build(**member), ("127.0.0.1", port))
+        async with asyncio.timeout(1.0):
+            return messages.parse(await loop.sock_recv(s, 4096))
+    except TimeoutError:
+        return None
+    finally:
+        s.close()
 
 
 async def stranger_session(
@@ -127,17 +145,9 @@ async def test_stranger_cannot_squat_an_id_before_its_owner(tmp_path: Path) -> N
         b_dir = tmp_path / "b"
         b_id = prepare_state(b_dir, agent_config(servers, allow=["1234567890"]))
         stranger = SigningKey.generate()
-        loop = asyncio.get_running_loop()
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("127.0.0.1", 0))
-        s.setblocking(False)
         rv = servers.rendezvous
         reg = pb.RegisterPk(id=b_id, uuid=os.urandom(16), pk=bytes(stranger.verify_key))
-        await loop.sock_sendto(s, messages.build(register_pk=reg), ("127.0.0.1", rv.udp_port))
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                await loop.sock_recv(s, 4096)
-        s.close()
+        await _udp_ask(rv.udp_port, register_pk=reg)
         b = await LocalAgent(b_dir).start()
         await wait_registered(b)
         assert b.components["registrar"].registrar.identity.peer_id == b_id, "B was pushed off its own ID"
@@ -167,18 +177,10 @@ async def test_the_uuid_does_not_hand_over_an_id(tmp_path: Path) -> None:
     async with two_agents(tmp_path) as pair:
         b_ident = load_or_create(pair.b_dir)
         stranger = SigningKey.generate()
-        loop = asyncio.get_running_loop()
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("127.0.0.1", 0))
-        s.setblocking(False)
         rv = pair.servers.rendezvous
         reg = pb.RegisterPk(id=pair.b_id, uuid=b_ident.uuid, pk=bytes(stranger.verify_key))
         for _ in range(2):
-            await loop.sock_sendto(s, messages.build(register_pk=reg), ("127.0.0.1", rv.udp_port))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await loop.sock_recv(s, 4096)
-        s.close()
+            await _udp_ask(rv.udp_port, register_pk=reg)
         await asyncio.sleep(0.5)
         assert _bound_key(rv, pair.b_id) == b_ident.public_key, "the server now vouches for the stranger's key"
         assert pair.b.components["registrar"].registrar.identity.peer_id == pair.b_id
@@ -205,16 +207,7 @@ async def test_a_stranger_cannot_aim_an_agent_at_an_address(tmp_path: Path, b_al
             _close_listener(lsock, seen)
 
 
-def _has_v6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_v6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback")
 async def test_a_stranger_cannot_aim_an_agent_at_a_v6_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PunchHoleRequest with a socket_addr_v6 of the stranger's choice (here a loopback listener)."""
     import agent.strategies.ipv6 as ipv6mod
@@ -492,16 +485,10 @@ async def test_even_with_unsigned_clients_allowed_the_uuid_hands_over_nothing(tm
     async with two_agents(tmp_path, rendezvous=rv) as pair:
         b_ident = load_or_create(pair.b_dir)
         stranger = SigningKey.generate()
-        loop = asyncio.get_running_loop()
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("127.0.0.1", 0))
-        s.setblocking(False)
         reg = pb.RegisterPk(id=pair.b_id, uuid=b_ident.uuid, pk=bytes(stranger.verify_key))
-        await loop.sock_sendto(s, messages.build(register_pk=reg), ("127.0.0.1", pair.servers.rendezvous.udp_port))
-        async with asyncio.timeout(2):
-            kind, msg = messages.parse(await loop.sock_recv(s, 4096))
-        s.close()
-        assert (kind, msg.result) == ("register_pk_response", pb.RegisterPkResponse.UUID_MISMATCH)
+        answer = await _udp_ask(pair.servers.rendezvous.udp_port, register_pk=reg)
+        assert answer is not None
+        assert (answer[0], answer[1].result) == ("register_pk_response", pb.RegisterPkResponse.UUID_MISMATCH)
         assert _bound_key(pair.servers.rendezvous, pair.b_id) == b_ident.public_key
 
 
