@@ -30,6 +30,9 @@ Where we differ from upstream hbbs, and why:
   turn the server into a datagram cannon aimed at a registered address.
 * The per-IP distinct-ID window is a fixed day from the first ID (upstream restarts
   the day on every registration, so a steady trickle never resets it).
+* A peer that registered over loopback (an agent using the server embedded on its own
+  host) is handed to a requester from elsewhere at the address that requester reached
+  the server at, not at 127.0.0.1: its punch sockets listen on every address of the host.
 
 Trust (issue 9; the signatures are described in agent/signing.py):
 
@@ -76,7 +79,7 @@ from nacl.signing import SigningKey
 
 from agent import addr as addrmod
 from agent import messages, signing
-from agent.addr import SockAddr, to_v4_if_mapped
+from agent.addr import IPAddress, SockAddr, to_v4_if_mapped
 from agent.crypto import public_key_b64, sign_id_pk
 from agent.identity import derive_id
 from agent.proto import rendezvous_pb2 as pb
@@ -215,6 +218,9 @@ class Pending:
     """B's answer must echo this (it went to B only, inside the push)."""
     answer_ip: str = ""
     """Where the push went: an unsigned (RustDesk) B, which echoes no token, must answer from there."""
+    host_alias: IPAddress | None = None
+    """B shares the server's host and speaks to it over loopback: A reached the server, so B, at this
+    address (B's answers from 127.0.0.1 are rewritten to it, port kept)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +238,13 @@ def valid_id(peer_id: str) -> bool:
 def _clean(text: str, limit: int) -> str:
     """Peer-supplied text passed on to another peer: printable and bounded."""
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def _seen_by_a(b: SockAddr, p: Pending) -> SockAddr:
+    """B's address as A can reach it: B's loopback address is the server's host, as A knows it."""
+    if p.host_alias is not None and b.ip.is_loopback:
+        return SockAddr(p.host_alias, b.port)
+    return b
 
 
 def _v6(data: bytes) -> bytes:
@@ -627,7 +640,7 @@ class RendezvousCore:
         if p is None:
             return []
         resp = pb.PunchHoleResponse(
-            socket_addr=self._mangle(src, now),
+            socket_addr=self._mangle(_seen_by_a(src, p), now),
             pk=self.signed_pk(p.target),
             relay_server=p.relay_server,
             nat_type=phs.nat_type,
@@ -638,7 +651,10 @@ class RendezvousCore:
 
     # ------------------------------------------------------------------ TCP
 
-    def handle_tcp(self, conn: int, src: SockAddr, role: Role, payload: bytes, now: float) -> list[Action]:
+    def handle_tcp(
+        self, conn: int, src: SockAddr, role: Role, payload: bytes, now: float, local: SockAddr | None = None
+    ) -> list[Action]:
+        """`local` is the server's address the connection came in on (where its client reached us)."""
         src = to_v4_if_mapped(src)
         try:
             kind, msg = messages.parse(payload, max_len=MAX_TCP_MESSAGE)
@@ -652,7 +668,7 @@ class RendezvousCore:
         if role != "main":
             return self.drop("wrong_kind", src, now, f"tcp nat-port {kind}")
         if kind == "punch_hole_request":
-            return self._punch_request(conn, src, msg, payload, now)
+            return self._punch_request(conn, src, msg, payload, now, local)
         if kind == "request_relay":
             return self._relay_request(conn, src, msg, payload, now)
         if kind == "punch_hole_sent":
@@ -742,7 +758,9 @@ class RendezvousCore:
     def _ticket(self, uuid: str, relay: str, now: float) -> bytes:
         return signing.make_ticket(self.key, uuid, relay, int((now + self.wall_offset) * 1000))
 
-    def _punch_request(self, conn: int, a: SockAddr, req: Any, payload: bytes, now: float) -> list[Action]:
+    def _punch_request(
+        self, conn: int, a: SockAddr, req: Any, payload: bytes, now: float, local: SockAddr | None = None
+    ) -> list[Action]:
         Failure = pb.PunchHoleResponse
 
         def fail(failure: int, text: str = "") -> list[Action]:
@@ -769,6 +787,10 @@ class RendezvousCore:
         token = self.new_token() if peer.signed else b""
         pending = Pending(conn, peer.id, now, udp_port=udp_port, relay_server=relay, token=token)
         pending.answer_ip = peer.addr.host
+        if local is not None and peer.addr.ip.is_loopback and not a.ip.is_loopback:
+            here = to_v4_if_mapped(local).ip
+            if here.version == peer.addr.ip.version and not here.is_unspecified:
+                pending.host_alias = here
         mangled_a = self._mangle(a, now)
         a_v6 = _v6(req.socket_addr_v6)
         if req.force_relay or self.always_relay:
@@ -856,7 +878,7 @@ class RendezvousCore:
         if p is None:
             return []
         resp = pb.PunchHoleResponse(
-            socket_addr=self._mangle(b, now),
+            socket_addr=self._mangle(_seen_by_a(b, p), now),
             pk=self.signed_pk(p.target),
             relay_server=p.relay_server,
             nat_type=phs.nat_type,

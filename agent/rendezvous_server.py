@@ -205,7 +205,7 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class _TcpConn(asyncio.Protocol):
-    __slots__ = ("decoder", "id", "last_activity", "role", "server", "spoke", "src", "transport")
+    __slots__ = ("decoder", "id", "last_activity", "local", "role", "server", "spoke", "src", "transport")
 
     def __init__(self, server: RendezvousServer, role: Role) -> None:
         self.server = server
@@ -213,6 +213,8 @@ class _TcpConn(asyncio.Protocol):
         self.decoder = FrameDecoder(server.cfg.max_frame)
         self.id = 0
         self.src = SockAddr.of("0.0.0.0", 0)
+        self.local: SockAddr | None = None
+        """Our address this connection came in on (where the client reached us)."""
         self.transport: asyncio.Transport | None = None
         self.last_activity = server.loop.time()
         self.spoke = False
@@ -223,6 +225,8 @@ class _TcpConn(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.src = to_v4_if_mapped(SockAddr.of(peer[0], peer[1]))
+        here = transport.get_extra_info("sockname")
+        self.local = to_v4_if_mapped(SockAddr.of(here[0], here[1])) if here else None
         self.server.conn_opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -247,7 +251,7 @@ class _TcpConn(asyncio.Protocol):
             if not payload:
                 continue  # an empty frame is a heartbeat
             try:
-                srv.execute(srv.core.handle_tcp(self.id, self.src, self.role, payload, now))
+                srv.execute(srv.core.handle_tcp(self.id, self.src, self.role, payload, now, self.local))
             except Exception:
                 srv.internal_error(self.src.host, now)
 

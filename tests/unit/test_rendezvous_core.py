@@ -1123,3 +1123,47 @@ def test_stats_shape() -> None:
     assert s["messages"] == {"udp.register_pk": 4, "udp.register_peer": 1, "tcp.punch_hole_request": 1}
     assert (s["peers_online"], s["peers_in_memory"], s["pending_requests"]) == (2, 2, 1)
     assert s["events"]["punch_punch"] == 1
+
+
+# --------------------------------------------------------------------------- a peer on the server's host
+
+
+def test_a_peer_registered_over_loopback_is_handed_out_at_the_address_a_reached_us_at() -> None:
+    """The README's setup: B runs the server embedded and registers with it over 127.0.0.1. A, from
+    elsewhere, reached the server at 198.51.100.1: that is where B's punch sockets are, too."""
+    h = Harness()
+    b_lo = sa("127.0.0.1:40001")
+    assert h.register(src=b_lo) == R.OK
+    h.heartbeat(src=b_lo, nat=pb.ASYMMETRIC)
+    h.ask(9, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID))  # registers A
+    here = sa("198.51.100.1:21116")
+    for udp in (False, True):
+        req = pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC, udp_port=61000 if udp else 0)
+        acts = h.core.handle_tcp(A_CONN, A_TCP, "main", A.request("punch_hole_request", req), h.now, here)
+        kind, ph = pushed(only(acts, SendUdp))
+        assert kind == "punch_hole"  # not "same LAN": A is elsewhere
+        sent = pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, answer_token=ph.answer_token)
+        b_answer = sa("127.0.0.1:40555")
+        acts = h.udp(b_answer, punch_hole_sent=sent) if udp else h.tcp(B_CONN, b_answer, punch_hole_sent=sent)
+        resp = parsed(only(acts, SendTcp).payload)[1]
+        assert addrmod.decode(resp.socket_addr) == sa("198.51.100.1:40555")
+        assert resp.is_udp == udp
+
+
+@pytest.mark.parametrize(
+    ("a", "here"),
+    [
+        ("127.0.0.1:50001", "127.0.0.1:21116"),  # A on the same host: loopback is right for it
+        ("[2001:db8::5]:50001", "[2001:db8::1]:21116"),  # A over IPv6: B's v4 loopback sockets are not there
+    ],
+)
+def test_no_alias_where_loopback_is_right_or_the_family_differs(a: str, here: str) -> None:
+    h = Harness()
+    assert h.register(src=sa("127.0.0.1:40001")) == R.OK
+    h.heartbeat(src=sa("127.0.0.1:40001"), nat=pb.ASYMMETRIC)
+    h.ask(9, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID))  # registers A
+    req = A.request("punch_hole_request", pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC))
+    _, ph = pushed(only(h.core.handle_tcp(A_CONN, sa(a), "main", req, h.now, sa(here)), SendUdp))
+    sent = pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, answer_token=ph.answer_token)
+    resp = parsed(only(h.tcp(B_CONN, sa("127.0.0.1:40555"), punch_hole_sent=sent), SendTcp).payload)[1]
+    assert addrmod.decode(resp.socket_addr) == sa("127.0.0.1:40555")
