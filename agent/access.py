@@ -1,7 +1,9 @@
-"""Who may connect to this agent: the access policy, built afresh from config and state for each use.
+"""Who may connect to this agent: the access policy, built afresh from config and state for each use,
+and the edits `punchthrough allow`, `revoke`, `allow-target`, `revoke-target` and `peers` make.
 
-Built for every push and every session (cheap: a config already in memory, two small files), so
-an edit of `allowed_peers` or a newly pinned key takes effect at once, without a restart.
+Built for every push and every session (cheap: the config as last read, two small files), so an
+edit of the config's [access] section or of `allowed_peers`, or a newly pinned key, takes effect at
+once, without a restart (agent/live_config.py).
 """
 
 from __future__ import annotations
@@ -9,11 +11,24 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
+from agent import config as configmod
 from agent.config import Config
+from agent.files import write_private
 from agent.handshake import Policy
+from agent.live_config import CONFIG_FILE
 from agent.pins import PinStore
-from agent.trust import merge, parse_peer_spec, read_allowed_peers
+from agent.seen import load as seen_table
+from agent.trust import (
+    ALLOWED_PEERS_FILE,
+    PeerSpec,
+    fingerprint,
+    line_spec,
+    merge,
+    parse_peer_spec,
+    read_allowed_peers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +76,88 @@ def build_policy(cfg: Config, state_dir: Path) -> Policy | None:
         allowed_targets=cfg.access.allow_targets,
         allowed_keys={pid: fp for pid, fp in entries.items() if fp is not None},
     )
+
+
+# --------------------------------------------------------------------------- editing who may connect
+
+
+def load_state_config(state_dir: Path) -> Config:
+    """STATE_DIR/config.toml, the config the user owns (`up` flags and these edits land there)."""
+    path = state_dir / CONFIG_FILE
+    return configmod.load(path if path.exists() else None)
+
+
+def save_state_config(state_dir: Path, cfg: Config) -> None:
+    cfg.validate()
+    write_private(state_dir / CONFIG_FILE, configmod.dump(cfg).encode())
+
+
+def add_allow(entries: list[str], spec: PeerSpec) -> list[str]:
+    """`entries` with `spec` in, replacing an entry for the same ID (a key named now wins)."""
+    kept = [e for e in entries if parse_peer_spec(e).peer_id != spec.peer_id]
+    return [*kept, str(spec)]
+
+
+def allow_peer(state_dir: Path, text: str) -> str:
+    spec = parse_peer_spec(text)
+    cfg = load_state_config(state_dir)
+    cfg.access.allow = add_allow(cfg.access.allow, spec)
+    save_state_config(state_dir, cfg)
+    how = "that key only" if spec.fingerprint else "the key the rendezvous server has bound to it"
+    return f"allowed {spec} ({how}); a running agent admits it from its next session"
+
+
+def revoke_peer(state_dir: Path, peer_id: str) -> str:
+    """Out of the config and the allowed_peers file, and its pinned key forgotten."""
+    peer_id = parse_peer_spec(peer_id).peer_id
+    cfg = load_state_config(state_dir)
+    before = len(cfg.access.allow)
+    cfg.access.allow = [e for e in cfg.access.allow if parse_peer_spec(e).peer_id != peer_id]
+    found = len(cfg.access.allow) != before
+    save_state_config(state_dir, cfg)
+    path = state_dir / ALLOWED_PEERS_FILE
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = [line for line in lines if line_spec(line).partition("=")[0] != peer_id]
+        if len(keep) != len(lines):
+            found = True
+            write_private(path, "".join(keep).encode())
+    forgot = PinStore(state_dir).forget(peer_id)
+    if not found and not forgot:
+        return f"{peer_id} was not allowed"
+    return f"revoked {peer_id}" + (" and forgot its pinned key" if forgot else "") + " (a running agent: at once)"
+
+
+def edit_target(state_dir: Path, target: str, add: bool) -> str:
+    cfg = load_state_config(state_dir)
+    targets = [t for t in cfg.access.allow_targets if t != target]
+    if add:
+        targets.append(target)
+    elif len(targets) == len(cfg.access.allow_targets):
+        return f"{target} was not an allowed target"
+    cfg.access.allow_targets = targets
+    save_state_config(state_dir, cfg)
+    return f"{'allowed' if add else 'revoked'} target {target} (a running agent: from its next session)"
+
+
+def known_peers(state_dir: Path) -> list[dict[str, Any]]:
+    """Every peer this agent knows of: allowed, pinned or seen; with how it is allowed, its key, when and how
+    it was last seen."""
+    entries = allowed(load_state_config(state_dir), state_dir)
+    pins = dict(PinStore(state_dir).items())
+    seen = seen_table(state_dir)
+    out = []
+    for peer in sorted(set(entries) | set(pins) | set(seen), key=lambda p: -float(seen.get(p, {}).get("last_seen", 0))):
+        fp = entries.get(peer) or (fingerprint(pins[peer]) if peer in pins else str(seen.get(peer, {}).get("key", "")))
+        out.append(
+            {
+                "id": peer,
+                "allowed": ("by key" if entries[peer] else "by ID") if peer in entries else "no",
+                "key": fp,
+                "pinned": peer in pins,
+                "last_seen": seen.get(peer, {}).get("last_seen"),
+                "last_path": seen.get(peer, {}).get("path", ""),
+                "last_role": seen.get(peer, {}).get("role", ""),
+            }
+        )
+    return out

@@ -22,7 +22,10 @@ from agent.addr import AddressError, parse_port, split_host_port
 from agent.config import Config
 from agent.paths import default_state_dir
 
-AGENT_COMMANDS = ("up", "down", "id", "config", "connect", "pipe")
+AGENT_COMMANDS = (
+    "up", "down", "id", "config", "connect", "pipe", "allow", "revoke", "allow-target", "revoke-target", "peers",
+)
+ACCESS_COMMANDS = ("allow", "revoke", "allow-target", "revoke-target", "peers")
 
 DEFAULT_RENDEZVOUS_PORT = 21116
 DEFAULT_RELAY_PORT = 21117
@@ -71,10 +74,21 @@ def _positive(text: str) -> float:
     return value
 
 
+def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
+    """--state-dir and -v, before the subcommand (top) or after it (each subcommand, not overriding)."""
+    kw: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="state directory (env PUNCHTHROUGH_STATE_DIR; default ~/.local/state/punchthrough)",
+        **({"default": None} if top else kw),
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging", **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="punchthrough", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--state-dir", type=Path, default=None, help="state directory (env PUNCHTHROUGH_STATE_DIR)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     rv = sub.add_parser("rendezvous", help="run a rendezvous server (the hbbs role)")
@@ -167,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
             "add @HOST[:PORT] for the peer's direct port (no rendezvous)",
         )
         if name == "connect":
-            p.add_argument("-L", dest="forward", required=True, metavar="[BIND:]PORT:HOST:HOSTPORT")
+            p.add_argument(
+                "-L", dest="forward", required=True, action="append", metavar="[BIND:]PORT:HOST:HOSTPORT",
+                help="a local port to forward (repeatable, as with ssh)",
+            )
         else:
             p.add_argument("target", type=_host_port, metavar="HOST:PORT")
         p.add_argument(
@@ -188,6 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also serve RustDesk clients (unsigned registrations and requests; the relay pairs anyone)",
     )
+
+    al = sub.add_parser("allow", help="let a peer connect (ID=SHA256:... as `punchthrough id` prints it there)")
+    al.add_argument("peer", metavar="ID[=SHA256:FP]")
+    rk = sub.add_parser("revoke", help="stop letting a peer connect (and forget its pinned key)")
+    rk.add_argument("peer", metavar="ID")
+    for name, helptext in (
+        ("allow-target", "let peers reach HOST:PORT through this agent"),
+        ("revoke-target", "stop forwarding to HOST:PORT"),
+    ):
+        tp = sub.add_parser(name, help=helptext)
+        tp.add_argument("target", type=_host_port, metavar="HOST:PORT")
+    pe = sub.add_parser("peers", help="the peers this agent knows: allowed, pinned key, last seen and path")
+    pe.add_argument("--forget", metavar="ID", default=None, help="forget the key pinned for ID (a reinstalled peer)")
+    pe.add_argument("--json", action="store_true")
+    for p in sub.choices.values():
+        _global_options(p, top=False)
     return parser
 
 
@@ -240,19 +273,29 @@ def _password(path: Path | None) -> str | None:
     return _read_secret(path, "--password-file")
 
 
-def _effective_config(args: argparse.Namespace) -> Config:
+def _effective_config(args: argparse.Namespace, state_dir: Path) -> Config:
+    """The config `up` runs with and keeps: STATE_DIR/config.toml (the user's), then what --config sets,
+    then the flags. A flag sets its value; --allow and --allow-target add to the lists (`punchthrough
+    revoke` and `revoke-target` take entries out), so a later `up` never drops what an earlier one allowed."""
+    from agent.access import add_allow, load_state_config
+    from agent.trust import parse_peer_spec
+
     try:
-        cfg = config.load(args.config)
+        cfg = config.load(args.config, base=load_state_config(state_dir))
         if args.server is not None:
             cfg.agent.server = args.server
         if args.server_key is not None:
             cfg.agent.server_key = args.server_key
         if args.relay is not None:
             cfg.agent.relay = args.relay
-        if args.allow is not None:
-            cfg.access.allow = args.allow
-        if args.allow_target is not None:
-            cfg.access.allow_targets = args.allow_target
+        for entry in args.allow or []:
+            try:
+                cfg.access.allow = add_allow(cfg.access.allow, parse_peer_spec(entry))
+            except ValueError as exc:
+                raise config.ConfigError(f"--allow: {exc}") from None
+        for target in args.allow_target or []:
+            if target not in cfg.access.allow_targets:
+                cfg.access.allow_targets.append(target)
         if args.path is not None:
             cfg.agent.path = args.path
         if args.direct_port is not None:
@@ -284,8 +327,8 @@ def _run_client_command(args: argparse.Namespace, state_dir: Path) -> int:
         password = _password(args.password_file)
         if args.command == "pipe":
             return client.run_pipe(state_dir, args.peer, args.target, args.path, password, args.timeout)
-        spec = client.parse_forward(args.forward)
-        return client.run_forward(state_dir, args.peer, spec, args.path, password, args.timeout)
+        specs = [client.parse_forward(text) for text in args.forward]
+        return client.run_forward(state_dir, args.peer, specs, args.path, password, args.timeout)
     except (client.ClientError, AddressError) as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
@@ -293,10 +336,60 @@ def _run_client_command(args: argparse.Namespace, state_dir: Path) -> int:
         raise CliError(f"{exc.strerror or exc}{where}") from None
 
 
+def _run_access_command(args: argparse.Namespace, state_dir: Path) -> int:
+    """allow / revoke / allow-target / revoke-target / peers: edit or show who may connect (live)."""
+    from agent import access
+    from agent.files import private_dir
+
+    try:
+        private_dir(state_dir)
+        if args.command == "allow":
+            print(access.allow_peer(state_dir, args.peer))
+        elif args.command == "revoke":
+            print(access.revoke_peer(state_dir, args.peer))
+        elif args.command in ("allow-target", "revoke-target"):
+            print(access.edit_target(state_dir, args.target, args.command == "allow-target"))
+        else:
+            if args.forget:
+                from agent.pins import PinStore
+
+                forgot = PinStore(state_dir).forget(args.forget)
+                print(f"forgot the key pinned for {args.forget}" if forgot else f"no key was pinned for {args.forget}")
+                return 0
+            rows = access.known_peers(state_dir)
+            print(json.dumps(rows, indent=2) if args.json else render_peers(rows))
+        return 0
+    except (ValueError, config.ConfigError) as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise CliError(f"{exc.strerror or exc}{where}") from None
+
+
+def render_peers(rows: list[dict[str, Any]]) -> str:
+    """`punchthrough peers`: one line per peer, most recently seen first."""
+    import time
+
+    if not rows:
+        return "no peers yet: `punchthrough allow ID=SHA256:...` lets one in"
+    lines = [f"{'PEER':12} {'ALLOWED':8} {'KEY':52} {'PINNED':6} LAST SEEN"]
+    for r in rows:
+        seen = "never"
+        if r.get("last_seen"):
+            ago = time.time() - float(r["last_seen"])
+            when = f"{ago:.0f}s" if ago < 120 else f"{ago / 60:.0f}m" if ago < 7200 else f"{ago / 3600:.1f}h"
+            seen = f"{when} ago via {r.get('last_path') or '?'} ({r.get('last_role') or '?'})"
+        pinned = "yes" if r.get("pinned") else "no"
+        lines.append(f"{r['id']:12} {r['allowed']:8} {r.get('key') or '-':52} {pinned:6} {seen}")
+    return "\n".join(lines)
+
+
 def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
     state_dir = state_dir.resolve()
     if args.command in ("pipe", "connect"):
         return _run_client_command(args, state_dir)
+    if args.command in ACCESS_COMMANDS:
+        return _run_access_command(args, state_dir)
     from agent import identity, runner
     from agent.crypto import KeyFileError
     from agent.files import private_dir
@@ -306,14 +399,14 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
     try:
         if args.command == "up":
             if not args.keep_config:
-                cfg = _effective_config(args)
+                cfg = _effective_config(args, state_dir)
                 if runner.running_pid(state_dir) is not None:
                     raise CliError(f"an agent already runs for state dir {state_dir} (`punchthrough down` stops it)")
                 private_dir(state_dir)
                 write_config(state_dir, cfg)
             identity.load_or_create(state_dir)
             if args.foreground:
-                return runner.supervise(state_dir)
+                return runner.supervise(state_dir, announce=not args.keep_config)
             return runner.start_background(state_dir)
         if args.command == "down":
             return runner.down(state_dir)

@@ -150,23 +150,45 @@ def run_pipe(state_dir: Path, peer: str, target: str, path: str, password: str |
     return 0
 
 
-def run_forward(state_dir: Path, peer: str, spec: ForwardSpec, path: str, password: str | None, timeout: float) -> int:
-    """Listen on spec.bind and hand every accepted connection to the agent; runs until interrupted."""
+def ensure_agent(state_dir: Path) -> None:
+    """ClientError unless this state dir's agent answers (so `connect` does not listen for nothing)."""
+    try:
+        reply = ctlproto.call(control_socket(state_dir), {"op": "ping"}, timeout=5)
+    except (OSError, ctlproto.ControlError):
+        raise ClientError(f"no agent running for state dir {state_dir} (start it with `punchthrough up`)") from None
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        raise ClientError(f"the agent for state dir {state_dir} does not answer properly: {reply!r:.200}")
+
+
+def _listen(spec: ForwardSpec) -> socket.socket:
     family = socket.AF_INET6 if ":" in spec.bind_host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((spec.bind_host, spec.bind_port))
     except OSError as exc:
+        listener.close()
         raise ClientError(f"cannot listen on {spec.bind_host}:{spec.bind_port}: {exc.strerror}") from None
     listener.listen(128)
-    print(
-        f"forwarding {spec.bind_host}:{listener.getsockname()[1]} -> {spec.target} via peer {peer}",
-        file=sys.stderr,
-        flush=True,
-    )
+    return listener
 
-    def serve(conn: socket.socket) -> None:
+
+def run_forward(
+    state_dir: Path, peer: str, specs: list[ForwardSpec], path: str, password: str | None, timeout: float
+) -> int:
+    """Listen on every spec's bind and hand each accepted connection to the agent; runs until interrupted.
+    Checks first that the agent runs, and binds every port before forwarding any (one fails, none listen)."""
+    ensure_agent(state_dir)
+    listeners: list[socket.socket] = []
+    try:
+        for spec in specs:
+            listeners.append(_listen(spec))
+    except ClientError:
+        for listener in listeners:
+            listener.close()
+        raise
+
+    def serve(conn: socket.socket, spec: ForwardSpec) -> None:
         try:
             _open(state_dir, peer, spec.target, conn.fileno(), path, password, timeout)
         except ClientError as exc:
@@ -174,9 +196,28 @@ def run_forward(state_dir: Path, peer: str, spec: ForwardSpec, path: str, passwo
         finally:
             conn.close()
 
-    try:
+    def accept_loop(listener: socket.socket, spec: ForwardSpec) -> None:
         while True:
-            conn, _ = listener.accept()
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn, spec), daemon=True).start()
+
+    for listener, spec in zip(listeners, specs, strict=True):
+        print(
+            f"forwarding {spec.bind_host}:{listener.getsockname()[1]} -> {spec.target} via peer {peer}",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        pairs = zip(listeners, specs, strict=True)
+        loops = [threading.Thread(target=accept_loop, args=pair, daemon=True) for pair in pairs]
+        for t in loops:
+            t.start()
+        while any(t.is_alive() for t in loops):
+            loops[0].join(0.5)
     finally:
-        listener.close()
+        for listener in listeners:
+            listener.close()
+    return 0

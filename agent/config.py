@@ -8,6 +8,7 @@ line naming the key, so a typo never turns silently into a default.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import ipaddress
 import itertools
@@ -177,9 +178,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} chars)"
 
 
-def load(path: Path | None) -> Config:
-    """Defaults, overlaid with `path` when given (a missing file is an error, not a default)."""
-    cfg = Config()
+def load(path: Path | None, base: Config | None = None) -> Config:
+    """`base` (default: the defaults), overlaid with the keys `path` sets when given (a missing file is
+    an error, not a default)."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     if path is None:
         return cfg
     try:

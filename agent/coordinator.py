@@ -12,6 +12,7 @@ The strategies raced for one outgoing stream are in agent/race.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -33,6 +34,9 @@ from agent.addr import AddressError, split_host_port
 from agent.config import Config
 from agent.handshake import Binding, HandshakeError, trusted_peer_key
 from agent.identity import Identity, IdentityCache
+from agent.netutil import tcp_round_trip
+from agent.netwatch import interface_addresses
+from agent.netwatch_core import usable_addresses
 from agent.pins import PinMismatch, PinStore
 from agent.plan import LAN_BUDGET, PUNCH_BUDGET, Policy
 from agent.proto import rendezvous_pb2 as pb
@@ -97,9 +101,12 @@ class Coordinator:
         ipv6: Ref,
         udp_punch: Ref,
         embedded: bool = False,
+        live_cfg: Callable[[], Config] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.cfg = cfg
+        self.live_cfg = live_cfg or (lambda: cfg)
+        """The config as edited on disk since the start: [access] (who may connect) acts live."""
         self.identities = IdentityCache(state_dir, identity)
         self.server = server
         self.server_addr = split_host_port(server, 21116)
@@ -150,6 +157,8 @@ class Coordinator:
         if op != "open":
             for fd in fds:
                 os.close(fd)
+        if op == "ping":
+            return {"ok": True, "id": self.identity.peer_id}
         if op == "status":
             return await self.status()
         if op == "actors":
@@ -157,8 +166,7 @@ class Coordinator:
         if op == "sessions":
             return await self.sessions()
         if op == "netcheck":
-            verdict = await self.nat_probe.call("measure")
-            return {"ok": True, "nat": verdict.as_dict()}
+            return await self.netcheck()
         if op == "open":
             if len(fds) != 1:
                 for fd in fds:
@@ -169,6 +177,20 @@ class Coordinator:
             finally:
                 os.close(fds[0])
         return {"ok": False, "error": f"unknown request {op!r}"}
+
+    async def netcheck(self) -> dict[str, Any]:
+        """A fresh NAT measurement, the relay's round trip and the addresses peers could use on our LAN."""
+        relay = self.relay_target("")
+        verdict, (relay_ms, relay_error) = await asyncio.gather(
+            self.nat_probe.call("measure"), tcp_round_trip(relay, timeout=3.0)
+        )
+        return {
+            "ok": True,
+            "nat": verdict.as_dict(),
+            "server": self.server,
+            "relay": {"address": relay, "rtt_ms": relay_ms, "error": relay_error},
+            "addresses": sorted(usable_addresses(interface_addresses())),
+        }
 
     async def status(self) -> dict[str, Any]:
         registration = await self._safe(self.registrar, "status")
@@ -184,6 +206,8 @@ class Coordinator:
             "peer_spec": spec_for(ident.peer_id, ident.public_key),
             "server": self.server,
             "server_key": fingerprint(server_key) if server_key else "",
+            "server_key_b64": base64.b64encode(server_key).decode() if server_key else "",
+            "admits_anyone": self._admits_anyone(),
             "embedded": self.embedded,
             "registration": registration,
             "nat": nat,
@@ -194,6 +218,12 @@ class Coordinator:
             "uptime": round(time.monotonic() - self.started, 1),
             "version": VERSION,
         }
+
+    def _admits_anyone(self) -> bool:
+        try:
+            return build_policy(self.live_cfg(), self.state_dir) is not None
+        except (OSError, ValueError):
+            return False
 
     async def _safe(self, ref: Ref, method: str) -> Any:
         try:
@@ -381,7 +411,7 @@ class Coordinator:
             return
         binding = push_binding(msg)
         try:
-            policy = build_policy(self.cfg, self.state_dir)
+            policy = build_policy(self.live_cfg(), self.state_dir)
         except (OSError, ValueError) as exc:
             log.error("cannot build the access policy: %s", exc)
             policy = None

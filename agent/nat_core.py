@@ -11,6 +11,7 @@ ports mean SYMMETRIC (hole punching will not work, use the relay).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -39,6 +40,10 @@ class TcpObservation:
     local_port: int | None = None
     error: str = ""
     local_ip: str = ""
+    observed_ip: str = ""
+    """The source IP the server saw (our public address behind a NAT); "" from a server that does not say."""
+    connect_ms: float | None = None
+    """How long the TCP handshake with the server took: one round trip."""
 
 
 def classify(first: TcpObservation, second: TcpObservation) -> tuple[NatType, str]:
@@ -73,6 +78,7 @@ class UdpObservation:
     mapped_port: int | None = None
     local_port: int | None = None
     error: str = ""
+    observed_ip: str = ""
 
     @property
     def usable(self) -> bool:
@@ -92,6 +98,10 @@ class Verdict:
     measured_at: float
     error: str = ""
     udp_error: str = ""
+    public_ip: str = ""
+    """The address the server saw our TCP connections come from."""
+    udp_public_ip: str = ""
+    server_rtt_ms: float | None = None
 
     @property
     def nat_name(self) -> str:
@@ -113,6 +123,9 @@ class Verdict:
             "measured_at": self.measured_at,
             "error": self.error,
             "udp_error": self.udp_error,
+            "public_ip": self.public_ip,
+            "udp_public_ip": self.udp_public_ip,
+            "server_rtt_ms": self.server_rtt_ms,
         }
 
 
@@ -134,7 +147,19 @@ def make_verdict(first: TcpObservation, second: TcpObservation, udp: UdpObservat
         measured_at=measured_at,
         error=error,
         udp_error=udp_error,
+        public_ip=_ip_text(first.observed_ip),
+        udp_public_ip=_ip_text(udp.observed_ip) if udp.usable else "",
+        server_rtt_ms=first.connect_ms,
     )
+
+
+def _ip_text(text: str) -> str:
+    """The server's word for our address, shown to people: an IP address or nothing."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return ""
+    return "" if getattr(ip, "scope_id", None) else str(ip)  # a zone ("%eth0...") is free text
 
 
 def udp_probe_offsets(

@@ -35,8 +35,8 @@ from agent.wire import FrameDecoder, FrameError, encode_frame
 
 log = logging.getLogger("punchthrough.nat_probe")
 
-UDP_PADDING = 32
-"""Filler bytes in the UDP request: its answer (up to 7 bytes) must not be larger than it."""
+UDP_PADDING = 64
+"""Filler bytes in the UDP request: its answer (port and observed IP, up to 48 bytes) must not be larger."""
 MAX_REPLY = 4096
 
 
@@ -72,7 +72,9 @@ async def tcp_test_nat(
             return TcpObservation(error=f"{where}: cannot reuse local port {port_text}: {describe_error(exc)}")
         step = "connect"
         async with asyncio.timeout(timeout):
+            started = time.perf_counter()
             await loop.sock_connect(sock, (ip, port))
+            connect_ms = round((time.perf_counter() - started) * 1000, 3)
             name = sock.getsockname()
             local_ip, local_port = str(name[0]), int(name[1])
             step = "answer"
@@ -88,7 +90,13 @@ async def tcp_test_nat(
                         continue  # heartbeat
                     kind, sub = messages.parse(payload, max_len=MAX_REPLY)
                     if kind == "test_nat_response":
-                        return TcpObservation(int(sub.port), local_port, local_ip=local_ip)
+                        return TcpObservation(
+                            int(sub.port),
+                            local_port,
+                            local_ip=local_ip,
+                            observed_ip=sub.observed_ip,
+                            connect_ms=connect_ms,
+                        )
                     # anything else (a KeyExchange from a Pro server, ...) is skipped, as RustDesk does
     except TimeoutError:
         return TcpObservation(None, local_port, f"{where}: no {step} within {timeout:g} s")
@@ -147,7 +155,7 @@ async def udp_mapping_probe(
                     except MessageError:
                         continue
                     if kind == "test_nat_response":
-                        return UdpObservation(int(sub.port), local_port)
+                        return UdpObservation(int(sub.port), local_port, observed_ip=sub.observed_ip)
         except TimeoutError:
             return UdpObservation(None, local_port, f"no UDP answer from {where} within {give_up:g} s")
         except OSError as exc:

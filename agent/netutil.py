@@ -31,6 +31,23 @@ async def connect_tcp(address: str, default_port: int | None = None, timeout: fl
     raise last or OSError(f"no address for {address}")
 
 
+async def tcp_round_trip(
+    address: str, default_port: int | None = None, timeout: float = 3.0
+) -> tuple[float | None, str]:
+    """Milliseconds one TCP handshake with `address` takes (about one round trip), or None and why not.
+
+    The connection is closed at once: the far side sees a connection that sends nothing.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        sock = await connect_tcp(address, default_port, timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        return None, describe_error(exc)
+    sock.close()
+    return round((loop.time() - started) * 1000, 3), ""
+
+
 def describe_error(exc: BaseException) -> str:
     """One line: 'connection refused', not "[Errno 111] Connect call failed ('127.0.0.1', 9)"."""
     if isinstance(exc, TimeoutError):

@@ -441,7 +441,9 @@ class RendezvousCore:
         if kind == "register_pk":
             return self._register_pk(msg, data, src, via, now)
         if kind == "test_nat_request":
-            reply = messages.build(test_nat_response=pb.TestNatResponse(port=src.port))
+            reply = messages.build(test_nat_response=pb.TestNatResponse(port=src.port, observed_ip=str(src.ip)))
+            if len(reply) > len(data):  # an unpadded (RustDesk) request still gets its port
+                reply = messages.build(test_nat_response=pb.TestNatResponse(port=src.port))
             return self._reply_udp(src, via, len(data), reply, now)
         if kind == "punch_hole_sent":
             return self._hole_sent_udp(msg, src, now)
@@ -662,7 +664,8 @@ class RendezvousCore:
             return self.drop(exc.reason, src, now, f"tcp {role}")
         self.messages[f"tcp.{kind}"] += 1
         if kind == "test_nat_request":
-            return [SendTcp(conn, messages.build(test_nat_response=pb.TestNatResponse(port=src.port)))]
+            reply = pb.TestNatResponse(port=src.port, observed_ip=str(src.ip))
+            return [SendTcp(conn, messages.build(test_nat_response=reply))]
         if kind == "online_request":
             return [SendTcp(conn, self._online(msg.peers, now))]
         if role != "main":

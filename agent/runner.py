@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from agent.stack import enabled_components, load_runtime
 
 PID_FILE = "agent.pid"
 REGISTRATION_WAIT = 15.0
-"""Seconds `up` waits for the first registration once the agent answers; it returns either way."""
+"""Seconds `up` waits for the first registration once the agent answers; then it fails and says why."""
 
 
 class RunnerError(Exception):
@@ -61,7 +62,7 @@ def query(state_dir: Path, op: str, timeout: float = 3.0) -> dict[str, Any] | No
 
 
 def start_background(state_dir: Path, wait: float = 90.0) -> int:
-    """Spawn the supervisor detached and wait until the agent is registered (or say why not)."""
+    """Spawn the supervisor detached and wait until the agent is registered, or say why not and stop it."""
     logs = private_dir(state_dir / "logs")
     cmd = [sys.executable, "-m", "agent.cli", "--state-dir", str(state_dir), "up", "--foreground", "--keep-config"]
     out = private_append(logs / "agent.log")
@@ -71,56 +72,102 @@ def start_background(state_dir: Path, wait: float = 90.0) -> int:
         )
     finally:
         os.close(out)
+    try:
+        status = wait_until_registered(state_dir, wait, lambda: proc.poll())
+    except RunnerError:
+        down(state_dir, quiet=True)
+        raise
+    for line in up_report(state_dir, status, proc.pid):
+        print(line, flush=True)
+    return 0
+
+
+def wait_until_registered(state_dir: Path, wait: float, exited: Any = lambda: None) -> dict[str, Any]:
+    """The agent's status once it is registered; RunnerError with the reason and what to check when it
+    cannot register (its server does not answer, refuses it, or signs with a key we do not trust)."""
+    logs = state_dir / "logs" / "agent.log"
     deadline = time.monotonic() + wait
     status: dict[str, Any] | None = None
     answering_since: float | None = None
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = (logs / "agent.log").read_text(errors="replace").strip().splitlines()[-5:]
-            raise RunnerError(f"agent exited with status {proc.returncode}: {' | '.join(tail)}")
+        code = exited()
+        if code is not None:
+            tail = logs.read_text(errors="replace").strip().splitlines()[-5:] if logs.exists() else []
+            raise RunnerError(f"agent exited with status {code}: {' | '.join(tail)}")
         status = query(state_dir, "status")
-        if status and status.get("registration", {}).get("state") in ("registered", "server_key_refused"):
-            break
-        if status and answering_since is None:
-            answering_since = time.monotonic()
-        if answering_since is not None and time.monotonic() - answering_since > REGISTRATION_WAIT:
-            break  # the agent runs; registration keeps trying in the background (status says why)
+        if status and "state" in (status.get("registration") or {}):  # the registrar itself answers
+            if answering_since is None:
+                answering_since = time.monotonic()
+            problem = registration_problem(state_dir, status, time.monotonic() - answering_since)
+            if problem == "":
+                return status
+            if problem is not None:
+                raise RunnerError(problem)
         time.sleep(0.2)
-    if not status:
-        raise RunnerError(f"agent did not come up within {wait:.0f}s (see {logs / 'agent.log'})")
-    registration = status.get("registration", {})
-    state = registration.get("state", "unknown")
-    if registration.get("server_key_problem"):
-        down(state_dir, quiet=True)
-        raise RunnerError(
-            f"{registration['server_key_problem']}: not registering. If the server's key really changed, "
-            f"remove {status['server']} from {state_dir / SERVER_PINS_FILE} (or give the right --server-key) "
-            f"and run `punchthrough up` again"
+    raise RunnerError(f"agent did not come up within {wait:.0f}s (see {logs})")
+
+
+def registration_problem(state_dir: Path, status: dict[str, Any], waited: float) -> str | None:
+    """"" when registered, a one-line reason (with what to check) when it will not be, None to keep waiting."""
+    reg = status.get("registration") or {}
+    state = str(reg.get("state", ""))
+    server = str(status.get("server", "?"))
+    if state == "registered":
+        return ""
+    if reg.get("server_key_problem"):
+        return (
+            f"{reg['server_key_problem']}: not registering. If the server's key really changed, remove {server} "
+            f"from {state_dir / SERVER_PINS_FILE} (or give the right --server-key) and run `punchthrough up` again"
         )
-    print(
-        f"punchthrough agent {status['id']} is up (pid {proc.pid}); server {status['server']}"
-        f"{' (embedded)' if status.get('embedded') else ''}; registration: {state}",
-        flush=True,
-    )
-    if registration.get("server_key_learned"):
-        print(
-            f"trusting rendezvous server {status['server']} on first contact: key {registration.get('server_key')} "
-            f"(pinned in {state_dir / SERVER_PINS_FILE}; a different key from now on is refused)",
-            flush=True,
+    if state == "unreachable" or (waited > REGISTRATION_WAIT and not reg.get("replies")):
+        return (
+            f"rendezvous server {server} does not answer ({reg.get('registrations_sent', 0)} registrations sent, "
+            f"no reply): check that it runs, that the address is right and that UDP port {server.rsplit(':', 1)[-1]} "
+            f"reaches it (logs: {state_dir / 'logs'})"
         )
+    if state.startswith("error:"):
+        return f"rendezvous server {server} refused the registration ({state[7:]}); see {state_dir / 'logs'}"
+    if waited > REGISTRATION_WAIT:
+        return f"not registered with {server} after {waited:.0f}s (state: {state}); see {state_dir / 'logs'}"
+    return None
+
+
+def up_report(state_dir: Path, status: dict[str, Any], pid: int) -> list[str]:
+    """What `up` tells its user: the agent is up, what to give peers, and what still needs doing."""
+    reg = status.get("registration") or {}
+    lines = [
+        f"punchthrough agent {status['id']} is up (pid {pid}); server {status['server']}"
+        f"{' (embedded)' if status.get('embedded') else ''}; registration: {reg.get('state', 'unknown')}"
+    ]
     if status.get("peer_spec"):
-        print(f"peers allow this agent as {status['peer_spec']}", flush=True)
-    return 0
+        lines.append(f"peers allow this agent as {status['peer_spec']}")
+    if status.get("embedded") and status.get("server_key_b64"):
+        lines.append(
+            f"peers use this machine's rendezvous server with --server <this host> --server-key "
+            f"{status['server_key_b64']}"
+        )
+    if reg.get("server_key_learned"):
+        lines.append(
+            f"trusting rendezvous server {status['server']} on first contact: key {reg.get('server_key')} "
+            f"(pinned in {state_dir / SERVER_PINS_FILE}; a different key from now on is refused)"
+        )
+    if not status.get("admits_anyone", True):
+        lines.append(
+            "warning: this agent admits nobody yet: on it, `punchthrough allow ID=SHA256:...` (what "
+            "`punchthrough id` prints on the peer) or set a password"
+        )
+    return lines
 
 
-def supervise(state_dir: Path) -> int:
-    """The foreground agent: private Ray head + actors, until SIGTERM/SIGINT."""
+def supervise(state_dir: Path, announce: bool = False) -> int:
+    """The foreground agent: private Ray head + actors, until SIGTERM/SIGINT. With `announce` (a user's
+    `up --foreground`) it says, as `up` does, when the agent is registered, or why it cannot be and stops."""
     from actors.ray_runtime import start_private_head
 
     (state_dir / PID_FILE).write_text(f"{os.getpid()} up\n")
     shutil.rmtree(runtime_dir(state_dir) / "boots", ignore_errors=True)
     rt = load_runtime(state_dir)
-    stopping = False
+    stopping = failed = False
 
     def stop(_sig: int, _frame: Any) -> None:
         nonlocal stopping
@@ -137,17 +184,35 @@ def supervise(state_dir: Path) -> int:
     try:
         ns = namespace_for(state_dir)
         head.init_driver(ns)
+        # Ray's driver installs a C-level SIGTERM handler that dumps a stack trace into the log on every
+        # normal `down`: ours again, so a stop is a stop.
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         for kind in enabled_components(rt):
             ComponentActor.options(  # type: ignore[attr-defined]
                 name=kind, namespace=ns, lifetime="detached", get_if_exists=True
             ).remote(kind, str(state_dir), ns)
         print(f"agent {rt.identity.peer_id} supervising Ray head {head.address} (pid {head.pid})", flush=True)
+        if announce:
+
+            def report() -> None:
+                nonlocal stopping, failed
+                try:
+                    status = wait_until_registered(state_dir, 90.0)
+                except RunnerError as exc:
+                    print(f"punchthrough: {exc}", file=sys.stderr, flush=True)
+                    stopping = failed = True
+                    return
+                for line in up_report(state_dir, status, os.getpid()):
+                    print(line, flush=True)
+
+            threading.Thread(target=report, daemon=True).start()
         while not stopping:
             time.sleep(0.2)
             if not head.alive():
                 print("Ray head died; stopping", flush=True)
                 return 1
-        return 0
+        return 1 if failed else 0
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
@@ -158,11 +223,10 @@ def supervise(state_dir: Path) -> int:
 
 
 def down(state_dir: Path, timeout: float = 20.0, quiet: bool = False) -> int:
+    """Stop this state dir's agent; nothing running is not an error (`down` is idempotent)."""
     pid = running_pid(state_dir)
     if pid is None:
-        if quiet:
-            return 0
-        raise RunnerError(f"no agent running for state dir {state_dir}")
+        return 0
     os.kill(pid, signal.SIGTERM)
     try:
         psutil.Process(pid).wait(timeout)

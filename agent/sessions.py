@@ -38,6 +38,7 @@ from agent.guess_limiter import GuessLimiter, guess_keys
 from agent.handshake import Binding, HandshakeError, Initiator, Policy, Responder
 from agent.identity import Identity
 from agent.netutil import connect_tcp, describe_error, tune_transport
+from agent.seen import FLUSH_EVERY, SeenPeers
 from agent.session import PumpStats, SessionError, StreamCodec, pump, run_handshake
 from agent.trust import fingerprint
 from agent.wire import encode_frame
@@ -55,6 +56,8 @@ MAX_SESSIONS_KEPT = 256
 MAX_PENDING = 256
 """Sessions with transports waiting for their `initiate`: bounded, like all per-peer state."""
 SELECT_TIMEOUT = 30.0
+ECHO_LIMIT = 1 << 20
+"""Bytes a peer that names no target may have echoed back (`punchthrough-ops ping`): a probe, not a pipe."""
 NOTICE_GRACE = 0.5
 """Seconds a failed session waits for its KCP pump's notice (it dies or speaks within microseconds)."""
 
@@ -193,6 +196,21 @@ class _Won:
     """Where A's trust in B's key came from: "pinned" or "rendezvous-signed" (agent/handshake.py)."""
 
 
+async def _echo(sock: socket.socket, limit: int) -> None:
+    """Send back what arrives until the peer closes or `limit` bytes have come (then close)."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    left = limit
+    try:
+        while left > 0 and (data := await loop.sock_recv(sock, min(left, 65536))):
+            left -= len(data)
+            await loop.sock_sendall(sock, data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 class SessionOwner:
     def __init__(
         self,
@@ -201,12 +219,15 @@ class SessionOwner:
         policy_factory: Callable[[], Policy | None],
         on_admitted: Callable[[str, bytes, str], None] | None = None,
         handshake_timeout: float = 10.0,
+        seen: SeenPeers | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.identity = identity
         """This agent's identity as it is now (it changes if the server made us move to a new ID)."""
         self.policy_factory = policy_factory
         self.guesses = GuessLimiter()
+        self.seen = seen
+        """Last seen / last path per peer (`punchthrough peers`), noted when a session opens."""
         self.on_admitted = on_admitted
         self.handshake_timeout = handshake_timeout
         self.sessions: dict[str, SessionRecord] = {}
@@ -218,9 +239,21 @@ class SessionOwner:
 
     async def start(self) -> None:
         await self._server.start()
+        if self.seen is not None:
+            self._spawn(self._flush_seen())
+
+    async def _flush_seen(self) -> None:
+        assert self.seen is not None
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            with contextlib.suppress(OSError):
+                self.seen.flush()
 
     async def close(self) -> None:
         await self._server.close()
+        if self.seen is not None:
+            with contextlib.suppress(OSError):
+                self.seen.flush()
         for task in list(self._tasks):
             task.cancel()
         for race in self._races.values():
@@ -338,6 +371,7 @@ class SessionOwner:
             won.sock.close()
             return {"ok": False, "error": rec.error, "transports": rec.transports}
         rec.state = "open"
+        self._note_seen(rec)
         self._spawn(self._pump(rec, won.sock, won.codec, local.dup(), early))
         return {"ok": True, "session": sid, "path": won.path, "transports": rec.transports}
 
@@ -534,7 +568,7 @@ class SessionOwner:
         if self.on_admitted and machine.peer_pk and machine.id_verified and _listed(policy, rec.peer):
             self.on_admitted(rec.peer, machine.peer_pk, rec.admitted_by)  # pinned from now on
         try:
-            local = await connect_tcp(rec.target, timeout=5.0)
+            local = await connect_tcp(rec.target, timeout=5.0) if rec.target else self._echo_end()
         except (OSError, TimeoutError, ValueError) as exc:
             rec.state, rec.error = "failed", f"target {rec.target}: {describe_error(exc)}"
             with contextlib.suppress(OSError, SessionError):
@@ -550,7 +584,15 @@ class SessionOwner:
             local.close()
             return
         rec.state = "open"
+        self._note_seen(rec)
         await self._pump(rec, transport, codec, local)
+
+    def _echo_end(self) -> socket.socket:
+        """No target: `punchthrough-ops ping`'s echo, up to ECHO_LIMIT bytes, instead of a forward."""
+        local, far = socket.socketpair()
+        local.setblocking(False)
+        self._spawn(_echo(far, ECHO_LIMIT))
+        return local
 
     async def _await_select(self, transport: socket.socket, codec: StreamCodec) -> bool:
         """True once A selects this transport; False if A closes it (another path won)."""
@@ -599,6 +641,11 @@ class SessionOwner:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _note_seen(self, rec: SessionRecord) -> None:
+        if self.seen is not None:
+            with contextlib.suppress(OSError):
+                self.seen.note(rec.peer, rec.path, rec.role, rec.peer_key)
 
     @staticmethod
     def _note_peer(rec: SessionRecord, machine: Responder) -> None:

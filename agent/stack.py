@@ -27,14 +27,15 @@ from agent.config import Config
 from agent.coordinator import Coordinator
 from agent.crypto import load_or_create_signing_key
 from agent.identity import Identity
+from agent.live_config import CONFIG_FILE, LiveConfig
 from agent.netwatch_core import REMOTE_JITTER, NetworkChanged
 from agent.pins import PinMismatch, PinStore, ServerPins
 from agent.refs import LocalRef, Ref
 from agent.runtime_paths import control_socket, sessions_socket
+from agent.seen import SeenPeers
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.toml"
 COMPONENTS = (
     "servers",
     "sessions",
@@ -60,6 +61,10 @@ class Runtime:
     fixed_server_key: bytes | None
     """The rendezvous server's key as configured (`agent.server_key`), or the embedded server's own."""
     embedded: bool
+
+    def __post_init__(self) -> None:
+        self.live = LiveConfig(self.state_dir, self.cfg)
+        """The config as edited since the start (`punchthrough allow` ...): who may connect, live."""
 
     @property
     def server_addr(self) -> tuple[str, int]:
@@ -220,7 +225,7 @@ def enabled_components(rt: Runtime) -> list[str]:
 
 def _policy_factory(rt: Runtime) -> Any:
     def factory() -> Any:
-        return build_policy(rt.cfg, rt.state_dir)
+        return build_policy(rt.live.get(), rt.state_dir)
 
     return factory
 
@@ -252,6 +257,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
             identitymod.IdentityCache(rt.state_dir, rt.identity).get,
             _policy_factory(rt),
             on_admitted=_pin_admitted(rt),
+            seen=SeenPeers(rt.state_dir),
         )
     elif kind == "relay":
         comp = RelayStrategy(sessions_socket(rt.state_dir), rt.cfg.agent.relay_key)
@@ -274,6 +280,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
             identity=rt.identity,
             server=rt.server,
             server_key=rt.server_key,
+            live_cfg=rt.live.get,
             control_socket=control_socket(rt.state_dir),
             sessions_socket=sessions_socket(rt.state_dir),
             registrar=refs["registrar"],

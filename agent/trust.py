@@ -63,15 +63,21 @@ def spec_for(peer_id: str, public_key: bytes) -> str:
     return str(PeerSpec(peer_id, fingerprint(public_key)))
 
 
+def line_spec(line: str) -> str:
+    """The peer spec a line of an allowed_peers file holds ("" for a blank or comment line)."""
+    words = line.split("#", 1)[0].split()
+    return words[0] if words else ""
+
+
 def parse_allowed_peers(text: str, where: str) -> list[PeerSpec]:
     """Lines of an allowed_peers file; ValueError naming `where:line` for the first bad one."""
     out: list[PeerSpec] = []
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
+        spec = line_spec(raw)
+        if not spec:
             continue
         try:
-            out.append(parse_peer_spec(line.split()[0]))
+            out.append(parse_peer_spec(spec))
         except ValueError as exc:
             raise ValueError(f"{where}:{number}: {exc}") from None
     return out

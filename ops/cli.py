@@ -127,9 +127,56 @@ def render_sessions(st: dict[str, Any]) -> str:
     return table(headers, rows)
 
 
+def _ms(value: object) -> str:
+    return f"{float(value):.1f} ms" if isinstance(value, int | float) else "-"
+
+
+MAPPING_WORDS = {
+    "ASYMMETRIC": "endpoint-independent: one public port for every destination (hole punching can work)",
+    "SYMMETRIC": "endpoint-dependent (symmetric NAT): a new public port per destination; expect the relay",
+}
+
+
 def render_netcheck(st: dict[str, Any]) -> str:
+    """The measurement in words, like `tailscale netcheck`; `--json` keeps every raw field."""
     nat = st.get("nat") or {}
-    return "\n".join(f"{k:14}{v}" for k, v in nat.items())
+    addresses = [str(a) for a in st.get("addresses") or []]
+    public = str(nat.get("public_ip") or "")
+    if nat.get("udp_mapped_port"):
+        seen = f"{nat.get('udp_public_ip') or '?'}:{nat['udp_mapped_port']}"
+        udp = f"works (the server saw {seen} from local port {nat.get('udp_local_port')})"
+    else:
+        udp = f"does not get through: {nat.get('udp_error') or 'no answer'} (UDP hole punching is off the table)"
+    name = str(nat.get("nat_name") or "UNKNOWN_NAT")
+    if name in MAPPING_WORDS:
+        mapping = f"{MAPPING_WORDS[name]}  [RustDesk: {name}]"
+    else:
+        mapping = f"unknown: {nat.get('error') or 'not measured'}"
+    if not public:
+        where = "unknown (the server did not say)"
+    elif public in addresses:
+        where = f"{public} (on this host: no NAT between here and the server)"
+    else:
+        where = f"{public} (behind a NAT: this host's addresses are {', '.join(addresses) or 'none'})"
+    if nat.get("port1") and nat.get("port1") == nat.get("local_tcp_port"):
+        where += ", TCP port preserved"
+    relay = st.get("relay") or {}
+    relay_text = (
+        f"{relay.get('address')}  TCP handshake {_ms(relay.get('rtt_ms'))}"
+        if relay.get("rtt_ms") is not None
+        else f"{relay.get('address') or '-'}  unreachable: {relay.get('error') or 'no answer'}"
+    )
+    v6 = [a for a in addresses if ":" in a]
+    lines = [
+        f"UDP           {udp}",
+        f"mapping       {mapping}",
+        "filtering     not measured (needs a second server address to send from)",
+        f"public IP     {where}",
+        f"IPv6          {', '.join(v6) if v6 else 'no global address on this host'}",
+        f"server        {st.get('server') or '-'}  TCP handshake {_ms(nat.get('server_rtt_ms'))}",
+        f"relay         {relay_text}",
+    ]
+    return "\n".join(lines)
 
 
 def one_line(text: object, limit: int = 300) -> str:

@@ -160,12 +160,14 @@ class TestNatRequest(_message.Message):
     def __init__(self, serial: _Optional[int] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class TestNatResponse(_message.Message):
-    __slots__ = ("port", "cu")
+    __slots__ = ("port", "cu", "observed_ip")
     PORT_FIELD_NUMBER: _ClassVar[int]
     CU_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_IP_FIELD_NUMBER: _ClassVar[int]
     port: int
     cu: ConfigUpdate
-    def __init__(self, port: _Optional[int] = ..., cu: _Optional[_Union[ConfigUpdate, _Mapping]] = ...) -> None: ...
+    observed_ip: str
+    def __init__(self, port: _Optional[int] = ..., cu: _Optional[_Union[ConfigUpdate, _Mapping]] = ..., observed_ip: _Optional[str] = ...) -> None: ...
 
 class PunchHoleSent(_message.Message):
     __slots__ = ("socket_addr", "id", "relay_server", "nat_type", "version", "upnp_port", "socket_addr_v6", "answer_token")

@@ -114,10 +114,19 @@ NETCHECK: dict[str, Any] = {
         "nat_name": "SYMMETRIC",
         "port1": 40001,
         "port2": 40009,
+        "local_tcp_port": 5000,
+        "udp_mapped_port": 41000,
+        "udp_local_port": 6000,
         "measured_at": NOW,
         "error": "",
         "udp_error": "",
+        "public_ip": "198.51.100.7",
+        "udp_public_ip": "198.51.100.7",
+        "server_rtt_ms": 12.25,
     },
+    "server": "198.51.100.1:21116",
+    "relay": {"address": "198.51.100.1:21117", "rtt_ms": None, "error": "connection refused"},
+    "addresses": ["10.0.0.2", "2001:db8::2"],
 }
 CANNED = {"status": STATUS, "actors": ACTORS, "sessions": SESSIONS, "netcheck": NETCHECK}
 
@@ -265,12 +274,30 @@ async def test_sessions_empty(agent: CannedAgent, capsys: pytest.CaptureFixture[
 async def test_netcheck_table(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "netcheck"], capsys)
     assert rc == 0 and err == ""
-    fields: dict[str, str] = {}
-    for line in out.splitlines():
-        key, _, value = line.strip().partition(" ")
-        fields[key] = value.strip()
-    assert fields["nat_name"] == "SYMMETRIC" and fields["port2"] == "40009"
-    assert set(fields) == set(NETCHECK["nat"])
+    fields = {line[:14].strip(): line[14:] for line in out.splitlines()}
+    assert fields["UDP"] == "works (the server saw 198.51.100.7:41000 from local port 6000)"
+    assert fields["mapping"].startswith("endpoint-dependent (symmetric NAT)") and "SYMMETRIC" in fields["mapping"]
+    assert fields["filtering"].startswith("not measured")
+    assert fields["public IP"] == "198.51.100.7 (behind a NAT: this host's addresses are 10.0.0.2, 2001:db8::2)"
+    assert fields["IPv6"] == "2001:db8::2"
+    assert fields["server"] == "198.51.100.1:21116  TCP handshake 12.2 ms"
+    assert fields["relay"] == "198.51.100.1:21117  unreachable: connection refused"
+    assert "measured_at" not in out  # the raw fields are for --json
+
+
+async def test_netcheck_in_words_without_udp_or_nat(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    nat = agent.replies["netcheck"]["nat"]
+    nat.update(nat_name="ASYMMETRIC", port1=5000, udp_mapped_port=None, udp_error="no UDP answer within 2 s")
+    nat.update(public_ip="10.0.0.2")
+    agent.replies["netcheck"]["relay"] = {"address": "198.51.100.1:21117", "rtt_ms": 3.0, "error": ""}
+    rc, out, _ = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "netcheck"], capsys)
+    fields = {line[:14].strip(): line[14:] for line in out.splitlines()}
+    assert rc == 0 and fields["UDP"].startswith("does not get through: no UDP answer within 2 s")
+    assert fields["mapping"].startswith("endpoint-independent")
+    assert fields["public IP"] == "10.0.0.2 (on this host: no NAT between here and the server), TCP port preserved"
+    assert fields["relay"] == "198.51.100.1:21117  TCP handshake 3.0 ms"
+    rc, out, _ = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "netcheck", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["nat"]["udp_error"] == "no UDP answer within 2 s"
 
 
 @pytest.mark.parametrize("command", list(ops_cli.COMMANDS))

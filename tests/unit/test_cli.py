@@ -300,14 +300,83 @@ def test_relay_key_file_binary(files: dict[str, Path], capsys: pytest.CaptureFix
     "argv",
     [
         ["pipe", "1234567890", "127.0.0.1:22"],
-        ["down"],
+        ["connect", "1234567890", "-L", "12345:127.0.0.1:22"],  # refuses at once instead of listening for nothing
     ],
 )
 def test_no_agent_running(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / "s"
     rc, _, err = run(cli.main, ["--state-dir", str(state), *argv], capsys)
     message = assert_one_line_error(rc, err, statuses=(1, 2))
-    assert "no agent running" in message and str(state) in message
+    assert "no agent running" in message and str(state) in message and "punchthrough up" in message
+
+
+def test_down_is_idempotent_and_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for _ in range(2):
+        assert run(cli.main, ["--state-dir", str(tmp_path / "s"), "down"], capsys) == (0, "", "")
+
+
+def test_global_options_also_after_the_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "s"
+    rc, out, _ = run(cli.main, ["id", "--state-dir", str(state)], capsys)
+    assert rc == 0 and (state / "id_ed25519").exists()
+    assert run(cli.main, ["--state-dir", str(state), "id"], capsys)[1] == out
+    assert run(cli.main, ["--state-dir", str(tmp_path / "other"), "id", "--state-dir", str(state)], capsys)[1] == out
+
+
+def test_allow_revoke_and_targets_edit_the_config_a_running_agent_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.access import load_state_config
+    from agent.pins import PinStore
+    from agent.trust import fingerprint
+
+    state = tmp_path / "s"
+    spec = f"1234567890={fingerprint(bytes(32))}"
+    rc, out, _ = run(cli.main, ["--state-dir", str(state), "allow", "1234567890"], capsys)
+    assert rc == 0 and "allowed 1234567890" in out
+    assert run(cli.main, ["--state-dir", str(state), "allow", spec], capsys)[0] == 0  # the key named replaces it
+    assert run(cli.main, ["allow-target", "127.0.0.1:22", "--state-dir", str(state)], capsys)[0] == 0
+    cfg = load_state_config(state)
+    assert (cfg.access.allow, cfg.access.allow_targets) == ([spec], ["127.0.0.1:22"])
+    PinStore(state).check_and_pin("1234567890", bytes(32))
+    rc, out, _ = run(cli.main, ["--state-dir", str(state), "revoke", "1234567890"], capsys)
+    assert rc == 0 and "forgot its pinned key" in out
+    assert load_state_config(state).access.allow == [] and PinStore(state).get("1234567890") is None
+    assert "was not allowed" in run(cli.main, ["--state-dir", str(state), "revoke", "1234567890"], capsys)[1]
+    assert run(cli.main, ["--state-dir", str(state), "revoke-target", "127.0.0.1:22"], capsys)[0] == 0
+    assert load_state_config(state).access.allow_targets == []
+    for bad in (["allow", "not an id"], ["allow", "1=SHA256:short"], ["allow-target", "nohostport"]):
+        rc, _, err = run(cli.main, ["--state-dir", str(state), *bad], capsys)
+        assert_one_line_error(rc, err)
+
+
+def test_peers_lists_allowed_pinned_and_seen_and_forgets_a_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json as jsonmod
+    import time
+
+    from agent.pins import PinStore
+    from agent.seen import SeenPeers
+    from agent.trust import fingerprint
+
+    state = tmp_path / "s"
+    assert run(cli.main, ["--state-dir", str(state), "peers"], capsys)[1].startswith("no peers yet")
+    run(cli.main, ["--state-dir", str(state), "allow", "1111111111"], capsys)
+    PinStore(state).check_and_pin("1111111111", bytes(32))
+    seen = SeenPeers(state)
+    seen.note("2222222222", "tcp_punch", "initiator", fingerprint(b"k" * 32))
+    seen.flush()
+    rc, out, _ = run(cli.main, ["--state-dir", str(state), "peers", "--json"], capsys)
+    rows = {r["id"]: r for r in jsonmod.loads(out)}
+    assert rows["1111111111"]["allowed"] == "by ID" and rows["1111111111"]["pinned"]
+    assert rows["1111111111"]["key"] == fingerprint(bytes(32))
+    assert rows["2222222222"]["allowed"] == "no" and rows["2222222222"]["last_path"] == "tcp_punch"
+    assert time.time() - rows["2222222222"]["last_seen"] < 60
+    table = run(cli.main, ["--state-dir", str(state), "peers"], capsys)[1]
+    assert "via tcp_punch (initiator)" in table and "never" in table
+    rc, out, _ = run(cli.main, ["--state-dir", str(state), "peers", "--forget", "1111111111"], capsys)
+    assert "forgot the key pinned for 1111111111" in out and rc == 0 and PinStore(state).get("1111111111") is None
 
 
 @pytest.mark.parametrize(
@@ -473,3 +542,21 @@ def test_ops_state_dir_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_ops_uses_state_dir_from_environment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = run(ops_cli.main, ["status"], capsys)
     assert str(tmp_path / "default-state") in assert_one_line_error(rc, err, prog="punchthrough-ops", statuses=(1, 2))
+
+
+def test_up_flags_merge_into_the_config_the_user_owns(tmp_path: Path) -> None:
+    """A later `up --allow-target X` alone keeps who was allowed (it used to reset `allow = []`)."""
+    from agent.access import save_state_config
+    from agent.config import Config
+
+    state = tmp_path / "s"
+    state.mkdir()
+    cfg = Config()
+    cfg.access.allow = ["1111111111"]
+    cfg.agent.server = "rv.example:21116"
+    save_state_config(state, cfg)
+    args = cli.build_parser().parse_args(["up", "--allow-target", "127.0.0.1:22", "--allow", "2222222222"])
+    merged = cli._effective_config(args, state)
+    assert merged.access.allow == ["1111111111", "2222222222"]
+    assert merged.access.allow_targets == ["127.0.0.1:22"]
+    assert merged.agent.server == "rv.example:21116"  # kept; a flag would set it

@@ -86,7 +86,9 @@ def test_classify_never_raises(p1: int, p2: int, l1: int, l2: int, e1: str, e2: 
 
 
 def test_verdict_combines_tcp_and_udp() -> None:
-    v = make_verdict(T(40000, 5000), T(40000, 5000), UdpObservation(41000, 6000), measured_at=123.5)
+    first = T(40000, 5000, observed_ip="198.51.100.7", connect_ms=12.5)
+    udp = UdpObservation(41000, 6000, observed_ip="198.51.100.7")
+    v = make_verdict(first, T(40000, 5000, observed_ip="198.51.100.7"), udp, measured_at=123.5)
     assert v.known
     assert (v.nat_type, v.nat_name) == (NatType.ASYMMETRIC, "ASYMMETRIC")
     assert v.as_dict() == {
@@ -100,7 +102,17 @@ def test_verdict_combines_tcp_and_udp() -> None:
         "measured_at": 123.5,
         "error": "",
         "udp_error": "",
+        "public_ip": "198.51.100.7",
+        "udp_public_ip": "198.51.100.7",
+        "server_rtt_ms": 12.5,
     }
+
+
+@pytest.mark.parametrize("said", ["", "not an ip", "1.2.3.4\x1b[2J", "::1%eth0" + "x" * 500, "300.1.1.1"])
+def test_a_servers_word_for_our_address_is_an_ip_or_nothing(said: str) -> None:
+    """The observed IP goes onto people's terminals: anything but an address is dropped."""
+    v = make_verdict(T(1, 2, observed_ip=said), T(1, 2), UdpObservation(3, 4, observed_ip=said), 0.0)
+    assert (v.public_ip, v.udp_public_ip) == ("", "")
 
 
 def test_verdict_without_udp() -> None:

@@ -467,7 +467,16 @@ def test_udp_test_nat_needs_padding() -> None:
     assert h.drops()["reply_larger_than_request"] == 1
     acts = h.udp(src, test_nat_request=pb.TestNatRequest(padding=b"\0" * 8))
     kind, msg = parsed(only(acts, SendUdp).payload)
-    assert (kind, msg.port) == ("test_nat_response", 61234)
+    assert (kind, msg.port, msg.observed_ip) == ("test_nat_response", 61234, "")  # the IP does not fit
+
+
+@pytest.mark.parametrize("source", ["203.0.113.5:61234", "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:61234"])
+def test_udp_test_nat_says_the_source_ip_when_it_fits(source: str) -> None:
+    """netcheck's padded request (64 bytes) has room for the longest IPv6 address text."""
+    h = Harness()
+    request = messages.build(test_nat_request=pb.TestNatRequest(padding=bytes(64)))
+    kind, msg = parsed(only(h.udp(sa(source), raw=request), SendUdp).payload)
+    assert (kind, msg.port, msg.observed_ip) == ("test_nat_response", 61234, str(sa(source).ip))
 
 
 def test_an_unpadded_challenge_request_gets_nothing() -> None:
@@ -561,6 +570,7 @@ def test_tcp_test_nat_reports_source_port(role: str) -> None:
     acts = h.tcp(7, sa("203.0.113.5:45678"), role, test_nat_request=pb.TestNatRequest(serial=3))
     kind, msg = parsed(only(acts, SendTcp).payload)
     assert (kind, msg.port, msg.HasField("cu")) == ("test_nat_response", 45678, False)
+    assert msg.observed_ip == "203.0.113.5"
 
 
 @pytest.mark.parametrize("role", ["main", "nat"])
