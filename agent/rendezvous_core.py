@@ -664,8 +664,8 @@ class RendezvousCore:
             return self.drop(exc.reason, src, now, f"tcp {role}")
         self.messages[f"tcp.{kind}"] += 1
         if kind == "test_nat_request":
-            reply = pb.TestNatResponse(port=src.port, observed_ip=str(src.ip))
-            return [SendTcp(conn, messages.build(test_nat_response=reply))]
+            seen = pb.TestNatResponse(port=src.port, observed_ip=str(src.ip))
+            return [SendTcp(conn, messages.build(test_nat_response=seen))]
         if kind == "online_request":
             return [SendTcp(conn, self._online(msg.peers, now))]
         if role != "main":
