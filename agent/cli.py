@@ -403,6 +403,8 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
                 if runner.running_pid(state_dir) is not None:
                     raise CliError(f"an agent already runs for state dir {state_dir} (`punchthrough down` stops it)")
                 private_dir(state_dir)
+                if cfg.agent.server:  # seconds to learn what a Ray start would take ~10 s to find
+                    runner.preflight(state_dir, cfg)
                 write_config(state_dir, cfg)
             identity.load_or_create(state_dir)
             if args.foreground:

@@ -28,8 +28,8 @@ from typing import Any
 import psutil
 
 from agent import addr as addrmod
-from agent import ctlproto
-from agent.access import build_policy
+from agent import ctlproto, session_view
+from agent.access import build_policy, known_peers
 from agent.addr import AddressError, split_host_port
 from agent.config import Config
 from agent.handshake import Binding, HandshakeError, trusted_peer_key
@@ -196,7 +196,7 @@ class Coordinator:
         registration = await self._safe(self.registrar, "status")
         nat_status = await self._safe(self.nat_probe, "status")
         nat = nat_status.get("latest") or nat_status
-        sessions = await self._session_list()
+        sessions = await self._session_rows()
         ident = self.identity
         server_key = self.server_key()
         return {
@@ -211,13 +211,21 @@ class Coordinator:
             "embedded": self.embedded,
             "registration": registration,
             "nat": nat,
-            "sessions_active": sum(s.get("state") in ("handshake", "open") for s in sessions),
-            "sessions_total": len(sessions),
+            "peers": session_view.peer_view(self._known_peers(), sessions),
+            "sessions_active": session_view.counts(sessions)[0],
+            "sessions_total": session_view.counts(sessions)[1],
             "pushes": dict(self.pushes),
             "pushes_refused": dict(self.pushes_refused),
             "uptime": round(time.monotonic() - self.started, 1),
             "version": VERSION,
         }
+
+    def _known_peers(self) -> list[dict[str, Any]]:
+        try:
+            return known_peers(self.state_dir)
+        except (OSError, ValueError) as exc:  # a config.toml being edited by hand must not break status
+            log.warning("cannot list known peers: %s", exc)
+            return []
 
     def _admits_anyone(self) -> bool:
         try:
@@ -239,27 +247,23 @@ class Coordinator:
             return []
 
     async def sessions(self) -> dict[str, Any]:
-        live = {s["id"]: s for s in await self._session_list()}
-        out = []
-        for sid, plan in self.plans.items():
-            entry = live.pop(sid, None) or {
+        return {"ok": True, "sessions": await self._session_rows()}
+
+    async def _session_rows(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        plans = [
+            {
                 "id": sid,
                 "peer": plan.peer,
                 "role": plan.role,
                 "path": plan.path,
-                "state": "failed",
-                "bytes_out": 0,
-                "bytes_in": 0,
-                "age": round(time.monotonic() - plan.created, 3),
-                # the session owner does not know it: it never opened, or the owner restarted
-                "error": plan.error or ("lost: the session owner restarted" if plan.path else ""),
+                "error": plan.error,
+                "age": round(now - plan.created, 3),
+                "attempts": [a.as_dict() for a in plan.attempts],
             }
-            entry["attempts"] = [a.as_dict() for a in plan.attempts]
-            if plan.error and not entry.get("error"):
-                entry["error"] = plan.error
-            out.append(entry)
-        out.extend(dict(s, attempts=[]) for s in live.values())
-        return {"ok": True, "sessions": out}
+            for sid, plan in self.plans.items()
+        ]
+        return session_view.join(plans, await self._session_list())
 
     def _plan(self, sid: str, peer: str, role: str) -> SessionPlan:
         plan = self.plans[sid] = SessionPlan(sid, peer, role)
@@ -432,8 +436,8 @@ class Coordinator:
         away), so the peer learns why at once instead of waiting out its budget."""
         who = binding.peer_id if binding is not None else "an unnamed requester"
         spec = spec_for(binding.peer_id, binding.public_key) if binding is not None else ""
-        reason = why or f"peer {who} is not allowed here"
-        text = f"{reason} (its owner can allow {spec})" if spec else reason
+        reason = why or f"{who} is not on this agent's allow list"
+        text = f"{reason}: on {self.identity.peer_id}, run `punchthrough allow {spec}`" if spec else reason
         self.pushes_refused["not admitted" if binding is not None else "unnamed requester"] += 1
         if self._refusal_log.drop(kind, who, time.monotonic()):
             log.warning("ignored a %s push: %s", kind, text)
@@ -534,7 +538,7 @@ class Coordinator:
             "responder",
             meta,
         )
-        outcome = "won" if dial.get("ok") else "error"
+        outcome = "connected" if dial.get("ok") else "error"
         plan.path = "relay"
         plan.attempts.append(Attempt("relay", outcome, str(dial.get("reason", "")), ms_since(started)))
         if not dial.get("ok"):

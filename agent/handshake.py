@@ -684,14 +684,14 @@ class Responder(_Machine):
             if self._pw_key is None:
                 raise self._refuse(
                     f"peer {shown} is allowed by ID only and nothing vouched for its key {fingerprint(pk)} "
-                    f"on this path (allow {spec} to admit that key here)",
+                    f"on this path (`punchthrough allow {spec}` admits that key here)",
                     f"peer {shown}: this agent allows your ID but cannot check your key on this path; "
-                    f"its owner can allow {spec}",
+                    f"on {self.my_id}, run `punchthrough allow {spec}`",
                 )
         if self._pw_key is None:
             raise self._refuse(
-                f"peer {shown} is not allowed (not listed, no password set)",
-                f"peer {shown} is not allowed here: its owner can allow {spec}",
+                f"peer {shown} is not allowed (not listed, no password set; `punchthrough allow {spec}` lets it in)",
+                f"{shown} is not on this agent's allow list: on {self.my_id}, run `punchthrough allow {spec}`",
             )
         if not auth.password_proof:
             raise self._refuse(f"peer {shown} is not listed and gave no password", "password required")

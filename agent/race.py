@@ -351,10 +351,11 @@ class Race:
                     attempt.reason = str(t.get("reason", ""))
                     attempt.elapsed_ms = ms_since(self.started)
                     break
+        won = any(t.get("outcome") == "won" for t in transports)
         for attempt in self.plan.attempts:
             if attempt.outcome in ("connected", "running"):
                 attempt.outcome = "cancelled"
-                attempt.reason = attempt.reason or "another path won first"
+                attempt.reason = attempt.reason or ("another path won first" if won else "stopped: no path won")
                 attempt.elapsed_ms = ms_since(self.started)
 
     def relay_sooner(self, stagger: float) -> None:

@@ -338,6 +338,7 @@ class RegistrarCore:
             "confirmed": self.confirmed,
             "nat_type": self.nat_type,
             "last_reply_age": None if self._last_reply is None else round(now - self._last_reply, 3),
+            "unanswered_for": None if self._outstanding_since is None else round(now - self._outstanding_since, 3),
             "registrations_sent": self.sent_pk + self.sent_peer,
             "register_pk_sent": self.sent_pk,
             "register_peer_sent": self.sent_peer,

@@ -13,6 +13,7 @@ head sweeps it (actors.ray_runtime.sweep_stale_temp_dirs).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import shutil
@@ -27,8 +28,11 @@ from typing import Any
 import psutil
 
 from agent import ctlproto
+from agent.addr import split_host_port
+from agent.config import Config
 from agent.files import private_append, private_dir
-from agent.pins import SERVER_PINS_FILE
+from agent.pins import SERVER_PINS_FILE, ServerPins
+from agent.preflight import no_answer
 from agent.runtime_paths import control_socket, runtime_dir
 from agent.stack import enabled_components, load_runtime
 
@@ -115,21 +119,40 @@ def registration_problem(state_dir: Path, status: dict[str, Any], waited: float)
     if state == "registered":
         return ""
     if reg.get("server_key_problem"):
-        return (
-            f"{reg['server_key_problem']}: not registering. If the server's key really changed, remove {server} "
-            f"from {state_dir / SERVER_PINS_FILE} (or give the right --server-key) and run `punchthrough up` again"
-        )
+        return key_problem(reg["server_key_problem"], server, state_dir)
     if state == "unreachable" or (waited > REGISTRATION_WAIT and not reg.get("replies")):
-        return (
-            f"rendezvous server {server} does not answer ({reg.get('registrations_sent', 0)} registrations sent, "
-            f"no reply): check that it runs, that the address is right and that UDP port {server.rsplit(':', 1)[-1]} "
-            f"reaches it (logs: {state_dir / 'logs'})"
-        )
+        sent = reg.get("registrations_sent", 0)
+        return f"{no_answer(server, f'{sent} registrations sent, no reply')} (logs: {state_dir / 'logs'})"
     if state.startswith("error:"):
         return f"rendezvous server {server} refused the registration ({state[7:]}); see {state_dir / 'logs'}"
     if waited > REGISTRATION_WAIT:
         return f"not registered with {server} after {waited:.0f}s (state: {state}); see {state_dir / 'logs'}"
     return None
+
+
+def key_problem(problem: str, server: str, state_dir: Path) -> str:
+    """A server that signs with another key than the trusted one, and how to set that right."""
+    return (
+        f"{problem}: not registering. The server's machine prints its key when it starts (`punchthrough up` with "
+        f"embedded servers, or `serve`); give that with --server-key, or if the key really changed, remove {server} "
+        f"from {state_dir / SERVER_PINS_FILE}, then `punchthrough up` again"
+    )
+
+
+def preflight(state_dir: Path, cfg: Config) -> None:
+    """RunnerError unless `cfg`'s rendezvous server answers, signing with the key we trust (or may learn)."""
+    from agent import identity
+    from agent.preflight import check_server
+
+    trusted = (
+        base64.b64decode(cfg.agent.server_key) if cfg.agent.server_key else ServerPins(state_dir).get(cfg.agent.server)
+    )
+    ident = identity.load_or_create(state_dir)
+    check = check_server(cfg.agent.server, split_host_port(cfg.agent.server, 21116), ident, trusted)
+    if "signs with key" in check.problem:
+        raise RunnerError(key_problem(check.problem, cfg.agent.server, state_dir))
+    if check.problem:
+        raise RunnerError(check.problem)
 
 
 def up_report(state_dir: Path, status: dict[str, Any], pid: int) -> list[str]:
@@ -142,9 +165,11 @@ def up_report(state_dir: Path, status: dict[str, Any], pid: int) -> list[str]:
     if status.get("peer_spec"):
         lines.append(f"peers allow this agent as {status['peer_spec']}")
     if status.get("embedded") and status.get("server_key_b64"):
+        port = str(status.get("server", "")).rpartition(":")[2]
+        where = "<this host's address>" + (f":{port}" if port and port != "21116" else "")
         lines.append(
-            f"peers use this machine's rendezvous server with --server <this host> --server-key "
-            f"{status['server_key_b64']}"
+            f"peers use this machine's rendezvous server with: up --server {where} --server-key "
+            f"{status['server_key_b64']}  (key {status.get('server_key') or '?'})"
         )
     if reg.get("server_key_learned"):
         lines.append(
@@ -153,8 +178,8 @@ def up_report(state_dir: Path, status: dict[str, Any], pid: int) -> list[str]:
         )
     if not status.get("admits_anyone", True):
         lines.append(
-            "warning: this agent admits nobody yet: on it, `punchthrough allow ID=SHA256:...` (what "
-            "`punchthrough id` prints on the peer) or set a password"
+            "note: no peer may connect to this agent yet (fine if it only connects out); to let one in, run "
+            "`punchthrough allow ID=SHA256:...` here with what `punchthrough id` prints on the peer"
         )
     return lines
 

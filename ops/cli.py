@@ -7,7 +7,10 @@ Tables for people, `--json` for scripts (the JSON keys are stable).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import os
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import ctlproto
+from agent.netutil import loopback_pair
 from agent.paths import default_state_dir
 from agent.runtime_paths import control_socket
 
@@ -54,6 +58,10 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
 
 
+UNANSWERED_NOTE = 2.0
+"""Seconds without an answer to a registration before status says so (one normally takes milliseconds)."""
+
+
 def render_status(st: dict[str, Any]) -> str:
     reg = st.get("registration", {})
     nat = st.get("nat") or {}
@@ -62,6 +70,11 @@ def render_status(st: dict[str, Any]) -> str:
         f"server        {st.get('server')}{'  (embedded)' if st.get('embedded') else ''}"
         + (f"  key {st['server_key']}" if st.get("server_key") else "  key not known yet"),
         f"registration  {reg.get('state', '-')}  last reply {_age(reg.get('last_reply_age'))} ago"
+        + (
+            f"  (no answer for {_age(reg['unanswered_for'])}: the server may be down)"
+            if (reg.get("unanswered_for") or 0) > UNANSWERED_NOTE
+            else ""
+        )
         + (f"  ({reg['server_key_problem']})" if reg.get("server_key_problem") else ""),
         f"nat           {nat.get('nat_name', 'unknown')}"
         + (f"  measured {_age(time.time() - nat['measured_at'])} ago" if nat.get("measured_at") else "")
@@ -78,7 +91,29 @@ def render_status(st: dict[str, Any]) -> str:
         if net.get("last_change"):
             text += f", last {_age(net.get('last_change_age'))} ago: {net['last_change']}"
         lines.insert(4, text)
+    peers = st.get("peers")
+    if isinstance(peers, list):
+        lines += ["", render_peer_table(peers)]
     return "\n".join(lines)
+
+
+def render_peer_table(peers: list[dict[str, Any]]) -> str:
+    """One line per peer, like `tailscale status`: who, which key, allowed how, what is happening now."""
+    if not peers:
+        return "no peers yet (`punchthrough allow ID=SHA256:...` lets one in; `punchthrough-ops ping ID` tries one)"
+    rows = []
+    for p in peers:
+        if p.get("active"):
+            now = (
+                f"active: {p['active']} session{'s' if p['active'] != 1 else ''} via {', '.join(p.get('paths') or [])}"
+            )
+        elif p.get("last_seen"):
+            now = f"idle, last seen {_age(time.time() - float(p['last_seen']))} ago via {p.get('last_path') or '?'}"
+        else:
+            now = "never seen"
+        key = str(p.get("key") or "")
+        rows.append([p.get("id", "?"), key[:18] + "..." if len(key) > 18 else key or "-", p.get("allowed", "-"), now])
+    return table(["PEER", "KEY", "ALLOWED IN", "NOW"], rows)
 
 
 def render_actors(st: dict[str, Any]) -> str:
@@ -137,6 +172,22 @@ MAPPING_WORDS = {
 }
 
 
+def _global_unicast(text: str) -> bool:
+    """2000::/3, the test the IPv6 strategy uses for the addresses it offers and dials."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return ip.version == 6 and (int(ip) >> 125) == 0b001
+
+
+def _is(text: str, prop: str) -> bool:
+    try:
+        return bool(getattr(ipaddress.ip_address(text), prop))
+    except ValueError:
+        return False
+
+
 def render_netcheck(st: dict[str, Any]) -> str:
     """The measurement in words, like `tailscale netcheck`; `--json` keeps every raw field."""
     nat = st.get("nat") or {}
@@ -154,6 +205,8 @@ def render_netcheck(st: dict[str, Any]) -> str:
         mapping = f"unknown: {nat.get('error') or 'not measured'}"
     if not public:
         where = "unknown (the server did not say)"
+    elif _is(public, "is_loopback"):
+        where = f"{public} (the server is on this host: ask a server elsewhere to learn the public address)"
     elif public in addresses:
         where = f"{public} (on this host: no NAT between here and the server)"
     else:
@@ -166,13 +219,15 @@ def render_netcheck(st: dict[str, Any]) -> str:
         if relay.get("rtt_ms") is not None
         else f"{relay.get('address') or '-'}  unreachable: {relay.get('error') or 'no answer'}"
     )
-    v6 = [a for a in addresses if ":" in a]
+    v6 = [a for a in addresses if ":" in a and _global_unicast(a)]
+    v6_local = [a for a in addresses if ":" in a and a not in v6]
     lines = [
         f"UDP           {udp}",
         f"mapping       {mapping}",
         "filtering     not measured (needs a second server address to send from)",
         f"public IP     {where}",
-        f"IPv6          {', '.join(v6) if v6 else 'no global address on this host'}",
+        f"IPv6          {', '.join(v6) if v6 else 'no global address on this host'}"
+        + (f" (only {', '.join(v6_local)}, which peers elsewhere cannot reach)" if v6_local and not v6 else ""),
         f"server        {st.get('server') or '-'}  TCP handshake {_ms(nat.get('server_rtt_ms'))}",
         f"relay         {relay_text}",
     ]
@@ -191,15 +246,140 @@ def one_line(text: object, limit: int = 300) -> str:
 RENDER = {"status": render_status, "actors": render_actors, "sessions": render_sessions, "netcheck": render_netcheck}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+PING_SIZE = 32
+PING_GAP = 0.2
+"""Seconds between pings, as `ping -i 0.2`."""
+
+
+def ping(state_dir: Path, peer: str, count: int, path: str, timeout: float) -> dict[str, Any]:
+    """Open a session to `peer` with no target (the peer echoes) and time `count` round trips through it.
+
+    The first number is what a new connection costs (the race and handshake); the round trips are
+    what every byte pays on the path that won.
+    """
+    mine, theirs = loopback_pair()
+    request = {
+        "op": "open",
+        "peer": peer,
+        "target": "",
+        "path": path,
+        "password": os.environ.get("PUNCHTHROUGH_PASSWORD"),
+    }
+    started = time.perf_counter()
+    try:
+        try:
+            reply = ctlproto.call(control_socket(state_dir), request, [theirs.fileno()], timeout=timeout + 5)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise OpsError(f"no agent running for state dir {state_dir} (start it with `punchthrough up`)") from None
+        except ctlproto.ControlError as exc:
+            raise OpsError(f"the agent for {state_dir} did not answer properly: {exc}") from None
+        finally:
+            theirs.close()
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            error = reply.get("error") if isinstance(reply, dict) else None
+            raise OpsError(f"cannot reach {peer}: {one_line(error or 'the agent refused')}")
+        setup_ms = (time.perf_counter() - started) * 1000
+        mine.settimeout(timeout)
+        rtts = []
+        for seq in range(count):
+            if seq:
+                time.sleep(PING_GAP)
+            probe = struct.pack("!Q", seq) + os.urandom(PING_SIZE - 8)
+            sent = time.perf_counter()
+            mine.sendall(probe)
+            echoed = b""
+            while len(echoed) < len(probe):
+                chunk = mine.recv(len(probe) - len(echoed))
+                if not chunk:
+                    raise OpsError(f"{peer} closed the session after {seq} of {count} pings (an older agent?)")
+                echoed += chunk
+            if echoed != probe:
+                raise OpsError(f"{peer} echoed something else than was sent (ping {seq})")
+            rtts.append(round((time.perf_counter() - sent) * 1000, 3))
+    except TimeoutError:
+        raise OpsError(f"{peer} did not answer a ping within {timeout:g} s") from None
+    except OSError as exc:
+        raise OpsError(f"ping {peer}: {exc.strerror or exc}") from None
+    finally:
+        mine.close()
+    won = str(reply.get("path", ""))
+    return {
+        "peer": peer,
+        "path": won,
+        "direct": won not in ("relay", ""),
+        "session": reply.get("session"),
+        "setup_ms": round(setup_ms, 3),
+        "agent_setup_ms": reply.get("elapsed_ms"),
+        "rtt_ms": rtts,
+    }
+
+
+def render_ping(result: dict[str, Any]) -> str:
+    rtts = [float(r) for r in result.get("rtt_ms") or []]
+    how = "direct" if result.get("direct") else "through the relay"
+    lines = [f"session to {result['peer']} via {result.get('path') or '?'} ({how}) in {result['setup_ms']:.1f} ms"]
+    lines += [
+        f"pong from {result['peer']} via {result.get('path')}: seq={i} time={r:.2f} ms" for i, r in enumerate(rtts)
+    ]
+    if rtts:
+        low, mean, high = min(rtts), sum(rtts) / len(rtts), max(rtts)
+        lines.append(f"{len(rtts)} pings, round trip min/avg/max = {low:.2f}/{mean:.2f}/{high:.2f} ms")
+    return "\n".join(lines)
+
+
+def _common(p: argparse.ArgumentParser, top: bool) -> None:
+    """--state-dir and --json before the subcommand or after it."""
+    kw: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="agent state dir (env PUNCHTHROUGH_STATE_DIR)",
+        **({"default": None} if top else kw),
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output", **kw)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be within 1-1000, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="punchthrough-ops", description="show what a running punchthrough agent is doing")
-    parser.add_argument("--state-dir", type=Path, default=None, help="agent state dir (env PUNCHTHROUGH_STATE_DIR)")
-    parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    helps = {
+        "status": "this agent: ID, server, registration, NAT, peers and their paths",
+        "actors": "the agent's actors: pid, state, restarts, CPU, memory",
+        "sessions": "every session: peer, path, state, bytes, attempts",
+        "netcheck": "measure the network now: UDP, NAT mapping, public address, server and relay round trips",
+    }
+    for name in COMMANDS:
+        _common(sub.add_parser(name, help=helps[name]), top=False)
+    pg = sub.add_parser("ping", help="open a session to a peer and time round trips through it (path, direct or not)")
+    _common(pg, top=False)
+    pg.add_argument("peer", help="peer ID (or ID@HOST[:PORT], ID=SHA256:...)")
+    pg.add_argument("-c", "--count", type=_count, default=3, help="round trips to time (default 3)")
+    pg.add_argument("--path", default="", help="path policy for this session (default: the agent's)")
+    pg.add_argument("--timeout", type=float, default=15.0, help="seconds to wait (default 15)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
         state_dir = args.state_dir or default_state_dir()
         path = control_socket(state_dir)
+        if args.command == "ping":
+            result = ping(state_dir, args.peer, args.count, args.path, args.timeout)
+            print(json.dumps(result, indent=2, sort_keys=True) if args.json else render_ping(result))
+            return 0
         try:
             reply = ctlproto.call(path, {"op": args.command}, timeout=30 if args.command == "netcheck" else 5)
         except (FileNotFoundError, ConnectionRefusedError):

@@ -157,12 +157,16 @@ class CannedAgent:
             sock.close()
             return reply
         sock.setblocking(False)
+        if self.replies.get("open_closes"):
+            sock.close()  # an agent whose peer does not echo an empty target
+            return reply
 
         async def echo_upper() -> None:
+            """The target's answer (upper case); with no target, the peer's echo as it is."""
             loop = asyncio.get_running_loop()
             try:
                 while data := await loop.sock_recv(sock, 65536):
-                    await loop.sock_sendall(sock, data.upper())
+                    await loop.sock_sendall(sock, data.upper() if req.get("target") else data)
             finally:
                 sock.close()
 
@@ -218,6 +222,90 @@ async def test_status_table(agent: CannedAgent, capsys: pytest.CaptureFixture[st
     assert agent.requests == [{"op": "status"}]
 
 
+PEERS = [
+    {
+        "id": "2345678901",
+        "allowed": "by key",
+        "key": "SHA256:bbbbJ0bLd1rQ6w5o0fTj3g2xXq8oXlqKk1Ue2xJb3aY",
+        "pinned": True,
+        "last_seen": NOW - 300,
+        "last_path": "tcp_punch",
+        "active": 2,
+        "paths": ["relay", "tcp_punch"],
+    },
+    {"id": "3456789012", "allowed": "by ID", "key": "", "pinned": False, "last_seen": NOW - 600, "last_path": "lan"},
+    {"id": "4567890123", "allowed": "by key", "key": "SHA256:cccc", "pinned": False, "last_seen": None},
+]
+
+
+async def test_status_shows_peers_like_tailscale_status(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    agent.replies["status"] = dict(STATUS, peers=PEERS)
+    rc, out, _ = await run(ops_cli.main, ["status", "--state-dir", str(agent.state_dir)], capsys)
+    table = out.split("\n\n", 1)[1].splitlines()
+    assert rc == 0 and table[0].split() == ["PEER", "KEY", "ALLOWED", "IN", "NOW"]
+    assert table[1].split(None, 4) == [
+        "2345678901",
+        "SHA256:bbbbJ0bLd1r...",
+        "by",
+        "key",
+        "active: 2 sessions via relay, tcp_punch",
+    ]
+    assert re.search(r"3456789012\s+-\s+by ID\s+idle, last seen (10|9)m ago via lan$", table[2]), table[2]
+    assert table[3].endswith("never seen")
+    agent.replies["status"] = dict(STATUS, peers=[])
+    rc, out, _ = await run(ops_cli.main, ["status", "--state-dir", str(agent.state_dir)], capsys)
+    assert out.rstrip().endswith("`punchthrough-ops ping ID` tries one)")
+
+
+async def test_status_says_when_the_server_stopped_answering(
+    agent: CannedAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Registered a moment ago, but the last heartbeat has had no answer: say so before it turns unreachable."""
+    agent.replies["status"] = dict(STATUS, registration=dict(STATUS["registration"], unanswered_for=4.5))
+    rc, out, _ = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "status"], capsys)
+    assert rc == 0
+    assert "registration  registered  last reply 1.5s ago  (no answer for 4.5s: the server may be down)" in out
+
+
+async def test_ping_times_round_trips_through_a_session(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    agent.replies["open"] = {"ok": True, "session": "s-9", "path": "tcp_punch", "elapsed_ms": 12.5}
+    rc, out, err = await run(
+        ops_cli.main, ["ping", "2345678901", "-c", "2", "--state-dir", str(agent.state_dir)], capsys
+    )
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert re.fullmatch(r"session to 2345678901 via tcp_punch \(direct\) in \d+\.\d ms", lines[0]), lines[0]
+    assert re.fullmatch(r"pong from 2345678901 via tcp_punch: seq=1 time=\d+\.\d\d ms", lines[2]), lines[2]
+    assert lines[3].startswith("2 pings, round trip min/avg/max = ")
+    assert agent.requests[0] == {"op": "open", "peer": "2345678901", "target": "", "path": "", "password": None}
+    agent.replies["open"] = {"ok": True, "session": "s-10", "path": "relay"}
+    rc, out, _ = await run(ops_cli.main, ["--json", "--state-dir", str(agent.state_dir), "ping", "2345678901"], capsys)
+    result = json.loads(out)
+    assert rc == 0 and (result["path"], result["direct"], len(result["rtt_ms"])) == ("relay", False, 3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "replies", "wanted"),
+    [
+        (["-c", "0"], {}, "must be within 1-1000"),
+        (["-c", "x"], {}, "not a number"),
+        ([], {"open": {"ok": False, "error": "peer 2345678901 is not registered"}}, "cannot reach 2345678901: peer"),
+        ([], {"open": {"ok": True, "path": "lan"}, "open_closes": True}, "closed the session after 0 of 3 pings"),
+    ],
+)
+async def test_ping_failures_are_one_line(
+    agent: CannedAgent, capsys: pytest.CaptureFixture[str], argv: list[str], replies: dict[str, Any], wanted: str
+) -> None:
+    agent.replies.update(replies)
+    rc, _, err = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "ping", "2345678901", *argv], capsys)
+    assert wanted in one_line_error(rc, err, "punchthrough-ops")
+
+
+async def test_ping_without_an_agent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = await run(ops_cli.main, ["ping", "2345678901", "--state-dir", str(tmp_path)], capsys)
+    assert "no agent running" in one_line_error(rc, err, "punchthrough-ops")
+
+
 async def test_status_table_sparse_reply(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:
     """An agent that is still starting has no registration, no NAT verdict: placeholders, not errors."""
     agent.replies["status"] = {"ok": True, "id": "1234567890", "nat": None}
@@ -252,7 +340,20 @@ async def test_sessions_table(agent: CannedAgent, capsys: pytest.CaptureFixture[
     assert rc == 0 and err == ""
     lines = out.splitlines()
     assert lines[0].split() == [
-        "SESSION", "PEER", "ROLE", "PATH", "STATE", "KEY", "/", "TRUSTED", "BY", "OUT", "IN", "AGE", "ATTEMPTS", "/",
+        "SESSION",
+        "PEER",
+        "ROLE",
+        "PATH",
+        "STATE",
+        "KEY",
+        "/",
+        "TRUSTED",
+        "BY",
+        "OUT",
+        "IN",
+        "AGE",
+        "ATTEMPTS",
+        "/",
         "ERROR",
     ]
     assert lines[1].split()[:5] == ["s-1", "2345678901", "initiator", "relay", "open"]
@@ -568,3 +669,13 @@ async def test_serve_relay_port_taken_is_one_line(tmp_path: Path, capsys: pytest
     finally:
         for holder in holders:
             holder.close()
+
+
+async def test_netcheck_with_the_server_on_this_host(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's own setup: the embedded server sees loopback; a unique-local IPv6 is not offered to peers."""
+    agent.replies["netcheck"]["nat"].update(public_ip="127.0.0.1")
+    agent.replies["netcheck"]["addresses"] = ["192.0.2.2", "fd00::2"]
+    rc, out, _ = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "netcheck"], capsys)
+    fields = {line[:14].strip(): line[14:] for line in out.splitlines()}
+    assert rc == 0 and fields["public IP"].startswith("127.0.0.1 (the server is on this host")
+    assert fields["IPv6"] == "no global address on this host (only fd00::2, which peers elsewhere cannot reach)"

@@ -438,7 +438,7 @@ async def test_b_does_nothing_on_the_network_for_a_peer_it_would_not_admit(tmp_p
                 t0 = loop.time()
                 sock, reply = await open_stream(c_dir, pair.b_id, pair.echo)
                 assert sock is None
-                assert "is not allowed here" in reply["error"] and c_spec in reply["error"], reply
+                assert "is not on this agent's allow list" in reply["error"] and c_spec in reply["error"], reply
                 assert loop.time() - t0 < 5.0  # told, not left to wait out its connect timeout
             b = pair.b.components
             for kind in ("lan", "tcp_punch", "udp_punch", "relay"):

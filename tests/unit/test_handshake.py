@@ -225,7 +225,7 @@ def test_a_bare_allowed_id_with_nothing_to_vouch_for_its_key_is_refused() -> Non
         make_a(),
         "nothing vouched for its key",
         f"peer {A_ID}: this agent allows your ID but cannot check your key on this path; "
-        f"its owner can allow {A_ID}={fingerprint(A_PK)}",
+        f"on {B_ID}, run `punchthrough allow {A_ID}={fingerprint(A_PK)}`",
     )
 
 
@@ -503,7 +503,7 @@ def test_unlisted_peer() -> None:
         make_b(Policy(allowed_ids=frozenset({"111"}))),
         make_a(),
         "not allowed",
-        f"peer {A_ID} is not allowed here: its owner can allow {A_ID}={fingerprint(A_PK)}",
+        f"{A_ID} is not on this agent's allow list: on {B_ID}, run `punchthrough allow {A_ID}={fingerprint(A_PK)}`",
     )
 
 

@@ -484,7 +484,16 @@ def test_status_fields() -> None:
     assert st_["replies"] == 2
     assert st_["pushes_received"] == 0
     assert st_["drops"] == {}
+    assert st_["unanswered_for"] is None
     assert make().status(0)["last_reply_age"] is None
+
+
+def test_status_says_how_long_a_heartbeat_has_gone_unanswered() -> None:
+    """A dead server shows before the state turns unreachable (status said "registered" for ~10 s)."""
+    core = registered_core()
+    assert core.datagrams_to_send(core.interval + 1)
+    st_ = core.status(core.interval + 3.5)
+    assert (st_["state"], st_["unanswered_for"]) == (REGISTERED, 2.5)
 
 
 def test_bad_parameters_are_refused() -> None:

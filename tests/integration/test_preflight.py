@@ -1,0 +1,122 @@
+"""`up`'s first look at the server against a real rendezvous server and real dead ends (no Ray).
+
+Each case is one of the first hour's silent failures: a wrong `--server-key` used to give exit 0 and
+"registered"; an unreachable server, 25 s of waiting then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nacl.signing import SigningKey
+
+from agent import messages, preflight
+from agent.identity import load_or_create
+from agent.preflight import check_server
+from agent.proto import rendezvous_pb2 as pb
+from tests.agent_fixtures import start_servers
+
+
+async def check(server: str, state: Path, trusted: bytes | None) -> preflight.ServerCheck:
+    host, _, port = server.rpartition(":")
+    ident = load_or_create(state)
+    return await asyncio.to_thread(check_server, server, (host, int(port)), ident, trusted)
+
+
+async def test_the_right_key_passes_and_registers_nothing(tmp_path: Path) -> None:
+    servers = await start_servers(tmp_path / "srv")
+    try:
+        key = servers.rendezvous.core.public_key
+        result = await check(servers.server, tmp_path / "a", key)
+        assert (result.problem, result.key) == ("", key)
+        first_contact = await check(servers.server, tmp_path / "b", None)
+        assert (first_contact.problem, first_contact.key) == ("", key)  # what first contact would pin
+        assert servers.rendezvous.core.lookup(load_or_create(tmp_path / "a").peer_id) is None
+    finally:
+        await servers.relay.close()
+        await servers.rendezvous.close()
+
+
+async def test_a_wrong_key_is_refused_by_name(tmp_path: Path) -> None:
+    servers = await start_servers(tmp_path / "srv")
+    try:
+        wrong = bytes(SigningKey.generate().verify_key)
+        started = time.monotonic()
+        result = await check(servers.server, tmp_path / "a", wrong)
+        assert "signs with key SHA256:" in result.problem and "not the trusted SHA256:" in result.problem
+        assert result.key == servers.rendezvous.core.public_key
+        print(f"\nwrong key refused in {time.monotonic() - started:.3f}s")
+    finally:
+        await servers.relay.close()
+        await servers.rendezvous.close()
+
+
+async def test_nothing_listening_is_said_at_once(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    result = await check(f"127.0.0.1:{port}", tmp_path, None)
+    assert result.problem.startswith(f"rendezvous server 127.0.0.1:{port} does not answer (nothing listens there")
+    assert f"UDP port {port} reaches it" in result.problem
+    assert time.monotonic() - started < preflight.WAIT  # the ICMP answer, not the timeout
+
+
+@pytest.fixture
+def silent_or_unsigned() -> Iterator[tuple[int, list[bytes]]]:
+    """A UDP socket that answers each request with whatever the test put in the list (nothing if empty)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.1)
+    answers: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                _data, peer = sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            for answer in answers:
+                sock.sendto(answer, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1], answers
+    stop.set()
+    thread.join()
+    sock.close()
+
+
+async def test_a_silent_server_times_out_with_what_to_check(
+    tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(preflight, "WAIT", 3.5)
+    port, _ = silent_or_unsigned
+    result = await check(f"127.0.0.1:{port}", tmp_path, None)
+    assert result.problem == (
+        f"rendezvous server 127.0.0.1:{port} does not answer (no reply to 2 requests in 3.5 s): check that it runs, "
+        f"that the address is right and that UDP port {port} reaches it"
+    )
+
+
+async def test_an_unsigned_answer_is_not_a_punchthrough_server(
+    tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an hbbs says to a RegisterPk: OK, unsigned. It cannot vouch for keys, and `up` says so."""
+    monkeypatch.setattr(preflight, "WAIT", 1.0)
+    port, answers = silent_or_unsigned
+    answers.append(messages.build(register_pk_response=pb.RegisterPkResponse(result=pb.RegisterPkResponse.OK)))
+    result = await check(f"127.0.0.1:{port}", tmp_path, bytes(32))
+    assert "answers without a valid signature: not a punchthrough rendezvous server" in result.problem
+
+
+async def test_an_unknown_host_is_one_line(tmp_path: Path) -> None:
+    result = await check("no-such-host.invalid:21116", tmp_path, None)
+    assert result.problem.startswith("cannot resolve rendezvous server no-such-host.invalid:21116")
