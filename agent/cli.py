@@ -86,8 +86,21 @@ def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging", **kw)
 
 
+EPILOG = """first steps (README, "Use"):
+  B:  punchthrough up --allow-target 127.0.0.1:22     prints B's ID and the --server-key A needs
+  A:  punchthrough up --server B-ADDRESS --server-key KEY;  punchthrough id
+  B:  punchthrough allow A-ID=SHA256:...              live, no restart
+  A:  punchthrough-ops ping B-ID;  ssh -o ProxyCommand='punchthrough pipe %n 127.0.0.1:22' B-ID
+what it is doing: punchthrough-ops status | sessions | netcheck;  logs: STATE_DIR/logs/"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="punchthrough", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(
+        prog="punchthrough",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

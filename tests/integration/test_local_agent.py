@@ -88,7 +88,7 @@ async def test_unlisted_peer_refused(lab: AgentPair, tmp_path: Path) -> None:
         await wait_registered(c)
         sock, reply = await open_stream(c_dir, lab.b_id, lab.echo)
         assert sock is None
-        assert "not allowed" in reply["error"]
+        assert "is not on this agent's allow list" in reply["error"] and "punchthrough allow" in reply["error"]
     finally:
         await c.close()
 

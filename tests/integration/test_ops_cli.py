@@ -250,7 +250,7 @@ async def test_status_shows_peers_like_tailscale_status(agent: CannedAgent, caps
         "key",
         "active: 2 sessions via relay, tcp_punch",
     ]
-    assert re.search(r"3456789012\s+-\s+by ID\s+idle, last seen (10|9)m ago via lan$", table[2]), table[2]
+    assert re.search(r"3456789012\s+-\s+by ID\s+idle, last seen \d+m ago via lan$", table[2]), table[2]
     assert table[3].endswith("never seen")
     agent.replies["status"] = dict(STATUS, peers=[])
     rc, out, _ = await run(ops_cli.main, ["status", "--state-dir", str(agent.state_dir)], capsys)
