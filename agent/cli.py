@@ -20,10 +20,20 @@ from typing import Any
 from agent import config
 from agent.addr import AddressError, parse_port, split_host_port
 from agent.config import Config
-from agent.paths import default_state_dir
+from agent.paths import add_anywhere, add_state_dir, default_state_dir
 
 AGENT_COMMANDS = (
-    "up", "down", "id", "config", "connect", "pipe", "allow", "revoke", "allow-target", "revoke-target", "peers",
+    "up",
+    "down",
+    "id",
+    "config",
+    "connect",
+    "pipe",
+    "allow",
+    "revoke",
+    "allow-target",
+    "revoke-target",
+    "peers",
 )
 ACCESS_COMMANDS = ("allow", "revoke", "allow-target", "revoke-target", "peers")
 
@@ -76,14 +86,8 @@ def _positive(text: str) -> float:
 
 def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
     """--state-dir and -v, before the subcommand (top) or after it (each subcommand, not overriding)."""
-    kw: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        help="state directory (env PUNCHTHROUGH_STATE_DIR; default ~/.local/state/punchthrough)",
-        **({"default": None} if top else kw),
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging", **kw)
+    add_state_dir(p, top)
+    add_anywhere(p, top, "-v", "--verbose", action="store_true", help="debug logging")
 
 
 EPILOG = """first steps (README, "Use"):
@@ -195,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "connect":
             p.add_argument(
-                "-L", dest="forward", required=True, action="append", metavar="[BIND:]PORT:HOST:HOSTPORT",
+                "-L",
+                dest="forward",
+                required=True,
+                action="append",
+                metavar="[BIND:]PORT:HOST:HOSTPORT",
                 help="a local port to forward (repeatable, as with ssh)",
             )
         else:
@@ -411,34 +419,35 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
 
     try:
         if args.command == "up":
+            udp_blocked = ""
             if not args.keep_config:
                 cfg = _effective_config(args, state_dir)
                 if runner.running_pid(state_dir) is not None:
                     raise CliError(f"an agent already runs for state dir {state_dir} (`punchthrough down` stops it)")
                 private_dir(state_dir)
                 if cfg.agent.server:  # seconds to learn what a Ray start would take ~10 s to find
-                    runner.preflight(state_dir, cfg)
+                    udp_blocked = runner.preflight(state_dir, cfg)
                 write_config(state_dir, cfg)
             identity.load_or_create(state_dir)
             if args.foreground:
-                return runner.supervise(state_dir, announce=not args.keep_config)
-            return runner.start_background(state_dir)
+                return runner.supervise(state_dir, announce=not args.keep_config, udp_blocked=udp_blocked)
+            return runner.start_background(state_dir, udp_blocked=udp_blocked)
         if args.command == "down":
             return runner.down(state_dir)
         if args.command == "id":
             ident = identity.load_or_create(private_dir(state_dir))
             spec = spec_for(ident.peer_id, ident.public_key)
             if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "id": ident.peer_id,
-                            "fingerprint": ident.fingerprint,
-                            "public_key": base64.b64encode(ident.public_key).decode(),
-                            "peer_spec": spec,
-                        }
-                    )
-                )
+                info = {
+                    "id": ident.peer_id,
+                    "fingerprint": ident.fingerprint,
+                    "public_key": base64.b64encode(ident.public_key).decode(),
+                    "peer_spec": spec,
+                }
+                embedded_key = state_dir / "server" / "id_ed25519.pub"
+                if embedded_key.exists():  # what peers give as --server-key for this machine's servers
+                    info["embedded_server_key"] = embedded_key.read_text().strip()
+                print(json.dumps(info))
             else:
                 print(spec)
             return 0

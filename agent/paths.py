@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 STATE_ENV = "PUNCHTHROUGH_STATE_DIR"
+_SHOWN = "~/.local/state/punchthrough"
 
 
 def default_state_dir() -> Path:
@@ -16,3 +19,15 @@ def default_state_dir() -> Path:
     xdg = os.environ.get("XDG_STATE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".local" / "state"
     return base / "punchthrough"
+
+
+def add_anywhere(p: argparse.ArgumentParser, top: bool, *flags: str, **options: Any) -> None:
+    """An option the user may give before the subcommand (`top`: it holds the default) or after it
+    (on each subcommand, where leaving it out must not reset what was given before)."""
+    p.add_argument(*flags, **(options if top else {**options, "default": argparse.SUPPRESS}))
+
+
+def add_state_dir(p: argparse.ArgumentParser, top: bool) -> None:
+    add_anywhere(
+        p, top, "--state-dir", type=Path, default=None, help=f"state directory (env {STATE_ENV}; default {_SHOWN})"
+    )

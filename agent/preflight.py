@@ -12,10 +12,15 @@ import socket
 import time
 from dataclasses import dataclass
 
+from agent import messages
 from agent.addr import SockAddr, to_v4_if_mapped
 from agent.identity import Identity
+from agent.messages import MessageError
+from agent.netutil import describe_error
+from agent.proto import rendezvous_pb2 as pb
 from agent.registrar_core import RegistrarCore, ServerKeyRefused
 from agent.trust import fingerprint
+from agent.wire import FrameDecoder, FrameError, encode_frame
 
 WAIT = 6.0
 """Seconds without any answer before `up` says the server does not answer (the registrar's own
@@ -30,9 +35,46 @@ class ServerCheck:
     key: bytes | None = None
     """The key the server proved it holds (the trusted one, or the one first contact would pin)."""
     sent: int = 0
+    udp_blocked: str = ""
+    """Why UDP got nothing while the server answered over TCP: this agent can open sessions (their
+    requests go over TCP) but cannot register, so peers cannot reach it. "" when UDP works."""
+    unanswered: str = ""
+    """Why the UDP round trip got nothing at all (then TCP is worth a try)."""
+
+    @classmethod
+    def silent(cls, server: str, why: str, sent: int) -> ServerCheck:
+        return cls(no_answer(server, why), sent=sent, unanswered=why)
 
 
 def check_server(server: str, address: tuple[str, int], ident: Identity, trusted: bytes | None) -> ServerCheck:
+    """The UDP challenge round trip; when it gets nothing, whether the server answers over TCP at all."""
+    check = check_udp(server, address, ident, trusted)
+    if not check.unanswered:
+        return check
+    tcp_error = tcp_answers(address)
+    if tcp_error:
+        return ServerCheck.silent(server, f"UDP: {check.unanswered}; TCP: {tcp_error}", check.sent)
+    return ServerCheck("", None, check.sent, udp_blocked=check.unanswered)
+
+
+def tcp_answers(address: tuple[str, int], timeout: float = 3.0) -> str:
+    """ "" when a TestNatRequest over TCP gets its answer (a rendezvous server listens); else why not."""
+    try:
+        with socket.create_connection(address, timeout=timeout) as sock:
+            sock.sendall(encode_frame(messages.build(test_nat_request=pb.TestNatRequest(serial=0))))
+            decoder = FrameDecoder(4096)
+            while chunk := sock.recv(4096):
+                for payload in decoder.feed(chunk):
+                    if payload and messages.parse(payload)[0] == "test_nat_response":
+                        return ""
+            return "closed without answering"
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except (OSError, FrameError, MessageError) as exc:
+        return describe_error(exc)
+
+
+def check_udp(server: str, address: tuple[str, int], ident: Identity, trusted: bytes | None) -> ServerCheck:
     """Ask `address` (resolved from `server`) for a registration challenge and check who signed it."""
     try:
         infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_DGRAM)
@@ -56,11 +98,9 @@ def check_server(server: str, address: tuple[str, int], ident: Identity, trusted
             except TimeoutError:
                 continue
             except ConnectionRefusedError:
-                return ServerCheck(
-                    no_answer(server, "nothing listens there (ICMP port unreachable)"), sent=core.sent_pk
-                )
+                return ServerCheck.silent(server, "nothing listens there (ICMP port unreachable)", core.sent_pk)
             except OSError as exc:
-                return ServerCheck(no_answer(server, exc.strerror or str(exc)), sent=core.sent_pk)
+                return ServerCheck.silent(server, exc.strerror or str(exc), core.sent_pk)
             core.receive_datagram(data, target, time.monotonic() - started)
             for event in core.next_events():
                 if isinstance(event, ServerKeyRefused):
@@ -81,7 +121,9 @@ def check_server(server: str, address: tuple[str, int], ident: Identity, trusted
             "(a RustDesk hbbs cannot vouch for peers' keys), or something between rewrites its answers",
             sent=core.sent_pk,
         )
-    return ServerCheck(no_answer(server, f"no reply to {core.sent_pk} requests in {WAIT:g} s"), sent=core.sent_pk)
+    return ServerCheck.silent(
+        server, f"no reply to {core.sent_pk} request{'s' if core.sent_pk != 1 else ''} in {WAIT:g} s", core.sent_pk
+    )
 
 
 def no_answer(server: str, why: str) -> str:

@@ -65,8 +65,9 @@ def query(state_dir: Path, op: str, timeout: float = 3.0) -> dict[str, Any] | No
     return reply if isinstance(reply, dict) else None
 
 
-def start_background(state_dir: Path, wait: float = 90.0) -> int:
-    """Spawn the supervisor detached and wait until the agent is registered, or say why not and stop it."""
+def start_background(state_dir: Path, wait: float = 90.0, udp_blocked: str = "") -> int:
+    """Spawn the supervisor detached and wait until the agent is registered, or say why not and stop it
+    (with `udp_blocked`, registration cannot work yet: wait until the agent answers, then warn)."""
     logs = private_dir(state_dir / "logs")
     cmd = [sys.executable, "-m", "agent.cli", "--state-dir", str(state_dir), "up", "--foreground", "--keep-config"]
     out = private_append(logs / "agent.log")
@@ -77,16 +78,18 @@ def start_background(state_dir: Path, wait: float = 90.0) -> int:
     finally:
         os.close(out)
     try:
-        status = wait_until_registered(state_dir, wait, lambda: proc.poll())
+        status = wait_until_registered(state_dir, wait, lambda: proc.poll(), optional=bool(udp_blocked))
     except RunnerError:
         down(state_dir, quiet=True)
         raise
-    for line in up_report(state_dir, status, proc.pid):
+    for line in up_report(state_dir, status, proc.pid, udp_blocked):
         print(line, flush=True)
     return 0
 
 
-def wait_until_registered(state_dir: Path, wait: float, exited: Any = lambda: None) -> dict[str, Any]:
+def wait_until_registered(
+    state_dir: Path, wait: float, exited: Any = lambda: None, optional: bool = False
+) -> dict[str, Any]:
     """The agent's status once it is registered; RunnerError with the reason and what to check when it
     cannot register (its server does not answer, refuses it, or signs with a key we do not trust)."""
     logs = state_dir / "logs" / "agent.log"
@@ -100,6 +103,8 @@ def wait_until_registered(state_dir: Path, wait: float, exited: Any = lambda: No
             raise RunnerError(f"agent exited with status {code}: {' | '.join(tail)}")
         status = query(state_dir, "status")
         if status and "state" in (status.get("registration") or {}):  # the registrar itself answers
+            if optional:
+                return status
             if answering_since is None:
                 answering_since = time.monotonic()
             problem = registration_problem(state_dir, status, time.monotonic() - answering_since)
@@ -112,7 +117,7 @@ def wait_until_registered(state_dir: Path, wait: float, exited: Any = lambda: No
 
 
 def registration_problem(state_dir: Path, status: dict[str, Any], waited: float) -> str | None:
-    """"" when registered, a one-line reason (with what to check) when it will not be, None to keep waiting."""
+    """ "" when registered, a one-line reason (with what to check) when it will not be, None to keep waiting."""
     reg = status.get("registration") or {}
     state = str(reg.get("state", ""))
     server = str(status.get("server", "?"))
@@ -139,8 +144,10 @@ def key_problem(problem: str, server: str, state_dir: Path) -> str:
     )
 
 
-def preflight(state_dir: Path, cfg: Config) -> None:
-    """RunnerError unless `cfg`'s rendezvous server answers, signing with the key we trust (or may learn)."""
+def preflight(state_dir: Path, cfg: Config) -> str:
+    """RunnerError unless `cfg`'s rendezvous server answers, signing with the key we trust (or may learn).
+    Returns why UDP does not get through when only TCP does ("" when it does): then the agent can open
+    sessions but not register, and `up` says so instead of failing."""
     from agent import identity
     from agent.preflight import check_server
 
@@ -153,9 +160,10 @@ def preflight(state_dir: Path, cfg: Config) -> None:
         raise RunnerError(key_problem(check.problem, cfg.agent.server, state_dir))
     if check.problem:
         raise RunnerError(check.problem)
+    return check.udp_blocked
 
 
-def up_report(state_dir: Path, status: dict[str, Any], pid: int) -> list[str]:
+def up_report(state_dir: Path, status: dict[str, Any], pid: int, udp_blocked: str = "") -> list[str]:
     """What `up` tells its user: the agent is up, what to give peers, and what still needs doing."""
     reg = status.get("registration") or {}
     lines = [
@@ -176,6 +184,11 @@ def up_report(state_dir: Path, status: dict[str, Any], pid: int) -> list[str]:
             f"trusting rendezvous server {status['server']} on first contact: key {reg.get('server_key')} "
             f"(pinned in {state_dir / SERVER_PINS_FILE}; a different key from now on is refused)"
         )
+    if udp_blocked:
+        lines.append(
+            f"warning: UDP to the rendezvous server does not get through ({udp_blocked}), TCP does: this agent "
+            "can open sessions to peers, but cannot register, so no peer can reach it (registration keeps trying)"
+        )
     if not status.get("admits_anyone", True):
         lines.append(
             "note: no peer may connect to this agent yet (fine if it only connects out); to let one in, run "
@@ -184,7 +197,7 @@ def up_report(state_dir: Path, status: dict[str, Any], pid: int) -> list[str]:
     return lines
 
 
-def supervise(state_dir: Path, announce: bool = False) -> int:
+def supervise(state_dir: Path, announce: bool = False, udp_blocked: str = "") -> int:
     """The foreground agent: private Ray head + actors, until SIGTERM/SIGINT. With `announce` (a user's
     `up --foreground`) it says, as `up` does, when the agent is registered, or why it cannot be and stops."""
     from actors.ray_runtime import start_private_head
@@ -223,12 +236,12 @@ def supervise(state_dir: Path, announce: bool = False) -> int:
             def report() -> None:
                 nonlocal stopping, failed
                 try:
-                    status = wait_until_registered(state_dir, 90.0)
+                    status = wait_until_registered(state_dir, 90.0, optional=bool(udp_blocked))
                 except RunnerError as exc:
                     print(f"punchthrough: {exc}", file=sys.stderr, flush=True)
                     stopping = failed = True
                     return
-                for line in up_report(state_dir, status, os.getpid()):
+                for line in up_report(state_dir, status, os.getpid(), udp_blocked):
                     print(line, flush=True)
 
             threading.Thread(target=report, daemon=True).start()

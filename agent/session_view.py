@@ -19,7 +19,6 @@ race waits for a direct path before its relay push (the punch budget), with room
 
 ACTIVE = ("handshake", "open")
 ADMITTED = ("handshake", "open", "done")
-"""Answers whose transport reached the handshake: each is a session of its own."""
 RANK = {"open": 0, "handshake": 1, "done": 2, "connecting": 3, "answering": 3, "lost": 4, "failed": 5}
 """Which of a group's rows stands for the session: the one that got furthest."""
 
@@ -89,7 +88,7 @@ def fold_answers(rows: list[dict[str, Any]], window: float = ANSWER_WINDOW) -> l
     anchors: dict[int, list[dict[str, Any]]] = {}
     loose: list[tuple[int, dict[str, Any]]] = []
     for index, row in enumerate(rows):
-        if row.get("role") != "responder" or not row.get("peer") or row.get("state") in ADMITTED:
+        if row.get("role") != "responder" or not row.get("peer") or _a_session(row):
             anchors[index] = [row]
         else:
             loose.append((index, row))
@@ -100,7 +99,7 @@ def fold_answers(rows: list[dict[str, Any]], window: float = ANSWER_WINDOW) -> l
             if group[0].get("role") == "responder"
             and group[0].get("peer") == row.get("peer")
             and abs(_age(group[0]) - _age(row)) <= window
-            and (group[0].get("state") in ADMITTED or _age(group[0]) >= _age(row))
+            and (_a_session(group[0]) or _age(group[0]) >= _age(row))
         ]
         if near:
             anchors[min(near)[1]].append(row)
@@ -112,13 +111,19 @@ def fold_answers(rows: list[dict[str, Any]], window: float = ANSWER_WINDOW) -> l
         if len(members) == 1:
             out.append(members[0])
             continue
-        best = min(members, key=_progress)
+        best = members[0] if _a_session(members[0]) else min(members, key=_progress)
         attempts = list(best.get("attempts") or [])
         for other in members:
             if other is not best:
                 attempts += _as_attempts(other)
         out.append(dict(best, attempts=attempts, age=max(_age(m) for m in members), error=best.get("error") or ""))
     return out
+
+
+def _a_session(row: dict[str, Any]) -> bool:
+    """A session of its own: the peer was admitted on this transport and it was not left for another
+    path (one that failed after that, at its target or mid-stream, is a session that failed)."""
+    return row.get("state") in ADMITTED or (row.get("state") == "failed" and bool(row.get("admitted_by")))
 
 
 def _age(row: dict[str, Any]) -> float:

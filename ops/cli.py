@@ -19,7 +19,7 @@ from typing import Any
 
 from agent import ctlproto
 from agent.netutil import loopback_pair
-from agent.paths import default_state_dir
+from agent.paths import add_anywhere, add_state_dir, default_state_dir
 from agent.runtime_paths import control_socket
 
 COMMANDS = ("status", "actors", "sessions", "netcheck")
@@ -329,14 +329,8 @@ def render_ping(result: dict[str, Any]) -> str:
 
 def _common(p: argparse.ArgumentParser, top: bool) -> None:
     """--state-dir and --json before the subcommand or after it."""
-    kw: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        help="agent state dir (env PUNCHTHROUGH_STATE_DIR)",
-        **({"default": None} if top else kw),
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output", **kw)
+    add_state_dir(p, top)
+    add_anywhere(p, top, "--json", action="store_true", help="machine-readable output")
 
 
 def _count(text: str) -> int:
@@ -346,6 +340,16 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 1 <= value <= 1000:
         raise argparse.ArgumentTypeError(f"must be within 1-1000, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be within 0-3600 seconds, got {text}")
     return value
 
 
@@ -366,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("peer", help="peer ID (or ID@HOST[:PORT], ID=SHA256:...)")
     pg.add_argument("-c", "--count", type=_count, default=3, help="round trips to time (default 3)")
     pg.add_argument("--path", default="", help="path policy for this session (default: the agent's)")
-    pg.add_argument("--timeout", type=float, default=15.0, help="seconds to wait (default 15)")
+    pg.add_argument("--timeout", type=_seconds, default=15.0, help="seconds to wait (default 15)")
     return parser
 
 

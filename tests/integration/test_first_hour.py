@@ -130,6 +130,7 @@ def test_up_says_what_peers_need_and_that_nobody_can_get_in_yet(hour: Hour) -> N
     assert f"peers allow this agent as {hour.specs['b']}" in b
     assert f"up --server <this host's address>:{hour.port} --server-key {hour.server_key}" in b
     assert "no peer may connect to this agent yet" in b and "punchthrough allow ID=SHA256:" in b
+    assert json.loads(pt(hour.b, "id", "--json").stdout)["embedded_server_key"] == hour.server_key
     a = hour.a_out
     assert f"punchthrough agent {hour.ids['a']} is up" in a and "registration: registered" in a
     assert "trusting" not in a  # the key was given, so nothing is trusted on first use

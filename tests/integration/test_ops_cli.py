@@ -289,6 +289,8 @@ async def test_ping_times_round_trips_through_a_session(agent: CannedAgent, caps
     [
         (["-c", "0"], {}, "must be within 1-1000"),
         (["-c", "x"], {}, "not a number"),
+        (["--timeout", "nan"], {}, "must be within 0-3600 seconds"),
+        (["--timeout", "-1"], {}, "must be within 0-3600 seconds"),
         ([], {"open": {"ok": False, "error": "peer 2345678901 is not registered"}}, "cannot reach 2345678901: peer"),
         ([], {"open": {"ok": True, "path": "lan"}, "open_closes": True}, "closed the session after 0 of 3 pings"),
     ],

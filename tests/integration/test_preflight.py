@@ -20,6 +20,7 @@ from agent import messages, preflight
 from agent.identity import load_or_create
 from agent.preflight import check_server
 from agent.proto import rendezvous_pb2 as pb
+from agent.wire import encode_frame
 from tests.agent_fixtures import start_servers
 
 
@@ -63,7 +64,10 @@ async def test_nothing_listening_is_said_at_once(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     started = time.monotonic()
     result = await check(f"127.0.0.1:{port}", tmp_path, None)
-    assert result.problem.startswith(f"rendezvous server 127.0.0.1:{port} does not answer (nothing listens there")
+    assert result.problem.startswith(
+        f"rendezvous server 127.0.0.1:{port} does not answer (UDP: nothing listens there (ICMP port unreachable); "
+        "TCP: connection refused)"
+    )
     assert f"UDP port {port} reaches it" in result.problem
     assert time.monotonic() - started < preflight.WAIT  # the ICMP answer, not the timeout
 
@@ -101,9 +105,32 @@ async def test_a_silent_server_times_out_with_what_to_check(
     port, _ = silent_or_unsigned
     result = await check(f"127.0.0.1:{port}", tmp_path, None)
     assert result.problem == (
-        f"rendezvous server 127.0.0.1:{port} does not answer (no reply to 2 requests in 3.5 s): check that it runs, "
-        f"that the address is right and that UDP port {port} reaches it"
+        f"rendezvous server 127.0.0.1:{port} does not answer (UDP: no reply to 2 requests in 3.5 s; TCP: connection "
+        f"refused): check that it runs, that the address is right and that UDP port {port} reaches it"
     )
+
+
+async def test_udp_blocked_but_tcp_answering_is_a_warning_not_a_failure(
+    tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A network that drops UDP (natlab `udp-blocked`): the agent cannot register, but can open sessions."""
+    monkeypatch.setattr(preflight, "WAIT", 1.0)
+    port, _ = silent_or_unsigned
+    listener = socket.create_server(("127.0.0.1", port))
+
+    def answer_test_nat() -> None:
+        conn, peer = listener.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(encode_frame(messages.build(test_nat_response=pb.TestNatResponse(port=peer[1]))))
+
+    thread = threading.Thread(target=answer_test_nat, daemon=True)
+    thread.start()
+    try:
+        result = await check(f"127.0.0.1:{port}", tmp_path, None)
+    finally:
+        listener.close()
+    assert (result.problem, result.udp_blocked, result.key) == ("", "no reply to 1 request in 1 s", None)
 
 
 async def test_an_unsigned_answer_is_not_a_punchthrough_server(

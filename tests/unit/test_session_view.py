@@ -103,6 +103,22 @@ def test_two_sessions_close_together_stay_two_rows() -> None:
     assert counts(rows) == (1, 2)
 
 
+def test_a_session_that_failed_after_admission_keeps_its_row() -> None:
+    """Two sessions at once (KCP and TCP) to one peer; the KCP one dies mid-stream: still its own row."""
+    plans = [
+        plan("kcp", path="udp_punch", age=5.0, attempts=[attempt("udp_punch", "connected")]),
+        plan("tcp", path="tcp_punch", age=5.0, attempts=[attempt("tcp_punch", "connected")]),
+    ]
+    live = [
+        record("kcp", "failed", "udp_punch", 5.0, admitted_by="allow-list key", error="KCP connection lost"),
+        record("tcp", "open", "tcp_punch", 5.0, admitted_by="allow-list key"),
+        record("late", "lost", "relay", 4.0, admitted_by="allow-list key", error="the peer chose another path"),
+    ]
+    rows = join(plans, live)
+    assert [(r["id"], r["state"]) for r in rows] == [("kcp", "failed"), ("tcp", "open")]
+    assert rows[0]["error"] == "KCP connection lost"
+
+
 def test_a_failed_group_stays_failed_with_its_reason() -> None:
     plans = [
         plan("x", path="lan", age=3.0, error="lan: timed out", attempts=[attempt("lan", "error", "lan: timed out")]),
