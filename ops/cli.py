@@ -62,6 +62,14 @@ UNANSWERED_NOTE = 2.0
 """Seconds without an answer to a registration before status says so (one normally takes milliseconds)."""
 
 
+NAT_WORDS = {"ASYMMETRIC": "endpoint-independent mapping", "SYMMETRIC": "endpoint-dependent mapping (symmetric)"}
+
+
+def _nat_words(nat: dict[str, Any]) -> str:
+    name = str(nat.get("nat_name") or "")
+    return f"{NAT_WORDS[name]} [RustDesk: {name}]" if name in NAT_WORDS else (name or "unknown")
+
+
 def render_status(st: dict[str, Any]) -> str:
     reg = st.get("registration", {})
     nat = st.get("nat") or {}
@@ -76,7 +84,7 @@ def render_status(st: dict[str, Any]) -> str:
             else ""
         )
         + (f"  ({reg['server_key_problem']})" if reg.get("server_key_problem") else ""),
-        f"nat           {nat.get('nat_name', 'unknown')}"
+        f"nat           {_nat_words(nat)}"
         + (f"  measured {_age(time.time() - nat['measured_at'])} ago" if nat.get("measured_at") else "")
         + (f"  error: {nat['error']}" if nat.get("error") else ""),
         f"sessions      {st.get('sessions_active', 0)} active, {st.get('sessions_total', 0)} total",

@@ -215,7 +215,8 @@ async def test_status_table(agent: CannedAgent, capsys: pytest.CaptureFixture[st
     assert lines[1] == f"server        127.0.0.1:21116  (embedded)  key {STATUS['server_key']}"
     assert lines[2] == "registration  registered  last reply 1.5s ago"
     # NOW is taken at import: in a long suite run the age may have grown past a minute
-    assert re.fullmatch(r"nat           ASYMMETRIC  measured \d+(\.\d)?[smh] ago", lines[3]), lines[3]
+    pattern = r"nat           endpoint-independent mapping \[RustDesk: ASYMMETRIC\]  measured \d+(\.\d)?[smh] ago"
+    assert re.fullmatch(pattern, lines[3]), lines[3]
     assert lines[4] == "sessions      1 active, 3 total"
     assert lines[5] == "pushes        2 received, 1 refused (a peer this agent does not admit)"
     assert lines[6] == "uptime        67m"
