@@ -157,7 +157,11 @@ def ensure_agent(state_dir: Path) -> None:
     except (OSError, ctlproto.ControlError):
         raise ClientError(f"no agent running for state dir {state_dir} (start it with `punchthrough up`)") from None
     if not isinstance(reply, dict) or not reply.get("ok"):
-        raise ClientError(f"the agent for state dir {state_dir} does not answer properly: {reply!r:.200}")
+        why = reply.get("error") if isinstance(reply, dict) else f"a {type(reply).__name__}, not a map"
+        raise ClientError(
+            f"the agent for state dir {state_dir} does not answer properly ({str(why)[:200]}): an older version? "
+            "`punchthrough down && punchthrough up` restarts it"
+        )
 
 
 def _listen(spec: ForwardSpec) -> socket.socket:

@@ -128,7 +128,13 @@ NETCHECK: dict[str, Any] = {
     "relay": {"address": "198.51.100.1:21117", "rtt_ms": None, "error": "connection refused"},
     "addresses": ["10.0.0.2", "2001:db8::2"],
 }
-CANNED = {"status": STATUS, "actors": ACTORS, "sessions": SESSIONS, "netcheck": NETCHECK}
+CANNED = {
+    "status": STATUS,
+    "actors": ACTORS,
+    "sessions": SESSIONS,
+    "netcheck": NETCHECK,
+    "ping": {"ok": True, "id": "1234567890"},
+}
 
 Main = Callable[[Sequence[str] | None], int]
 
@@ -682,3 +688,55 @@ async def test_netcheck_with_the_server_on_this_host(agent: CannedAgent, capsys:
     fields = {line[:14].strip(): line[14:] for line in out.splitlines()}
     assert rc == 0 and fields["public IP"].startswith("127.0.0.1 (the server is on this host")
     assert fields["IPv6"] == "no global address on this host (only fd00::2, which peers elsewhere cannot reach)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_connect_forwards_several_ports_at_once(agent: CannedAgent) -> None:
+    """`connect -L A -L B` (ssh takes many): each accepted connection is opened to its own target."""
+    ports = [_free_port(), _free_port()]
+    targets = ["127.0.0.1:22", "[::1]:80"]
+    argv = [sys.executable, "-m", "agent.cli", "--state-dir", str(agent.state_dir), "connect", "2345678901"]
+    for port, target in zip(ports, targets, strict=True):
+        argv += ["-L", f"{port}:{target}"]
+    proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        banner = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert b"forwarding" in banner, banner
+        for port in ports:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"hello\n")
+            assert await asyncio.wait_for(reader.readline(), 10) == b"HELLO\n"
+            writer.close()
+        opened = [r["target"] for r in agent.requests if r.get("op") == "open"]
+        assert opened == targets
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_connect_binds_every_port_or_none(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    free = _free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        argv = ["--state-dir", str(agent.state_dir), "connect", "1", "-L", f"{free}:h:22", "-L", f"{busy}:h:80"]
+        rc, _, err = await run(cli.main, argv, capsys)
+    assert f"cannot listen on 127.0.0.1:{busy}" in one_line_error(rc, err, "punchthrough")
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", free))  # the first port was let go
+
+
+async def test_connect_to_an_agent_that_does_not_know_ping(
+    agent: CannedAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    del agent.replies["ping"]  # an agent from before `ping` existed
+    rc, _, err = await run(cli.main, ["--state-dir", str(agent.state_dir), "connect", "1", "-L", "1:h:22"], capsys)
+    message = one_line_error(rc, err, "punchthrough")
+    assert "does not answer properly (unknown request 'ping')" in message and "punchthrough down" in message
