@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +100,27 @@ def add_allow(entries: list[str], spec: PeerSpec) -> list[str]:
 
 
 def allow_peer(state_dir: Path, text: str) -> str:
+    """`punchthrough allow`: stricter than the config (a typed ID is checked against what agent IDs look
+    like, and a key already known under another ID is pointed out), because it is typed by hand."""
     spec = parse_peer_spec(text)
+    if not AGENT_ID.fullmatch(spec.peer_id):
+        raise ValueError(
+            f"{spec.peer_id!r} is not an agent ID: they are 10 digits, as `punchthrough id` prints them on the peer"
+        )
+    elsewhere = [p["id"] for p in known_peers(state_dir) if spec.fingerprint and p["key"] == spec.fingerprint]
     cfg = load_state_config(state_dir)
     cfg.access.allow = add_allow(cfg.access.allow, spec)
     save_state_config(state_dir, cfg)
     how = "that key only" if spec.fingerprint else "the key the rendezvous server has bound to it"
-    return f"allowed {spec} ({how}); a running agent admits it from its next session"
+    text = f"allowed {spec} ({how}); a running agent admits it from its next session"
+    others = [p for p in elsewhere if p != spec.peer_id]
+    if others:
+        text += f"\nnote: this key is known here as peer {', '.join(others)}: is the ID right?"
+    return text
+
+
+AGENT_ID = re.compile(r"[1-9][0-9]{9}")
+"""What `derive_id` makes: RustDesk-style, ten digits."""
 
 
 def revoke_peer(state_dir: Path, peer_id: str) -> str:
@@ -125,7 +141,11 @@ def revoke_peer(state_dir: Path, peer_id: str) -> str:
     forgot = PinStore(state_dir).forget(peer_id)
     if not found and not forgot:
         return f"{peer_id} was not allowed"
-    return f"revoked {peer_id}" + (" and forgot its pinned key" if forgot else "") + " (a running agent: at once)"
+    return (
+        f"revoked {peer_id}"
+        + (" and forgot its pinned key" if forgot else "")
+        + " (a running agent refuses its next session; sessions already open run on until they end)"
+    )
 
 
 def edit_target(state_dir: Path, target: str, add: bool) -> str:

@@ -184,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop this agent (only its own Ray, never a global `ray stop`)")
     idp = sub.add_parser("id", help="print this agent's ID=SHA256:<key fingerprint>, the string peers allow")
     idp.add_argument("--json", action="store_true")
-    cfgp = sub.add_parser("config", help="print the config with every default (or the given file, checked)")
+    cfgp = sub.add_parser(
+        "config",
+        help="print the config this agent runs with (STATE_DIR/config.toml, every default filled in and "
+        "explained), or the given file, checked",
+    )
     cfgp.add_argument("--config", type=Path, default=None)
 
     for name, helptext in (
@@ -423,7 +427,10 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
             if not args.keep_config:
                 cfg = _effective_config(args, state_dir)
                 if runner.running_pid(state_dir) is not None:
-                    raise CliError(f"an agent already runs for state dir {state_dir} (`punchthrough down` stops it)")
+                    raise CliError(
+                        f"an agent already runs for state dir {state_dir} (`punchthrough allow` and `allow-target` "
+                        "change who and what without a restart; `punchthrough down` stops it)"
+                    )
                 private_dir(state_dir)
                 if cfg.agent.server:  # seconds to learn what a Ray start would take ~10 s to find
                     udp_blocked = runner.preflight(state_dir, cfg)
@@ -452,7 +459,10 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
                 print(spec)
             return 0
         if args.command == "config":
-            print(config.dump(config.load(args.config)), end="")
+            from agent.access import load_state_config
+
+            cfg = config.load(args.config) if args.config else load_state_config(state_dir)
+            print(config.dump(cfg), end="")
             return 0
         raise CliError(f"unknown command {args.command!r}")
     except (runner.RunnerError, config.ConfigError, AddressError, KeyFileError) as exc:

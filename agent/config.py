@@ -144,7 +144,12 @@ def _check_server_key(text: str) -> None:
     except ValueError:
         key = b""
     if len(key) != 32:
-        raise ConfigError(f"agent.server_key must be a base64 32-byte ed25519 public key, got {shown(text)}")
+        hint = (
+            " (that is a fingerprint: give the base64 key that `punchthrough up` prints on the server's machine)"
+            if text.startswith("SHA256:")
+            else ""
+        )
+        raise ConfigError(f"agent.server_key must be a base64 32-byte ed25519 public key, got {shown(text)}{hint}")
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")

@@ -29,7 +29,7 @@ import psutil
 
 from agent import addr as addrmod
 from agent import ctlproto, session_view
-from agent.access import build_policy, known_peers
+from agent.access import allowed, build_policy, known_peers
 from agent.addr import AddressError, split_host_port
 from agent.config import Config
 from agent.handshake import Binding, HandshakeError, trusted_peer_key
@@ -219,6 +219,15 @@ class Coordinator:
             "uptime": round(time.monotonic() - self.started, 1),
             "version": VERSION,
         }
+
+    def _allowed_elsewhere(self, binding: Binding) -> str:
+        """The IDs an allow entry names for this key, other than the one it came with."""
+        try:
+            entries = allowed(self.live_cfg(), self.state_dir)
+        except (OSError, ValueError):
+            return ""
+        want = fingerprint(binding.public_key)
+        return ", ".join(pid for pid, fp in entries.items() if fp == want and pid != binding.peer_id)
 
     def _known_peers(self) -> list[dict[str, Any]]:
         try:
@@ -438,6 +447,8 @@ class Coordinator:
         spec = spec_for(binding.peer_id, binding.public_key) if binding is not None else ""
         reason = why or f"{who} is not on this agent's allow list"
         text = f"{reason}: on {self.identity.peer_id}, run `punchthrough allow {spec}`" if spec else reason
+        if binding is not None and (typo := self._allowed_elsewhere(binding)):
+            text += f" (its key is allowed here as {typo}: a typo in that ID?)"
         self.pushes_refused["not admitted" if binding is not None else "unnamed requester"] += 1
         if self._refusal_log.drop(kind, who, time.monotonic()):
             log.warning("ignored a %s push: %s", kind, text)

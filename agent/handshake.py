@@ -634,7 +634,8 @@ class Responder(_Machine):
         if target and target not in self.policy.allowed_targets:
             raise self._refuse(
                 f"peer {shown} asked for target {_show(target)}, which is not allowed",
-                f"target {_show(target)} is not allowed",
+                f"target {_show(target)} is not allowed: on {self.my_id}, run "
+                f"`punchthrough allow-target {_show(target)}`",
             )
         assert self._channel is not None
         reply = self._channel.seal(pb.Message(auth_result=pb.AuthResult(ok=True)).SerializeToString())

@@ -135,8 +135,15 @@ def registration_problem(state_dir: Path, status: dict[str, Any], waited: float)
     return None
 
 
-def key_problem(problem: str, server: str, state_dir: Path) -> str:
-    """A server that signs with another key than the trusted one, and how to set that right."""
+def key_problem(problem: str, server: str, state_dir: Path, configured: bool = False) -> str:
+    """A server that signs with another key than the trusted one, and how to set that right: the key came
+    from --server-key (kept in config.toml) or was pinned on first contact (known_servers.json)."""
+    if configured:
+        return (
+            f"{problem}: not registering. That key came from --server-key (kept in {state_dir / 'config.toml'}); "
+            "if this is the right server, give the key `punchthrough up` (or `serve`) prints on its machine: "
+            "`punchthrough up --server-key KEY`"
+        )
     return (
         f"{problem}: not registering. The server's machine prints its key when it starts (`punchthrough up` with "
         f"embedded servers, or `serve`); give that with --server-key, or if the key really changed, remove {server} "
@@ -157,10 +164,24 @@ def preflight(state_dir: Path, cfg: Config) -> str:
     ident = identity.load_or_create(state_dir)
     check = check_server(cfg.agent.server, split_host_port(cfg.agent.server, 21116), ident, trusted)
     if "signs with key" in check.problem:
-        raise RunnerError(key_problem(check.problem, cfg.agent.server, state_dir))
+        raise RunnerError(key_problem(check.problem, cfg.agent.server, state_dir, bool(cfg.agent.server_key)))
     if check.problem:
         raise RunnerError(check.problem)
     return check.udp_blocked
+
+
+def host_address_hint(addresses: list[str] | None = None) -> str:
+    """This host's address as peers would dial it, when there is one to name (one IPv4, or a choice)."""
+    from agent.netwatch import interface_addresses
+    from agent.netwatch_core import usable_addresses
+
+    found = sorted(usable_addresses(interface_addresses() if addresses is None else addresses))
+    v4 = [a for a in found if ":" not in a]
+    if len(v4) == 1:
+        return v4[0]
+    if v4:
+        return f"<one of {', '.join(v4[:4])}{', ...' if len(v4) > 4 else ''}>"
+    return "<this host's address>"
 
 
 def up_report(state_dir: Path, status: dict[str, Any], pid: int, udp_blocked: str = "") -> list[str]:
@@ -174,7 +195,7 @@ def up_report(state_dir: Path, status: dict[str, Any], pid: int, udp_blocked: st
         lines.append(f"peers allow this agent as {status['peer_spec']}")
     if status.get("embedded") and status.get("server_key_b64"):
         port = str(status.get("server", "")).rpartition(":")[2]
-        where = "<this host's address>" + (f":{port}" if port and port != "21116" else "")
+        where = host_address_hint() + (f":{port}" if port and port != "21116" else "")
         lines.append(
             f"peers use this machine's rendezvous server with: up --server {where} --server-key "
             f"{status['server_key_b64']}  (key {status.get('server_key') or '?'})"

@@ -63,8 +63,10 @@ def join(plans: list[dict[str, Any]], live: list[dict[str, Any]]) -> list[dict[s
     return fold_answers(rows)
 
 
-def _as_attempts(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """A folded answer's attempts, saying how its transport ended when it did get one."""
+def _as_attempts(row: dict[str, Any], session_won: bool) -> list[dict[str, Any]]:
+    """A folded answer's attempts, saying how its transport ended when it did get one. Beside a session
+    that got going, an answer that ended without admission was simply not used (A went another way,
+    and then B's punch times out): "not used", not an error that looks like a fault."""
     out = []
     for a in row.get("attempts") or []:
         if a.get("outcome") in ("connected", "won") and row.get("state") in ("lost", "failed"):
@@ -72,6 +74,13 @@ def _as_attempts(row: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(a)
     if not out and row.get("path"):
         out.append({"strategy": row["path"], "outcome": row.get("state"), "reason": str(row.get("error") or "")})
+    if session_won:
+        out = [
+            dict(a, outcome="not used", reason=f"another path won; {a.get('reason') or a.get('outcome')}")
+            if a.get("outcome") in ("error", "failed", "lost")
+            else a
+            for a in out
+        ]
     return out
 
 
@@ -115,7 +124,7 @@ def fold_answers(rows: list[dict[str, Any]], window: float = ANSWER_WINDOW) -> l
         attempts = list(best.get("attempts") or [])
         for other in members:
             if other is not best:
-                attempts += _as_attempts(other)
+                attempts += _as_attempts(other, _a_session(best))
         out.append(dict(best, attempts=attempts, age=max(_age(m) for m in members), error=best.get("error") or ""))
     return out
 

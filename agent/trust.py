@@ -50,7 +50,10 @@ def parse_peer_spec(text: str) -> PeerSpec:
     shown = text if len(text) <= 100 else text[:100] + "..."
     peer_id, sep, fp = text.strip().partition("=")
     if not ID_RE.fullmatch(peer_id):
-        raise ValueError(f"not a peer ID: {shown!r} (letters, digits, '-' and '_', at most {MAX_ID_LEN})")
+        raise ValueError(
+            f"not a peer ID: {shown!r} (a peer's ID is what `punchthrough id` prints on it: letters, digits, "
+            f"'-' and '_', at most {MAX_ID_LEN})"
+        )
     if not sep:
         return PeerSpec(peer_id)
     if not _FINGERPRINT.fullmatch(fp):

@@ -22,3 +22,4 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"
+echo "install.sh: done; punchthrough and punchthrough-ops are in $PWD/.venv/bin (export PATH=\"$PWD/.venv/bin:\$PATH\")" >&2

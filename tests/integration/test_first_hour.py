@@ -128,7 +128,7 @@ def test_up_says_what_peers_need_and_that_nobody_can_get_in_yet(hour: Hour) -> N
     admits nobody. Foreground `up` printed nothing at all."""
     b = hour.b_out
     assert f"peers allow this agent as {hour.specs['b']}" in b
-    assert f"up --server <this host's address>:{hour.port} --server-key {hour.server_key}" in b
+    assert re.search(rf"up --server \S+:{hour.port} --server-key {re.escape(hour.server_key)}", b), b
     assert "no peer may connect to this agent yet" in b and "punchthrough allow ID=SHA256:" in b
     assert json.loads(pt(hour.b, "id", "--json").stdout)["embedded_server_key"] == hour.server_key
     a = hour.a_out
@@ -158,6 +158,11 @@ def test_allow_and_revoke_act_on_the_running_agent(hour: Hour) -> None:
     assert pt(hour.b, "revoke", hour.ids["a"]).returncode == 0
     err = one_line(hour.pipe())
     assert f"admits nobody yet: on {hour.ids['b']}, run `punchthrough allow {hour.specs['a']}`" in err
+    typo = hour.ids["a"][:-1] + str((int(hour.ids["a"][-1]) + 1) % 10)  # the walk-through's wrong digit
+    assert pt(hour.b, "allow", typo + "=" + hour.specs["a"].split("=", 1)[1]).returncode == 0
+    err = one_line(hour.pipe())
+    assert "is not on this agent's allow list" in err and f"(its key is allowed here as {typo}: a typo" in err
+    assert pt(hour.b, "revoke", typo).returncode == 0
     assert pt(hour.b, "allow", hour.specs["a"]).returncode == 0
     assert running_pid(hour.b) == pid
     peers = json.loads(pt(hour.b, "peers", "--json").stdout)

@@ -350,6 +350,21 @@ def test_allow_revoke_and_targets_edit_the_config_a_running_agent_reads(
         assert_one_line_error(rc, err)
 
 
+def test_allow_catches_the_typos_of_a_hand_typed_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The walk-through: `allow 81751O1709` (letter O) and a wrong digit before a real key were taken silently."""
+    from agent.access import load_state_config
+    from agent.trust import fingerprint
+
+    state = tmp_path / "s"
+    rc, _, err = run(cli.main, ["--state-dir", str(state), "allow", "81751O1709"], capsys)
+    assert "'81751O1709' is not an agent ID: they are 10 digits" in assert_one_line_error(rc, err)
+    key = fingerprint(bytes(32))
+    assert run(cli.main, ["--state-dir", str(state), "allow", f"8175101709={key}"], capsys)[0] == 0
+    rc, out, _ = run(cli.main, ["--state-dir", str(state), "allow", f"8175101708={key}"], capsys)
+    assert rc == 0 and "note: this key is known here as peer 8175101709: is the ID right?" in out
+    assert len(load_state_config(state).access.allow) == 2  # said, not refused: one key may have two IDs
+
+
 def test_peers_lists_allowed_pinned_and_seen_and_forgets_a_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -486,15 +501,23 @@ def test_id_state_dir_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
 # ---- config ----------------------------------------------------------------------------------------
 
 
-def test_config_prints_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = run(cli.main, ["config"], capsys)
+def test_config_prints_the_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(cli.main, ["config", "--state-dir", str(tmp_path)], capsys)
     assert rc == 0 and err == ""
     assert out == config.dump(Config())
     tomllib.loads(out)
 
 
+def test_config_shows_what_the_agent_runs_with(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not the defaults: the walk-through's A saw `server = ""` while its config.toml named B."""
+    (tmp_path / "config.toml").write_text("[agent]\nserver = '10.88.0.1'\n")
+    rc, out, _ = run(cli.main, ["config", "--state-dir", str(tmp_path)], capsys)
+    assert rc == 0 and tomllib.loads(out)["agent"]["server"] == "10.88.0.1"
+    assert tomllib.loads(out)["embedded"]["relay_port"] == 21117
+
+
 def test_config_output_loads_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = run(cli.main, ["config"], capsys)[1]
+    out = run(cli.main, ["config", "--state-dir", str(tmp_path / "empty")], capsys)[1]
     path = tmp_path / "agent.toml"
     path.write_text(out)
     assert config.load(path) == Config()
@@ -560,3 +583,18 @@ def test_up_flags_merge_into_the_config_the_user_owns(tmp_path: Path) -> None:
     assert merged.access.allow == ["1111111111", "2222222222"]
     assert merged.access.allow_targets == ["127.0.0.1:22"]
     assert merged.agent.server == "rv.example:21116"  # kept; a flag would set it
+
+
+@pytest.mark.parametrize(
+    ("addresses", "hint"),
+    [
+        (["127.0.0.1", "192.0.2.2", "fe80::1%eth0", "fd00::2"], "192.0.2.2"),
+        (["10.0.0.2", "192.168.1.5"], "<one of 10.0.0.2, 192.168.1.5>"),
+        (["127.0.0.1", "::1"], "<this host's address>"),
+    ],
+)
+def test_up_names_the_address_peers_would_use(addresses: list[str], hint: str) -> None:
+    """The walk-through: `up` printed a literal `<this host's address>` on a host with one address."""
+    from agent.runner import host_address_hint
+
+    assert host_address_hint(addresses) == hint

@@ -528,7 +528,12 @@ def test_missing_password() -> None:
 
 
 def test_disallowed_target() -> None:
-    auth_refused(make_b(), make_a(target="10.0.0.1:22"), "which is not allowed", "target 10.0.0.1:22 is not allowed")
+    auth_refused(
+        make_b(),
+        make_a(target="10.0.0.1:22"),
+        "which is not allowed",
+        "target 10.0.0.1:22 is not allowed: on 123456789, run `punchthrough allow-target 10.0.0.1:22`",
+    )
 
 
 def test_target_required() -> None:
