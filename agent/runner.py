@@ -140,7 +140,8 @@ def key_problem(problem: str, server: str, state_dir: Path, configured: bool = F
     from --server-key (kept in config.toml) or was pinned on first contact (known_servers.json)."""
     if configured:
         return (
-            f"{problem}: not registering. That key came from --server-key (kept in {state_dir / 'config.toml'}); "
+            f"{problem}: not registering. That key came from --server-key (or agent.server_key in "
+            f"{state_dir / 'config.toml'}); "
             "if this is the right server, give the key `punchthrough up` (or `serve`) prints on its machine: "
             "`punchthrough up --server-key KEY`"
         )
