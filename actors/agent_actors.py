@@ -18,8 +18,8 @@ from typing import Any
 
 import ray
 
-from agent.files import private_append, private_dir
-from agent.refs import LocalRef, RayRef, Ref
+from agent.common.files import private_append, private_dir
+from agent.refs import LocalRef, Ref
 from agent.runtime_paths import runtime_dir
 from agent.stack import COMPONENTS, build_component, load_runtime
 
@@ -52,6 +52,24 @@ def _setup_logging(state_dir: Path, kind: str) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+
+
+class RayRef:
+    """A named actor in the agent's namespace (actors.agent_actors.ComponentActor).
+
+    The handle survives the actor's restarts; every call goes through the actor's
+    single `call(method, *args)` entry point.
+    """
+
+    def __init__(self, name: str, namespace: str) -> None:
+        self.name = name
+        self.namespace = namespace
+        self._handle: Any = None
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if self._handle is None:
+            self._handle = ray.get_actor(self.name, namespace=self.namespace)
+        return await self._handle.call.remote(method, *args)
 
 
 @ray.remote(**ACTOR_OPTIONS)

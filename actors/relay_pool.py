@@ -1,7 +1,7 @@
 """Relay replicas as Ray actors sharing one port (DESIGN.md rule 5).
 
 Each replica is an async actor (num_cpus=0, max_restarts=-1) that runs an ordinary
-RelayServer bound with SO_REUSEPORT, plus a Handoff (agent/relay_handoff.py): the
+RelayServer bound with SO_REUSEPORT, plus a Handoff (agent/servers/relay_handoff.py): the
 kernel spreads accepted connections over the replicas of a host, and a replica that
 reads a uuid owned by a co-located sibling passes the socket to it, so both halves
 of a pair meet in one process. Bytes never travel through Ray; Ray only places,
@@ -31,8 +31,8 @@ import types
 from collections import Counter, defaultdict
 from typing import Any
 
-from agent.relay_handoff import Handoff
-from agent.relay_server import RelayConfig, RelayServer, bind_listeners
+from agent.servers.relay_handoff import Handoff
+from agent.servers.relay_server import RelayConfig, RelayServer, bind_listeners
 
 log = logging.getLogger("punchthrough.relay.pool")
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from agent import config
-from agent.addr import AddressError, parse_port, split_host_port
+from agent.common.paths import add_anywhere, add_state_dir, default_state_dir
 from agent.config import Config
-from agent.paths import add_anywhere, add_state_dir, default_state_dir
+from agent.wire.addr import AddressError, parse_port, split_host_port
 
 AGENT_COMMANDS = (
     "up",
@@ -255,7 +255,7 @@ POLICY_HELP = (
 
 
 def _policy(text: str) -> str:
-    from agent.plan import Policy
+    from agent.control.plan import Policy
 
     try:
         Policy.parse(text)
@@ -302,8 +302,8 @@ def _effective_config(args: argparse.Namespace, state_dir: Path) -> Config:
     """The config `up` runs with and keeps: STATE_DIR/config.toml (the user's), then what --config sets,
     then the flags. A flag sets its value; --allow and --allow-target add to the lists (`punchthrough
     revoke` and `revoke-target` take entries out), so a later `up` never drops what an earlier one allowed."""
-    from agent.access import add_allow, load_state_config
-    from agent.trust import parse_peer_spec
+    from agent.control.access import add_allow, load_state_config
+    from agent.wire.peer_ids import parse_peer_spec
 
     try:
         cfg = config.load(args.config, base=load_state_config(state_dir))
@@ -363,8 +363,8 @@ def _run_client_command(args: argparse.Namespace, state_dir: Path) -> int:
 
 def _run_access_command(args: argparse.Namespace, state_dir: Path) -> int:
     """allow / revoke / allow-target / revoke-target / peers: edit or show who may connect (live)."""
-    from agent import access
-    from agent.files import private_dir
+    from agent.common.files import private_dir
+    from agent.control import access
 
     try:
         private_dir(state_dir)
@@ -376,7 +376,7 @@ def _run_access_command(args: argparse.Namespace, state_dir: Path) -> int:
             print(access.edit_target(state_dir, args.target, args.command == "allow-target"))
         else:
             if args.forget:
-                from agent.pins import PinStore
+                from agent.control.pins import PinStore
 
                 forgot = PinStore(state_dir).forget(args.forget)
                 print(f"forgot the key pinned for {args.forget}" if forgot else f"no key was pinned for {args.forget}")
@@ -416,10 +416,10 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
     if args.command in ACCESS_COMMANDS:
         return _run_access_command(args, state_dir)
     from agent import identity, runner
-    from agent.crypto import KeyFileError
-    from agent.files import private_dir
+    from agent.common.files import private_dir
+    from agent.common.keyfile import KeyFileError
     from agent.stack import write_config
-    from agent.trust import spec_for
+    from agent.wire.peer_ids import spec_for
 
     try:
         if args.command == "up":
@@ -459,7 +459,7 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
                 print(spec)
             return 0
         if args.command == "config":
-            from agent.access import load_state_config
+            from agent.control.access import load_state_config
 
             cfg = config.load(args.config) if args.config else load_state_config(state_dir)
             print(config.dump(cfg), end="")
@@ -477,11 +477,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in AGENT_COMMANDS:
         return _run_agent_command(args, state_dir)
     if args.command == "serve":
-        from agent.servers import run_servers
+        from agent.servers.serve import run_servers
 
         return run_servers(args.bind or ["0.0.0.0", "::"], args.port, state_dir, allow_unsigned=args.allow_unsigned)
     if args.command == "rendezvous":
-        from agent.rendezvous_server import RendezvousConfig, run_rendezvous
+        from agent.servers.rendezvous_server import RendezvousConfig, run_rendezvous
 
         return run_rendezvous(
             RendezvousConfig(
@@ -495,7 +495,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         )
     if args.command == "relay":
-        from agent.relay_server import RelayConfig, run_relay
+        from agent.servers.relay_server import RelayConfig, run_relay
 
         if args.replicas < 1:
             raise CliError("--replicas must be at least 1")
@@ -503,7 +503,10 @@ def _run(args: argparse.Namespace) -> int:
         binds = args.bind or ["0.0.0.0", "::"]
         server_keys = [] if args.open else _relay_server_keys(args, state_dir)
         try:
-            return run_relay(
+            run = run_relay
+            if args.replicas > 1 or args.ray_address:
+                from actors.relay_pool import run_pool as run
+            return run(
                 RelayConfig(
                     binds=binds,
                     port=args.port,

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import ctlproto
-from agent.addr import AddressError, parse_port, split_host_port
-from agent.netutil import loopback_pair
+from agent.common import ctlproto
+from agent.common.netutil import loopback_pair
 from agent.runtime_paths import control_socket
+from agent.wire.addr import AddressError, parse_port, split_host_port
 
 RESTART_PATIENCE = 5.0
 """Seconds `pipe`/`connect` wait for a restarting coordinator of a running agent."""

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from agent.addr import AddressError, shown, split_host_port
-from agent.plan import POLICY_WORDS, Policy
-from agent.trust import parse_peer_spec
+from agent.control.plan import POLICY_WORDS, Policy
+from agent.wire.addr import AddressError, shown, split_host_port
+from agent.wire.peer_ids import parse_peer_spec
 
 PATHS = POLICY_WORDS
 

@@ -9,7 +9,6 @@ atomically with mode 0600, so a crash mid-write never leaves half an identity.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import secrets
 from dataclasses import dataclass
@@ -17,9 +16,9 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
-from agent.crypto import KeyFileError, load_or_create_signing_key
-from agent.files import write_private
-from agent.trust import fingerprint
+from agent.common.files import write_private
+from agent.common.keyfile import KeyFileError, load_or_create_signing_key
+from agent.wire.peer_ids import derive_id, fingerprint
 
 KEY_FILE = "id_ed25519"
 IDENTITY_FILE = "identity.json"
@@ -31,12 +30,6 @@ def _short(exc: BaseException) -> str:
     """An exception as it goes into a one-line message (json errors can quote the file's text)."""
     text = " ".join(str(exc).split())
     return text if len(text) <= 120 else text[:120] + "..."
-
-
-def derive_id(public_key: bytes, salt: int = 0) -> str:
-    """Ten digits, first one non-zero (RustDesk-style numeric IDs are easy to read out)."""
-    digest = hashlib.sha256(b"punchthrough-id:" + salt.to_bytes(4, "big") + public_key).digest()
-    return str(1_000_000_000 + int.from_bytes(digest[:8], "big") % 9_000_000_000)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""How one component calls another: directly in one process (tests), or through Ray.
+"""How one component calls another: directly in one process (tests), or through Ray
+(`actors.agent_actors.RayRef`).
 
 The coordinator and the actors are written against `Ref.call(method, *args)`, so
 the same classes run in-process under pytest and as supervised Ray actors.
@@ -24,23 +25,3 @@ class LocalRef:
         if inspect.isawaitable(result):
             result = await result
         return result
-
-
-class RayRef:
-    """A named actor in the agent's namespace (actors.agent_actors.ComponentActor).
-
-    The handle survives the actor's restarts; every call goes through the actor's
-    single `call(method, *args)` entry point.
-    """
-
-    def __init__(self, name: str, namespace: str) -> None:
-        self.name = name
-        self.namespace = namespace
-        self._handle: Any = None
-
-    async def call(self, method: str, *args: Any) -> Any:
-        import ray
-
-        if self._handle is None:
-            self._handle = ray.get_actor(self.name, namespace=self.namespace)
-        return await self._handle.call.remote(method, *args)

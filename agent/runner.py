@@ -27,14 +27,14 @@ from typing import Any
 
 import psutil
 
-from agent import ctlproto
-from agent.addr import split_host_port
+from agent.common import ctlproto
+from agent.common.files import private_append, private_dir
 from agent.config import Config
-from agent.files import private_append, private_dir
-from agent.pins import SERVER_PINS_FILE, ServerPins
-from agent.preflight import no_answer
+from agent.control.pins import SERVER_PINS_FILE, ServerPins
+from agent.rendezvous.preflight import no_answer
 from agent.runtime_paths import control_socket, runtime_dir
 from agent.stack import enabled_components, load_runtime
+from agent.wire.addr import split_host_port
 
 PID_FILE = "agent.pid"
 REGISTRATION_WAIT = 15.0
@@ -157,7 +157,7 @@ def preflight(state_dir: Path, cfg: Config) -> str:
     Returns why UDP does not get through when only TCP does ("" when it does): then the agent can open
     sessions but not register, and `up` says so instead of failing."""
     from agent import identity
-    from agent.preflight import check_server
+    from agent.rendezvous.preflight import check_server
 
     trusted = (
         base64.b64decode(cfg.agent.server_key) if cfg.agent.server_key else ServerPins(state_dir).get(cfg.agent.server)
@@ -173,8 +173,8 @@ def preflight(state_dir: Path, cfg: Config) -> str:
 
 def host_address_hint(addresses: list[str] | None = None) -> str:
     """This host's address as peers would dial it, when there is one to name (one IPv4, or a choice)."""
-    from agent.netwatch import interface_addresses
-    from agent.netwatch_core import usable_addresses
+    from agent.nat.watch import interface_addresses
+    from agent.nat.watch_core import usable_addresses
 
     found = sorted(usable_addresses(interface_addresses() if addresses is None else addresses))
     v4 = [a for a in found if ":" not in a]

@@ -21,18 +21,18 @@ from typing import Any
 
 from agent import config as configmod
 from agent import identity as identitymod
-from agent.access import build_policy
-from agent.addr import split_host_port
+from agent.common.keyfile import load_or_create_signing_key
 from agent.config import Config
-from agent.coordinator import Coordinator
-from agent.crypto import load_or_create_signing_key
+from agent.control.access import build_policy
+from agent.control.coordinator import Coordinator
+from agent.control.live_config import CONFIG_FILE, LiveConfig
+from agent.control.pins import PinMismatch, PinStore, ServerPins
 from agent.identity import Identity
-from agent.live_config import CONFIG_FILE, LiveConfig
-from agent.netwatch_core import REMOTE_JITTER, NetworkChanged
-from agent.pins import PinMismatch, PinStore, ServerPins
+from agent.nat.watch_core import REMOTE_JITTER, NetworkChanged
 from agent.refs import LocalRef, Ref
 from agent.runtime_paths import control_socket, sessions_socket
-from agent.seen import SeenPeers
+from agent.session.seen import SeenPeers
+from agent.wire.addr import split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ class EmbeddedServers:
         self.relay: Any = None
 
     async def start(self) -> None:
-        from agent.relay_server import RelayConfig, start_relay
-        from agent.rendezvous_server import RendezvousConfig, start_rendezvous
+        from agent.servers.relay_server import RelayConfig, start_relay
+        from agent.servers.rendezvous_server import RendezvousConfig, start_rendezvous
 
         emb = self.rt.cfg.embedded
         self.rendezvous = await start_rendezvous(
@@ -149,7 +149,7 @@ class RegistrarComponent:
     """The registrar plus what it needs from its neighbours: the NAT type, and where pushes go."""
 
     def __init__(self, rt: Runtime, coordinator: Ref, nat_probe: Ref) -> None:
-        from agent.registrar import Registrar
+        from agent.rendezvous.registrar import Registrar
 
         self.rt = rt
         self.coordinator = coordinator
@@ -240,8 +240,8 @@ def _pin_admitted(rt: Runtime) -> Any:
 
 async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
     """Construct and start one component; `refs` reach the others."""
-    from agent.nat_probe import NatProbe
-    from agent.sessions import SessionOwner
+    from agent.nat.probe import NatProbe
+    from agent.session.owner import SessionOwner
     from agent.strategies.direct import DirectServer
     from agent.strategies.ipv6 import Ipv6Strategy
     from agent.strategies.relay import RelayStrategy
@@ -336,6 +336,6 @@ class LocalAgent:
 
 def write_config(state_dir: Path, cfg: Config) -> None:
     """The effective config of a running agent, where every actor reads it."""
-    from agent.files import write_private
+    from agent.common.files import write_private
 
     write_private(state_dir / CONFIG_FILE, configmod.dump(cfg).encode())

@@ -54,9 +54,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import messages
 from agent.proto import rendezvous_pb2 as pb
-from agent.wire import encode_frame
+from agent.wire import messages
+from agent.wire.frames import encode_frame
 
 MiB = 1 << 20
 GOAL_PSS = 600 * MiB

@@ -30,9 +30,9 @@ from nacl.bindings import (
 )
 from nacl.signing import SigningKey
 
-from agent.handshake import Initiator, Policy, Responder
-from agent.secure_channel import SecureChannel, nonce_for
-from agent.wire import FrameDecoder, encode_frame, encode_header
+from agent.wire.frames import FrameDecoder, encode_frame, encode_header
+from agent.wire.handshake import Initiator, Policy, Responder
+from agent.wire.secure_channel import SecureChannel, nonce_for
 
 
 def _rate(step: Callable[[], object], seconds: float) -> float:

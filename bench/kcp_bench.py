@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from agent.kcp_stream import KcpTransport
+from agent.kcp.stream import KcpTransport
 
 HOST = "127.0.0.1"
 MB = 1_000_000

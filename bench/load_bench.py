@@ -59,14 +59,14 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import addr as addrmod
-from agent import messages
+from agent.common.keyfile import load_or_create_signing_key
 from agent.config import Config
-from agent.crypto import load_or_create_signing_key
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_server import RelayConfig, start_relay
+from agent.servers.relay_server import RelayConfig, start_relay
 from agent.stack import LocalAgent
-from agent.wire import FrameDecoder, encode_frame
+from agent.wire import addr as addrmod
+from agent.wire import messages
+from agent.wire.frames import FrameDecoder, encode_frame
 from tests.agent_fixtures import echo_server, open_stream, prepare_state, transfer, wait_registered
 from tests.signed import Member
 
@@ -654,8 +654,8 @@ def verdict(
 
 async def storm(args: argparse.Namespace) -> int:
     # Lazy: these helpers live in the load test, which only this mode needs.
-    from agent.rendezvous_core import Limits
-    from agent.rendezvous_server import RendezvousConfig, start_rendezvous
+    from agent.servers.rendezvous_core import Limits
+    from agent.servers.rendezvous_server import RendezvousConfig, start_rendezvous
     from tests.integration.relay_helpers import relay_cfg
     from tests.integration.test_load import online_states, register_peers, relay_pairs, rss_mib, sim_peers
 

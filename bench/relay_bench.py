@@ -42,10 +42,10 @@ from typing import Any
 
 import psutil
 
-from agent import messages
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_core import owner_index
-from agent.wire import encode_frame
+from agent.servers.relay_core import owner_index
+from agent.wire import messages
+from agent.wire.frames import encode_frame
 
 MB = 1e6
 MIB = 1 << 20
@@ -341,9 +341,11 @@ def relay_process(pump: str, replicas: int) -> Iterator[tuple[int, list[int]]]:
 
 
 def serve(port: int, pump: str, replicas: int) -> int:
-    from agent.relay_server import RelayConfig, run_relay
+    from actors.relay_pool import run_pool
+    from agent.servers.relay_server import RelayConfig, run_relay
 
-    return run_relay(RelayConfig(binds=[HOST], port=port, pump=pump, replicas=replicas))  # type: ignore[arg-type]
+    cfg = RelayConfig(binds=[HOST], port=port, pump=pump, replicas=replicas)  # type: ignore[arg-type]
+    return run_pool(cfg) if replicas > 1 else run_relay(cfg)
 
 
 def iperf3(port_client: int, size: int) -> float:

@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import messages, signing
 from agent.proto import rendezvous_pb2 as pb
+from agent.wire import messages, signing
 from tests.signed import Member
 
 LIFTED_LIMITS = {"ip_block_limit": 10**9, "ip_ids_limit": 10**9}
@@ -52,8 +52,8 @@ def members(n: int) -> list[Member]:
 
 
 def _run_rendezvous(tmp: str, conn: Connection) -> None:
-    from agent.rendezvous_core import Limits
-    from agent.rendezvous_server import RendezvousConfig, start_rendezvous
+    from agent.servers.rendezvous_core import Limits
+    from agent.servers.rendezvous_server import RendezvousConfig, start_rendezvous
 
     async def main() -> None:
         cfg = RendezvousConfig(
@@ -95,9 +95,9 @@ def _memory_per_id(n: int, tmp: str, conn: Connection) -> None:
     import psutil
     from nacl.signing import SigningKey
 
-    from agent.addr import SockAddr
-    from agent.registry import Registry
-    from agent.rendezvous_core import Limits, RendezvousCore
+    from agent.servers.registry import Registry
+    from agent.servers.rendezvous_core import Limits, RendezvousCore
+    from agent.wire.addr import SockAddr
 
     proc = psutil.Process()
     registry = Registry(Path(tmp) / "mem.sqlite3")
@@ -217,8 +217,8 @@ def main() -> None:
     print(f"cpus: {os.cpu_count()}, python {sys.version.split()[0]}, peers {args.peers}, window {args.window}")
 
     with tempfile.TemporaryDirectory(prefix="rv-bench-") as tmp:
-        from agent.crypto import load_or_create_signing_key
-        from agent.registry import PeerRow, Registry
+        from agent.common.keyfile import load_or_create_signing_key
+        from agent.servers.registry import PeerRow, Registry
 
         t0 = time.perf_counter()
         peers = members(args.peers)

@@ -15,7 +15,7 @@ Two measurements in one run, loopback only:
    from the same machine in the same run.
 
 The data path is untouched by construction: after the handshake the session pump runs the same
-code as before (agent/session.py), so there is nothing there to measure.
+code as before (agent/session/stream.py), so there is nothing there to measure.
 """
 
 from __future__ import annotations
@@ -78,14 +78,13 @@ def micro(tmp: Path) -> list[tuple[str, str, int, float]]:
     """(who, what, times per relayed session, median µs)."""
     from nacl.signing import SigningKey
 
-    from agent import messages, signing
-    from agent.access import build_policy
     from agent.config import Config
-    from agent.handshake import Binding
-    from agent.identity import derive_id
+    from agent.control.access import build_policy
     from agent.proto import rendezvous_pb2 as pb
-    from agent.rendezvous_client import Signer
-    from agent.trust import fingerprint
+    from agent.rendezvous.requests import Signer
+    from agent.wire import messages, signing
+    from agent.wire.handshake import Binding
+    from agent.wire.peer_ids import derive_id, fingerprint
 
     server = SigningKey.generate()
     server_pk = bytes(server.verify_key)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from fuzz._common import Reader, entry, instrumented, load_vectors
 
 with instrumented():
-    from agent.wire import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, encode_frame, encode_header
+    from agent.wire.frames import DEFAULT_MAX_FRAME, FrameDecoder, FrameError, encode_frame, encode_header
 
 MAX_FRAMES = (DEFAULT_MAX_FRAME, 0, 1, 63, 64, 0x3FFF, 0x4000, 300)
 LIMITS = (None, 1, 2, None)

@@ -42,7 +42,10 @@ with instrumented():
     from nacl.public import PrivateKey
     from nacl.signing import SigningKey
 
-    from agent.handshake import (
+    from agent.proto import message_pb2 as pb
+    from agent.proto import rendezvous_pb2 as rdv
+    from agent.session.stream import SessionError, _raise_if_relay_refusal
+    from agent.wire.handshake import (
         Binding,
         HandshakeError,
         Initiator,
@@ -56,11 +59,8 @@ with instrumented():
         transcript_hash,
         trusted_peer_key,
     )
-    from agent.messages import build
-    from agent.proto import message_pb2 as pb
-    from agent.proto import rendezvous_pb2 as rdv
-    from agent.secure_channel import SecureChannel
-    from agent.session import SessionError, _raise_if_relay_refusal
+    from agent.wire.messages import build
+    from agent.wire.secure_channel import SecureChannel
 
 V = load_vectors("handshake_vectors.json")
 

@@ -25,8 +25,9 @@ from fuzz._common import Reader, entry, instrumented, record
 with instrumented():
     from kcp.extension import KCP
 
-    from agent import kcp_core, kcp_release
-    from agent.kcp_core import (
+    from agent.kcp import core as kcp_core
+    from agent.kcp import release as kcp_release
+    from agent.kcp.core import (
         ACK,
         DATA,
         HEADER_SIZE,

@@ -14,8 +14,8 @@ from typing import Any
 from fuzz._common import entry, instrumented, load_vectors
 
 with instrumented():
-    from agent import addr, messages
     from agent.proto import rendezvous_pb2 as pb
+    from agent.wire import addr, messages
 
 KINDS = frozenset(f.name for f in pb.RendezvousMessage.DESCRIPTOR.oneofs_by_name["union"].fields)
 REASONS = frozenset({"oversized", "malformed", "empty"})

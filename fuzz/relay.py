@@ -22,9 +22,8 @@ from fuzz._common import Reader, entry, instrumented
 with instrumented():
     from nacl.signing import SigningKey
 
-    from agent import messages, signing
     from agent.proto import rendezvous_pb2 as pb
-    from agent.relay_core import (
+    from agent.servers.relay_core import (
         FIRST_FRAME_MAX,
         MAX_UUID_LEN,
         Accept,
@@ -36,7 +35,8 @@ with instrumented():
         encode_handoff,
         owner_index,
     )
-    from agent.wire import FrameDecoder, FrameError, encode_frame
+    from agent.wire import messages, signing
+    from agent.wire.frames import FrameDecoder, FrameError, encode_frame
 
 CHUNKS = (1, 2, 3, 5, 64, 4096, 1 << 20, 1 << 20)
 KEY = "OeVuKk5nlHiXp+APNn0Y3pC1Iwpwn44JGqrQCsWqmBw="

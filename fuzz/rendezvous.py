@@ -29,12 +29,9 @@ from fuzz._common import Reader, entry, instrumented, record
 with instrumented():
     from nacl.signing import SigningKey
 
-    from agent import addr, messages, signing
-    from agent.addr import SockAddr, to_v4_if_mapped
-    from agent.identity import derive_id
     from agent.proto import rendezvous_pb2 as pb
-    from agent.registry import PeerRow
-    from agent.rendezvous_core import (
+    from agent.servers.registry import PeerRow
+    from agent.servers.rendezvous_core import (
         MAX_PK,
         MAX_TCP_MESSAGE,
         MAX_UUID,
@@ -46,6 +43,9 @@ with instrumented():
         SendUdp,
         valid_id,
     )
+    from agent.wire import addr, messages, signing
+    from agent.wire.addr import SockAddr, to_v4_if_mapped
+    from agent.wire.peer_ids import derive_id
 
 SOURCES = tuple(
     SockAddr.of(h, p)
@@ -79,7 +79,7 @@ PUSHES = ("punch_hole", "fetch_local_addr", "request_relay")
 
 
 class Store:
-    """The registry's read side, with its ownership rules (agent/registry.py's SQL)."""
+    """The registry's read side, with its ownership rules (agent/servers/registry.py's SQL)."""
 
     def __init__(self) -> None:
         self.rows: dict[str, PeerRow] = {}

@@ -21,10 +21,10 @@ with instrumented():
     from nacl.public import PrivateKey
     from nacl.signing import SigningKey
 
-    from agent.handshake import Initiator, Policy, Responder, direction_keys, transcript_hash
-    from agent.secure_channel import SecureChannel
-    from agent.session import HANDSHAKE_MAX_FRAME, MAX_SESSION_FRAME, SessionError, StreamCodec
-    from agent.wire import FrameDecoder, encode_frame
+    from agent.session.stream import HANDSHAKE_MAX_FRAME, MAX_SESSION_FRAME, SessionError, StreamCodec
+    from agent.wire.frames import FrameDecoder, encode_frame
+    from agent.wire.handshake import Initiator, Policy, Responder, direction_keys, transcript_hash
+    from agent.wire.secure_channel import SecureChannel
 
 A_ID, B_ID, TARGET = "987654321", "123456789", "127.0.0.1:22"
 A_SIGN, B_SIGN = SigningKey(bytes(range(32))), SigningKey(bytes(range(1, 33)))

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import ctlproto
-from agent.netutil import loopback_pair
-from agent.paths import add_anywhere, add_state_dir, default_state_dir
+from agent.common import ctlproto
+from agent.common.netutil import loopback_pair
+from agent.common.paths import add_anywhere, add_state_dir, default_state_dir
 from agent.runtime_paths import control_socket
 
 COMMANDS = ("status", "actors", "sessions", "netcheck")

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import ctlproto
+from agent.common import ctlproto
+from agent.common.netutil import loopback_pair
 from agent.config import Config
 from agent.identity import load_or_create
-from agent.netutil import loopback_pair
-from agent.relay_server import RelayConfig, start_relay
-from agent.rendezvous_core import Limits
-from agent.rendezvous_server import RendezvousConfig, start_rendezvous
 from agent.runtime_paths import control_socket
+from agent.servers.relay_server import RelayConfig, start_relay
+from agent.servers.rendezvous_core import Limits
+from agent.servers.rendezvous_server import RendezvousConfig, start_rendezvous
 from agent.stack import LocalAgent, write_config
 
 

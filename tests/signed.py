@@ -1,4 +1,4 @@
-"""Test clients that speak the signed rendezvous protocol as an agent does (agent/signing.py).
+"""Test clients that speak the signed rendezvous protocol as an agent does (agent/wire/signing.py).
 
 A `Member` is a key with the ID derived from it; raw test clients register it with a
 challenge and a signature, sign their requests for it, echo push tokens, and carry
@@ -16,12 +16,12 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from agent import messages, signing
-from agent.addr import SockAddr
-from agent.identity import derive_id
 from agent.proto import rendezvous_pb2 as pb
-from agent.rendezvous_client import Signer
-from agent.rendezvous_core import Action, RendezvousCore, SendUdp
+from agent.rendezvous.requests import Signer
+from agent.servers.rendezvous_core import Action, RendezvousCore, SendUdp
+from agent.wire import messages, signing
+from agent.wire.addr import SockAddr
+from agent.wire.peer_ids import derive_id
 
 
 @dataclass

@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from agent.netutil import describe_error
+from agent.common.netutil import describe_error
 from agent.strategies.handover import handover
 
 log = logging.getLogger(__name__)

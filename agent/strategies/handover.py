@@ -6,8 +6,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from agent import ctlproto
-from agent.netutil import describe_error
+from agent.common import ctlproto
+from agent.common.netutil import describe_error
 
 HANDOVER_PATIENCE = 5.0
 """Seconds to wait for a restarting session owner before giving the transport up."""

@@ -18,11 +18,11 @@ from typing import Any
 
 import psutil
 
-from agent import addr as addrmod
-from agent.netutil import describe_error
+from agent.common.netutil import describe_error
 from agent.strategies.handover import handover
 from agent.strategies.tcp_direct import _first, _keep_connecting, _reuse_socket
 from agent.strategies.tracking import Tracked
+from agent.wire import addr as addrmod
 
 MAX_PREPARED = 64
 

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import messages
-from agent.netutil import connect_tcp, describe_error
+from agent.common.netutil import connect_tcp, describe_error
 from agent.proto import rendezvous_pb2 as pb
 from agent.strategies.handover import handover
 from agent.strategies.tcp_direct import CANCELLED
 from agent.strategies.tracking import Tracked
-from agent.wire import encode_frame
+from agent.wire import messages
+from agent.wire.frames import encode_frame
 
 DEFAULT_RELAY_PORT = 21117
 

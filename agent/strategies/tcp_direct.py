@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import addr as addrmod
-from agent.netutil import describe_error
-from agent.rendezvous_client import RendezvousError, send_local_addr, send_punch_hole_sent
+from agent.common.netutil import describe_error
+from agent.rendezvous.requests import RendezvousError, send_local_addr, send_punch_hole_sent
 from agent.strategies.handover import handover
 from agent.strategies.tracking import Tracked
+from agent.wire import addr as addrmod
 
 RETRY_GAP = 0.2
 CANCELLED: dict[str, Any] = {"ok": False, "reason": "cancelled: another path won"}

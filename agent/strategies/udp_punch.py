@@ -26,15 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import addr as addrmod
-from agent import messages
-from agent.kcp_stream import KcpError, KcpTransport
-from agent.netutil import describe_error
+from agent.common.netutil import describe_error
+from agent.kcp.stream import KcpError, KcpTransport
 from agent.proto import rendezvous_pb2 as pb
 from agent.strategies.handover import handover
+from agent.strategies.punch_schedule import PunchSchedule, PunchTimeout, punch
 from agent.strategies.tcp_direct import CANCELLED
 from agent.strategies.tracking import Tracked
-from agent.udp_punch import PunchSchedule, PunchTimeout, punch
+from agent.wire import addr as addrmod
+from agent.wire import messages
 
 PROBE_PADDING = 32
 PROBE_GIVE_UP = 2.0

@@ -14,10 +14,10 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from agent import messages
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_server import RelayConfig, RelayServer, start_relay
-from agent.wire import FrameDecoder, encode_frame
+from agent.servers.relay_server import RelayConfig, RelayServer, start_relay
+from agent.wire import messages
+from agent.wire.frames import FrameDecoder, encode_frame
 from tests.signed import ticket_for
 
 TEST_SERVER = SigningKey(b"relay-tests-rendezvous-server-00")

@@ -27,10 +27,11 @@ from typing import Any
 
 import pytest
 
-from agent import ctlproto, messages
+from agent.common import ctlproto
 from agent.proto import rendezvous_pb2 as pb
 from agent.runtime_paths import control_socket
-from agent.wire import FrameDecoder, encode_frame
+from agent.wire import messages
+from agent.wire.frames import FrameDecoder, encode_frame
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from agent import ctlproto
-from agent.ctlproto import ControlError, ControlServer
+from agent.common import ctlproto
+from agent.common.ctlproto import ControlError, ControlServer
 
 
 async def _handler(req: Any, fds: list[int]) -> Any:

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
+from agent.control.pins import PINS_FILE, PinStore
 from agent.identity import IDENTITY_FILE, load_or_create
-from agent.pins import PINS_FILE, PinStore
-from agent.registry import Registry
-from agent.relay_server import start_relay
-from agent.rendezvous_server import start_rendezvous
+from agent.servers.registry import Registry
+from agent.servers.relay_server import start_relay
+from agent.servers.rendezvous_server import start_rendezvous
 from tests.agent_fixtures import AgentPair, open_stream, relay_config, rendezvous_config, two_agents
 
 CONNECT_TIMEOUT = 3.0

@@ -23,21 +23,21 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from nacl.signing import SigningKey
 
-from agent import addr, messages
-from agent.handshake import HandshakeError
 from agent.proto import message_pb2
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_server import RelayConfig, start_relay
+from agent.servers.relay_server import RelayConfig, start_relay
 from agent.stack import LocalAgent, write_config
-from agent.trust import fingerprint
-from agent.wire import FrameDecoder, encode_frame
+from agent.wire import addr, messages
+from agent.wire.frames import FrameDecoder, encode_frame
+from agent.wire.handshake import HandshakeError
+from agent.wire.peer_ids import fingerprint
 from tests.agent_fixtures import Servers, open_stream, two_agents
 from tests.integration.test_rendezvous_junk import exchange
 from tests.integration.test_rendezvous_server import B_ID, ServerThread, make_cfg, udp_socket
 
 # ----------------------------------------------------------------------------- the man in the middle
 
-# Frame indexes on A's relay connection (see agent/handshake.py and agent/sessions.py):
+# Frame indexes on A's relay connection (see agent/wire/handshake.py and agent/session/owner.py):
 #   A -> relay: 0 RequestRelay, 1 PublicKey, 2 sealed PeerAuth, 3 sealed SELECT, 4.. data, last sealed EOF
 #   relay -> A: 0 SignedId, 1 sealed AuthResult, 2 sealed OPEN_OK, 3.. data
 UP, DOWN = "to_relay", "to_client"

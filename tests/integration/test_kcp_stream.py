@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from agent.kcp_core import (
+from agent.kcp.core import (
     ACK,
     CMD_ACK,
     CMD_PUSH,
@@ -28,8 +28,8 @@ from agent.kcp_core import (
     KcpTimers,
     State,
 )
-from agent.kcp_stream import KcpConfig, KcpConnectTimeout, KcpRefused, KcpTransport
-from agent.udp_punch import PunchSchedule, PunchTimeout, punch
+from agent.kcp.stream import KcpConfig, KcpConnectTimeout, KcpRefused, KcpTransport
+from agent.strategies.punch_schedule import PunchSchedule, PunchTimeout, punch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -661,7 +661,7 @@ async def test_responder_punch_ignores_empties_and_strangers() -> None:
 
 PEER_SCRIPT = """
 import asyncio, socket, sys
-from agent.kcp_stream import KcpTransport
+from agent.kcp.stream import KcpTransport
 async def main():
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.bind(("127.0.0.1", 0))
@@ -721,7 +721,7 @@ async def test_a_killed_peer_process_ends_the_connection_in_about_a_second() -> 
 
 
 async def test_closed_transports_free_their_kcp_blocks() -> None:
-    from agent import kcp_release
+    from agent.kcp import release as kcp_release
 
     before = kcp_release.released
     async with kcp_pair() as (ta, _tb, _):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import session
+from agent.session import stream as session
 from tests.agent_fixtures import open_stream, relay_config, two_agents
 
 

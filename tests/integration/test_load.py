@@ -21,12 +21,12 @@ from typing import Any
 import psutil
 import pytest
 
-from agent import messages, signing
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_server import RelayServer, start_relay
-from agent.rendezvous_core import Limits
-from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
-from agent.wire import FrameDecoder, encode_frame
+from agent.servers.relay_server import RelayServer, start_relay
+from agent.servers.rendezvous_core import Limits
+from agent.servers.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
+from agent.wire import messages, signing
+from agent.wire.frames import FrameDecoder, encode_frame
 from tests.agent_fixtures import AgentPair, open_stream, transfer, two_agents
 from tests.integration.relay_helpers import open_half, recv_all, relay_cfg, request_frame, send_all
 from tests.signed import Member

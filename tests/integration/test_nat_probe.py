@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from agent.nat_core import NatType
-from agent.nat_probe import NatProbe, measure_nat, udp_mapping_probe
-from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
+from agent.nat.probe import NatProbe, measure_nat, udp_mapping_probe
+from agent.nat.probe_core import NatType
+from agent.servers.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
 
 
 def closed_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
@@ -270,7 +270,7 @@ async def test_remeasure_measures_now_and_restarts_the_schedule(tmp_path: Path) 
 
 async def test_a_flapping_link_costs_at_most_one_extra_measurement(tmp_path: Path) -> None:
     """Five changes while a re-measurement runs coalesce into one more, not five queued ones."""
-    from agent.netwatch_core import NetworkChanged
+    from agent.nat.watch_core import NetworkChanged
     from agent.refs import LocalRef
     from agent.stack import RegistrarComponent, load_runtime
     from tests.agent_fixtures import agent_config, prepare_state, start_servers

@@ -1,7 +1,7 @@
 """Both CLIs against a real control socket: canned agent replies render as tables and stable JSON;
 dead, wrong or hostile sockets end in one line on stderr.
 
-The "agent" here is a real agent.ctlproto.ControlServer with a canned handler (no Ray,
+The "agent" here is a real agent.common.ctlproto.ControlServer with a canned handler (no Ray,
 no actors), at the path the CLIs derive from --state-dir.
 """
 
@@ -23,8 +23,9 @@ from typing import Any
 
 import pytest
 
-from agent import cli, ctlproto
-from agent.ctlproto import ControlServer
+from agent import cli
+from agent.common import ctlproto
+from agent.common.ctlproto import ControlServer
 from agent.runtime_paths import control_socket
 from ops import cli as ops_cli
 

@@ -23,12 +23,12 @@ from typing import Any
 import psutil
 import pytest
 
-from agent import addr as addrmod
-from agent import messages
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_server import RelayServer, start_relay
-from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
-from agent.wire import FrameDecoder, encode_frame
+from agent.servers.relay_server import RelayServer, start_relay
+from agent.servers.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
+from agent.wire import addr as addrmod
+from agent.wire import messages
+from agent.wire.frames import FrameDecoder, encode_frame
 from tests.integration.relay_helpers import relay_cfg, request_frame
 from tests.signed import Member, aregister_via
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from agent import messages, preflight
 from agent.identity import load_or_create
-from agent.preflight import check_server
 from agent.proto import rendezvous_pb2 as pb
-from agent.wire import encode_frame
+from agent.rendezvous import preflight
+from agent.rendezvous.preflight import check_server
+from agent.wire import messages
+from agent.wire.frames import encode_frame
 from tests.agent_fixtures import start_servers
 
 

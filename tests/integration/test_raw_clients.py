@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import messages
-from agent.crypto import open_signed_id_pk
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_server import RelayConfig, RelayServer, start_relay
-from agent.wire import encode_frame
+from agent.servers.relay_server import RelayConfig, RelayServer, start_relay
+from agent.wire import messages
+from agent.wire.frames import encode_frame
+from agent.wire.keys import open_signed_id_pk
 from tests.integration.test_rendezvous_server import (
     B_ID,
     B_PK,

@@ -14,16 +14,15 @@ import pytest
 from nacl.signing import SigningKey
 
 from agent import identity as identitymod
-from agent import messages
-from agent.identity import derive_id
-from agent.netwatch import observe_view, route_source
-from agent.netwatch_core import NetView, NetworkChanged
+from agent.nat.watch import observe_view, route_source
+from agent.nat.watch_core import NetView, NetworkChanged
 from agent.proto import rendezvous_pb2 as pb
-from agent.registrar import Registrar, RegistrarError
-from agent.registrar_core import REGISTERED, UNREACHABLE
-from agent.rendezvous_client import Signer
-from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
-from agent.trust import fingerprint
+from agent.rendezvous.registrar import Registrar, RegistrarError
+from agent.rendezvous.registrar_core import REGISTERED, UNREACHABLE
+from agent.rendezvous.requests import Signer
+from agent.servers.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
+from agent.wire import messages
+from agent.wire.peer_ids import derive_id, fingerprint
 
 FAST: dict[str, Any] = {"tick": 0.02, "reply_timeout": 0.1, "max_backoff": 0.2}
 """Registrar timers scaled down so a test sees resends and back-off in a fraction of a second."""
@@ -65,7 +64,7 @@ def ids_collide(monkeypatch: pytest.MonkeyPatch) -> None:
         def __ne__(self, other: object) -> bool:
             return False
 
-    monkeypatch.setattr("agent.rendezvous_core.derive_id", lambda pk, salt: AnyId())
+    monkeypatch.setattr("agent.servers.rendezvous_core.derive_id", lambda pk, salt: AnyId())
 
 
 def config(tmp_path: Path, host: str = "127.0.0.1", port: int = 0, nat_port: int | None = None) -> RendezvousConfig:
@@ -158,7 +157,7 @@ async def test_pushes_reach_the_callback_and_foreign_datagrams_do_not(server: Re
         server_side.sendto(fake, reg.local_address)
         await until(lambda: reg.status()["drops"].get("unsigned_push", 0) == 1)
         # A real push: A asks the server for a relay to us; the server forwards over UDP.
-        from agent.rendezvous_client import request_relay
+        from agent.rendezvous.requests import request_relay
 
         task = asyncio.create_task(
             request_relay(("127.0.0.1", server.tcp_port), me.peer_id, timeout=0.5, signer=signer(me))
@@ -189,7 +188,7 @@ async def test_async_and_failing_push_handlers(server: RendezvousServer) -> None
     await reg.start()
     try:
         await asyncio.wait_for(reg.registered.wait(), 5)
-        from agent.rendezvous_client import request_relay
+        from agent.rendezvous.requests import request_relay
 
         for _ in ("boom", "fine"):
             with pytest.raises(Exception, match="no relay answer"):
@@ -346,7 +345,7 @@ async def test_network_change_rebinds_and_reregisters_at_once(server: Rendezvous
         net = reg.status()["network"]
         assert net["changes"] == 1 and net["rebinds"] == 1 and net["view"]["route"] == "198.51.100.22"
         # the server's pushes now reach the new socket
-        from agent.rendezvous_client import request_relay
+        from agent.rendezvous.requests import request_relay
 
         task = asyncio.create_task(
             request_relay(("127.0.0.1", server.tcp_port), me.peer_id, timeout=0.5, signer=signer(me))

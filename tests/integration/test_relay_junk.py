@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import messages
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_core import FIRST_FRAME_MAX
-from agent.wire import encode_frame, encode_header
+from agent.servers.relay_core import FIRST_FRAME_MAX
+from agent.wire import messages
+from agent.wire.frames import encode_frame, encode_header
 from tests.integration.relay_helpers import (
     ThreadedRelay,
     blocking_pair_roundtrip,

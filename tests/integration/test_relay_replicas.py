@@ -19,9 +19,9 @@ import psutil
 import pytest
 
 from actors.relay_pool import RelayReplica, group_by_node, plan_placement, reserve_port
-from agent.relay_core import encode_handoff, owner_index
-from agent.relay_handoff import Handoff
-from agent.relay_server import RelayConfig
+from agent.servers.relay_core import encode_handoff, owner_index
+from agent.servers.relay_handoff import Handoff
+from agent.servers.relay_server import RelayConfig
 from tests.integration.relay_helpers import TEST_SERVER_PK, exchange, open_pair, relay_cfg, wait_for, wait_listening
 
 

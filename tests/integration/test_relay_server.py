@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from agent.pump import splice_available
-from agent.relay_core import KEY_MISMATCH, TokenBucket
-from agent.relay_server import RelayConfig, bind_listeners, start_relay
+from agent.servers.relay_core import KEY_MISMATCH, TokenBucket
+from agent.servers.relay_pump import splice_available
+from agent.servers.relay_server import RelayConfig, bind_listeners, start_relay
 from tests.integration.relay_helpers import (
     TEST_SERVER_PK,
     exchange,
@@ -372,7 +372,7 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
 
 @pytest.mark.parametrize("pump", PUMPS)
 async def test_pump_sends_buffered_rest_first(pump: str) -> None:
-    from agent.pump import make_pump
+    from agent.servers.relay_pump import make_pump
 
     ca, sa = _tcp_pair()
     cb, sb = _tcp_pair()
@@ -403,7 +403,7 @@ async def test_pump_sends_buffered_rest_first(pump: str) -> None:
 
 @pytest.mark.parametrize("pump", PUMPS)
 async def test_pump_reset_on_one_side_ends_the_pair(pump: str) -> None:
-    from agent.pump import make_pump
+    from agent.servers.relay_pump import make_pump
 
     ca, sa = _tcp_pair()
     cb, sb = _tcp_pair()
@@ -418,7 +418,7 @@ async def test_pump_reset_on_one_side_ends_the_pair(pump: str) -> None:
 
 
 async def test_unknown_pump_kind_is_an_error() -> None:
-    from agent.pump import make_pump
+    from agent.servers.relay_pump import make_pump
 
     ca, sa = _tcp_pair()
     try:

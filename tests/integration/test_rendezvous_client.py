@@ -10,12 +10,9 @@ from typing import Any
 
 import pytest
 
-from agent import addr as addrmangle
-from agent.addr import SockAddr
-from agent.crypto import open_signed_id_pk
 from agent.proto import rendezvous_pb2 as pb
-from agent.registrar import Registrar
-from agent.rendezvous_client import (
+from agent.rendezvous.registrar import Registrar
+from agent.rendezvous.requests import (
     PeerUnavailable,
     RelayRefused,
     RendezvousError,
@@ -27,7 +24,10 @@ from agent.rendezvous_client import (
     send_punch_hole_sent,
     send_relay_response,
 )
-from agent.rendezvous_server import RendezvousServer, start_rendezvous
+from agent.servers.rendezvous_server import RendezvousServer, start_rendezvous
+from agent.wire import addr as addrmangle
+from agent.wire.addr import SockAddr
+from agent.wire.keys import open_signed_id_pk
 from tests.integration.test_nat_probe import FakeTcpServer
 from tests.integration.test_registrar import FAST, Pushes, config, ident, signer
 

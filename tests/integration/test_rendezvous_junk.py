@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import messages
 from agent.proto import rendezvous_pb2 as pb
-from agent.wire import encode_header
+from agent.wire import messages
+from agent.wire.frames import encode_header
 from tests.integration.test_rendezvous_server import (
     B_ID,
     TIMEOUT,

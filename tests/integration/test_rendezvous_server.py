@@ -17,13 +17,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agent import addr as addrmod
-from agent import messages
-from agent.addr import SockAddr
-from agent.crypto import open_signed_id_pk
 from agent.proto import rendezvous_pb2 as pb
-from agent.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
-from agent.wire import FrameDecoder, encode_frame
+from agent.servers.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
+from agent.wire import addr as addrmod
+from agent.wire import messages
+from agent.wire.addr import SockAddr
+from agent.wire.frames import FrameDecoder, encode_frame
+from agent.wire.keys import open_signed_id_pk
 from tests.signed import Member, register_udp
 
 T = TypeVar("T")

@@ -18,18 +18,19 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey
 
-from agent import addr as addrmod
-from agent import messages, signing
-from agent.crypto import open_signed_id_pk
-from agent.handshake import HandshakeError, Initiator
-from agent.identity import derive_id, load_or_create
-from agent.pins import PinStore
+from agent.control.pins import PinStore
+from agent.identity import load_or_create
 from agent.proto import rendezvous_pb2 as pb
-from agent.rendezvous_client import Signer
-from agent.session import SessionError, run_handshake
-from agent.sessions import OPEN_OK, SELECT, _first_pieces
+from agent.rendezvous.requests import Signer
+from agent.session.owner import OPEN_OK, SELECT, _first_pieces
+from agent.session.stream import SessionError, run_handshake
 from agent.stack import LocalAgent
-from agent.wire import FrameDecoder, encode_frame
+from agent.wire import addr as addrmod
+from agent.wire import messages, signing
+from agent.wire.frames import FrameDecoder, encode_frame
+from agent.wire.handshake import HandshakeError, Initiator
+from agent.wire.keys import open_signed_id_pk
+from agent.wire.peer_ids import derive_id
 from tests.agent_fixtures import (
     agent_config,
     open_stream,
@@ -161,7 +162,7 @@ async def test_stranger_cannot_squat_an_id_before_its_owner(tmp_path: Path) -> N
 
 def _bound_key(rv: object, peer_id: str) -> bytes:
     """The key the rendezvous server vouches for `peer_id` (opened with its own key)."""
-    from agent.crypto import open_signed_id_pk
+    from agent.wire.keys import open_signed_id_pk
 
     core = rv.core  # type: ignore[attr-defined]
     signed = core.signed_pk(peer_id)
@@ -363,8 +364,8 @@ async def test_password_guessing_is_slowed_down(tmp_path: Path) -> None:
 async def test_agents_use_the_relay_the_server_names(tmp_path: Path) -> None:
     """Rendezvous and relay in separate processes' shoes, the relay not on the server's port + 1,
     and no --relay on either agent."""
-    from agent.crypto import load_or_create_signing_key
-    from agent.relay_server import start_relay
+    from agent.common.keyfile import load_or_create_signing_key
+    from agent.servers.relay_server import start_relay
     from tests.agent_fixtures import relay_config, rendezvous_config
 
     rv_cfg = rendezvous_config(tmp_path / "srv")

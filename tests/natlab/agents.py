@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from agent import ctlproto
+from agent.common import ctlproto
 from agent.runtime_paths import control_socket
 from ops.natlab import Lab
 

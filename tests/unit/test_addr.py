@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import addr
-from agent.addr import AddressError, SockAddr, parse_sockaddr, split_host_port
+from agent.wire import addr
+from agent.wire.addr import AddressError, SockAddr, parse_sockaddr, split_host_port
 from tests.conftest import load_vectors
 
 VECTORS = load_vectors("addr_mangle_vectors.json")

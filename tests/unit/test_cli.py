@@ -326,9 +326,9 @@ def test_global_options_also_after_the_subcommand(tmp_path: Path, capsys: pytest
 def test_allow_revoke_and_targets_edit_the_config_a_running_agent_reads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent.access import load_state_config
-    from agent.pins import PinStore
-    from agent.trust import fingerprint
+    from agent.control.access import load_state_config
+    from agent.control.pins import PinStore
+    from agent.wire.peer_ids import fingerprint
 
     state = tmp_path / "s"
     spec = f"1234567890={fingerprint(bytes(32))}"
@@ -352,8 +352,8 @@ def test_allow_revoke_and_targets_edit_the_config_a_running_agent_reads(
 
 def test_allow_catches_the_typos_of_a_hand_typed_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The walk-through: `allow 81751O1709` (letter O) and a wrong digit before a real key were taken silently."""
-    from agent.access import load_state_config
-    from agent.trust import fingerprint
+    from agent.control.access import load_state_config
+    from agent.wire.peer_ids import fingerprint
 
     state = tmp_path / "s"
     rc, _, err = run(cli.main, ["--state-dir", str(state), "allow", "81751O1709"], capsys)
@@ -371,9 +371,9 @@ def test_peers_lists_allowed_pinned_and_seen_and_forgets_a_key(
     import json as jsonmod
     import time
 
-    from agent.pins import PinStore
-    from agent.seen import SeenPeers
-    from agent.trust import fingerprint
+    from agent.control.pins import PinStore
+    from agent.session.seen import SeenPeers
+    from agent.wire.peer_ids import fingerprint
 
     state = tmp_path / "s"
     assert run(cli.main, ["--state-dir", str(state), "peers"], capsys)[1].startswith("no peers yet")
@@ -569,8 +569,8 @@ def test_ops_uses_state_dir_from_environment(tmp_path: Path, capsys: pytest.Capt
 
 def test_up_flags_merge_into_the_config_the_user_owns(tmp_path: Path) -> None:
     """A later `up --allow-target X` alone keeps who was allowed (it used to reset `allow = []`)."""
-    from agent.access import save_state_config
     from agent.config import Config
+    from agent.control.access import save_state_config
 
     state = tmp_path / "s"
     state.mkdir()

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.addr import AddressError, split_host_port
 from agent.client import ForwardSpec, parse_forward
+from agent.wire.addr import AddressError, split_host_port
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agent import config
 from agent.config import Config, ConfigError
-from agent.trust import fingerprint
+from agent.wire.peer_ids import fingerprint
 
 
 def _write(tmp_path: Path, text: str | bytes) -> Path:

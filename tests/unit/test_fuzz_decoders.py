@@ -18,14 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from agent import addr, kcp_core, messages
-from agent.addr import SockAddr
-from agent.handshake import HandshakeError, Initiator, Policy, Responder
+from agent.kcp import core as kcp_core
 from agent.proto import rendezvous_pb2 as pb
-from agent.registry import Registry
-from agent.rendezvous_core import Limits, RendezvousCore
-from agent.session import MAX_SESSION_FRAME, SessionError, StreamCodec
-from agent.wire import FrameDecoder, FrameError, encode_frame
+from agent.servers.registry import Registry
+from agent.servers.rendezvous_core import Limits, RendezvousCore
+from agent.session.stream import MAX_SESSION_FRAME, SessionError, StreamCodec
+from agent.wire import addr, messages
+from agent.wire.addr import SockAddr
+from agent.wire.frames import FrameDecoder, FrameError, encode_frame
+from agent.wire.handshake import HandshakeError, Initiator, Policy, Responder
 
 SOAK = 20 if os.environ.get("PUNCHTHROUGH_SOAK") == "1" else 1
 TRIED: Counter[str] = Counter()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agent import messages
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_core import MAX_UUID_LEN, Accept, Drop, check_request, decode_handoff, encode_handoff
+from agent.servers.relay_core import MAX_UUID_LEN, Accept, Drop, check_request, decode_handoff, encode_handoff
+from agent.wire import messages
 
 
 def test_relay_uuid_limit_counts_bytes_so_every_accepted_uuid_can_be_handed_off() -> None:

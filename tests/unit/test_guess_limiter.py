@@ -1,8 +1,8 @@
-"""agent/guess_limiter.py: back-off for password guesses, with fake time."""
+"""agent/session/guess_limiter.py: back-off for password guesses, with fake time."""
 
 from __future__ import annotations
 
-from agent.guess_limiter import GuessLimiter, cost_of_guesses, guess_keys
+from agent.session.guess_limiter import GuessLimiter, cost_of_guesses, guess_keys
 
 KEYS = ["id:1", "ip:203.0.113.5"]
 

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
-from agent.crypto import sign_id_pk
-from agent.handshake import (
+from agent.proto import message_pb2 as pb
+from agent.wire.frames import FrameDecoder, encode_frame
+from agent.wire.handshake import (
     MAX_AUTH_PAYLOAD,
     MAX_HANDSHAKE_PAYLOAD,
     ZERO_NONCE,
@@ -29,10 +30,9 @@ from agent.handshake import (
     transcript_hash,
     trusted_peer_key,
 )
-from agent.proto import message_pb2 as pb
-from agent.secure_channel import SecureChannel
-from agent.trust import fingerprint
-from agent.wire import FrameDecoder, encode_frame
+from agent.wire.keys import sign_id_pk
+from agent.wire.peer_ids import fingerprint
+from agent.wire.secure_channel import SecureChannel
 from tests.conftest import load_vectors
 
 V = load_vectors("handshake_vectors.json")
@@ -602,7 +602,7 @@ def test_auth_signature_covers_target_and_id() -> None:
 
 
 def test_password_proof_is_what_the_docs_say() -> None:
-    from agent.handshake import password_key
+    from agent.wire.handshake import password_key
 
     t = hashlib.sha256(b"t").digest()
     assert password_key(PASSWORD, B_ID) == password_key(PASSWORD, B_ID)

@@ -12,9 +12,9 @@ import pytest
 from nacl.signing import SigningKey
 
 from agent import identity
-from agent.crypto import KeyFileError
-from agent.identity import IDENTITY_FILE, KEY_FILE, derive_id, load_or_create, next_id
-from agent.trust import fingerprint
+from agent.common.keyfile import KeyFileError
+from agent.identity import IDENTITY_FILE, KEY_FILE, load_or_create, next_id
+from agent.wire.peer_ids import derive_id, fingerprint
 
 
 def _mode(path: Path) -> int:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kcp.extension import KCP
 
-from agent.kcp_core import (
+from agent.kcp.core import (
     ACK,
     CMD_ACK,
     CMD_PUSH,

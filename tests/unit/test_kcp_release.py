@@ -1,4 +1,4 @@
-"""agent.kcp_release frees what the kcp binding leaks, and refuses anything it cannot vouch for."""
+"""agent.kcp.release frees what the kcp binding leaks, and refuses anything it cannot vouch for."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from kcp.extension import KCP
 
-from agent import kcp_release
+from agent.kcp import release as kcp_release
 
 
 def test_release_frees_once_and_only_with_the_right_conv() -> None:
@@ -26,7 +26,7 @@ LEAK = """
 import sys
 import psutil
 from kcp.extension import KCP
-from agent import kcp_release
+from agent.kcp import release as kcp_release
 free = sys.argv[1] == "free"
 for _ in range(20000):
     k = KCP(5)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import seen as seenmod
-from agent.access import load_state_config, save_state_config
 from agent.config import Config
-from agent.live_config import CONFIG_FILE, LiveConfig
-from agent.seen import SeenPeers
+from agent.control.access import load_state_config, save_state_config
+from agent.control.live_config import CONFIG_FILE, LiveConfig
+from agent.session import seen as seenmod
+from agent.session.seen import SeenPeers
 
 
 def bump(path: Path) -> None:

@@ -8,9 +8,9 @@ from google.protobuf.message import Message
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import messages
-from agent.messages import MessageError
 from agent.proto import rendezvous_pb2 as pb
+from agent.wire import messages
+from agent.wire.messages import MessageError
 from tests.conftest import load_vectors
 
 VECTORS = load_vectors("rendezvous_vectors.json")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.nat_core import (
+from agent.nat.probe_core import (
     NatType,
     TcpObservation,
     UdpObservation,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from agent.netutil import tune_transport
+from agent.common.netutil import tune_transport
 
 
 def test_tune_transport_sets_the_dead_path_timeout_on_tcp_only() -> None:

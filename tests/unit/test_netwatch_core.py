@@ -8,11 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from agent import messages, signing
-from agent.addr import SockAddr
-from agent.netwatch_core import NetView, NetWatchCore, describe_change, usable_addresses
+from agent.nat.watch_core import NetView, NetWatchCore, describe_change, usable_addresses
 from agent.proto import rendezvous_pb2 as pb
-from agent.registrar_core import REGISTERING, KeyRequested, Registered, RegistrarCore
+from agent.rendezvous.registrar_core import REGISTERING, KeyRequested, Registered, RegistrarCore
+from agent.wire import messages, signing
+from agent.wire.addr import SockAddr
 
 
 def view(route: str, *addrs: str) -> NetView:

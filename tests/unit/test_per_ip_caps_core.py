@@ -1,4 +1,4 @@
-"""Per-source-IP caps, sans-IO: agent.ip_caps.PerIpCap and the relay's PairingTable per-IP bound."""
+"""Per-source-IP caps, sans-IO: agent.common.ip_caps.PerIpCap and the relay's PairingTable per-IP bound."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.ip_caps import PerIpCap, source_key, unread_bytes
-from agent.relay_core import EVICTED_OLDEST_WAITER, EVICTED_WAITER_PER_IP, Paired, PairingTable, Wait
+from agent.common.ip_caps import PerIpCap, source_key, unread_bytes
+from agent.servers.relay_core import EVICTED_OLDEST_WAITER, EVICTED_WAITER_PER_IP, Paired, PairingTable, Wait
 
 A, B = "10.0.0.1", "10.0.0.2"
 

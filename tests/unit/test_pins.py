@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.pins import PINS_FILE, PinMismatch, PinStore
-from agent.trust import fingerprint
+from agent.control.pins import PINS_FILE, PinMismatch, PinStore
+from agent.wire.peer_ids import fingerprint
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))

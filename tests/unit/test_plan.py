@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.plan import RELAY_STAGGER, RELAY_STAGGER_LONG_SHOT, Mode, Policy, Situation, Strategy, make_plan
+from agent.control.plan import RELAY_STAGGER, RELAY_STAGGER_LONG_SHOT, Mode, Policy, Situation, Strategy, make_plan
 from agent.proto import rendezvous_pb2 as pb
 
 NATS = (pb.UNKNOWN_NAT, pb.ASYMMETRIC, pb.SYMMETRIC)

@@ -9,11 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from agent import addr as addrmangle
-from agent import messages, signing
-from agent.addr import SockAddr
 from agent.proto import rendezvous_pb2 as pb
-from agent.registrar_core import (
+from agent.rendezvous.registrar_core import (
     BACKING_OFF,
     ID_TAKEN,
     REGISTER_PK_SIZE,
@@ -29,6 +26,9 @@ from agent.registrar_core import (
     ServerKeyRefused,
     StateChanged,
 )
+from agent.wire import addr as addrmangle
+from agent.wire import messages, signing
+from agent.wire.addr import SockAddr
 
 SERVER = SockAddr.of("192.0.2.1", 21116)
 OTHER = SockAddr.of("192.0.2.66", 21116)

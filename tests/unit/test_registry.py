@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from agent.registry import PeerRow, Registry
+from agent.servers.registry import PeerRow, Registry
 
 
 def test_binding_persists_across_reopen(tmp_path: Path) -> None:

@@ -9,9 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from agent import messages, signing
 from agent.proto import rendezvous_pb2 as pb
-from agent.relay_core import (
+from agent.servers.relay_core import (
     FIRST_FRAME_MAX,
     KEY_MISMATCH,
     MAX_UUID_LEN,
@@ -30,7 +29,8 @@ from agent.relay_core import (
     encode_handoff,
     owner_index,
 )
-from agent.wire import FrameDecoder, FrameError, encode_frame, encode_header
+from agent.wire import messages, signing
+from agent.wire.frames import FrameDecoder, FrameError, encode_frame, encode_header
 
 
 def rr(uuid: str = "u", key: str = "", **kw: object) -> bytes:

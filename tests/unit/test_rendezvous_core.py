@@ -16,22 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from agent import addr as addrmod
-from agent import messages, signing
-from agent.addr import SockAddr
-from agent.crypto import open_signed_id_pk
 from agent.proto import rendezvous_pb2 as pb
-from agent.registry import PeerRow, Registry
-from agent.rendezvous_core import (
-    Action,
-    CloseTcp,
-    Limits,
-    Persist,
-    RendezvousCore,
-    SendTcp,
-    SendUdp,
-    valid_id,
-)
+from agent.servers.registry import PeerRow, Registry
+from agent.servers.rendezvous_core import Action, CloseTcp, Limits, Persist, RendezvousCore, SendTcp, SendUdp, valid_id
+from agent.wire import addr as addrmod
+from agent.wire import messages, signing
+from agent.wire.addr import SockAddr
+from agent.wire.keys import open_signed_id_pk
 from tests.signed import Member, register_core
 
 KEY = SigningKey(bytes(range(32)))
@@ -225,7 +216,7 @@ def test_a_signed_binding_never_changes_key(monkeypatch: pytest.MonkeyPatch) -> 
     h = Harness()
     assert h.register() == R.OK
     # a thief whose key happens to derive the same ID (2^33 work, or a collision): the binding holds
-    monkeypatch.setattr("agent.rendezvous_core.derive_id", lambda pk, salt: B_ID)
+    monkeypatch.setattr("agent.servers.rendezvous_core.derive_id", lambda pk, salt: B_ID)
     thief = Member.new(b"thief")
     thief.uuid = B_UUID  # the uuid is no secret any more
     h.now += 10
@@ -390,7 +381,7 @@ def test_restart_keeps_bindings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert h.register() == R.OK
     assert h.heartbeat() is False
     assert h.core.stats(h.now)["peers_online"] == 1  # RegisterPk refreshed the address at once
-    monkeypatch.setattr("agent.rendezvous_core.derive_id", lambda pk, salt: B_ID)
+    monkeypatch.setattr("agent.servers.rendezvous_core.derive_id", lambda pk, salt: B_ID)
     h.now += 10
     assert h.register(Member.new(b"thief"), peer_id=B_ID) == R.KEY_MISMATCH  # the binding came from disk
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.secure_channel import MAC_BYTES, ChannelError, SecureChannel, nonce_for
-from agent.wire import FrameDecoder, encode_frame
+from agent.wire.frames import FrameDecoder, encode_frame
+from agent.wire.secure_channel import MAC_BYTES, ChannelError, SecureChannel, nonce_for
 from tests.conftest import load_vectors
 
 V = load_vectors("handshake_vectors.json")

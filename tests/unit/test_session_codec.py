@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.secure_channel import SecureChannel
-from agent.session import CHUNK, SessionError, StreamCodec
-from agent.wire import encode_frame
+from agent.session.stream import CHUNK, SessionError, StreamCodec
+from agent.wire.frames import encode_frame
+from agent.wire.secure_channel import SecureChannel
 
 
 def pair() -> tuple[StreamCodec, StreamCodec]:
@@ -93,7 +93,7 @@ def test_plaintext_injection_refused() -> None:
 
 
 def test_keepalives_are_skipped_anywhere_and_deliver_nothing() -> None:
-    from agent.session import KEEPALIVE
+    from agent.session.stream import KEEPALIVE
 
     a, b = pair()
     assert KEEPALIVE == b"\x00"

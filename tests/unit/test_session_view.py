@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.session_view import counts, fold_answers, join
+from agent.session.view import counts, fold_answers, join
 
 A = "8922743670"
 

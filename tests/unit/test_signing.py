@@ -1,4 +1,4 @@
-"""agent/signing.py: signed rendezvous messages and relay tickets, without sockets."""
+"""agent/wire/signing.py: signed rendezvous messages and relay tickets, without sockets."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from agent import messages, signing
 from agent.proto import rendezvous_pb2 as pb
+from agent.wire import messages, signing
 
 KEY = SigningKey(b"k" * 32)
 PK = bytes(KEY.verify_key)

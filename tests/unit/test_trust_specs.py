@@ -1,4 +1,4 @@
-"""agent/trust.py and agent/access.py: naming peers by key, the allowed_peers file, the access policy."""
+"""agent/wire/peer_ids.py and agent/control/access.py: peers named by key, allowed_peers, the access policy."""
 
 from __future__ import annotations
 
@@ -8,20 +8,18 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from agent.access import allowed, build_policy
 from agent.config import Config
-from agent.pins import PinStore
-from agent.trust import (
+from agent.control.access import (
     ALLOWED_PEERS_FILE,
     MAX_ALLOWED_PEERS_BYTES,
-    PeerSpec,
-    fingerprint,
+    allowed,
+    build_policy,
     merge,
     parse_allowed_peers,
-    parse_peer_spec,
     read_allowed_peers,
-    spec_for,
 )
+from agent.control.pins import PinStore
+from agent.wire.peer_ids import PeerSpec, fingerprint, parse_peer_spec, spec_for
 
 PK = bytes(SigningKey(b"p" * 32).verify_key)
 FP = fingerprint(PK)

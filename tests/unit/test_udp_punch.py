@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from agent.udp_punch import Puncher, PunchSchedule, _same_endpoint
+from agent.strategies.punch_schedule import Puncher, PunchSchedule, _same_endpoint
 
 
 def test_schedule_starts_at_once_then_20ms_growing_by_half() -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.wire import MAX_PAYLOAD, FrameDecoder, FrameError, encode_frame, encode_header
+from agent.wire.frames import MAX_PAYLOAD, FrameDecoder, FrameError, encode_frame, encode_header
 from tests.conftest import load_vectors
 
 VECTORS = load_vectors("frame_codec_vectors.json")

@@ -1,0 +1,96 @@
+"""Small asyncio socket helpers shared by the strategies and the session owner."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+
+from agent.wire.addr import split_host_port
+
+
+async def connect_tcp(address: str, default_port: int | None = None, timeout: float = 5.0) -> socket.socket:
+    """A connected non-blocking TCP socket (IPv4 or IPv6, first address that answers)."""
+    host, port = split_host_port(address, default_port)
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    async with asyncio.timeout(timeout):
+        for family, type_, proto, _name, sockaddr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, sockaddr)
+            except OSError as exc:
+                sock.close()
+                last = exc
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+    raise last or OSError(f"no address for {address}")
+
+
+async def tcp_round_trip(
+    address: str, default_port: int | None = None, timeout: float = 3.0
+) -> tuple[float | None, str]:
+    """Milliseconds one TCP handshake with `address` takes (about one round trip), or None and why not.
+
+    The connection is closed at once: the far side sees a connection that sends nothing.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        sock = await connect_tcp(address, default_port, timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        return None, describe_error(exc)
+    sock.close()
+    return round((loop.time() - started) * 1000, 3), ""
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line: 'connection refused', not "[Errno 111] Connect call failed ('127.0.0.1', 9)"."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.errno and exc.errno in errno.errorcode:
+        return os.strerror(exc.errno).lower()
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def loopback_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of TCP sockets over 127.0.0.1 (blocking).
+
+    Used instead of socketpair() for a stream handed to the agent: the session owner
+    resets the stream when the session fails, and only TCP can carry a reset (an
+    AF_UNIX socketpair would show the application a clean end of a truncated stream).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        mine = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    mine.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    theirs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return mine, theirs
+
+
+DEAD_PATH_TIMEOUT = 30.0
+"""Seconds a TCP transport may go with data unacknowledged before the kernel gives up on it. Linux's
+default (tcp_retries2) is about 15 minutes; with the sessions' keepalives (every 10 s of silence)
+a path that died (a host moved, a NAT rebooted) ends the session within ~40 s, idle or not."""
+
+
+def tune_transport(sock: socket.socket, dead_after: float = DEAD_PATH_TIMEOUT) -> bool:
+    """TCP_USER_TIMEOUT on a session transport or relay leg; False when it does not apply (not TCP)."""
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(dead_after * 1000))
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,584 @@
+"""The coordinator: the agent's control plane.
+
+It answers the control socket (ops queries, and stream requests from `pipe` and
+`connect`), asks the rendezvous server for a path to a peer, starts the strategy
+that can reach it, and tells the session owner what to expect. It receives the
+server's pushes from the registrar and answers them. It keeps the table of
+actors (pid, restarts, CPU, memory) and the outcome of every strategy attempt.
+It never touches session bytes: local stream sockets pass through it by fd.
+The strategies raced for one outgoing stream are in agent/control/race.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid as uuidlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.common import ctlproto
+from agent.common.netutil import tcp_round_trip
+from agent.common.stats import DropStats
+from agent.config import Config
+from agent.control.access import allowed, build_policy, known_peers
+from agent.control.pins import PinMismatch, PinStore
+from agent.control.plan import LAN_BUDGET, PUNCH_BUDGET, Policy
+from agent.control.race import VERSION, Attempt, Race, SessionPlan, ms_since
+from agent.identity import Identity, IdentityCache
+from agent.nat.watch import interface_addresses
+from agent.nat.watch_core import usable_addresses
+from agent.proto import rendezvous_pb2 as pb
+from agent.refs import Ref
+from agent.rendezvous.requests import RendezvousError, Signer, send_relay_response
+from agent.session import view as session_view
+from agent.wire import addr as addrmod
+from agent.wire.addr import AddressError, split_host_port
+from agent.wire.handshake import Binding, HandshakeError, trusted_peer_key
+from agent.wire.peer_ids import fingerprint, parse_peer_spec, spec_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIRECT_PORT = 21118
+MAX_ATTEMPT_RECORDS = 256
+
+
+@dataclass
+class ActorInfo:
+    name: str
+    pid: int
+    registered: float
+    restarts: int = 0
+    proc: psutil.Process | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        state, cpu, rss = "dead", 0.0, 0
+        try:
+            if self.proc is None or self.proc.pid != self.pid:
+                self.proc = psutil.Process(self.pid)
+            if self.proc.is_running() and self.proc.status() != psutil.STATUS_ZOMBIE:
+                state = "alive"
+                cpu = self.proc.cpu_percent(interval=None)
+                rss = self.proc.memory_info().rss
+        except psutil.Error:
+            pass
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "state": state,
+            "restarts": self.restarts,
+            "cpu_percent": cpu,
+            "rss": rss,
+            "since": round(time.time() - self.registered, 1),
+        }
+
+
+class Coordinator:
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        cfg: Config,
+        identity: Identity,
+        server: str,
+        server_key: Callable[[], bytes | None],
+        control_socket: Path,
+        sessions_socket: Path,
+        registrar: Ref,
+        nat_probe: Ref,
+        relay: Ref,
+        lan: Ref,
+        tcp_punch: Ref,
+        ipv6: Ref,
+        udp_punch: Ref,
+        embedded: bool = False,
+        live_cfg: Callable[[], Config] | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        self.cfg = cfg
+        self.live_cfg = live_cfg or (lambda: cfg)
+        """The config as edited on disk since the start: [access] (who may connect) acts live."""
+        self.identities = IdentityCache(state_dir, identity)
+        self.server = server
+        self.server_addr = split_host_port(server, 21116)
+        self.server_key = server_key
+        """The rendezvous server's key as trusted now (configured, embedded, or pinned at registration)."""
+        self.sessions_socket = sessions_socket
+        self.registrar = registrar
+        self.nat_probe = nat_probe
+        self.relay = relay
+        self.lan = lan
+        self.tcp_punch = tcp_punch
+        self.ipv6 = ipv6
+        self.udp_punch = udp_punch
+        self.embedded = embedded
+        self.started = time.monotonic()
+        self.actors: dict[str, ActorInfo] = {}
+        self.plans: dict[str, SessionPlan] = {}
+        self.pushes: dict[str, int] = {}
+        self.pushes_refused: Counter[str] = Counter()
+        self._refusal_log = DropStats(60.0)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ctl = ctlproto.ControlServer(control_socket, self._handle)
+
+    async def start(self) -> None:
+        await self._ctl.start()
+
+    async def close(self) -> None:
+        await self._ctl.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    # ---- actors -------------------------------------------------------------------------
+
+    def register_actor(self, name: str, pid: int, restarts: int | None = None) -> None:
+        """Called by every actor when it (re)starts; a new pid for a known name is a restart."""
+        info = self.actors.get(name)
+        if info is None:
+            self.actors[name] = ActorInfo(name, pid, time.time(), restarts or 0)
+        elif info.pid != pid:
+            info.pid, info.registered, info.proc = pid, time.time(), None
+            info.restarts = restarts if restarts is not None else info.restarts + 1
+        log.info("actor %s is up (pid %d)", name, pid)
+
+    # ---- control socket -----------------------------------------------------------------
+
+    async def _handle(self, req: dict[str, Any], fds: list[int]) -> Any:
+        op = req.get("op")
+        if op != "open":
+            for fd in fds:
+                os.close(fd)
+        if op == "ping":
+            return {"ok": True, "id": self.identity.peer_id}
+        if op == "status":
+            return await self.status()
+        if op == "actors":
+            return {"ok": True, "actors": [a.as_dict() for a in self.actors.values()]}
+        if op == "sessions":
+            return await self.sessions()
+        if op == "netcheck":
+            return await self.netcheck()
+        if op == "open":
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                return {"ok": False, "error": "open needs exactly one stream socket"}
+            try:
+                return await self.open_stream(req, fds[0])
+            finally:
+                os.close(fds[0])
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+    async def netcheck(self) -> dict[str, Any]:
+        """A fresh NAT measurement, the relay's round trip and the addresses peers could use on our LAN."""
+        relay = self.relay_target("")
+        verdict, (relay_ms, relay_error) = await asyncio.gather(
+            self.nat_probe.call("measure"), tcp_round_trip(relay, timeout=3.0)
+        )
+        return {
+            "ok": True,
+            "nat": verdict.as_dict(),
+            "server": self.server,
+            "relay": {"address": relay, "rtt_ms": relay_ms, "error": relay_error},
+            "addresses": sorted(usable_addresses(interface_addresses())),
+        }
+
+    async def status(self) -> dict[str, Any]:
+        registration = await self._safe(self.registrar, "status")
+        nat_status = await self._safe(self.nat_probe, "status")
+        nat = nat_status.get("latest") or nat_status
+        sessions = await self._session_rows()
+        ident = self.identity
+        server_key = self.server_key()
+        return {
+            "ok": True,
+            "id": ident.peer_id,
+            "fingerprint": ident.fingerprint,
+            "peer_spec": spec_for(ident.peer_id, ident.public_key),
+            "server": self.server,
+            "server_key": fingerprint(server_key) if server_key else "",
+            "server_key_b64": base64.b64encode(server_key).decode() if server_key else "",
+            "admits_anyone": self._admits_anyone(),
+            "embedded": self.embedded,
+            "registration": registration,
+            "nat": nat,
+            "peers": session_view.peer_view(self._known_peers(), sessions),
+            "sessions_active": session_view.counts(sessions)[0],
+            "sessions_total": session_view.counts(sessions)[1],
+            "pushes": dict(self.pushes),
+            "pushes_refused": dict(self.pushes_refused),
+            "uptime": round(time.monotonic() - self.started, 1),
+            "version": VERSION,
+        }
+
+    def _allowed_elsewhere(self, binding: Binding) -> str:
+        """The IDs an allow entry names for this key, other than the one it came with."""
+        try:
+            entries = allowed(self.live_cfg(), self.state_dir)
+        except (OSError, ValueError):
+            return ""
+        want = fingerprint(binding.public_key)
+        return ", ".join(pid for pid, fp in entries.items() if fp == want and pid != binding.peer_id)
+
+    def _known_peers(self) -> list[dict[str, Any]]:
+        try:
+            return known_peers(self.state_dir)
+        except (OSError, ValueError) as exc:  # a config.toml being edited by hand must not break status
+            log.warning("cannot list known peers: %s", exc)
+            return []
+
+    def _admits_anyone(self) -> bool:
+        try:
+            return build_policy(self.live_cfg(), self.state_dir) is not None
+        except (OSError, ValueError):
+            return False
+
+    async def _safe(self, ref: Ref, method: str) -> Any:
+        try:
+            return await asyncio.wait_for(ref.call(method), 3)
+        except Exception as exc:  # a sick actor must not break status
+            return {"error": f"{method} unavailable: {exc or type(exc).__name__}"}
+
+    async def _session_list(self) -> list[dict[str, Any]]:
+        try:
+            reply = await ctlproto.acall(self.sessions_socket, {"op": "list"}, timeout=3)
+            return list(reply.get("sessions", []))
+        except (OSError, TimeoutError, ctlproto.ControlError):
+            return []
+
+    async def sessions(self) -> dict[str, Any]:
+        return {"ok": True, "sessions": await self._session_rows()}
+
+    async def _session_rows(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        plans = [
+            {
+                "id": sid,
+                "peer": plan.peer,
+                "role": plan.role,
+                "path": plan.path,
+                "error": plan.error,
+                "age": round(now - plan.created, 3),
+                "attempts": [a.as_dict() for a in plan.attempts],
+            }
+            for sid, plan in self.plans.items()
+        ]
+        return session_view.join(plans, await self._session_list())
+
+    def _plan(self, sid: str, peer: str, role: str) -> SessionPlan:
+        plan = self.plans[sid] = SessionPlan(sid, peer, role)
+        while len(self.plans) > MAX_ATTEMPT_RECORDS:
+            del self.plans[next(iter(self.plans))]
+        return plan
+
+    # ---- A side: open a stream to a peer --------------------------------------------------
+
+    @property
+    def identity(self) -> Identity:
+        """This agent's identity as it is now (the registrar may have moved to a new ID)."""
+        return self.identities.get()
+
+    def signer(self) -> Signer:
+        ident = self.identity
+        return Signer(ident.peer_id, ident.signing_key, ident.salt)
+
+    def relay_target(self, announced: str) -> str:
+        """Where to dial the relay the rendezvous server named: as named; ":PORT" is the server's own
+        host; none is our configured relay, else RustDesk's default (the server's host, port + 1)."""
+        host, port = self.server_addr
+        if announced.startswith(":"):
+            return addrmod.join_host_port(host, int(announced[1:]))
+        if announced:
+            return announced
+        if self.cfg.agent.relay:
+            return self.cfg.agent.relay
+        return addrmod.join_host_port(host, port + 1)
+
+    def trusted_key(self, peer: str, signed_pk: bytes, want: str | None = None) -> tuple[bytes, str]:
+        """B's key: vouched for by the rendezvous server (its signature checked with the key we trust),
+        pinned from an earlier session, and of the fingerprint the user named, as far as each is given."""
+        pinned = PinStore(self.state_dir).get(peer)
+        server_key = self.server_key()
+        if signed_pk and server_key is None:
+            raise HandshakeError(
+                "cannot check the key the rendezvous server gave for peer "
+                f"{peer}: its own key is not known yet (this agent has not registered with it)"
+            )
+        return trusted_peer_key(
+            peer, server_key=server_key, signed_id_pk=signed_pk or None, pinned=pinned, want_fingerprint=want
+        )
+
+    async def open_stream(self, req: dict[str, Any], local_fd: int) -> dict[str, Any]:
+        """A's side: race every strategy the plan allows; the session owner keeps the first
+        transport whose authenticated handshake completes."""
+        peer = str(req.get("peer", ""))
+        target = str(req.get("target", ""))
+        sid = uuidlib.uuid4().hex[:12]
+        plan = self._plan(sid, peer, "initiator")
+        timeout = float(self.cfg.agent.connect_timeout)
+
+        def fail(reason: str) -> dict[str, Any]:
+            plan.error = reason
+            return {"ok": False, "error": reason, "session": sid}
+
+        try:
+            policy = Policy.parse(str(req.get("path") or self.cfg.agent.path))
+        except ValueError as exc:
+            return fail(str(exc))
+        direct = ""
+        if "@" in peer:  # ID@HOST[:PORT]: the peer's direct port, no rendezvous server
+            peer, _, where = peer.partition("@")
+            try:
+                direct = await _resolve(where, DEFAULT_DIRECT_PORT)
+            except (AddressError, OSError) as exc:
+                return fail(f"direct address {where!r}: {exc}")
+        if not peer:
+            return fail("no peer ID given")
+        try:
+            spec = parse_peer_spec(peer)  # ID, or ID=SHA256:... naming the only key to accept
+        except ValueError as exc:
+            return fail(str(exc))
+        peer = plan.peer = spec.peer_id
+        if peer == self.identity.peer_id:
+            return fail("that is this agent's own ID")
+        started = time.monotonic()
+        deadline = started + timeout
+        keys: dict[str, tuple[bytes, str]] = {}
+        race = Race(self, plan, sid, spec, started, deadline, keys)
+        race.direct_address = direct
+        initiate = asyncio.ensure_future(
+            ctlproto.acall(
+                self.sessions_socket,
+                {
+                    "op": "initiate",
+                    "session": sid,
+                    "peer": peer,
+                    "target": target,
+                    "password": req.get("password"),
+                    "wait": timeout,
+                },
+                [local_fd],
+                timeout=timeout + 15,
+                patience=5,
+            )
+        )
+        strategies = [asyncio.ensure_future(c) for c in race.coroutines(policy)]
+        all_done = asyncio.ensure_future(asyncio.gather(*strategies, return_exceptions=True))
+        all_done.add_done_callback(_consume)
+        over = asyncio.ensure_future(race.over.wait())
+        try:
+            done, _ = await asyncio.wait({initiate, all_done, over}, return_when=asyncio.FIRST_COMPLETED)
+            if initiate not in done:
+                with contextlib.suppress(OSError, TimeoutError, ctlproto.ControlError):
+                    await ctlproto.acall(self.sessions_socket, {"op": "transports_done", "session": sid}, timeout=5)
+            reply = await initiate
+        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
+            reply = {"ok": False, "error": f"session owner unavailable: {exc or type(exc).__name__}"}
+        finally:
+            for task in strategies:
+                task.cancel()
+            all_done.cancel()
+            over.cancel()
+            # Ray keeps running a call its caller stopped awaiting: tell the strategy actors to stop.
+            for ref in (self.lan, self.tcp_punch, self.udp_punch, self.ipv6, self.relay):
+                self._spawn(_quietly(ref.call("cancel", sid)))
+        race.settle(reply.get("transports", []))
+        if not reply.get("ok"):
+            error = str(reply.get("error"))
+            if race.fatal:
+                error = race.fatal
+            elif error == "no path to the peer" and race.errors:
+                error = race.errors[0]
+            return fail(error)
+        plan.path = str(reply.get("path", ""))
+        pk, source = keys.get(plan.path, (b"", "pinned"))
+        if pk and source != "pinned":  # remember the key, so a later server cannot swap it (like known_hosts)
+            with contextlib.suppress(PinMismatch):
+                PinStore(self.state_dir).check_and_pin(peer, pk)
+        return {"ok": True, "session": sid, "path": plan.path, "elapsed_ms": ms_since(started)}
+
+    # ---- B side: pushes from the rendezvous server ----------------------------------------------
+
+    async def our_nat_type(self) -> int:
+        status = await self._safe(self.nat_probe, "status")
+        return int(status.get("nat_type", pb.UNKNOWN_NAT)) if isinstance(status, dict) else pb.UNKNOWN_NAT
+
+    async def on_push(self, kind: str, msg: Any, source: Any = None) -> None:
+        """A push the server signed for us: act on it only for a peer we would admit."""
+        self.pushes[kind] = self.pushes.get(kind, 0) + 1
+        handler = {
+            "request_relay": self._answer_relay,
+            "punch_hole": self._answer_punch,
+            "fetch_local_addr": self._answer_lan,
+        }.get(kind)
+        if handler is None:
+            return
+        binding = push_binding(msg)
+        try:
+            policy = build_policy(self.live_cfg(), self.state_dir)
+        except (OSError, ValueError) as exc:
+            log.error("cannot build the access policy: %s", exc)
+            policy = None
+        if policy is None or not policy.would_admit(binding):
+            self._refuse_push(kind, msg, binding, "this agent admits nobody yet" if policy is None else "")
+            return
+        a_ip = str(addrmod.decode(bytes(msg.socket_addr)).ip)
+        meta: dict[str, Any] = {"peer_ip": a_ip}
+        if binding is not None:
+            meta.update(binding_id=binding.peer_id, binding_pk=binding.public_key)
+        task = asyncio.get_running_loop().create_task(handler(msg, meta))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refuse_push(self, kind: str, msg: Any, binding: Binding | None, why: str) -> None:
+        """Nothing on the network for a peer we would not admit: no punch, no connection, no relay.
+        Only our own server hears (one RelayResponse with the reason, RustDesk's way of turning A
+        away), so the peer learns why at once instead of waiting out its budget."""
+        who = binding.peer_id if binding is not None else "an unnamed requester"
+        spec = spec_for(binding.peer_id, binding.public_key) if binding is not None else ""
+        reason = why or f"{who} is not on this agent's allow list"
+        text = f"{reason}: on {self.identity.peer_id}, run `punchthrough allow {spec}`" if spec else reason
+        if binding is not None and (typo := self._allowed_elsewhere(binding)):
+            text += f" (its key is allowed here as {typo}: a typo in that ID?)"
+        self.pushes_refused["not admitted" if binding is not None else "unnamed requester"] += 1
+        if self._refusal_log.drop(kind, who, time.monotonic()):
+            log.warning("ignored a %s push: %s", kind, text)
+        self._spawn(
+            _quietly(
+                send_relay_response(
+                    self.server_addr,
+                    bytes(msg.socket_addr),
+                    self.identity.peer_id,
+                    "",
+                    "",
+                    VERSION,
+                    refuse_reason=text,
+                    answer_token=bytes(msg.answer_token),
+                )
+            )
+        )
+
+    async def _answer_punch(self, msg: Any, meta: dict[str, Any]) -> None:
+        if msg.udp_port > 0:
+            if Policy.parse(self.cfg.agent.path).udp:
+                await self._answer_direct("udp_punch", self.udp_punch, msg, PUNCH_BUDGET, meta)
+            return
+        v6 = b""
+        peer_v6 = bytes(msg.socket_addr_v6)
+        if addrmod.global_unicast_v6(peer_v6) and Policy.parse(self.cfg.agent.path).ipv6:
+            sid = uuidlib.uuid4().hex[:12]
+            v6 = await self.ipv6.call("prepare", sid)
+            if v6:
+                self._spawn(self._answer_v6(sid, peer_v6, meta))
+        await self._answer_direct("tcp_punch", self.tcp_punch, msg, PUNCH_BUDGET, meta, v6)
+
+    async def _answer_v6(self, sid: str, peer_v6: bytes, meta: dict[str, Any]) -> None:
+        plan = self._plan(sid, str(meta.get("binding_id", "")), "responder")
+        plan.path = "ipv6"
+        started = time.monotonic()
+        res = await self.ipv6.call("connect", sid, peer_v6, "responder", PUNCH_BUDGET, meta)
+        ok = bool(res.get("ok"))
+        plan.attempts.append(
+            Attempt("ipv6", "connected" if ok else "error", str(res.get("reason", "")), ms_since(started))
+        )
+        log.info("answered ipv6 (session %s): %s", sid, "connected" if ok else res.get("reason"))
+        if not ok:
+            plan.error = str(res.get("reason"))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer_lan(self, msg: Any, meta: dict[str, Any]) -> None:
+        await self._answer_direct("lan", self.lan, msg, LAN_BUDGET, meta)
+
+    async def _answer_direct(
+        self, name: str, ref: Ref, msg: Any, budget: float, meta: dict[str, Any], v6: bytes = b""
+    ) -> None:
+        sid = uuidlib.uuid4().hex[:12]
+        plan = self._plan(sid, str(meta.get("binding_id", "")), "responder")
+        started = time.monotonic()
+        nat = await self.our_nat_type()
+        args = (sid, msg, self.identity.peer_id, nat, msg.relay_server, budget, meta) + ((v6,) if v6 else ())
+        res = await ref.call("answer", *args)
+        plan.path = name
+        ok = bool(res.get("ok"))
+        log.info("answered %s push (session %s): %s", name, sid, "connected" if ok else res.get("reason"))
+        plan.attempts.append(
+            Attempt(name, "connected" if ok else "error", str(res.get("reason", "")), ms_since(started))
+        )
+        if not ok:
+            plan.error = str(res.get("reason"))
+
+    async def _answer_relay(self, msg: Any, meta: dict[str, Any]) -> None:
+        sid = uuidlib.uuid4().hex[:12]
+        plan = self._plan(sid, str(meta.get("binding_id", "")), "responder")
+        started = time.monotonic()
+        try:
+            await send_relay_response(
+                self.server_addr,
+                bytes(msg.socket_addr),
+                self.identity.peer_id,
+                msg.uuid,
+                msg.relay_server,
+                VERSION,
+                answer_token=bytes(msg.answer_token),
+            )
+        except RendezvousError as exc:
+            plan.attempts.append(Attempt("relay", "error", str(exc), ms_since(started)))
+            plan.error = str(exc)
+            return
+        dial = await self.relay.call(
+            "dial",
+            sid,
+            self.relay_target(msg.relay_server),
+            msg.uuid,
+            bytes(msg.ticket),
+            msg.relay_server,
+            self.identity.peer_id,
+            "responder",
+            meta,
+        )
+        outcome = "connected" if dial.get("ok") else "error"
+        plan.path = "relay"
+        plan.attempts.append(Attempt("relay", outcome, str(dial.get("reason", "")), ms_since(started)))
+        if not dial.get("ok"):
+            plan.error = str(dial.get("reason"))
+
+
+def push_binding(msg: Any) -> Binding | None:
+    """Who the server says asks (it checked the request's signature), with the key bound to that ID."""
+    peer_id, pk = str(msg.requester_id), bytes(msg.requester_pk)
+    if not peer_id or len(pk) != 32:
+        return None
+    return Binding(peer_id, pk)
+
+
+async def _resolve(where: str, default_port: int) -> str:
+    """HOST[:PORT] -> "IP:PORT" (first address), for strategies that take IP literals."""
+    host, port = split_host_port(where, default_port)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    ip = str(infos[0][4][0])
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+async def _quietly(aw: Any) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(aw, 5)
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a background future's outcome so a cancelled race logs nothing."""
+    if not fut.cancelled():
+        fut.exception()

@@ -1,0 +1,675 @@
+"""The session owner: runs the encrypted handshake on every transport the strategies hand over,
+picks the first one that authenticates, and pumps that session's bytes.
+
+It is the only place that touches session bytes; the coordinator tells it what
+to expect over its control socket, and strategies pass connected sockets to it by
+fd passing. On the initiating side several transports may race for one session:
+the first authenticated handshake wins, A sends SELECT on it and closes the rest
+(their outcome is recorded as "lost the race"). The responder opens the forward
+target only once it is selected, so a losing path never touches the target.
+Every session and every transport ends in a recorded outcome.
+
+On the responding side it judges who gets in: the handshake proves the peer holds
+its key, and the policy (agent/control/access.py) says whether something this agent trusts
+binds that key to the ID it claims. The rendezvous server's word about who asked
+(a Binding, from the signed push that brought the transport) comes along in the
+transport's metadata. Password guesses are slowed down (agent/session/guess_limiter.py).
+Every admission and refusal is logged and kept in the session record.
+
+A KCP transport comes with a second fd, its pump's notice socket (agent/kcp/stream.py):
+when the session fails, that says whether KCP itself failed (and why) or the actor
+pumping it died, so the error the client prints names the cause instead of "cut".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.common import ctlproto
+from agent.common.netutil import connect_tcp, describe_error, tune_transport
+from agent.identity import Identity
+from agent.session.guess_limiter import GuessLimiter, guess_keys
+from agent.session.seen import FLUSH_EVERY, SeenPeers
+from agent.session.stream import PumpStats, SessionError, StreamCodec, pump, run_handshake
+from agent.wire.frames import encode_frame
+from agent.wire.handshake import Binding, HandshakeError, Initiator, Policy, Responder
+from agent.wire.peer_ids import fingerprint
+
+log = logging.getLogger(__name__)
+
+SELECT = b"\x00"
+"""A's first sealed frame on the transport it chose."""
+OPEN_OK = b"\x00"
+OPEN_FAILED = b"\x01"
+"""B's first sealed frame once selected: did the forward target accept the connection?"""
+
+MAX_SESSIONS_KEPT = 256
+"""Finished sessions kept for `punchthrough-ops sessions` (the oldest are forgotten first)."""
+MAX_PENDING = 256
+"""Sessions with transports waiting for their `initiate`: bounded, like all per-peer state."""
+SELECT_TIMEOUT = 30.0
+ECHO_LIMIT = 1 << 20
+"""Bytes a peer that names no target may have echoed back (`punchthrough-ops ping`): a probe, not a pipe."""
+NOTICE_GRACE = 0.5
+"""Seconds a failed session waits for its KCP pump's notice (it dies or speaks within microseconds)."""
+
+
+class PumpNotice:
+    """The KCP pump's notice socket for one transport: how the transport ended, once it has."""
+
+    def __init__(self, sock: socket.socket, path: str) -> None:
+        sock.setblocking(False)
+        self.sock: socket.socket | None = sock
+        self.path = path or "udp_punch"
+        self.verdict: str | None = None
+        self._buf = b""
+
+    def poll(self) -> str | None:
+        """None while the pump says nothing; then "" for an orderly end, else one line on why it failed."""
+        sock = self.sock
+        if self.verdict is not None or sock is None:
+            return self.verdict
+        while b"\n" not in self._buf and len(self._buf) < 512:
+            try:
+                data = sock.recv(512)
+            except BlockingIOError:
+                return None
+            except OSError:
+                data = b""
+            if not data:
+                break
+            self._buf += data
+        line = self._buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()[:300]
+        if not self._buf:
+            self.verdict = f"lost: this agent's KCP pump (the {self.path} actor) died"
+        elif line == "closed":
+            self.verdict = ""
+        else:
+            self.verdict = f"{self.path}: KCP connection lost: {line}"
+        self.close()
+        return self.verdict
+
+    async def wait(self, timeout: float) -> str | None:
+        """`poll`, waiting up to `timeout` seconds for the pump to speak (or to be seen dead)."""
+        if self.poll() is not None or self.sock is None:
+            return self.verdict
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = self.sock.fileno()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            async with asyncio.timeout(timeout):
+                await ready
+        except TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(fd)
+        return self.poll()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+@dataclass
+class SessionRecord:
+    id: str
+    role: str
+    peer: str = ""
+    target: str = ""
+    path: str = ""
+    state: str = "waiting"
+    error: str = ""
+    admitted_by: str = ""
+    peer_key: str = ""
+    """Fingerprint of the key the peer proved it holds (responder: also when it was refused)."""
+    id_verified: bool = False
+    transports: list[dict[str, Any]] = field(default_factory=list)
+    stats: PumpStats = field(default_factory=PumpStats)
+    created: float = field(default_factory=time.monotonic)
+    notice: PumpNotice | None = None
+
+    def failure(self) -> str:
+        """Why the session failed ("" if it did not): the KCP pump's word first, asked here and not
+        only once the pump task settles, since the client asks as soon as its stream is reset."""
+        error = self.error or self.stats.error  # the pump notes its error before it resets the stream
+        if error and self.notice is not None:
+            error = self.notice.poll() or error
+        return error
+
+    def settle_notice(self) -> None:
+        """Done with the notice: a failed session takes the pump's verdict, if it has one."""
+        if self.notice is not None:
+            verdict = self.notice.poll() if self.state == "failed" else None
+            if verdict:
+                self.error = verdict
+            self.notice.close()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "role": self.role,
+            "peer": self.peer,
+            "target": self.target,
+            "path": self.path,
+            "state": self.state,
+            "error": self.failure(),
+            "admitted_by": self.admitted_by,
+            "peer_key": self.peer_key,
+            "id_verified": self.id_verified,
+            "bytes_out": self.stats.bytes_out,
+            "bytes_in": self.stats.bytes_in,
+            "age": round(time.monotonic() - self.created, 3),
+            "transports": list(self.transports),
+        }
+
+
+@dataclass
+class Race:
+    """Transports arriving for one initiating session."""
+
+    queue: asyncio.Queue[tuple[dict[str, Any], socket.socket]] = field(default_factory=asyncio.Queue)
+    no_more: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Won:
+    path: str
+    sock: socket.socket
+    codec: StreamCodec
+    peer_pk: bytes = b""
+    key_source: str = ""
+    """Where A's trust in B's key came from: "pinned" or "rendezvous-signed" (agent/wire/handshake.py)."""
+
+
+async def _echo(sock: socket.socket, limit: int) -> None:
+    """Send back what arrives until the peer closes or `limit` bytes have come (then close)."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    left = limit
+    try:
+        while left > 0 and (data := await loop.sock_recv(sock, min(left, 65536))):
+            left -= len(data)
+            await loop.sock_sendall(sock, data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+class SessionOwner:
+    def __init__(
+        self,
+        socket_path: Path,
+        identity: Callable[[], Identity],
+        policy_factory: Callable[[], Policy | None],
+        on_admitted: Callable[[str, bytes, str], None] | None = None,
+        handshake_timeout: float = 10.0,
+        seen: SeenPeers | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.identity = identity
+        """This agent's identity as it is now (it changes if the server made us move to a new ID)."""
+        self.policy_factory = policy_factory
+        self.guesses = GuessLimiter()
+        self.seen = seen
+        """Last seen / last path per peer (`punchthrough peers`), noted when a session opens."""
+        self.on_admitted = on_admitted
+        self.handshake_timeout = handshake_timeout
+        self.sessions: dict[str, SessionRecord] = {}
+        self._races: dict[str, Race] = {}
+        self._notices: dict[tuple[str, str], socket.socket] = {}
+        """(session, path) -> a racing KCP transport's notice socket."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server = ctlproto.ControlServer(socket_path, self._handle)
+
+    async def start(self) -> None:
+        await self._server.start()
+        if self.seen is not None:
+            self._spawn(self._flush_seen())
+
+    async def _flush_seen(self) -> None:
+        assert self.seen is not None
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            with contextlib.suppress(OSError):
+                self.seen.flush()
+
+    async def close(self) -> None:
+        await self._server.close()
+        if self.seen is not None:
+            with contextlib.suppress(OSError):
+                self.seen.flush()
+        for task in list(self._tasks):
+            task.cancel()
+        for race in self._races.values():
+            while not race.queue.empty():
+                race.queue.get_nowait()[1].close()
+        for notice in self._notices.values():
+            notice.close()
+        self._notices.clear()
+
+    def status(self) -> dict[str, Any]:
+        active = sum(s.state in ("handshake", "open") for s in self.sessions.values())
+        return {"active": active, "total": len(self.sessions), "sessions": self.session_list()}
+
+    def session_list(self) -> list[dict[str, Any]]:
+        return [s.as_dict() for s in self.sessions.values()]
+
+    # ---- control requests -----------------------------------------------------------------
+
+    async def _handle(self, req: dict[str, Any], fds: list[int]) -> Any:
+        op = req.get("op")
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        for s in socks:
+            s.setblocking(False)
+        try:
+            if op == "list":
+                return {"ok": True, "sessions": self.session_list()}
+            sid = str(req.get("session", ""))
+            if op == "transport" and len(socks) in (1, 2) and sid:
+                transport = socks.pop(0)
+                return self._on_transport(sid, req, transport, socks[0] if socks else None)
+            if op == "transports_done" and sid:
+                self._race(sid).no_more.set()
+                return {"ok": True}
+            if op == "initiate" and len(socks) == 1 and sid:
+                return await self._initiate(req, socks.pop())
+            if op == "respond" and len(socks) in (1, 2) and sid:
+                transport = socks.pop(0)
+                return self._respond(req, transport, socks[0] if socks else None)
+            return {"ok": False, "error": f"bad request {op!r} with {len(fds)} fds"}
+        finally:
+            for s in socks:
+                s.close()
+
+    def _record(self, sid: str, role: str) -> SessionRecord:
+        rec = self.sessions.get(sid)
+        if rec is None:
+            rec = self.sessions[sid] = SessionRecord(sid, role)
+            while len(self.sessions) > MAX_SESSIONS_KEPT:
+                oldest = next((k for k, s in self.sessions.items() if s.state in ("done", "failed", "lost")), None)
+                if oldest is None:
+                    break
+                del self.sessions[oldest]
+        return rec
+
+    def _race(self, sid: str) -> Race:
+        race = self._races.get(sid)
+        if race is None:
+            if len(self._races) >= MAX_PENDING:
+                oldest = next(iter(self._races))
+                self._drop_race(oldest)
+            race = self._races[sid] = Race()
+        return race
+
+    def _drop_race(self, sid: str) -> None:
+        race = self._races.pop(sid, None)
+        if race is not None:
+            while not race.queue.empty():
+                race.queue.get_nowait()[1].close()
+        for key in [k for k in self._notices if k[0] == sid]:
+            self._notices.pop(key).close()
+
+    def _on_transport(
+        self, sid: str, meta: dict[str, Any], sock: socket.socket, notice: socket.socket | None = None
+    ) -> dict[str, Any]:
+        """A strategy delivers a connected transport (with the peer key it was vouched) for an initiating
+        session, and for KCP its pump's notice socket."""
+        race = self._race(sid)
+        if race.no_more.is_set():
+            return {"ok": False, "error": "session is no longer waiting for transports"}
+        if len(bytes(meta.get("peer_pk", b""))) != 32:
+            return {"ok": False, "error": "transport without a usable peer key"}
+        if notice is not None:
+            old = self._notices.pop((sid, str(meta.get("path", ""))), None)
+            if old is not None:
+                old.close()
+            self._notices[(sid, str(meta.get("path", "")))] = notice.dup()
+        race.queue.put_nowait((meta, sock.dup()))
+        return {"ok": True}
+
+    # ---- A: race the transports ------------------------------------------------------------
+
+    async def _initiate(self, req: dict[str, Any], local: socket.socket) -> dict[str, Any]:
+        sid = str(req["session"])
+        rec = self._record(sid, "initiator")
+        rec.peer, rec.target = str(req["peer"]), str(req.get("target", ""))
+        race = self._race(sid)
+        try:
+            won = await self._race_handshakes(req, rec, race, float(req.get("wait", 10.0)))
+            if won is not None and (notice := self._notices.pop((sid, won.path), None)) is not None:
+                rec.notice = PumpNotice(notice, won.path)
+        finally:
+            self._drop_race(sid)
+        if won is None:
+            rec.state = "failed"
+            return {"ok": False, "error": rec.error, "transports": rec.transports}
+        rec.path = won.path
+        rec.peer_key, rec.admitted_by, rec.id_verified = fingerprint(won.peer_pk), won.key_source, True
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(won.sock, won.codec.encode(SELECT)[0])
+            early = await self._await_open_result(won.sock, won.codec, rec)
+        except (SessionError, OSError, TimeoutError) as exc:
+            rec.state, rec.error = "failed", str(exc) if isinstance(exc, SessionError) else describe_error(exc)
+            rec.settle_notice()
+            won.sock.close()
+            return {"ok": False, "error": rec.error, "transports": rec.transports}
+        rec.state = "open"
+        self._note_seen(rec)
+        self._spawn(self._pump(rec, won.sock, won.codec, local.dup(), early))
+        return {"ok": True, "session": sid, "path": won.path, "transports": rec.transports}
+
+    async def _race_handshakes(self, req: dict[str, Any], rec: SessionRecord, race: Race, wait: float) -> _Won | None:
+        """First transport whose handshake completes, or None with rec.error saying why all failed."""
+        started = time.monotonic()
+        running: dict[asyncio.Task[_Won], tuple[str, socket.socket, float]] = {}
+        refusal = ""
+        failures: list[str] = []
+
+        async def shake(meta: dict[str, Any], sock: socket.socket) -> _Won:
+            ident = self.identity()
+            machine = Initiator(
+                ident.peer_id,
+                ident.signing_key,
+                rec.peer,
+                bytes(meta["peer_pk"]),
+                password=req.get("password"),
+                target=rec.target,
+                key_source=str(meta.get("key_source", "expected")),
+            )
+            codec = await run_handshake(sock, machine, self.handshake_timeout)
+            return _Won(str(meta.get("path", "")), sock, codec, bytes(meta["peer_pk"]), str(meta.get("key_source", "")))
+
+        def note(path: str, outcome: str, reason: str, since: float) -> None:
+            rec.transports.append(
+                {
+                    "path": path,
+                    "outcome": outcome,
+                    "reason": reason,
+                    "elapsed_ms": round((time.monotonic() - since) * 1000, 1),
+                }
+            )
+
+        rec.state = "handshake"
+        getter: asyncio.Task[tuple[dict[str, Any], socket.socket]] | None = None
+        no_more = asyncio.ensure_future(race.no_more.wait())
+        won: _Won | None = None
+        try:
+            while won is None:
+                if getter is None and not (race.no_more.is_set() and race.queue.empty()):
+                    getter = asyncio.ensure_future(race.queue.get())
+                if getter is None and not running:
+                    break
+                left = wait - (time.monotonic() - started)
+                if left <= 0:
+                    failures.append(f"no path within {wait:.0f}s")
+                    break
+                waiting: set[asyncio.Future[Any]] = set(running)
+                if getter is not None:
+                    waiting.add(getter)
+                if not no_more.done():
+                    waiting.add(no_more)
+                done, _ = await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if getter is not None and getter in done:
+                    meta, sock = getter.result()
+                    getter = None
+                    path = str(meta.get("path", ""))
+                    running[asyncio.ensure_future(shake(meta, sock))] = (path, sock, time.monotonic())
+                if no_more in done and getter is not None and race.queue.empty():
+                    getter.cancel()
+                    getter = None
+                for task in [t for t in done if t in running]:
+                    path, sock, since = running.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        won = task.result()
+                        note(path, "won", "", since)
+                        break
+                    sock.close()
+                    reason = exc.reason if isinstance(exc, HandshakeError) else str(exc)
+                    if isinstance(exc, HandshakeError) and "refused" in reason:
+                        refusal = reason  # B's policy is the same whatever the path: stop the race
+                        note(path, "failed", reason, since)
+                        break
+                    failures.append(f"{path}: {reason}")
+                    note(path, "failed", reason, since)
+                if refusal:
+                    break
+        finally:
+            if getter is not None:
+                getter.cancel()
+            no_more.cancel()
+            for task, (path, sock, since) in running.items():
+                task.cancel()
+                sock.close()
+                note(path, "lost the race", "", since)
+        if won is None:
+            rec.error = refusal or ("; ".join(failures) if failures else "no path to the peer")
+        return won
+
+    async def _await_open_result(
+        self, transport: socket.socket, codec: StreamCodec, rec: SessionRecord
+    ) -> list[bytes | None]:
+        """B's stream status; returns stream pieces that arrived in the same read."""
+        pending = await _first_pieces(transport, codec, self.handshake_timeout + 10)
+        if pending is None:
+            raise SessionError(f"peer {rec.peer} closed the session before opening the stream")
+        first = pending.pop(0)
+        if first is None or first[:1] not in (OPEN_OK, OPEN_FAILED):
+            raise SessionError(f"peer {rec.peer} sent no stream status")
+        if first[:1] == OPEN_FAILED:
+            raise SessionError(f"peer {rec.peer}: {first[1:201].decode('utf-8', 'replace')}")
+        return pending
+
+    # ---- B: answer a transport ----------------------------------------------------------------
+
+    def _respond(
+        self, req: dict[str, Any], transport: socket.socket, notice: socket.socket | None = None
+    ) -> dict[str, Any]:
+        """A strategy delivers a transport from a peer that wants in (for KCP, with its pump's notice socket)."""
+        rec = self._record(str(req["session"]), "responder")
+        rec.path = str(req.get("path", ""))
+        rec.peer = str(req.get("binding_id", ""))
+        if notice is not None:
+            if rec.notice is not None:
+                rec.notice.close()
+            rec.notice = PumpNotice(notice.dup(), rec.path)
+        binding = None
+        if req.get("binding_id") and len(bytes(req.get("binding_pk", b""))) == 32:
+            binding = Binding(str(req["binding_id"]), bytes(req["binding_pk"]))
+        source = str(req.get("peer_ip") or "")
+        if not source and rec.path not in ("relay", "udp_punch"):
+            with contextlib.suppress(OSError, IndexError):
+                source = str(transport.getpeername()[0])
+        self._spawn(self._serve_responder_settled(rec, transport.dup(), binding, source))
+        return {"ok": True}
+
+    async def _serve_responder_settled(
+        self, rec: SessionRecord, transport: socket.socket, binding: Binding | None, source: str
+    ) -> None:
+        try:
+            await self._serve_responder(rec, transport, binding, source)
+        finally:
+            rec.settle_notice()
+
+    async def _serve_responder(
+        self, rec: SessionRecord, transport: socket.socket, binding: Binding | None, source: str
+    ) -> None:
+        policy = self.policy_factory()
+        if policy is None:
+            rec.state, rec.error = "failed", "this agent admits nobody (no allowed peers and no password)"
+            log.warning("refused a %s connection from %s: %s", rec.path, source or "?", rec.error)
+            transport.close()
+            return
+        rec.state = "handshake"
+        ident = self.identity()
+
+        def gate(claimed: str) -> str | None:
+            return self.guesses.check(guess_keys(claimed, source), time.monotonic())
+
+        machine = Responder(ident.peer_id, ident.signing_key, policy, binding=binding, password_gate=gate)
+        loop = asyncio.get_running_loop()
+        try:
+            codec = await run_handshake(transport, machine, self.handshake_timeout)
+        except HandshakeError as exc:
+            rec.state, rec.error = "failed", exc.reason
+            self._note_peer(rec, machine)
+            if machine.password_failed and machine.claimed_id is not None:
+                self.guesses.failed(guess_keys(machine.claimed_id, source), time.monotonic())
+            for reply in exc.reply:
+                with contextlib.suppress(OSError):
+                    await loop.sock_sendall(transport, encode_frame(reply))
+            transport.close()
+            log.warning(
+                "refused peer %s (key %s) on %s from %s: %s",
+                rec.peer or "?", rec.peer_key or "?", rec.path, source or "?", exc.reason,
+            )
+            return
+        except SessionError as exc:
+            rec.state, rec.error = "failed", str(exc)
+            transport.close()
+            return
+        self._note_peer(rec, machine)
+        rec.target = machine.target or ""
+        rec.admitted_by = str(machine.admitted_by or "")
+        rec.id_verified = machine.id_verified
+        if machine.admitted_by is not None and machine.admitted_by.value == "password":
+            self.guesses.succeeded(guess_keys(rec.peer, source))
+        log.info(
+            "admitted peer %s (key %s, trusted by %s%s) on %s from %s, target %s",
+            rec.peer, rec.peer_key, rec.admitted_by, "" if rec.id_verified else ", ID not verified",
+            rec.path, source or "?", rec.target or "(none)",
+        )
+        try:
+            selected = await self._await_select(transport, codec)
+        except (SessionError, OSError, TimeoutError) as exc:
+            selected, rec.error = False, str(exc) if isinstance(exc, SessionError) else describe_error(exc)
+        if not selected:
+            rec.state = "lost"
+            rec.error = rec.error or "the peer chose another path"
+            transport.close()
+            return
+        if self.on_admitted and machine.peer_pk and machine.id_verified and _listed(policy, rec.peer):
+            self.on_admitted(rec.peer, machine.peer_pk, rec.admitted_by)  # pinned from now on
+        try:
+            local = await connect_tcp(rec.target, timeout=5.0) if rec.target else self._echo_end()
+        except (OSError, TimeoutError, ValueError) as exc:
+            rec.state, rec.error = "failed", f"target {rec.target}: {describe_error(exc)}"
+            with contextlib.suppress(OSError, SessionError):
+                frames = [*codec.encode(OPEN_FAILED + rec.error.encode()), codec.encode_eof()]
+                await loop.sock_sendall(transport, b"".join(frames))
+            transport.close()
+            return
+        try:
+            await loop.sock_sendall(transport, codec.encode(OPEN_OK)[0])
+        except OSError as exc:
+            rec.state, rec.error = "failed", f"peer went away: {describe_error(exc)}"
+            transport.close()
+            local.close()
+            return
+        rec.state = "open"
+        self._note_seen(rec)
+        await self._pump(rec, transport, codec, local)
+
+    def _echo_end(self) -> socket.socket:
+        """No target: `punchthrough-ops ping`'s echo, up to ECHO_LIMIT bytes, instead of a forward."""
+        local, far = socket.socketpair()
+        local.setblocking(False)
+        self._spawn(_echo(far, ECHO_LIMIT))
+        return local
+
+    async def _await_select(self, transport: socket.socket, codec: StreamCodec) -> bool:
+        """True once A selects this transport; False if A closes it (another path won)."""
+        pending = await _first_pieces(transport, codec, SELECT_TIMEOUT)
+        if pending is None:
+            return False
+        if pending[0] != SELECT or len(pending) > 1:
+            raise SessionError("peer sent data before selecting the path")
+        return True
+
+    # ---- both: pump ------------------------------------------------------------------------
+
+    async def _pump(
+        self,
+        rec: SessionRecord,
+        transport: socket.socket,
+        codec: StreamCodec,
+        local: socket.socket,
+        early: list[bytes | None] | None = None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        tune_transport(transport)
+        try:
+            for piece in early or []:
+                if piece is None:
+                    local.shutdown(socket.SHUT_WR)
+                else:
+                    await loop.sock_sendall(local, piece)
+                    rec.stats.bytes_in += len(piece)
+            await pump(transport, codec, local, rec.stats)
+            rec.state = "done"
+        except SessionError as exc:
+            rec.state, rec.error = "failed", str(exc)
+        except OSError as exc:
+            rec.state, rec.error = "failed", describe_error(exc)
+        finally:
+            if rec.state == "failed" and rec.notice is not None:
+                with contextlib.suppress(Exception):
+                    await rec.notice.wait(NOTICE_GRACE)  # before our close makes the pump end the KCP itself
+            rec.settle_notice()
+            transport.close()
+            with contextlib.suppress(OSError):
+                local.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _note_seen(self, rec: SessionRecord) -> None:
+        if self.seen is not None:
+            with contextlib.suppress(OSError):
+                self.seen.note(rec.peer, rec.path, rec.role, rec.peer_key)
+
+    @staticmethod
+    def _note_peer(rec: SessionRecord, machine: Responder) -> None:
+        """Who the peer proved to be (its key), whatever came of it."""
+        if machine.claimed_id is not None:
+            rec.peer = machine.claimed_id
+        if machine.claimed_pk is not None:
+            rec.peer_key = fingerprint(machine.claimed_pk)
+
+
+def _listed(policy: Policy, peer: str) -> bool:
+    """Only a listed peer's key is worth pinning (a pin is consulted for listed IDs only)."""
+    return peer in policy.allowed_ids or peer in policy.allowed_keys
+
+
+async def _first_pieces(transport: socket.socket, codec: StreamCodec, timeout: float) -> list[bytes | None] | None:
+    """Read until the codec yields something (bytes buffered since the handshake count first);
+    None when the peer closes before that. Raises TimeoutError after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        pending = codec.decode(b"")
+        while not pending:
+            chunk = await loop.sock_recv(transport, 65536)
+            if not chunk:
+                return None
+            pending = codec.decode(chunk)
+    return pending

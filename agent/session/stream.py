@@ -1,0 +1,264 @@
+"""One encrypted session over a connected transport socket: handshake, then a byte stream.
+
+The sans-IO part is `StreamCodec`: plaintext chunks become sealed frames, sealed
+frames become plaintext or an authenticated end-of-stream (an empty sealed
+frame). A transport that ends without that frame was cut or truncated, and the
+local side sees a reset rather than a clean close, so a truncation can never be
+mistaken for a complete transfer.
+
+The asyncio part drives a handshake machine over the socket and then pumps bytes
+between the transport and the local stream socket. One session carries one
+stream (as RustDesk opens one connection per use); multiplexing is future work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.wire import messages
+from agent.wire.frames import FrameDecoder, FrameError, encode_frame
+from agent.wire.secure_channel import MAC_BYTES, ChannelError, SecureChannel
+
+CHUNK = 64 * 1024 - MAC_BYTES
+"""Plaintext per frame: the sealed frame is exactly 64 KiB (the bench's sweet spot)."""
+MAX_SESSION_FRAME = 64 * 1024 + 64
+HANDSHAKE_MAX_FRAME = 8 * 1024
+KEEPALIVE = encode_frame(b"")
+"""An empty frame (one byte, 0x00): RustDesk's frame-codec heartbeat. It carries nothing, so it
+needs no seal: an injected or dropped one can neither add nor remove a byte of the stream."""
+KEEPALIVE_INTERVAL = 10.0
+"""Seconds of silence after which the pump sends KEEPALIVE. The relay (like hbbr) tears a pair down
+after 30 s without a byte either way, and NAT/firewall TCP state ages too: an idle ssh session must
+not die of it. 10 s also lets the kernel notice a dead path on a send (see netutil.tune_transport)."""
+
+
+class SessionError(Exception):
+    """The session failed; the message is one line fit for the user."""
+
+
+class StreamCodec:
+    """Sans-IO: seal/open the stream over a SecureChannel; `None` from `decode` is the peer's EOF."""
+
+    def __init__(self, channel: SecureChannel, decoder: FrameDecoder | None = None) -> None:
+        self.channel = channel
+        self.decoder = decoder or FrameDecoder(MAX_SESSION_FRAME)
+        self.decoder.max_frame = MAX_SESSION_FRAME
+        self.peer_eof = False
+        self.sent_eof = False
+        self.keepalives = 0
+        """Empty frames received (skipped: they carry nothing)."""
+
+    def encode(self, data: bytes | memoryview) -> list[bytes]:
+        if self.sent_eof:
+            raise SessionError("stream already closed for sending")
+        return [encode_frame(self.channel.seal(bytes(data[i : i + CHUNK]))) for i in range(0, len(data), CHUNK)]
+
+    def encode_eof(self) -> bytes:
+        self.sent_eof = True
+        return encode_frame(self.channel.seal(b""))
+
+    def decode(self, chunk: bytes) -> list[bytes | None]:
+        """Plaintext pieces in order; `None` marks the authenticated end of the peer's stream."""
+        try:
+            payloads = self.decoder.feed(chunk)
+        except FrameError as exc:
+            raise SessionError(f"peer sent a bad frame: {exc}") from None
+        out: list[bytes | None] = []
+        for payload in payloads:
+            if not payload:
+                self.keepalives += 1
+                continue
+            if self.peer_eof:
+                raise SessionError("peer sent data after closing its stream")
+            try:
+                data = self.channel.open(payload)
+            except ChannelError as exc:
+                raise SessionError(f"session integrity failure: {exc}") from None
+            if data:
+                out.append(data)
+            else:
+                self.peer_eof = True
+                out.append(None)
+        return out
+
+
+class HandshakeMachine(Protocol):
+    """What agent.wire.handshake's Initiator and Responder offer the shell."""
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def channel(self) -> SecureChannel | None: ...
+
+    def start(self) -> list[bytes]: ...
+
+    def receive(self, payload: bytes) -> list[bytes]: ...
+
+
+async def run_handshake(sock: socket.socket, machine: HandshakeMachine, timeout: float) -> StreamCodec:
+    """Drive `machine` over `sock` (non-blocking) until it has a channel; bytes that follow stay buffered."""
+    loop = asyncio.get_running_loop()
+    decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
+    try:
+        async with asyncio.timeout(timeout):
+            for out in machine.start():
+                await loop.sock_sendall(sock, encode_frame(out))
+            while not machine.done:
+                chunk = await loop.sock_recv(sock, 65536)
+                if not chunk:
+                    raise SessionError("peer closed the connection during the handshake")
+                try:
+                    payloads = decoder.feed(chunk, limit=1)
+                except FrameError as exc:
+                    raise SessionError(f"bad handshake frame: {exc}") from None
+                while payloads:
+                    try:
+                        replies = machine.receive(payloads[0])
+                    except Exception:
+                        _raise_if_relay_refusal(payloads[0])
+                        raise
+                    for out in replies:
+                        await loop.sock_sendall(sock, encode_frame(out))
+                    payloads = [] if machine.done else decoder.feed(b"", limit=1)
+    except TimeoutError:
+        raise SessionError(f"handshake timed out after {timeout:.0f}s") from None
+    except OSError as exc:
+        raise SessionError(f"connection failed during the handshake: {exc.strerror or exc}") from None
+    channel = machine.channel
+    assert channel is not None
+    return StreamCodec(channel, decoder)
+
+
+def _raise_if_relay_refusal(payload: bytes) -> None:
+    """A relay that refuses us answers RelayResponse{refuse_reason} where the peer's first message belongs."""
+    try:
+        kind, msg = messages.parse(payload)
+    except messages.MessageError:
+        return
+    if kind == "relay_response" and msg.refuse_reason:
+        raise SessionError(f"relay refused: {msg.refuse_reason[:200]}")
+
+
+@dataclass
+class PumpStats:
+    bytes_out: int = 0
+    """Plaintext bytes sent to the peer."""
+    bytes_in: int = 0
+    """Plaintext bytes received from the peer."""
+    started: float = field(default_factory=time.monotonic)
+    error: str = ""
+    keepalives_out: int = 0
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST so the local application sees a failure, not a clean end."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def pump(
+    transport: socket.socket,
+    codec: StreamCodec,
+    local: socket.socket,
+    stats: PumpStats,
+    keepalive: float | None = None,
+) -> None:
+    """Move bytes both ways until both streams ended; raises SessionError on any integrity failure.
+
+    `keepalive` (default KEEPALIVE_INTERVAL, read at call time; 0 = never) is the silence after which
+    an empty frame goes out."""
+    loop = asyncio.get_running_loop()
+    if keepalive is None:
+        keepalive = KEEPALIVE_INTERVAL
+    last_out = loop.time()
+    sending = False
+
+    async def send(data: bytes) -> None:
+        nonlocal last_out, sending
+        sending = True
+        try:
+            await loop.sock_sendall(transport, data)
+        finally:
+            sending = False
+            last_out = loop.time()
+
+    async def outbound() -> None:
+        buf = bytearray(CHUNK * 4)
+        view = memoryview(buf)
+        while True:
+            n = await loop.sock_recv_into(local, buf)
+            if n == 0:
+                await send(codec.encode_eof())
+                return
+            frames = codec.encode(view[:n])
+            await send(frames[0] if len(frames) == 1 else b"".join(frames))
+            stats.bytes_out += n
+
+    async def keep_alive() -> None:
+        """One byte after `keepalive` s of silence; never while a frame is half written, and never
+        waiting: a full send buffer means bytes are on their way anyway."""
+        nonlocal last_out
+        while True:
+            await asyncio.sleep(max(0.0, last_out + keepalive - loop.time()))
+            if sending or loop.time() - last_out < keepalive:
+                continue
+            try:
+                if transport.send(KEEPALIVE) == 1:
+                    stats.keepalives_out += 1
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return  # the transport failed: inbound reports it
+            last_out = loop.time()
+
+    async def inbound() -> None:
+        while True:
+            chunk = await loop.sock_recv(transport, 256 * 1024)
+            if not chunk:
+                if not codec.peer_eof:
+                    raise SessionError("connection to the peer was cut (no authenticated end of stream)")
+                return
+            ready: list[bytes] = []
+            for piece in codec.decode(chunk):
+                if piece is not None:
+                    ready.append(piece)
+                    continue
+                if ready:  # everything before the peer's EOF goes out first
+                    await loop.sock_sendall(local, b"".join(ready))
+                    stats.bytes_in += sum(map(len, ready))
+                    ready = []
+                with contextlib.suppress(OSError):
+                    local.shutdown(socket.SHUT_WR)
+            if ready:  # one write per read, not one per frame
+                data = ready[0] if len(ready) == 1 else b"".join(ready)
+                await loop.sock_sendall(local, data)
+                stats.bytes_in += len(data)
+            if codec.peer_eof and codec.decoder.buffered == 0:
+                return
+
+    tasks = [asyncio.ensure_future(outbound()), asyncio.ensure_future(inbound())]
+    pinger = asyncio.ensure_future(keep_alive()) if keepalive > 0 else None
+    try:
+        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+        await asyncio.gather(*tasks)
+    except (SessionError, OSError) as exc:
+        stats.error = str(exc) if isinstance(exc, SessionError) else f"socket error: {exc.strerror or exc}"
+        _reset(local)
+        raise SessionError(stats.error) from None
+    finally:
+        for task in [*tasks, *([pinger] if pinger else [])]:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.gather(*tasks, *([pinger] if pinger else []), return_exceptions=True)
