@@ -21,7 +21,7 @@ import ray
 from agent.common.files import private_append, private_dir
 from agent.refs import LocalRef, Ref
 from agent.runtime_paths import runtime_dir
-from agent.stack import COMPONENTS, build_component, load_runtime
+from agent.stack import build_component, components, load_runtime
 
 ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
 
@@ -84,7 +84,7 @@ class ComponentActor:
         self._ready = asyncio.get_running_loop().create_task(self._boot())
 
     def _refs(self) -> dict[str, Ref]:
-        return {k: RayRef(k, self.namespace) for k in COMPONENTS}
+        return {k: RayRef(k, self.namespace) for k in components()}
 
     async def _boot(self) -> None:
         rt = load_runtime(self.state_dir)
@@ -106,7 +106,7 @@ class ComponentActor:
             await asyncio.sleep(0.2)
 
     async def _collect_announcements(self) -> None:
-        for kind in COMPONENTS:
+        for kind in components():
             if kind != "coordinator":
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(RayRef(kind, self.namespace).call("__announce__"), 5)

@@ -21,6 +21,7 @@ from agent import config
 from agent.common.paths import add_anywhere, add_state_dir, default_state_dir
 from agent.config import Config
 from agent.wire.addr import AddressError, parse_port, split_host_port
+from agent.wire.ports import RELAY_PORT, RENDEZVOUS_PORT
 
 AGENT_COMMANDS = (
     "up",
@@ -37,8 +38,6 @@ AGENT_COMMANDS = (
 )
 ACCESS_COMMANDS = ("allow", "revoke", "allow-target", "revoke-target", "peers")
 
-DEFAULT_RENDEZVOUS_PORT = 21116
-DEFAULT_RELAY_PORT = 21117
 
 
 class CliError(Exception):
@@ -112,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument(
         "--bind", action="append", default=None, help="address to bind (repeatable; default 0.0.0.0 and ::)"
     )
-    rv.add_argument("--port", type=_port, default=DEFAULT_RENDEZVOUS_PORT, help="UDP+TCP port; NAT-test port is port-1")
+    rv.add_argument("--port", type=_port, default=RENDEZVOUS_PORT, help="UDP+TCP port; NAT-test port is port-1")
     rv.add_argument(
         "--relay", action="append", default=[], type=_host_port, help="relay HOST:PORT handed to peers (repeatable)"
     )
@@ -131,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument(
         "--bind", action="append", default=None, help="address to bind (repeatable; default 0.0.0.0 and ::)"
     )
-    rl.add_argument("--port", type=_port, default=DEFAULT_RELAY_PORT)
+    rl.add_argument("--port", type=_port, default=RELAY_PORT)
     rl.add_argument(
         "--key-file", type=Path, default=None, help="file holding the key RequestRelay.licence_key must match"
     )
@@ -161,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start this agent (private Ray + actors; embedded servers unless --server)")
     up.add_argument("--config", type=Path, default=None, help="TOML config (see `punchthrough config`)")
-    up.add_argument("--server", type=_host_port_default(21116), default=None, help="rendezvous HOST[:PORT]")
+    up.add_argument("--server", type=_host_port_default(RENDEZVOUS_PORT), default=None, help="rendezvous HOST[:PORT]")
     up.add_argument("--server-key", default=None, help="base64 public key of the rendezvous server")
-    up.add_argument("--relay", type=_host_port_default(21117), default=None, help="relay HOST[:PORT] to use")
+    up.add_argument("--relay", type=_host_port_default(RELAY_PORT), default=None, help="relay HOST[:PORT] to use")
     up.add_argument("--allow", action="append", default=None, metavar="PEER_ID", help="peer allowed in (repeatable)")
     up.add_argument("--password-file", default=None, help="file with a password that also admits peers")
     up.add_argument(
@@ -223,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bind", action="append", default=None, help="address to bind (repeatable; default 0.0.0.0 and ::)"
     )
     sv.add_argument(
-        "--port", type=_serve_port, default=DEFAULT_RENDEZVOUS_PORT, help="rendezvous port; relay is port+1"
+        "--port", type=_serve_port, default=RENDEZVOUS_PORT, help="rendezvous port; relay is port+1"
     )
     sv.add_argument(
         "--allow-unsigned",

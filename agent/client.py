@@ -69,7 +69,7 @@ def parse_forward(text: str) -> ForwardSpec:
 
 
 def _open(state_dir: Path, peer: str, target: str, fd: int, path: str, password: str | None, timeout: float) -> Any:
-    request = {"op": "open", "peer": peer, "target": target, "path": path, "password": password}
+    request = {"op": "open", "peer": peer, "target": target, "policy": path, "password": password}
     ctl = control_socket(state_dir)
     patience = time.monotonic() + RESTART_PATIENCE
     while True:

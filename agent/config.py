@@ -22,6 +22,7 @@ from typing import Any, get_type_hints
 from agent.control.plan import POLICY_WORDS, Policy
 from agent.wire.addr import AddressError, shown, split_host_port
 from agent.wire.peer_ids import parse_peer_spec
+from agent.wire.ports import RELAY_PORT, RENDEZVOUS_PORT
 
 PATHS = POLICY_WORDS
 
@@ -67,9 +68,9 @@ class AccessSection:
 
 @dataclass
 class EmbeddedSection:
-    rendezvous_port: int = 21116
+    rendezvous_port: int = RENDEZVOUS_PORT
     """Port of the embedded rendezvous server (NAT-test port is one below)."""
-    relay_port: int = 21117
+    relay_port: int = RELAY_PORT
     """Port of the embedded relay server."""
     bind: str = "0.0.0.0"
     """Address the embedded servers bind."""
@@ -95,8 +96,8 @@ class Config:
             Policy.parse(self.agent.path)
         except ValueError as exc:
             raise ConfigError(f"agent.path: {exc}") from None
-        _check_address("agent.server", self.agent.server, 21116)
-        _check_address("agent.relay", self.agent.relay, 21117)
+        _check_address("agent.server", self.agent.server, RENDEZVOUS_PORT)
+        _check_address("agent.relay", self.agent.relay, RELAY_PORT)
         for target in self.access.allow_targets:
             _check_address("access.allow_targets", target, None)
         for entry in self.access.allow:

@@ -35,6 +35,7 @@ from agent.rendezvous.preflight import no_answer
 from agent.runtime_paths import control_socket, runtime_dir
 from agent.stack import enabled_components, load_runtime
 from agent.wire.addr import split_host_port
+from agent.wire.ports import RENDEZVOUS_PORT
 
 PID_FILE = "agent.pid"
 REGISTRATION_WAIT = 15.0
@@ -163,7 +164,7 @@ def preflight(state_dir: Path, cfg: Config) -> str:
         base64.b64decode(cfg.agent.server_key) if cfg.agent.server_key else ServerPins(state_dir).get(cfg.agent.server)
     )
     ident = identity.load_or_create(state_dir)
-    check = check_server(cfg.agent.server, split_host_port(cfg.agent.server, 21116), ident, trusted)
+    check = check_server(cfg.agent.server, split_host_port(cfg.agent.server, RENDEZVOUS_PORT), ident, trusted)
     if "signs with key" in check.problem:
         raise RunnerError(key_problem(check.problem, cfg.agent.server, state_dir, bool(cfg.agent.server_key)))
     if check.problem:
@@ -196,7 +197,7 @@ def up_report(state_dir: Path, status: dict[str, Any], pid: int, udp_blocked: st
         lines.append(f"peers allow this agent as {status['peer_spec']}")
     if status.get("embedded") and status.get("server_key_b64"):
         port = str(status.get("server", "")).rpartition(":")[2]
-        where = host_address_hint() + (f":{port}" if port and port != "21116" else "")
+        where = host_address_hint() + (f":{port}" if port and port != str(RENDEZVOUS_PORT) else "")
         lines.append(
             f"peers use this machine's rendezvous server with: up --server {where} --server-key "
             f"{status['server_key_b64']}  (key {status.get('server_key') or '?'})"

@@ -32,24 +32,19 @@ from agent.nat.watch_core import REMOTE_JITTER, NetworkChanged
 from agent.refs import LocalRef, Ref
 from agent.runtime_paths import control_socket, sessions_socket
 from agent.session.seen import SeenPeers
+from agent.strategies import registry
+from agent.strategies.base import StrategyEnv
 from agent.wire.addr import split_host_port
+from agent.wire.ports import RENDEZVOUS_PORT
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = (
-    "servers",
-    "sessions",
-    "relay",
-    "lan",
-    "tcp_punch",
-    "udp_punch",
-    "ipv6",
-    "direct",
-    "nat_probe",
-    "registrar",
-    "coordinator",
-)
-"""Start order: each may call the ones before it."""
+def components() -> tuple[str, ...]:
+    """Every component, in start order (each may call the ones before it): the strategies are the
+    registry's (agent/strategies/registry.py)."""
+    return ("servers", "sessions", *registry.names(), "nat_probe", "registrar", "coordinator")
+
+
 
 
 @dataclass
@@ -68,7 +63,7 @@ class Runtime:
 
     @property
     def server_addr(self) -> tuple[str, int]:
-        return split_host_port(self.server, 21116)
+        return split_host_port(self.server, RENDEZVOUS_PORT)
 
     @property
     def embedded_dir(self) -> Path:
@@ -215,12 +210,24 @@ class RegistrarComponent:
         return self.registrar.status()
 
 
+def strategy_env(rt: Runtime) -> StrategyEnv:
+    return StrategyEnv(
+        state_dir=rt.state_dir,
+        sessions_socket=sessions_socket(rt.state_dir),
+        server=rt.server_addr,
+        relay_key=rt.cfg.agent.relay_key,
+        direct_port=rt.cfg.agent.direct_port,
+        bind=rt.cfg.embedded.bind,
+    )
+
+
 def enabled_components(rt: Runtime) -> list[str]:
-    """The components this agent runs: embedded servers and the direct port only when configured."""
+    """The components this agent runs: embedded servers only without --server, and each strategy that
+    runs here (the direct port only when configured)."""
+    env = strategy_env(rt)
     skip = {"servers"} if not rt.embedded else set()
-    if not rt.cfg.agent.direct_port:
-        skip.add("direct")
-    return [kind for kind in COMPONENTS if kind not in skip]
+    skip |= {e.name for e in registry.entries() if not e.runs(env)}
+    return [kind for kind in components() if kind not in skip]
 
 
 def _policy_factory(rt: Runtime) -> Any:
@@ -242,14 +249,11 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
     """Construct and start one component; `refs` reach the others."""
     from agent.nat.probe import NatProbe
     from agent.session.owner import SessionOwner
-    from agent.strategies.direct import DirectServer
-    from agent.strategies.ipv6 import Ipv6Strategy
-    from agent.strategies.relay import RelayStrategy
-    from agent.strategies.tcp_direct import TcpDirectStrategy
-    from agent.strategies.udp_punch import UdpPunchStrategy
 
     comp: Any
-    if kind == "servers":
+    if kind in registry.names():
+        comp = registry.entry(kind).build(strategy_env(rt))
+    elif kind == "servers":
         comp = EmbeddedServers(rt)
     elif kind == "sessions":
         comp = SessionOwner(
@@ -259,16 +263,6 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
             on_admitted=_pin_admitted(rt),
             seen=SeenPeers(rt.state_dir),
         )
-    elif kind == "relay":
-        comp = RelayStrategy(sessions_socket(rt.state_dir), rt.cfg.agent.relay_key)
-    elif kind == "direct":
-        comp = DirectServer(sessions_socket(rt.state_dir), rt.cfg.agent.direct_port, rt.cfg.embedded.bind)
-    elif kind == "udp_punch":
-        comp = UdpPunchStrategy(sessions_socket(rt.state_dir), rt.server_addr)
-    elif kind == "ipv6":
-        comp = Ipv6Strategy(sessions_socket(rt.state_dir))
-    elif kind in ("lan", "tcp_punch"):
-        comp = TcpDirectStrategy(kind, sessions_socket(rt.state_dir), rt.server_addr)
     elif kind == "nat_probe":
         comp = NatProbe(rt.server_addr, rt.cfg.agent.nat_test_port or None)
     elif kind == "registrar":
@@ -285,11 +279,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
             sessions_socket=sessions_socket(rt.state_dir),
             registrar=refs["registrar"],
             nat_probe=refs["nat_probe"],
-            relay=refs["relay"],
-            lan=refs["lan"],
-            tcp_punch=refs["tcp_punch"],
-            ipv6=refs["ipv6"],
-            udp_punch=refs["udp_punch"],
+            strategies={name: refs[name] for name in registry.names()},
             embedded=rt.embedded,
         )
     else:
@@ -318,7 +308,7 @@ class LocalAgent:
 
     async def start(self) -> LocalAgent:
         rt = load_runtime(self.state_dir)
-        refs: dict[str, Ref] = {kind: _LateRef(self, kind) for kind in COMPONENTS}
+        refs: dict[str, Ref] = {kind: _LateRef(self, kind) for kind in components()}
         for kind in enabled_components(rt):
             self.components[kind] = await build_component(kind, rt, refs)
         coordinator = self.components["coordinator"]
@@ -327,7 +317,7 @@ class LocalAgent:
         return self
 
     async def close(self) -> None:
-        for kind in reversed(COMPONENTS):
+        for kind in reversed(components()):
             comp = self.components.pop(kind, None)
             if comp is not None and hasattr(comp, "close"):
                 with contextlib.suppress(Exception):

@@ -270,7 +270,7 @@ def ping(state_dir: Path, peer: str, count: int, path: str, timeout: float) -> d
         "op": "open",
         "peer": peer,
         "target": "",
-        "path": path,
+        "policy": path,
         "password": os.environ.get("PUNCHTHROUGH_PASSWORD"),
     }
     started = time.perf_counter()

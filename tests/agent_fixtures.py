@@ -95,7 +95,7 @@ async def open_stream(
     try:
         reply = await ctlproto.acall(
             control_socket(state_dir),
-            {"op": "open", "peer": peer, "target": target, "password": password, "path": path},
+            {"op": "open", "peer": peer, "target": target, "password": password, "policy": path},
             [theirs.fileno()],
             timeout=30,
         )

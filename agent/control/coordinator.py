@@ -19,8 +19,7 @@ import os
 import socket
 import time
 import uuid as uuidlib
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,27 +28,29 @@ import psutil
 
 from agent.common import ctlproto
 from agent.common.netutil import tcp_round_trip
-from agent.common.stats import DropStats
+from agent.common.tasks import TaskSet
 from agent.config import Config
-from agent.control.access import allowed, build_policy, known_peers
+from agent.control.access import build_policy, known_peers
+from agent.control.answers import PushAnswers
 from agent.control.pins import PinMismatch, PinStore
-from agent.control.plan import LAN_BUDGET, PUNCH_BUDGET, Policy
-from agent.control.race import VERSION, Attempt, Race, SessionPlan, ms_since
+from agent.control.plan import Policy
+from agent.control.race import VERSION, Race, SessionPlan, ms_since
 from agent.identity import Identity, IdentityCache
 from agent.nat.watch import interface_addresses
 from agent.nat.watch_core import usable_addresses
 from agent.proto import rendezvous_pb2 as pb
 from agent.refs import Ref
-from agent.rendezvous.requests import RendezvousError, Signer, send_relay_response
+from agent.rendezvous.requests import Signer
 from agent.session import view as session_view
+from agent.strategies.base import Remote
 from agent.wire import addr as addrmod
 from agent.wire.addr import AddressError, split_host_port
-from agent.wire.handshake import Binding, HandshakeError, trusted_peer_key
+from agent.wire.handshake import HandshakeError, trusted_peer_key
 from agent.wire.peer_ids import fingerprint, parse_peer_spec, spec_for
+from agent.wire.ports import DIRECT_PORT, RENDEZVOUS_PORT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DIRECT_PORT = 21118
 MAX_ATTEMPT_RECORDS = 256
 
 
@@ -96,11 +97,7 @@ class Coordinator:
         sessions_socket: Path,
         registrar: Ref,
         nat_probe: Ref,
-        relay: Ref,
-        lan: Ref,
-        tcp_punch: Ref,
-        ipv6: Ref,
-        udp_punch: Ref,
+        strategies: dict[str, Ref],
         embedded: bool = False,
         live_cfg: Callable[[], Config] | None = None,
     ) -> None:
@@ -110,25 +107,22 @@ class Coordinator:
         """The config as edited on disk since the start: [access] (who may connect) acts live."""
         self.identities = IdentityCache(state_dir, identity)
         self.server = server
-        self.server_addr = split_host_port(server, 21116)
+        self.server_addr = split_host_port(server, RENDEZVOUS_PORT)
         self.server_key = server_key
         """The rendezvous server's key as trusted now (configured, embedded, or pinned at registration)."""
         self.sessions_socket = sessions_socket
         self.registrar = registrar
         self.nat_probe = nat_probe
-        self.relay = relay
-        self.lan = lan
-        self.tcp_punch = tcp_punch
-        self.ipv6 = ipv6
-        self.udp_punch = udp_punch
+        self.strategies = strategies
+        """Every strategy's component, by name (agent/strategies/registry.py)."""
+        self.policy = Policy.parse(cfg.agent.path)
+        """This agent's path policy (checked when the config was read); a request may name another."""
         self.embedded = embedded
         self.started = time.monotonic()
         self.actors: dict[str, ActorInfo] = {}
         self.plans: dict[str, SessionPlan] = {}
-        self.pushes: dict[str, int] = {}
-        self.pushes_refused: Counter[str] = Counter()
-        self._refusal_log = DropStats(60.0)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
+        self.answers = PushAnswers(self)
         self._ctl = ctlproto.ControlServer(control_socket, self._handle)
 
     async def start(self) -> None:
@@ -136,8 +130,13 @@ class Coordinator:
 
     async def close(self) -> None:
         await self._ctl.close()
-        for task in list(self._tasks):
-            task.cancel()
+        await self._tasks.close()
+
+    def ref(self, strategy: str) -> Ref:
+        return self.strategies[strategy]
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._tasks.spawn(coro)
 
     # ---- actors -------------------------------------------------------------------------
 
@@ -215,20 +214,10 @@ class Coordinator:
             "peers": session_view.peer_view(self._known_peers(), sessions),
             "sessions_active": session_view.counts(sessions)[0],
             "sessions_total": session_view.counts(sessions)[1],
-            "pushes": dict(self.pushes),
-            "pushes_refused": dict(self.pushes_refused),
+            **self.answers.status(),
             "uptime": round(time.monotonic() - self.started, 1),
             "version": VERSION,
         }
-
-    def _allowed_elsewhere(self, binding: Binding) -> str:
-        """The IDs an allow entry names for this key, other than the one it came with."""
-        try:
-            entries = allowed(self.live_cfg(), self.state_dir)
-        except (OSError, ValueError):
-            return ""
-        want = fingerprint(binding.public_key)
-        return ", ".join(pid for pid, fp in entries.items() if fp == want and pid != binding.peer_id)
 
     def _known_peers(self) -> list[dict[str, Any]]:
         try:
@@ -275,7 +264,7 @@ class Coordinator:
         ]
         return session_view.join(plans, await self._session_list())
 
-    def _plan(self, sid: str, peer: str, role: str) -> SessionPlan:
+    def new_plan(self, sid: str, peer: str, role: str) -> SessionPlan:
         plan = self.plans[sid] = SessionPlan(sid, peer, role)
         while len(self.plans) > MAX_ATTEMPT_RECORDS:
             del self.plans[next(iter(self.plans))]
@@ -324,7 +313,7 @@ class Coordinator:
         peer = str(req.get("peer", ""))
         target = str(req.get("target", ""))
         sid = uuidlib.uuid4().hex[:12]
-        plan = self._plan(sid, peer, "initiator")
+        plan = self.new_plan(sid, peer, "initiator")
         timeout = float(self.cfg.agent.connect_timeout)
 
         def fail(reason: str) -> dict[str, Any]:
@@ -332,14 +321,14 @@ class Coordinator:
             return {"ok": False, "error": reason, "session": sid}
 
         try:
-            policy = Policy.parse(str(req.get("path") or self.cfg.agent.path))
+            policy = Policy.parse(str(req["policy"])) if req.get("policy") else self.policy
         except ValueError as exc:
             return fail(str(exc))
         direct = ""
         if "@" in peer:  # ID@HOST[:PORT]: the peer's direct port, no rendezvous server
             peer, _, where = peer.partition("@")
             try:
-                direct = await _resolve(where, DEFAULT_DIRECT_PORT)
+                direct = await _resolve(where, DIRECT_PORT)
             except (AddressError, OSError) as exc:
                 return fail(f"direct address {where!r}: {exc}")
         if not peer:
@@ -390,8 +379,9 @@ class Coordinator:
             all_done.cancel()
             over.cancel()
             # Ray keeps running a call its caller stopped awaiting: tell the strategy actors to stop.
-            for ref in (self.lan, self.tcp_punch, self.udp_punch, self.ipv6, self.relay):
-                self._spawn(_quietly(ref.call("cancel", sid)))
+            for name, ref in self.strategies.items():
+                if name != "direct":
+                    self.spawn(_quietly(Remote(ref).cancel(sid)))
         race.settle(reply.get("transports", []))
         if not reply.get("ok"):
             error = str(reply.get("error"))
@@ -414,155 +404,8 @@ class Coordinator:
         return int(status.get("nat_type", pb.UNKNOWN_NAT)) if isinstance(status, dict) else pb.UNKNOWN_NAT
 
     async def on_push(self, kind: str, msg: Any, source: Any = None) -> None:
-        """A push the server signed for us: act on it only for a peer we would admit."""
-        self.pushes[kind] = self.pushes.get(kind, 0) + 1
-        handler = {
-            "request_relay": self._answer_relay,
-            "punch_hole": self._answer_punch,
-            "fetch_local_addr": self._answer_lan,
-        }.get(kind)
-        if handler is None:
-            return
-        binding = push_binding(msg)
-        try:
-            policy = build_policy(self.live_cfg(), self.state_dir)
-        except (OSError, ValueError) as exc:
-            log.error("cannot build the access policy: %s", exc)
-            policy = None
-        if policy is None or not policy.would_admit(binding):
-            self._refuse_push(kind, msg, binding, "this agent admits nobody yet" if policy is None else "")
-            return
-        a_ip = str(addrmod.decode(bytes(msg.socket_addr)).ip)
-        meta: dict[str, Any] = {"peer_ip": a_ip}
-        if binding is not None:
-            meta.update(binding_id=binding.peer_id, binding_pk=binding.public_key)
-        task = asyncio.get_running_loop().create_task(handler(msg, meta))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _refuse_push(self, kind: str, msg: Any, binding: Binding | None, why: str) -> None:
-        """Nothing on the network for a peer we would not admit: no punch, no connection, no relay.
-        Only our own server hears (one RelayResponse with the reason, RustDesk's way of turning A
-        away), so the peer learns why at once instead of waiting out its budget."""
-        who = binding.peer_id if binding is not None else "an unnamed requester"
-        spec = spec_for(binding.peer_id, binding.public_key) if binding is not None else ""
-        reason = why or f"{who} is not on this agent's allow list"
-        text = f"{reason}: on {self.identity.peer_id}, run `punchthrough allow {spec}`" if spec else reason
-        if binding is not None and (typo := self._allowed_elsewhere(binding)):
-            text += f" (its key is allowed here as {typo}: a typo in that ID?)"
-        self.pushes_refused["not admitted" if binding is not None else "unnamed requester"] += 1
-        if self._refusal_log.drop(kind, who, time.monotonic()):
-            log.warning("ignored a %s push: %s", kind, text)
-        self._spawn(
-            _quietly(
-                send_relay_response(
-                    self.server_addr,
-                    bytes(msg.socket_addr),
-                    self.identity.peer_id,
-                    "",
-                    "",
-                    VERSION,
-                    refuse_reason=text,
-                    answer_token=bytes(msg.answer_token),
-                )
-            )
-        )
-
-    async def _answer_punch(self, msg: Any, meta: dict[str, Any]) -> None:
-        if msg.udp_port > 0:
-            if Policy.parse(self.cfg.agent.path).udp:
-                await self._answer_direct("udp_punch", self.udp_punch, msg, PUNCH_BUDGET, meta)
-            return
-        v6 = b""
-        peer_v6 = bytes(msg.socket_addr_v6)
-        if addrmod.global_unicast_v6(peer_v6) and Policy.parse(self.cfg.agent.path).ipv6:
-            sid = uuidlib.uuid4().hex[:12]
-            v6 = await self.ipv6.call("prepare", sid)
-            if v6:
-                self._spawn(self._answer_v6(sid, peer_v6, meta))
-        await self._answer_direct("tcp_punch", self.tcp_punch, msg, PUNCH_BUDGET, meta, v6)
-
-    async def _answer_v6(self, sid: str, peer_v6: bytes, meta: dict[str, Any]) -> None:
-        plan = self._plan(sid, str(meta.get("binding_id", "")), "responder")
-        plan.path = "ipv6"
-        started = time.monotonic()
-        res = await self.ipv6.call("connect", sid, peer_v6, "responder", PUNCH_BUDGET, meta)
-        ok = bool(res.get("ok"))
-        plan.attempts.append(
-            Attempt("ipv6", "connected" if ok else "error", str(res.get("reason", "")), ms_since(started))
-        )
-        log.info("answered ipv6 (session %s): %s", sid, "connected" if ok else res.get("reason"))
-        if not ok:
-            plan.error = str(res.get("reason"))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _answer_lan(self, msg: Any, meta: dict[str, Any]) -> None:
-        await self._answer_direct("lan", self.lan, msg, LAN_BUDGET, meta)
-
-    async def _answer_direct(
-        self, name: str, ref: Ref, msg: Any, budget: float, meta: dict[str, Any], v6: bytes = b""
-    ) -> None:
-        sid = uuidlib.uuid4().hex[:12]
-        plan = self._plan(sid, str(meta.get("binding_id", "")), "responder")
-        started = time.monotonic()
-        nat = await self.our_nat_type()
-        args = (sid, msg, self.identity.peer_id, nat, msg.relay_server, budget, meta) + ((v6,) if v6 else ())
-        res = await ref.call("answer", *args)
-        plan.path = name
-        ok = bool(res.get("ok"))
-        log.info("answered %s push (session %s): %s", name, sid, "connected" if ok else res.get("reason"))
-        plan.attempts.append(
-            Attempt(name, "connected" if ok else "error", str(res.get("reason", "")), ms_since(started))
-        )
-        if not ok:
-            plan.error = str(res.get("reason"))
-
-    async def _answer_relay(self, msg: Any, meta: dict[str, Any]) -> None:
-        sid = uuidlib.uuid4().hex[:12]
-        plan = self._plan(sid, str(meta.get("binding_id", "")), "responder")
-        started = time.monotonic()
-        try:
-            await send_relay_response(
-                self.server_addr,
-                bytes(msg.socket_addr),
-                self.identity.peer_id,
-                msg.uuid,
-                msg.relay_server,
-                VERSION,
-                answer_token=bytes(msg.answer_token),
-            )
-        except RendezvousError as exc:
-            plan.attempts.append(Attempt("relay", "error", str(exc), ms_since(started)))
-            plan.error = str(exc)
-            return
-        dial = await self.relay.call(
-            "dial",
-            sid,
-            self.relay_target(msg.relay_server),
-            msg.uuid,
-            bytes(msg.ticket),
-            msg.relay_server,
-            self.identity.peer_id,
-            "responder",
-            meta,
-        )
-        outcome = "connected" if dial.get("ok") else "error"
-        plan.path = "relay"
-        plan.attempts.append(Attempt("relay", outcome, str(dial.get("reason", "")), ms_since(started)))
-        if not dial.get("ok"):
-            plan.error = str(dial.get("reason"))
-
-
-def push_binding(msg: Any) -> Binding | None:
-    """Who the server says asks (it checked the request's signature), with the key bound to that ID."""
-    peer_id, pk = str(msg.requester_id), bytes(msg.requester_pk)
-    if not peer_id or len(pk) != 32:
-        return None
-    return Binding(peer_id, pk)
+        """A push the registrar received, signed by the server for us: B's side (agent/control/answers.py)."""
+        await self.answers.on_push(kind, msg)
 
 
 async def _resolve(where: str, default_port: int) -> str:

@@ -7,9 +7,10 @@ which keeps the first one whose authenticated handshake completes. The race only
 records what each strategy did (`Attempt`, in the session's `SessionPlan`).
 
 It lives apart from coordinator.py so the control plane (control socket, actor
-table, B-side push answers) and the strategy race can be read on their own. This
-module must not import agent.control.coordinator at import time (the coordinator imports
-it); the coordinator type is for annotations only.
+table) and the strategy race can be read on their own; it needs only a `RaceContext`.
+The built-in strategies are raced by the steps below (one PunchHoleRequest serves lan,
+tcp_punch and ipv6); a plug-in strategy brings its own step (`StrategyEntry.race`), which
+gets this race as its `RaceSteps`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent.control.pins import PinMismatch, PinStore
-from agent.control.plan import DIRECT_BUDGET, LAN_BUDGET, PUNCH_BUDGET, Policy, Situation, Strategy, make_plan
+from agent.control.plan import DIRECT_BUDGET, LAN_BUDGET, PUNCH_BUDGET, Mode, Policy, Situation, Strategy, make_plan
 from agent.proto import rendezvous_pb2 as pb
 from agent.refs import Ref
 from agent.rendezvous.requests import (
@@ -34,6 +36,13 @@ from agent.rendezvous.requests import (
     punch_hole_exchange,
     request_relay,
 )
+from agent.session.states import Outcome
+from agent.strategies import registry
+from agent.strategies.base import RaceSteps
+from agent.strategies.ipv6 import Ipv6Dial, Ipv6Remote
+from agent.strategies.relay import RelayDial, RelayRemote
+from agent.strategies.tcp_direct import TcpDial, TcpDirectRemote
+from agent.strategies.udp_punch import UdpDial, UdpPunchRemote
 from agent.wire import addr as addrmod
 from agent.wire import signing
 from agent.wire.handshake import HandshakeError
@@ -45,11 +54,8 @@ class RaceContext(Protocol):
 
     state_dir: Path
     server_addr: tuple[str, int]
-    lan: Ref
-    tcp_punch: Ref
-    udp_punch: Ref
-    ipv6: Ref
-    relay: Ref
+
+    def ref(self, strategy: str) -> Ref: ...
 
     def server_key(self) -> bytes | None: ...
 
@@ -60,6 +66,7 @@ class RaceContext(Protocol):
     def trusted_key(self, peer: str, signed_pk: bytes, want: str | None = None) -> tuple[bytes, str]: ...
 
     async def our_nat_type(self) -> int: ...
+
 
 log = logging.getLogger("agent.control.coordinator")  # the race logged as the coordinator before it moved here
 
@@ -74,14 +81,14 @@ IPV6_HEAD_START = 0.25
 @dataclass
 class Attempt:
     strategy: str
-    outcome: str
+    outcome: Outcome
     reason: str = ""
     elapsed_ms: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
-            "outcome": self.outcome,
+            "outcome": self.outcome.value,
             "reason": self.reason,
             "elapsed_ms": self.elapsed_ms,
         }
@@ -117,6 +124,12 @@ class Race:
         keys: dict[str, tuple[bytes, str]],
     ) -> None:
         self.coord, self.plan, self.sid, self.peer = coord, plan, sid, spec.peer_id
+        self.session = sid
+        self.lan = TcpDirectRemote(coord.ref("lan"))
+        self.tcp_punch = TcpDirectRemote(coord.ref("tcp_punch"))
+        self.udp_punch = UdpPunchRemote(coord.ref("udp_punch"))
+        self.ipv6 = Ipv6Remote(coord.ref("ipv6"))
+        self.relay_remote = RelayRemote(coord.ref("relay"))
         self.want = spec.fingerprint
         """The fingerprint the user named for the peer's key (ID=SHA256:...), if any."""
         self.started, self.deadline, self.keys = started, deadline, keys
@@ -143,12 +156,19 @@ class Race:
         steps = {step.strategy: step for step in plan.steps}
         for strategy, why in plan.skipped:
             if strategy in (Strategy.TCP_PUNCH, Strategy.UDP_PUNCH, Strategy.RELAY):
-                self._record(str(strategy), "skipped", why)
+                self._record(str(strategy), Outcome.SKIPPED, why)
         coros: list[Any] = []
         if Strategy.TCP_PUNCH in steps or Strategy.LAN in steps or Strategy.IPV6 in steps:
             coros.append(self._direct())
         if Strategy.UDP_PUNCH in steps:
             coros.append(self.udp_rendezvous())
+        for extra in registry.entries():
+            if extra.race is None:
+                continue
+            if policy.mode is Mode.RELAY_ONLY:
+                self._record(extra.name, Outcome.SKIPPED, "relay-only policy")
+            else:
+                coros.append(self._plugin(extra.race))
         if not coros:
             self.direct_over.set()
         if Strategy.RELAY in steps:
@@ -162,6 +182,46 @@ class Race:
         finally:
             self._direct_done()
 
+    async def _plugin(self, step: Callable[[RaceSteps], Awaitable[None]]) -> None:
+        """A plug-in strategy's own step: a direct path like the others (the relay waits for it)."""
+        self.direct_running += 1
+        try:
+            await step(self)
+        finally:
+            self._direct_done()
+
+    # ---- RaceSteps: what a plug-in strategy's step may use ----------------------------------
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def ref(self, name: str) -> Ref:
+        return self.coord.ref(name)
+
+    def pinned_key(self) -> bytes | None:
+        pinned = PinStore(self.coord.state_dir).get(self.peer)
+        if pinned is not None and self.want is not None and fingerprint(pinned) != self.want:
+            return None
+        return pinned
+
+    def use_key(self, strategy: str, peer_pk: bytes, source: str) -> None:
+        self.keys[strategy] = (peer_pk, source)
+
+    def running(self, strategy: str) -> None:
+        self._record(strategy, Outcome.RUNNING)
+
+    def connected(self, strategy: str) -> None:
+        self.handed.add(strategy)
+        self._record(strategy, Outcome.CONNECTED)
+
+    def error(self, strategy: str, reason: str) -> None:
+        self._record(strategy, Outcome.ERROR, reason)
+
+    def skipped(self, strategy: str, reason: str) -> None:
+        self._record(strategy, Outcome.SKIPPED, reason)
+
+    # ---- the built-in steps -----------------------------------------------------------------
+
     def _direct_done(self) -> None:
         self.direct_running -= 1
         if self.direct_running <= 0 and not self.handed:
@@ -173,42 +233,35 @@ class Race:
         if pinned is None:
             self._record(
                 "direct",
-                "error",
+                Outcome.ERROR,
                 f"no key pinned for peer {self.peer}: reach it once through the rendezvous server first",
             )
             return
         if self.want is not None and fingerprint(pinned) != self.want:
             self._record(
-                "direct", "error", f"peer {self.peer} is pinned to key {fingerprint(pinned)}, not {self.want}"
+                "direct", Outcome.ERROR, f"peer {self.peer} is pinned to key {fingerprint(pinned)}, not {self.want}"
             )
             return
         self.keys["direct"] = (pinned, "pinned")
-        self._record("direct", "running")
-        res = await self.coord.lan.call(
-            "dial",
-            self.sid,
-            self.direct_address,
-            None,
-            DIRECT_BUDGET,
-            {"peer_pk": pinned, "key_source": "pinned"},
-            "direct",
-        )
-        if res.get("ok"):
+        self._record("direct", Outcome.RUNNING)
+        meta = {"peer_pk": pinned, "key_source": "pinned"}
+        res = await self.lan.dial(TcpDial(self.sid, self.direct_address, None, DIRECT_BUDGET, meta, "direct"))
+        if res.ok:
             self.handed.add("direct")
-            self._record("direct", "connected")
+            self._record("direct", Outcome.CONNECTED)
         else:
-            self._record("direct", "error", str(res.get("reason")))
+            self._record("direct", Outcome.ERROR, res.reason)
 
     async def udp_rendezvous(self) -> None:
         """PunchHoleRequest with our UDP mapping: B answers from its own UDP socket (the server tells
         us its mapping, is_udp), both punch, and KCP runs on the punched socket."""
         self.direct_running += 1
         coord = self.coord
-        self._record("udp_punch", "running")
+        self._record("udp_punch", Outcome.RUNNING)
         try:
-            port = await coord.udp_punch.call("prepare", self.sid)
+            port = await self.udp_punch.prepare(self.sid)
             if not port:
-                self._record("udp_punch", "skipped", "no UDP mapping (UDP blocked or the server did not answer)")
+                self._record("udp_punch", Outcome.SKIPPED, "no UDP mapping (UDP blocked or the server did not answer)")
                 return
             try:
                 res = await punch_hole_exchange(
@@ -224,39 +277,39 @@ class Race:
                 self._fail("udp_punch", str(exc))
                 return
             except RendezvousError as exc:
-                self._record("udp_punch", "error", str(exc))
+                self._record("udp_punch", Outcome.ERROR, str(exc))
                 return
             resp = res.response
             if isinstance(resp, pb.RelayResponse) or not resp.is_udp:
-                self._record("udp_punch", "skipped", "the server did not offer a UDP path (same LAN or relay)")
+                self._record("udp_punch", Outcome.SKIPPED, "the server did not offer a UDP path (same LAN or relay)")
                 return
             try:
                 pk, source = coord.trusted_key(self.peer, bytes(resp.pk), self.want)
             except (HandshakeError, PinMismatch) as exc:
-                self._record("udp_punch", "error", str(exc))
+                self._record("udp_punch", Outcome.ERROR, str(exc))
                 return
             self.keys["udp_punch"] = (pk, source)
             peer_addr = str(addrmod.decode(bytes(resp.socket_addr)))
-            dial = await coord.udp_punch.call(
-                "dial", self.sid, peer_addr, PUNCH_BUDGET, {"peer_pk": pk, "key_source": source}
+            dial = await self.udp_punch.dial(
+                UdpDial(self.sid, peer_addr, PUNCH_BUDGET, {"peer_pk": pk, "key_source": source})
             )
-            if dial.get("ok"):
+            if dial.ok:
                 self.handed.add("udp_punch")
-                self._record("udp_punch", "connected")
+                self._record("udp_punch", Outcome.CONNECTED)
             else:
-                self._record("udp_punch", "error", str(dial.get("reason")))
+                self._record("udp_punch", Outcome.ERROR, dial.reason)
         finally:
             with contextlib.suppress(Exception):
-                await coord.udp_punch.call("release", self.sid)
+                await self.udp_punch.release(self.sid)
             self._direct_done()
 
     async def tcp_rendezvous(self) -> None:
         """PunchHoleRequest over TCP: the server answers with B's LAN address (same LAN), B's public
         address after B opened its NAT (TCP punch), or a relay (B or the server chose it)."""
         coord = self.coord
-        self._record("tcp_punch", "running")
+        self._record("tcp_punch", Outcome.RUNNING)
         our_nat = await coord.our_nat_type()
-        our_v6: bytes = await coord.ipv6.call("prepare", self.sid) if self.policy.ipv6 else b""
+        our_v6: bytes = await self.ipv6.prepare(self.sid) if self.policy.ipv6 else b""
         try:
             res = await punch_hole_exchange(
                 coord.server_addr,
@@ -271,23 +324,23 @@ class Race:
             self._fail("tcp_punch", str(exc))
             return
         except RendezvousError as exc:
-            self._record("tcp_punch", "error", str(exc))
+            self._record("tcp_punch", Outcome.ERROR, str(exc))
             return
         resp = res.response
         if isinstance(resp, pb.RelayResponse):
-            self._record("tcp_punch", "skipped", "the rendezvous server or the peer chose the relay")
+            self._record("tcp_punch", Outcome.SKIPPED, "the rendezvous server or the peer chose the relay")
             await self._dial_relay(resp)
             return
         try:
             pk, source = coord.trusted_key(self.peer, bytes(resp.pk), self.want)
         except (HandshakeError, PinMismatch) as exc:
-            self._record("tcp_punch", "error", str(exc))
+            self._record("tcp_punch", Outcome.ERROR, str(exc))
             return
         is_local = resp.WhichOneof("union") == "is_local" and resp.is_local
         name = "lan" if is_local else "tcp_punch"
         peer_sockaddr = addrmod.decode(bytes(resp.socket_addr))
         if not dialable(peer_sockaddr):
-            self._record(name, "error", f"the peer's address {peer_sockaddr} is not one to connect to")
+            self._record(name, Outcome.ERROR, f"the peer's address {peer_sockaddr} is not one to connect to")
             return
         peer_addr = str(peer_sockaddr)
         meta = {"peer_pk": pk, "key_source": source}
@@ -297,7 +350,7 @@ class Race:
             self.keys["ipv6"] = (pk, source)
             v6_task = asyncio.ensure_future(self._ipv6(peer_v6, meta))
         elif our_v6:
-            await coord.ipv6.call("release", self.sid)
+            await self.ipv6.release(self.sid)
         try:
             skip = ""
             if not is_local:
@@ -311,55 +364,56 @@ class Race:
                     if step.strategy is Strategy.RELAY:
                         self.relay_sooner(step.delay)
             if skip:
-                self._record("tcp_punch", "skipped", skip)
+                self._record("tcp_punch", Outcome.SKIPPED, skip)
                 return
             self.keys[name] = (pk, source)
             if is_local:  # the server found both behind one public address: a LAN connection, not a punch
                 for attempt in self.plan.attempts:
-                    if attempt.strategy == "tcp_punch" and attempt.outcome == "running":
+                    if attempt.strategy == "tcp_punch" and attempt.outcome == Outcome.RUNNING:
                         attempt.strategy = "lan"
             if v6_task is not None:
                 await asyncio.sleep(IPV6_HEAD_START)  # Happy Eyeballs: v6 first, v4 a moment later
             budget = LAN_BUDGET if is_local else PUNCH_BUDGET
             bind = None if is_local else res.local_address.as_tuple()
-            ref = coord.lan if is_local else coord.tcp_punch
-            dial = await ref.call("dial", self.sid, peer_addr, bind, budget, meta)
-            if dial.get("ok"):
+            remote = self.lan if is_local else self.tcp_punch
+            dial = await remote.dial(TcpDial(self.sid, peer_addr, bind, budget, meta))
+            if dial.ok:
                 self.handed.add(name)
-                self._record(name, "connected")
+                self._record(name, Outcome.CONNECTED)
             else:
-                self._record(name, "error", str(dial.get("reason")))
+                self._record(name, Outcome.ERROR, dial.reason)
         finally:
             if v6_task is not None:
                 await v6_task
 
     async def _ipv6(self, peer_v6: bytes, meta: dict[str, Any]) -> None:
-        self._record("ipv6", "running")
-        res = await self.coord.ipv6.call("connect", self.sid, peer_v6, "initiator", PUNCH_BUDGET, meta)
-        if res.get("ok"):
+        self._record("ipv6", Outcome.RUNNING)
+        res = await self.ipv6.dial(Ipv6Dial(self.sid, peer_v6, "initiator", PUNCH_BUDGET, meta))
+        if res.ok:
             self.handed.add("ipv6")
-            self._record("ipv6", "connected")
+            self._record("ipv6", Outcome.CONNECTED)
         else:
-            self._record("ipv6", "error", str(res.get("reason")))
+            self._record("ipv6", Outcome.ERROR, res.reason)
 
     def _fail(self, strategy: str, reason: str) -> None:
         """An answer that holds for every path: record it and end the race now."""
-        self._record(strategy, "error", reason)
+        self._record(strategy, Outcome.ERROR, reason)
         self.fatal = self.fatal or reason
         self.over.set()
 
-    def _record(self, strategy: str, outcome: str, reason: str = "") -> None:
+    def _record(self, strategy: str, outcome: Outcome, reason: str = "") -> None:
         """An attempt's outcome; a "running" entry of the same strategy is updated in place."""
         for attempt in self.plan.attempts:
-            if attempt.strategy == strategy and attempt.outcome == "running":
+            if attempt.strategy == strategy and attempt.outcome == Outcome.RUNNING:
                 attempt.outcome, attempt.reason, attempt.elapsed_ms = outcome, reason, ms_since(self.started)
                 break
-            if attempt.strategy == strategy and outcome in ("skipped", "running") and attempt.outcome == "skipped":
+            skip_again = outcome in (Outcome.SKIPPED, Outcome.RUNNING) and attempt.outcome == Outcome.SKIPPED
+            if attempt.strategy == strategy and skip_again:
                 return  # decided already (planned before and after the peer answered)
         else:
             self.plan.attempts.append(Attempt(strategy, outcome, reason, ms_since(self.started)))
         log.info("session %s to %s: %s %s%s", self.sid, self.peer, strategy, outcome, f" ({reason})" if reason else "")
-        if outcome == "error":
+        if outcome == Outcome.ERROR:
             self.errors.append(reason)
 
     def settle(self, transports: list[dict[str, Any]]) -> None:
@@ -368,15 +422,15 @@ class Race:
             for attempt in self.plan.attempts:
                 # "running": the winner's transport can reach the session owner before its
                 # strategy call has returned to us
-                if attempt.strategy == t.get("path") and attempt.outcome in ("connected", "running"):
-                    attempt.outcome = str(t.get("outcome"))
+                if attempt.strategy == t.get("path") and attempt.outcome in (Outcome.CONNECTED, Outcome.RUNNING):
+                    attempt.outcome = Outcome(str(t.get("outcome")))
                     attempt.reason = str(t.get("reason", ""))
                     attempt.elapsed_ms = ms_since(self.started)
                     break
-        won = any(t.get("outcome") == "won" for t in transports)
+        won = any(t.get("outcome") == Outcome.WON for t in transports)
         for attempt in self.plan.attempts:
-            if attempt.outcome in ("connected", "running"):
-                attempt.outcome = "cancelled"
+            if attempt.outcome in (Outcome.CONNECTED, Outcome.RUNNING):
+                attempt.outcome = Outcome.CANCELLED
                 attempt.reason = attempt.reason or ("another path won first" if won else "stopped: no path won")
                 attempt.elapsed_ms = ms_since(self.started)
 
@@ -404,14 +458,14 @@ class Race:
                     w.cancel()
         if self.fatal:
             return
-        self._record("relay", "running")
+        self._record("relay", Outcome.RUNNING)
         try:
             rr = await self._request_relay()
         except RelayRefused as exc:
             self._fail("relay", str(exc))
             return
         except RendezvousError as exc:
-            self._record("relay", "error", str(exc))
+            self._record("relay", Outcome.ERROR, str(exc))
             return
         await self._dial_relay(rr)
 
@@ -445,7 +499,7 @@ class Race:
         try:
             pk, source = coord.trusted_key(self.peer, rr.pk if rr.WhichOneof("union") == "pk" else b"", self.want)
         except (HandshakeError, PinMismatch) as exc:
-            self._record("relay", "error", str(exc))
+            self._record("relay", Outcome.ERROR, str(exc))
             return
         server_key = coord.server_key()
         try:
@@ -453,24 +507,25 @@ class Race:
                 raise signing.SignatureError("the rendezvous server's key is not known yet")
             signing.check_ticket((server_key,), bytes(rr.ticket), rr.uuid, rr.relay_server, time.time())
         except signing.SignatureError as exc:
-            self._record("relay", "error", f"relay ticket from the rendezvous server: {exc}")
+            self._record("relay", Outcome.ERROR, f"relay ticket from the rendezvous server: {exc}")
             return
         self.keys["relay"] = (pk, source)
-        dial = await coord.relay.call(
-            "dial",
-            self.sid,
-            coord.relay_target(rr.relay_server),
-            rr.uuid,
-            bytes(rr.ticket),
-            rr.relay_server,
-            self.peer,
-            "initiator",
-            {"peer_pk": pk, "key_source": source},
+        dial = await self.relay_remote.dial(
+            RelayDial(
+                self.sid,
+                coord.relay_target(rr.relay_server),
+                rr.uuid,
+                bytes(rr.ticket),
+                rr.relay_server,
+                self.peer,
+                "initiator",
+                {"peer_pk": pk, "key_source": source},
+            )
         )
-        if dial.get("ok"):
-            self._record("relay", "connected")
+        if dial.ok:
+            self._record("relay", Outcome.CONNECTED)
         else:
-            self._record("relay", "error", str(dial.get("reason")))
+            self._record("relay", Outcome.ERROR, dial.reason)
 
 
 def dialable(a: addrmod.SockAddr) -> bool:

@@ -21,6 +21,7 @@ from agent.wire.addr import SockAddr, to_v4_if_mapped
 from agent.wire.frames import FrameDecoder, FrameError, encode_frame
 from agent.wire.messages import MessageError
 from agent.wire.peer_ids import fingerprint
+from agent.wire.ports import RENDEZVOUS_PORT
 
 WAIT = 6.0
 """Seconds without any answer before `up` says the server does not answer (the registrar's own
@@ -128,7 +129,7 @@ def check_udp(server: str, address: tuple[str, int], ident: Identity, trusted: b
 
 def no_answer(server: str, why: str) -> str:
     """The one line `up` prints when the server does not answer, with what to check."""
-    port = server.rsplit(":", 1)[-1] if ":" in server else "21116"
+    port = server.rsplit(":", 1)[-1] if ":" in server else str(RENDEZVOUS_PORT)
     return (
         f"rendezvous server {server} does not answer ({why}): check that it runs, that the address is right "
         f"and that UDP port {port} reaches it"

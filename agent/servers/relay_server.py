@@ -38,10 +38,10 @@ from agent.servers import relay_core as core
 from agent.servers.relay_pump import Meter, PumpKind, default_kind, make_pump, splice_available
 from agent.wire import signing
 from agent.wire.frames import FrameError
+from agent.wire.ports import RELAY_PORT
 
 log = logging.getLogger("punchthrough.relay")
 
-DEFAULT_PORT = 21117
 REFUSE_LINGER = 2.0
 """Seconds a refused connection may take to read its reason and hang up."""
 REFUSE_DRAIN_MAX = 1 << 20
@@ -50,7 +50,7 @@ REFUSE_DRAIN_MAX = 1 << 20
 @dataclass
 class RelayConfig:
     binds: list[str] = field(default_factory=lambda: ["0.0.0.0", "::"])
-    port: int = DEFAULT_PORT
+    port: int = RELAY_PORT
     key: str = ""
     server_keys: list[bytes] = field(default_factory=list)
     """ed25519 keys of the rendezvous servers whose tickets this relay honours."""

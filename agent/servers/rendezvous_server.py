@@ -33,6 +33,7 @@ from agent.servers.registry import PeerRow, Registry
 from agent.servers.rendezvous_core import Action, CloseTcp, Limits, Persist, RendezvousCore, Role, SendTcp, SendUdp
 from agent.wire.addr import SockAddr, to_v4_if_mapped
 from agent.wire.frames import FrameDecoder, FrameError, encode_frame
+from agent.wire.ports import RENDEZVOUS_PORT
 
 log = logging.getLogger("punchthrough.rendezvous")
 
@@ -40,7 +41,7 @@ log = logging.getLogger("punchthrough.rendezvous")
 @dataclass(kw_only=True)
 class RendezvousConfig:
     binds: list[str] = field(default_factory=lambda: ["0.0.0.0", "::"])
-    port: int = 21116  # UDP + TCP; 0 = ephemeral (tests)
+    port: int = RENDEZVOUS_PORT  # UDP + TCP; 0 = ephemeral (tests)
     relays: list[str] = field(default_factory=list)
     """"HOST:PORT" handed to peers, round robin; ":PORT" means this server's host (as each peer
     reaches it); none means RustDesk's default, this server's host and port + 1."""

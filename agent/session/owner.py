@@ -28,6 +28,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,11 @@ from typing import Any
 
 from agent.common import ctlproto
 from agent.common.netutil import connect_tcp, describe_error, tune_transport
+from agent.common.tasks import TaskSet
 from agent.identity import Identity
 from agent.session.guess_limiter import GuessLimiter, guess_keys
 from agent.session.seen import FLUSH_EVERY, SeenPeers
+from agent.session.states import ACTIVE, Outcome, SessionState
 from agent.session.stream import PumpStats, SessionError, StreamCodec, pump, run_handshake
 from agent.wire.frames import encode_frame
 from agent.wire.handshake import Binding, HandshakeError, Initiator, Policy, Responder
@@ -55,6 +58,9 @@ MAX_SESSIONS_KEPT = 256
 """Finished sessions kept for `punchthrough-ops sessions` (the oldest are forgotten first)."""
 MAX_PENDING = 256
 """Sessions with transports waiting for their `initiate`: bounded, like all per-peer state."""
+MAX_DECIDED = 4096
+"""Sessions remembered as decided, so a late transport for one is closed (a few KB at most)."""
+FINISHED = (SessionState.DONE, SessionState.FAILED, SessionState.LOST)
 SELECT_TIMEOUT = 30.0
 ECHO_LIMIT = 1 << 20
 """Bytes a peer that names no target may have echoed back (`punchthrough-ops ping`): a probe, not a pipe."""
@@ -132,7 +138,7 @@ class SessionRecord:
     peer: str = ""
     target: str = ""
     path: str = ""
-    state: str = "waiting"
+    state: SessionState = SessionState.WAITING
     error: str = ""
     admitted_by: str = ""
     peer_key: str = ""
@@ -154,7 +160,7 @@ class SessionRecord:
     def settle_notice(self) -> None:
         """Done with the notice: a failed session takes the pump's verdict, if it has one."""
         if self.notice is not None:
-            verdict = self.notice.poll() if self.state == "failed" else None
+            verdict = self.notice.poll() if self.state == SessionState.FAILED else None
             if verdict:
                 self.error = verdict
             self.notice.close()
@@ -166,7 +172,7 @@ class SessionRecord:
             "peer": self.peer,
             "target": self.target,
             "path": self.path,
-            "state": self.state,
+            "state": self.state.value,
             "error": self.failure(),
             "admitted_by": self.admitted_by,
             "peer_key": self.peer_key,
@@ -179,8 +185,9 @@ class SessionRecord:
 
 
 @dataclass
-class Race:
-    """Transports arriving for one initiating session."""
+class TransportQueue:
+    """Transports arriving for one initiating session (a strategy may hand one over before the
+    coordinator's `initiate` for it arrives)."""
 
     queue: asyncio.Queue[tuple[dict[str, Any], socket.socket]] = field(default_factory=asyncio.Queue)
     no_more: asyncio.Event = field(default_factory=asyncio.Event)
@@ -231,10 +238,13 @@ class SessionOwner:
         self.on_admitted = on_admitted
         self.handshake_timeout = handshake_timeout
         self.sessions: dict[str, SessionRecord] = {}
-        self._races: dict[str, Race] = {}
+        self._queues: dict[str, TransportQueue] = {}
+        self._decided: OrderedDict[str, None] = OrderedDict()
+        """Sessions whose race is over: a transport for one of them is closed at once (it used to
+        re-create the session's queue and sit there until 256 newer sessions pushed it out)."""
         self._notices: dict[tuple[str, str], socket.socket] = {}
         """(session, path) -> a racing KCP transport's notice socket."""
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._server = ctlproto.ControlServer(socket_path, self._handle)
 
     async def start(self) -> None:
@@ -254,17 +264,16 @@ class SessionOwner:
         if self.seen is not None:
             with contextlib.suppress(OSError):
                 self.seen.flush()
-        for task in list(self._tasks):
-            task.cancel()
-        for race in self._races.values():
-            while not race.queue.empty():
-                race.queue.get_nowait()[1].close()
+        await self._tasks.close()
+        for queue in self._queues.values():
+            while not queue.queue.empty():
+                queue.queue.get_nowait()[1].close()
         for notice in self._notices.values():
             notice.close()
         self._notices.clear()
 
     def status(self) -> dict[str, Any]:
-        active = sum(s.state in ("handshake", "open") for s in self.sessions.values())
+        active = sum(s.state in ACTIVE for s in self.sessions.values())
         return {"active": active, "total": len(self.sessions), "sessions": self.session_list()}
 
     def session_list(self) -> list[dict[str, Any]]:
@@ -285,7 +294,7 @@ class SessionOwner:
                 transport = socks.pop(0)
                 return self._on_transport(sid, req, transport, socks[0] if socks else None)
             if op == "transports_done" and sid:
-                self._race(sid).no_more.set()
+                self._queue(sid).no_more.set()
                 return {"ok": True}
             if op == "initiate" and len(socks) == 1 and sid:
                 return await self._initiate(req, socks.pop())
@@ -302,36 +311,42 @@ class SessionOwner:
         if rec is None:
             rec = self.sessions[sid] = SessionRecord(sid, role)
             while len(self.sessions) > MAX_SESSIONS_KEPT:
-                oldest = next((k for k, s in self.sessions.items() if s.state in ("done", "failed", "lost")), None)
+                oldest = next((k for k, s in self.sessions.items() if s.state in FINISHED), None)
                 if oldest is None:
                     break
                 del self.sessions[oldest]
         return rec
 
-    def _race(self, sid: str) -> Race:
-        race = self._races.get(sid)
-        if race is None:
-            if len(self._races) >= MAX_PENDING:
-                oldest = next(iter(self._races))
-                self._drop_race(oldest)
-            race = self._races[sid] = Race()
-        return race
+    def _queue(self, sid: str) -> TransportQueue:
+        queue = self._queues.get(sid)
+        if queue is None:
+            if len(self._queues) >= MAX_PENDING:
+                oldest = next(iter(self._queues))
+                self._drop_queue(oldest)
+            queue = self._queues[sid] = TransportQueue()
+        return queue
 
-    def _drop_race(self, sid: str) -> None:
-        race = self._races.pop(sid, None)
-        if race is not None:
-            while not race.queue.empty():
-                race.queue.get_nowait()[1].close()
+    def _drop_queue(self, sid: str) -> None:
+        """The session's race is over: close what is still queued, and refuse what comes later."""
+        queue = self._queues.pop(sid, None)
+        if queue is not None:
+            while not queue.queue.empty():
+                queue.queue.get_nowait()[1].close()
         for key in [k for k in self._notices if k[0] == sid]:
             self._notices.pop(key).close()
+        self._decided[sid] = None
+        while len(self._decided) > MAX_DECIDED:
+            self._decided.popitem(last=False)
 
     def _on_transport(
         self, sid: str, meta: dict[str, Any], sock: socket.socket, notice: socket.socket | None = None
     ) -> dict[str, Any]:
         """A strategy delivers a connected transport (with the peer key it was vouched) for an initiating
         session, and for KCP its pump's notice socket."""
-        race = self._race(sid)
-        if race.no_more.is_set():
+        if sid in self._decided:
+            return {"ok": False, "error": "session is no longer waiting for transports"}
+        queue = self._queue(sid)
+        if queue.no_more.is_set():
             return {"ok": False, "error": "session is no longer waiting for transports"}
         if len(bytes(meta.get("peer_pk", b""))) != 32:
             return {"ok": False, "error": "transport without a usable peer key"}
@@ -340,7 +355,7 @@ class SessionOwner:
             if old is not None:
                 old.close()
             self._notices[(sid, str(meta.get("path", "")))] = notice.dup()
-        race.queue.put_nowait((meta, sock.dup()))
+        queue.queue.put_nowait((meta, sock.dup()))
         return {"ok": True}
 
     # ---- A: race the transports ------------------------------------------------------------
@@ -349,15 +364,15 @@ class SessionOwner:
         sid = str(req["session"])
         rec = self._record(sid, "initiator")
         rec.peer, rec.target = str(req["peer"]), str(req.get("target", ""))
-        race = self._race(sid)
+        queue = self._queue(sid)
         try:
-            won = await self._race_handshakes(req, rec, race, float(req.get("wait", 10.0)))
+            won = await self._race_handshakes(req, rec, queue, float(req.get("wait", 10.0)))
             if won is not None and (notice := self._notices.pop((sid, won.path), None)) is not None:
                 rec.notice = PumpNotice(notice, won.path)
         finally:
-            self._drop_race(sid)
+            self._drop_queue(sid)
         if won is None:
-            rec.state = "failed"
+            rec.state = SessionState.FAILED
             return {"ok": False, "error": rec.error, "transports": rec.transports}
         rec.path = won.path
         rec.peer_key, rec.admitted_by, rec.id_verified = fingerprint(won.peer_pk), won.key_source, True
@@ -366,16 +381,21 @@ class SessionOwner:
             await loop.sock_sendall(won.sock, won.codec.encode(SELECT)[0])
             early = await self._await_open_result(won.sock, won.codec, rec)
         except (SessionError, OSError, TimeoutError) as exc:
-            rec.state, rec.error = "failed", str(exc) if isinstance(exc, SessionError) else describe_error(exc)
+            rec.state, rec.error = (
+                SessionState.FAILED,
+                str(exc) if isinstance(exc, SessionError) else describe_error(exc),
+            )
             rec.settle_notice()
             won.sock.close()
             return {"ok": False, "error": rec.error, "transports": rec.transports}
-        rec.state = "open"
+        rec.state = SessionState.OPEN
         self._note_seen(rec)
         self._spawn(self._pump(rec, won.sock, won.codec, local.dup(), early))
         return {"ok": True, "session": sid, "path": won.path, "transports": rec.transports}
 
-    async def _race_handshakes(self, req: dict[str, Any], rec: SessionRecord, race: Race, wait: float) -> _Won | None:
+    async def _race_handshakes(
+        self, req: dict[str, Any], rec: SessionRecord, race: TransportQueue, wait: float
+    ) -> _Won | None:
         """First transport whose handshake completes, or None with rec.error saying why all failed."""
         started = time.monotonic()
         running: dict[asyncio.Task[_Won], tuple[str, socket.socket, float]] = {}
@@ -396,17 +416,17 @@ class SessionOwner:
             codec = await run_handshake(sock, machine, self.handshake_timeout)
             return _Won(str(meta.get("path", "")), sock, codec, bytes(meta["peer_pk"]), str(meta.get("key_source", "")))
 
-        def note(path: str, outcome: str, reason: str, since: float) -> None:
+        def note(path: str, outcome: Outcome, reason: str, since: float) -> None:
             rec.transports.append(
                 {
                     "path": path,
-                    "outcome": outcome,
+                    "outcome": outcome.value,
                     "reason": reason,
                     "elapsed_ms": round((time.monotonic() - since) * 1000, 1),
                 }
             )
 
-        rec.state = "handshake"
+        rec.state = SessionState.HANDSHAKE
         getter: asyncio.Task[tuple[dict[str, Any], socket.socket]] | None = None
         no_more = asyncio.ensure_future(race.no_more.wait())
         won: _Won | None = None
@@ -439,16 +459,16 @@ class SessionOwner:
                     exc = task.exception()
                     if exc is None:
                         won = task.result()
-                        note(path, "won", "", since)
+                        note(path, Outcome.WON, "", since)
                         break
                     sock.close()
                     reason = exc.reason if isinstance(exc, HandshakeError) else str(exc)
-                    if isinstance(exc, HandshakeError) and "refused" in reason:
+                    if isinstance(exc, HandshakeError) and exc.refused_by_peer:
                         refusal = reason  # B's policy is the same whatever the path: stop the race
-                        note(path, "failed", reason, since)
+                        note(path, Outcome.FAILED, reason, since)
                         break
                     failures.append(f"{path}: {reason}")
-                    note(path, "failed", reason, since)
+                    note(path, Outcome.FAILED, reason, since)
                 if refusal:
                     break
         finally:
@@ -458,7 +478,7 @@ class SessionOwner:
             for task, (path, sock, since) in running.items():
                 task.cancel()
                 sock.close()
-                note(path, "lost the race", "", since)
+                note(path, Outcome.LOST, "", since)
         if won is None:
             rec.error = refusal or ("; ".join(failures) if failures else "no path to the peer")
         return won
@@ -513,11 +533,11 @@ class SessionOwner:
     ) -> None:
         policy = self.policy_factory()
         if policy is None:
-            rec.state, rec.error = "failed", "this agent admits nobody (no allowed peers and no password)"
+            rec.state, rec.error = SessionState.FAILED, "this agent admits nobody (no allowed peers and no password)"
             log.warning("refused a %s connection from %s: %s", rec.path, source or "?", rec.error)
             transport.close()
             return
-        rec.state = "handshake"
+        rec.state = SessionState.HANDSHAKE
         ident = self.identity()
 
         def gate(claimed: str) -> str | None:
@@ -528,7 +548,7 @@ class SessionOwner:
         try:
             codec = await run_handshake(transport, machine, self.handshake_timeout)
         except HandshakeError as exc:
-            rec.state, rec.error = "failed", exc.reason
+            rec.state, rec.error = SessionState.FAILED, exc.reason
             self._note_peer(rec, machine)
             if machine.password_failed and machine.claimed_id is not None:
                 self.guesses.failed(guess_keys(machine.claimed_id, source), time.monotonic())
@@ -538,11 +558,15 @@ class SessionOwner:
             transport.close()
             log.warning(
                 "refused peer %s (key %s) on %s from %s: %s",
-                rec.peer or "?", rec.peer_key or "?", rec.path, source or "?", exc.reason,
+                rec.peer or "?",
+                rec.peer_key or "?",
+                rec.path,
+                source or "?",
+                exc.reason,
             )
             return
         except SessionError as exc:
-            rec.state, rec.error = "failed", str(exc)
+            rec.state, rec.error = SessionState.FAILED, str(exc)
             transport.close()
             return
         self._note_peer(rec, machine)
@@ -553,15 +577,20 @@ class SessionOwner:
             self.guesses.succeeded(guess_keys(rec.peer, source))
         log.info(
             "admitted peer %s (key %s, trusted by %s%s) on %s from %s, target %s",
-            rec.peer, rec.peer_key, rec.admitted_by, "" if rec.id_verified else ", ID not verified",
-            rec.path, source or "?", rec.target or "(none)",
+            rec.peer,
+            rec.peer_key,
+            rec.admitted_by,
+            "" if rec.id_verified else ", ID not verified",
+            rec.path,
+            source or "?",
+            rec.target or "(none)",
         )
         try:
             selected = await self._await_select(transport, codec)
         except (SessionError, OSError, TimeoutError) as exc:
             selected, rec.error = False, str(exc) if isinstance(exc, SessionError) else describe_error(exc)
         if not selected:
-            rec.state = "lost"
+            rec.state = SessionState.LOST
             rec.error = rec.error or "the peer chose another path"
             transport.close()
             return
@@ -570,7 +599,7 @@ class SessionOwner:
         try:
             local = await connect_tcp(rec.target, timeout=5.0) if rec.target else self._echo_end()
         except (OSError, TimeoutError, ValueError) as exc:
-            rec.state, rec.error = "failed", f"target {rec.target}: {describe_error(exc)}"
+            rec.state, rec.error = SessionState.FAILED, f"target {rec.target}: {describe_error(exc)}"
             with contextlib.suppress(OSError, SessionError):
                 frames = [*codec.encode(OPEN_FAILED + rec.error.encode()), codec.encode_eof()]
                 await loop.sock_sendall(transport, b"".join(frames))
@@ -579,11 +608,11 @@ class SessionOwner:
         try:
             await loop.sock_sendall(transport, codec.encode(OPEN_OK)[0])
         except OSError as exc:
-            rec.state, rec.error = "failed", f"peer went away: {describe_error(exc)}"
+            rec.state, rec.error = SessionState.FAILED, f"peer went away: {describe_error(exc)}"
             transport.close()
             local.close()
             return
-        rec.state = "open"
+        rec.state = SessionState.OPEN
         self._note_seen(rec)
         await self._pump(rec, transport, codec, local)
 
@@ -623,13 +652,13 @@ class SessionOwner:
                     await loop.sock_sendall(local, piece)
                     rec.stats.bytes_in += len(piece)
             await pump(transport, codec, local, rec.stats)
-            rec.state = "done"
+            rec.state = SessionState.DONE
         except SessionError as exc:
-            rec.state, rec.error = "failed", str(exc)
+            rec.state, rec.error = SessionState.FAILED, str(exc)
         except OSError as exc:
-            rec.state, rec.error = "failed", describe_error(exc)
+            rec.state, rec.error = SessionState.FAILED, describe_error(exc)
         finally:
-            if rec.state == "failed" and rec.notice is not None:
+            if rec.state == SessionState.FAILED and rec.notice is not None:
                 with contextlib.suppress(Exception):
                     await rec.notice.wait(NOTICE_GRACE)  # before our close makes the pump end the KCP itself
             rec.settle_notice()
@@ -638,9 +667,7 @@ class SessionOwner:
                 local.close()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
     def _note_seen(self, rec: SessionRecord) -> None:
         if self.seen is not None:

@@ -13,25 +13,34 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.session.states import ACTIVE, Outcome, SessionState
+
 ANSWER_WINDOW = 12.0
 """Seconds within which one peer's pushes belong to one of its sessions: the longest an initiator's
 race waits for a direct path before its relay push (the punch budget), with room to spare."""
 
-ACTIVE = ("handshake", "open")
-ADMITTED = ("handshake", "open", "done")
-RANK = {"open": 0, "handshake": 1, "done": 2, "connecting": 3, "answering": 3, "lost": 4, "failed": 5}
+ADMITTED = (SessionState.HANDSHAKE, SessionState.OPEN, SessionState.DONE)
+RANK: dict[str, int] = {
+    SessionState.OPEN: 0,
+    SessionState.HANDSHAKE: 1,
+    SessionState.DONE: 2,
+    SessionState.CONNECTING: 3,
+    SessionState.ANSWERING: 3,
+    SessionState.LOST: 4,
+    SessionState.FAILED: 5,
+}
 """Which of a group's rows stands for the session: the one that got furthest."""
 
 
 def plan_state(role: str, attempts: list[dict[str, Any]], error: str, path: str) -> tuple[str, str]:
     """(state, error) of a plan the session owner holds no record of."""
     if error:
-        return "failed", error
-    if path and any(a.get("outcome") in ("connected", "won") for a in attempts):
-        return "failed", "lost: the session owner restarted"
-    if attempts and all(a.get("outcome") not in ("running", "connected") for a in attempts):
-        return "failed", str(attempts[-1].get("reason") or "no path connected")
-    return ("connecting" if role == "initiator" else "answering"), ""
+        return SessionState.FAILED, error
+    if path and any(a.get("outcome") in (Outcome.CONNECTED, Outcome.WON) for a in attempts):
+        return SessionState.FAILED, "lost: the session owner restarted"
+    if attempts and all(a.get("outcome") not in (Outcome.RUNNING, Outcome.CONNECTED) for a in attempts):
+        return SessionState.FAILED, str(attempts[-1].get("reason") or "no path connected")
+    return (SessionState.CONNECTING if role == "initiator" else SessionState.ANSWERING), ""
 
 
 def join(plans: list[dict[str, Any]], live: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -69,15 +78,18 @@ def _as_attempts(row: dict[str, Any], session_won: bool) -> list[dict[str, Any]]
     and then B's punch times out): "not used", not an error that looks like a fault."""
     out = []
     for a in row.get("attempts") or []:
-        if a.get("outcome") in ("connected", "won") and row.get("state") in ("lost", "failed"):
+        if a.get("outcome") in (Outcome.CONNECTED, Outcome.WON) and row.get("state") in (
+            SessionState.LOST,
+            SessionState.FAILED,
+        ):
             a = dict(a, outcome=row["state"], reason=str(row.get("error") or ""))
         out.append(a)
     if not out and row.get("path"):
         out.append({"strategy": row["path"], "outcome": row.get("state"), "reason": str(row.get("error") or "")})
     if session_won:
         out = [
-            dict(a, outcome="not used", reason=f"another path won; {a.get('reason') or a.get('outcome')}")
-            if a.get("outcome") in ("error", "failed", "lost")
+            dict(a, outcome=Outcome.NOT_USED.value, reason=f"another path won; {a.get('reason') or a.get('outcome')}")
+            if a.get("outcome") in (Outcome.ERROR, Outcome.FAILED, SessionState.LOST)
             else a
             for a in out
         ]
@@ -86,7 +98,7 @@ def _as_attempts(row: dict[str, Any], session_won: bool) -> list[dict[str, Any]]
 
 def _progress(row: dict[str, Any]) -> tuple[int, int, int]:
     """Smaller is further: by state, then whether a transport connected at all, then bytes moved."""
-    connected = any(a.get("outcome") in ("connected", "won") for a in row.get("attempts") or [])
+    connected = any(a.get("outcome") in (Outcome.CONNECTED, Outcome.WON) for a in row.get("attempts") or [])
     return RANK.get(str(row.get("state")), 9), 0 if connected else 1, -int(row.get("bytes_in") or 0)
 
 
@@ -132,7 +144,7 @@ def fold_answers(rows: list[dict[str, Any]], window: float = ANSWER_WINDOW) -> l
 def _a_session(row: dict[str, Any]) -> bool:
     """A session of its own: the peer was admitted on this transport and it was not left for another
     path (one that failed after that, at its target or mid-stream, is a session that failed)."""
-    return row.get("state") in ADMITTED or (row.get("state") == "failed" and bool(row.get("admitted_by")))
+    return row.get("state") in ADMITTED or (row.get("state") == SessionState.FAILED and bool(row.get("admitted_by")))
 
 
 def _age(row: dict[str, Any]) -> float:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.common.netutil import describe_error
+from agent.common.tasks import TaskSet
 from agent.strategies.handover import handover
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DIRECT_PORT = 21118
 MAX_HANDOVERS = 64
 """Accepted connections being handed to the session owner at once; more wait in the backlog."""
 
@@ -39,7 +39,7 @@ class DirectServer:
         self._task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(MAX_HANDOVERS)
         self._seq = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     def status(self) -> dict[str, Any]:
         return {"port": self.port, "accepted": self.accepted, "failures": self.failures}
@@ -59,6 +59,11 @@ class DirectServer:
             self._task.cancel()
         if self._listener:
             self._listener.close()
+        await self._tasks.close()
+
+    def cancel(self, session: str) -> int:
+        """Nothing to cancel: this side only accepts, and every accepted connection goes on."""
+        return 0
 
     async def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -74,9 +79,7 @@ class DirectServer:
                 continue
             self.accepted += 1
             self._seq += 1
-            task = loop.create_task(self._handover(conn, f"direct-{self._seq}", str(addr[0])))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._handover(conn, f"direct-{self._seq}", str(addr[0])))
 
     async def _handover(self, conn: socket.socket, session: str, peer_ip: str) -> None:
         try:
@@ -85,8 +88,8 @@ class DirectServer:
             # No server vouches for anyone here: only pinned keys and keys named in allow entries get in.
             meta = {"peer_ip": peer_ip}
             result = await handover(self.sessions_socket, conn, "respond", session, self.name, meta)
-            if not result["ok"]:
+            if not result.ok:
                 self.failures += 1
-                log.info("direct port: %s", result["reason"])
+                log.info("direct port: %s", result.reason)
         finally:
             self._slots.release()

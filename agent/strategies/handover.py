@@ -8,6 +8,7 @@ from typing import Any
 
 from agent.common import ctlproto
 from agent.common.netutil import describe_error
+from agent.strategies.base import Result
 
 HANDOVER_PATIENCE = 5.0
 """Seconds to wait for a restarting session owner before giving the transport up."""
@@ -21,11 +22,11 @@ async def handover(
     path: str,
     meta: dict[str, Any] | None = None,
     extra: tuple[socket.socket, ...] = (),
-) -> dict[str, Any]:
+) -> Result:
     """Pass `sock` by fd (op "transport" for an initiator, "respond" for a responder); our copies are closed.
 
     `extra` sockets travel along (udp_punch sends its KCP notice socket, which tells the session
-    owner why a KCP connection ended). Returns {"ok": True} or {"ok": False, "reason": ...}; never raises.
+    owner why a KCP connection ended). Never raises: a failure is in the Result.
     """
     try:
         reply = await ctlproto.acall(
@@ -41,5 +42,5 @@ async def handover(
         for s in extra:
             s.close()
     if not reply.get("ok"):
-        return {"ok": False, "reason": str(reply.get("error", "session owner refused the transport"))}
-    return {"ok": True}
+        return Result.failed(str(reply.get("error", "session owner refused the transport")))
+    return Result(True)

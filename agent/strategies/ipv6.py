@@ -13,18 +13,32 @@ import asyncio
 import ipaddress
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from agent.common.netutil import describe_error
+from agent.strategies.base import CANCELLED, Remote, Result
 from agent.strategies.handover import handover
-from agent.strategies.tcp_direct import _first, _keep_connecting, _reuse_socket
+from agent.strategies.tcp_connect import first_connected, keep_connecting, reuse_socket
 from agent.strategies.tracking import Tracked
 from agent.wire import addr as addrmod
 
 MAX_PREPARED = 64
+
+
+@dataclass(frozen=True)
+class Ipv6Dial:
+    """Both sides: connect from the port prepared for `session` to the peer's (`peer_v6`, AddrMangle
+    form); the responder also accepts on it."""
+
+    session: str
+    peer_v6: bytes
+    role: str
+    budget: float
+    meta: dict[str, Any]
 
 
 def global_v6() -> str | None:
@@ -64,7 +78,7 @@ class Ipv6Strategy(Tracked):
             return b""
         while len(self._prepared) >= MAX_PREPARED:
             self._prepared.pop(next(iter(self._prepared))).close()
-        sock = _reuse_socket(socket.AF_INET6)
+        sock = reuse_socket(socket.AF_INET6)
         try:
             sock.bind((ip, 0))
             sock.listen(4)
@@ -83,31 +97,34 @@ class Ipv6Strategy(Tracked):
         if sock is not None:
             sock.close()
 
-    async def connect(
-        self, session: str, peer_v6: bytes, role: str, budget: float, meta: dict[str, Any]
-    ) -> dict[str, Any]:
+    async def dial(self, req: Ipv6Dial) -> Result:
+        """Tracked like every attempt, so `cancel(session)` stops it (it used to run on to its budget)."""
+        return await self._track(req.session, self._dial(req), CANCELLED)
+
+    async def _dial(self, req: Ipv6Dial) -> Result:
         """Simultaneous open from our prepared port to the peer's (B also accepts on it)."""
+        session, role, budget = req.session, req.role, req.budget
         self.attempts += 1
         started = time.monotonic()
         listener = self._prepared.pop(session, None)
-        peer = addrmod.decode(peer_v6)
+        peer = addrmod.decode(req.peer_v6)
         if listener is None or peer.ip.version != 6 or not peer.port:
             if listener is not None:
                 listener.close()
             self.failures += 1
-            return {"ok": False, "reason": "ipv6: no address prepared on one side"}
+            return Result.failed("ipv6: no address prepared on one side")
         local = listener.getsockname()[:2]
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task[Any]] = [
-            asyncio.ensure_future(_keep_connecting(local, peer.as_tuple(), socket.AF_INET6, budget))
+            asyncio.ensure_future(keep_connecting(local, peer.as_tuple(), socket.AF_INET6, budget))
         ]
         if role == "responder":
             tasks.append(asyncio.ensure_future(loop.sock_accept(listener)))
         try:
-            sock = await _first(tasks, budget)
+            sock = await first_connected(tasks, budget)
         except (OSError, TimeoutError) as exc:
             self.failures += 1
-            return {"ok": False, "reason": f"ipv6 to {peer}: {describe_error(exc)}"}
+            return Result.failed(f"ipv6 to {peer}: {describe_error(exc)}")
         finally:
             for task in tasks:
                 task.cancel()
@@ -115,8 +132,20 @@ class Ipv6Strategy(Tracked):
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         op = "transport" if role == "initiator" else "respond"
-        result = await handover(self.sessions_socket, sock, op, session, self.name, meta)
-        if not result["ok"]:
+        result = await handover(self.sessions_socket, sock, op, session, self.name, req.meta)
+        if not result.ok:
             self.failures += 1
             return result
-        return {"ok": True, "elapsed_ms": round((time.monotonic() - started) * 1000, 1)}
+        return Result(True, elapsed_ms=round((time.monotonic() - started) * 1000, 1))
+
+
+class Ipv6Remote(Remote):
+    async def prepare(self, session: str) -> bytes:
+        """Our prepared address (AddrMangle form), or b"" without a global IPv6 address."""
+        return bytes(await self.ref.call("prepare", session))
+
+    async def release(self, session: str) -> None:
+        await self.ref.call("release", session)
+
+    async def dial(self, req: Ipv6Dial) -> Result:
+        return await self._result("dial", req)

@@ -23,15 +23,17 @@ import dataclasses
 import random
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.common.netutil import describe_error
+from agent.common.tasks import TaskSet
 from agent.kcp.stream import KcpError, KcpTransport
 from agent.proto import rendezvous_pb2 as pb
+from agent.strategies.base import CANCELLED, Answer, Remote, Result
 from agent.strategies.handover import handover
 from agent.strategies.punch_schedule import PunchSchedule, PunchTimeout, punch
-from agent.strategies.tcp_direct import CANCELLED
 from agent.strategies.tracking import Tracked
 from agent.wire import addr as addrmod
 from agent.wire import messages
@@ -44,6 +46,16 @@ CLOSE_LINGER = 2.0
 """A finished KCP transport keeps its socket this long (a late duplicate FIN still gets its RST)."""
 
 
+@dataclass(frozen=True)
+class UdpDial:
+    """A's punch from the socket prepared for `session` to the peer's UDP mapping, then KCP."""
+
+    session: str
+    peer_addr: str
+    budget: float
+    meta: dict[str, Any]
+
+
 class UdpPunchStrategy(Tracked):
     name = "udp_punch"
 
@@ -54,7 +66,7 @@ class UdpPunchStrategy(Tracked):
         self.version = version
         self._prepared: dict[str, socket.socket] = {}
         self._transports: set[KcpTransport] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self.attempts = 0
         self.failures = 0
 
@@ -72,6 +84,7 @@ class UdpPunchStrategy(Tracked):
         for t in list(self._transports):
             with contextlib.suppress(Exception):
                 await t.close(linger=0)
+        await self._tasks.close()
 
     async def _server_addr(self) -> tuple[str, int]:
         infos = await asyncio.get_running_loop().getaddrinfo(self.server[0], self.server[1], type=socket.SOCK_DGRAM)
@@ -119,28 +132,27 @@ class UdpPunchStrategy(Tracked):
         if sock is not None:
             sock.close()
 
-    async def dial(self, session: str, *args: Any) -> dict[str, Any]:
-        return await self._track(session, self._dial(session, *args), CANCELLED)
+    async def dial(self, req: UdpDial) -> Result:
+        return await self._track(req.session, self._dial(req), CANCELLED)
 
-    async def answer(self, session: str, *args: Any) -> dict[str, Any]:
-        return await self._track(session, self._answer(session, *args), CANCELLED)
+    async def answer(self, req: Answer) -> Result:
+        return await self._track(req.session, self._answer(req), CANCELLED)
 
     def cancel(self, session: str) -> int:
         self.release(session)
         return super().cancel(session)
 
-    async def _dial(self, session: str, peer_addr: str, budget: float, meta: dict[str, Any]) -> dict[str, Any]:
-        sock = self._prepared.pop(session, None)
+    async def _dial(self, req: UdpDial) -> Result:
+        sock = self._prepared.pop(req.session, None)
         if sock is None:
-            return {"ok": False, "reason": "udp_punch: no UDP socket prepared"}
-        return await self._run(sock, session, peer_addr, budget, meta, listen=False)
+            return Result.failed("udp_punch: no UDP socket prepared")
+        return await self._run(sock, req.session, req.peer_addr, req.budget, req.meta, listen=False)
 
     # ---- B --------------------------------------------------------------------------------
 
-    async def _answer(
-        self, session: str, push: Any, my_id: str, nat_type: int, relay: str, budget: float, meta: dict[str, Any]
-    ) -> dict[str, Any]:
+    async def _answer(self, req: Answer) -> Result:
         """Tell the server our UDP mapping (PunchHoleSent as a datagram), then punch to A's UDP port."""
+        push = req.push
         server = await self._server_addr()
         family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -148,9 +160,9 @@ class UdpPunchStrategy(Tracked):
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         sent = pb.PunchHoleSent(
             socket_addr=bytes(push.socket_addr),
-            id=my_id,
-            relay_server=relay,
-            nat_type=nat_type,  # type: ignore[arg-type]
+            id=req.my_id,
+            relay_server=req.relay,
+            nat_type=req.nat_type,  # type: ignore[arg-type]
             version=self.version,
             answer_token=bytes(push.answer_token),
         )
@@ -162,13 +174,13 @@ class UdpPunchStrategy(Tracked):
                 await asyncio.sleep(random.uniform(0.01, 0.029))
         a = addrmod.decode(bytes(push.socket_addr))
         peer = f"[{a.ip}]:{push.udp_port}" if a.ip.version == 6 else f"{a.ip}:{push.udp_port}"
-        return await self._run(sock, session, peer, budget, meta, listen=True)
+        return await self._run(sock, req.session, peer, req.budget, req.meta, listen=True)
 
     # ---- both -----------------------------------------------------------------------------
 
     async def _run(
         self, sock: socket.socket, session: str, peer_addr: str, budget: float, meta: dict[str, Any], listen: bool
-    ) -> dict[str, Any]:
+    ) -> Result:
         self.attempts += 1
         started = time.monotonic()
         peer = addrmod.parse_sockaddr(peer_addr)
@@ -184,23 +196,23 @@ class UdpPunchStrategy(Tracked):
         except (PunchTimeout, KcpError, OSError, TimeoutError) as exc:
             sock.close()
             self.failures += 1
-            return {"ok": False, "reason": f"udp_punch to {peer_addr}: {describe_error(exc)}"}
+            return Result.failed(f"udp_punch to {peer_addr}: {describe_error(exc)}")
         stream = transport.stream_socket()
         notice = transport.notice_socket()
         if len(self._transports) >= MAX_TRANSPORTS:
             stream.close()
             notice.close()
             await transport.close(linger=0)
-            return {"ok": False, "reason": "udp_punch: too many KCP sessions"}
+            return Result.failed("udp_punch: too many KCP sessions")
         self._transports.add(transport)
         self._watch(transport)
         op = "respond" if listen else "transport"
         # our copies are closed by the handover; KCP ends when the session owner closes its copy
         handed = await handover(self.sessions_socket, stream, op, session, self.name, meta, extra=(notice,))
-        if not handed["ok"]:
+        if not handed.ok:
             self.failures += 1
             return handed
-        return {"ok": True, "elapsed_ms": round((time.monotonic() - started) * 1000, 1)}
+        return Result(True, elapsed_ms=round((time.monotonic() - started) * 1000, 1))
 
     def _watch(self, transport: KcpTransport) -> None:
         async def reap() -> None:
@@ -212,6 +224,19 @@ class UdpPunchStrategy(Tracked):
                 await transport.close(linger=0)
             self._transports.discard(transport)
 
-        task = asyncio.get_running_loop().create_task(reap())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(reap())
+
+
+class UdpPunchRemote(Remote):
+    async def prepare(self, session: str) -> int:
+        """A UDP socket for `session`; its public port as the server sees it (0: no UDP)."""
+        return int(await self.ref.call("prepare", session))
+
+    async def release(self, session: str) -> None:
+        await self.ref.call("release", session)
+
+    async def dial(self, req: UdpDial) -> Result:
+        return await self._result("dial", req)
+
+    async def answer(self, req: Answer) -> Result:
+        return await self._result("answer", req)

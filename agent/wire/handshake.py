@@ -101,10 +101,12 @@ class HandshakeError(Exception):
     refusal, so A learns why); it is empty when there is nothing to say.
     """
 
-    def __init__(self, reason: str, reply: list[bytes] | None = None) -> None:
+    def __init__(self, reason: str, reply: list[bytes] | None = None, *, refused_by_peer: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.reply: list[bytes] = reply or []
+        self.refused_by_peer = refused_by_peer
+        """The peer said no (its policy, the same on every path), as opposed to a path that failed."""
 
 
 def _clean(text: str | bytes, limit: int) -> str:
@@ -401,7 +403,9 @@ class Initiator(_Machine):
             ) from None
         result = _parse(plain, "auth_result", who, MAX_AUTH_PAYLOAD)
         if not result.ok:
-            raise HandshakeError(f"{who} refused the session: {_clean(result.reason, MAX_REASON_LEN)}")
+            raise HandshakeError(
+                f"{who} refused the session: {_clean(result.reason, MAX_REASON_LEN)}", refused_by_peer=True
+            )
         self._state = _State.DONE
         return []
 

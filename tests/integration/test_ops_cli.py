@@ -285,7 +285,7 @@ async def test_ping_times_round_trips_through_a_session(agent: CannedAgent, caps
     assert re.fullmatch(r"session to 2345678901 via tcp_punch \(direct\) in \d+\.\d ms", lines[0]), lines[0]
     assert re.fullmatch(r"pong from 2345678901 via tcp_punch: seq=1 time=\d+\.\d\d ms", lines[2]), lines[2]
     assert lines[3].startswith("2 pings, round trip min/avg/max = ")
-    assert agent.requests[0] == {"op": "open", "peer": "2345678901", "target": "", "path": "", "password": None}
+    assert agent.requests[0] == {"op": "open", "peer": "2345678901", "target": "", "policy": "", "password": None}
     agent.replies["open"] = {"ok": True, "session": "s-10", "path": "relay"}
     rc, out, _ = await run(ops_cli.main, ["--json", "--state-dir", str(agent.state_dir), "ping", "2345678901"], capsys)
     result = json.loads(out)
@@ -576,7 +576,7 @@ async def test_pipe_moves_bytes(
     assert rc == 0, err
     assert out == "HELLO THROUGH THE PIPE\n" * 1000
     req, *after = agent.requests
-    assert req == {"op": "open", "peer": "2345678901", "target": "127.0.0.1:22", "path": "", "password": None}
+    assert req == {"op": "open", "peer": "2345678901", "target": "127.0.0.1:22", "policy": "", "password": None}
     assert after == [{"op": "sessions"}]  # at EOF pipe asks whether the session ended cleanly
 
 
@@ -603,7 +603,7 @@ async def test_pipe_sends_password_from_file_never_argv(
             ],
         )
     assert rc == 0, capfd.readouterr()
-    assert agent.requests[0]["password"] == "s3cret" and agent.requests[0]["path"] == "relay"
+    assert agent.requests[0]["password"] == "s3cret" and agent.requests[0]["policy"] == "relay"
 
 
 async def test_pipe_refused_by_agent(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:

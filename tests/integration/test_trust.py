@@ -444,7 +444,7 @@ async def test_b_does_nothing_on_the_network_for_a_peer_it_would_not_admit(tmp_p
             b = pair.b.components
             for kind in ("lan", "tcp_punch", "udp_punch", "relay"):
                 assert b[kind].status()["attempts"] == 0 if kind != "lan" else b[kind].attempts == 0, kind
-            assert sum(b["coordinator"].pushes_refused.values()) >= 2
+            assert sum(b["coordinator"].answers.pushes_refused.values()) >= 2
             assert all(not p.attempts for p in b["coordinator"].plans.values())
         finally:
             await c.close()

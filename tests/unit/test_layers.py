@@ -168,3 +168,33 @@ def test_only_the_runner_and_the_cli_reach_the_ray_layer() -> None:
         and name not in ("agent.runner", "agent.cli")
     }
     assert users == {}
+
+
+def test_every_remote_call_exists_on_its_component_with_the_same_arguments() -> None:
+    """A strategy's Remote is what the coordinator types against; the component is what runs. Ray calls
+    the component's method of the same name with the same arguments: they must agree."""
+    import inspect
+
+    from agent.strategies import registry
+    from agent.strategies.base import Remote
+
+    components = {
+        "relay": "agent.strategies.relay.RelayStrategy",
+        "lan": "agent.strategies.tcp_direct.TcpDirectStrategy",
+        "tcp_punch": "agent.strategies.tcp_direct.TcpDirectStrategy",
+        "udp_punch": "agent.strategies.udp_punch.UdpPunchStrategy",
+        "ipv6": "agent.strategies.ipv6.Ipv6Strategy",
+        "direct": "agent.strategies.direct.DirectServer",
+    }
+    assert set(components) == set(registry.names())
+    for entry in registry.entries():
+        module, _, cls_name = components[entry.name].rpartition(".")
+        component = getattr(__import__(module, fromlist=[cls_name]), cls_name)
+        for name, method in inspect.getmembers(entry.remote, inspect.isfunction):
+            if name.startswith("_"):
+                continue
+            assert hasattr(component, name), f"{entry.name}: {cls_name} has no {name}()"
+            want = [(p.name, p.annotation) for p in inspect.signature(method).parameters.values()]
+            have = [(p.name, p.annotation) for p in inspect.signature(getattr(component, name)).parameters.values()]
+            assert have == want, f"{entry.name}.{name}: remote {want} vs component {have}"
+            assert (name in vars(Remote)) or inspect.iscoroutinefunction(method)
