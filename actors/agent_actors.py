@@ -1,9 +1,10 @@
-"""Ray shells around the agent's components: one named actor per component.
+"""Ray shells around the agent's components: named actors, each carrying one component or a group
+(agent/placement.py).
 
-Each actor rebuilds its component from the state directory in `__init__` (so a
-restart brings it back with its servers), counts its boots in the runtime
-directory (restarts = boots - 1), and announces itself to the coordinator. The
-coordinator, when it restarts, asks every other actor to announce itself again.
+Each actor rebuilds its components from the state directory in `__init__` (so a
+restart brings them back with their servers), counts its boots in the runtime
+directory (restarts = boots - 1), and announces its components to the coordinator.
+The coordinator, when it restarts, asks every other actor to announce itself again.
 Everything else is the plain asyncio component: bytes never pass through Ray.
 """
 
@@ -18,19 +19,13 @@ from typing import Any
 
 import ray
 
+from agent import placement
 from agent.common.files import private_append, private_dir
-from agent.refs import LocalRef, Ref
+from agent.refs import Ref
 from agent.runtime_paths import runtime_dir
-from agent.stack import build_component, components, load_runtime
+from agent.stack import ComponentHost, load_runtime
 
 ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
-
-
-def namespace_for(state_dir: Path) -> str:
-    """One Ray namespace per agent, so names never clash between agents sharing a cluster."""
-    import hashlib
-
-    return "punchthrough-" + hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
 
 
 def _count_boot(state_dir: Path, kind: str) -> int:
@@ -55,71 +50,86 @@ def _setup_logging(state_dir: Path, kind: str) -> None:
 
 
 class RayRef:
-    """A named actor in the agent's namespace (actors.agent_actors.ComponentActor).
+    """A component carried by a named actor of the agent's namespace (HostActor).
 
-    The handle survives the actor's restarts; every call goes through the actor's
-    single `call(method, *args)` entry point.
+    The handle survives the actor's restarts; every call goes through the actor's single
+    `call(kind, method, *args)` entry point.
     """
 
-    def __init__(self, name: str, namespace: str) -> None:
-        self.name = name
+    def __init__(self, actor: str, namespace: str, kind: str | None = None) -> None:
+        self.actor = actor
+        self.kind = kind or actor
         self.namespace = namespace
         self._handle: Any = None
 
     async def call(self, method: str, *args: Any) -> Any:
         if self._handle is None:
-            self._handle = ray.get_actor(self.name, namespace=self.namespace)
-        return await self._handle.call.remote(method, *args)
+            self._handle = ray.get_actor(self.actor, namespace=self.namespace)
+        return await self._handle.call.remote(self.kind, method, *args)
 
 
 @ray.remote(**ACTOR_OPTIONS)
-class ComponentActor:
-    def __init__(self, kind: str, state_dir: str, namespace: str) -> None:
-        self.kind = kind
+class HostActor:
+    """One actor carrying some components (agent/placement.py): one in the isolated placement, a group
+    when grouped. `where` maps every component of the agent to its actor, so calls to the others go
+    to the right actor; Ray re-runs `__init__` with the same arguments after a crash."""
+
+    def __init__(self, name: str, where: dict[str, str], state_dir: str, namespace: str) -> None:
+        self.name = name
+        self.where = where
         self.state_dir = Path(state_dir)
         self.namespace = namespace
-        self.restarts = _count_boot(self.state_dir, kind)
-        _setup_logging(self.state_dir, kind)
-        self.component: Any = None
+        self.restarts = _count_boot(self.state_dir, name)
+        _setup_logging(self.state_dir, name)
+        kinds = [kind for kind, actor in where.items() if actor == name]
+        self.host = ComponentHost(kinds, self._remote)
         self._ready = asyncio.get_running_loop().create_task(self._boot())
 
-    def _refs(self) -> dict[str, Ref]:
-        return {k: RayRef(k, self.namespace) for k in components()}
+    def _remote(self, kind: str) -> Ref:
+        return RayRef(self.where.get(kind, kind), self.namespace, kind)
 
     async def _boot(self) -> None:
-        rt = load_runtime(self.state_dir)
-        self.component = await build_component(self.kind, rt, self._refs())
-        if self.kind == "coordinator":
-            self.component.register_actor("coordinator", os.getpid(), self.restarts)
-            asyncio.get_running_loop().create_task(self._collect_announcements())
-        else:
-            await self._announce()
+        await self.host.start(load_runtime(self.state_dir))
+        await self._announce()
+        if "coordinator" in self.host.kinds:
+            await self._collect_announcements()
 
     async def _announce(self) -> None:
-        """Tell the coordinator we are (back) up; it may not exist yet, so retry for a while."""
-        for _ in range(100):
-            with contextlib.suppress(Exception):
-                await RayRef("coordinator", self.namespace).call(
-                    "register_actor", self.kind, os.getpid(), self.restarts
-                )
-                return
-            await asyncio.sleep(0.2)
+        """Tell the coordinator our components are (back) up; it may not exist yet, so retry for a while."""
+        coordinator = self.host.ref("coordinator")
+        for kind in self.host.kinds:
+            for _ in range(100):
+                try:
+                    await coordinator.call("register_actor", kind, os.getpid(), self.restarts, self.name)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.2)
 
     async def _collect_announcements(self) -> None:
-        for kind in components():
-            if kind != "coordinator":
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(RayRef(kind, self.namespace).call("__announce__"), 5)
+        """A restarted coordinator has an empty actor table: ask every other actor to announce again."""
+        for actor in {a for a in self.where.values() if a != self.name}:
+            with contextlib.suppress(Exception):
+                handle = ray.get_actor(actor, namespace=self.namespace)
+                await asyncio.wait_for(handle.announce.remote(), 5)
 
-    async def call(self, method: str, *args: Any) -> Any:
-        """Run `method` of the component (the one entry point RayRef uses)."""
+    async def announce(self) -> bool:
         await self._ready
-        if method == "__announce__":
-            await self._announce()
-            return True
-        if method.startswith("_"):
-            raise AttributeError(f"{method} is private")
-        return await LocalRef(self.component).call(method, *args)
+        await self._announce()
+        return True
+
+    async def call(self, kind: str, method: str, *args: Any) -> Any:
+        """Run `method` of component `kind` (the one entry point RayRef uses), once it is built."""
+        return await self.host.call(kind, method, *args)
 
     async def pid(self) -> int:
         return os.getpid()
+
+
+def start_actors(where: dict[str, str], state_dir: Path, namespace: str) -> list[Any]:
+    """Create the agent's detached actors (the running ones are kept: `get_if_exists`); their handles."""
+    return [
+        HostActor.options(  # type: ignore[attr-defined]
+            name=name, namespace=namespace, lifetime="detached", get_if_exists=True
+        ).remote(name, where, str(state_dir), namespace)
+        for name in placement.actors(where)
+    ]

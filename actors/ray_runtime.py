@@ -80,6 +80,13 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def namespace_for(state_dir: Path) -> str:
+    """One Ray namespace per agent, so names never clash between agents sharing a cluster."""
+    import hashlib
+
+    return "punchthrough-" + hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+
+
 def lean_env(token_path: Path | None) -> dict[str, str]:
     """Variables every process that talks to a private head must share."""
     env = {

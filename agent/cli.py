@@ -20,6 +20,7 @@ from typing import Any
 from agent import config
 from agent.common.paths import add_anywhere, add_state_dir, default_state_dir
 from agent.config import Config
+from agent.placement import PLACEMENTS
 from agent.wire.addr import AddressError, parse_port, split_host_port
 from agent.wire.ports import RELAY_PORT, RENDEZVOUS_PORT
 
@@ -177,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--direct-port", type=_port, default=None, help="accept direct connections (ID@HOST:PORT) on this TCP port"
     )
+    up.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default=None,
+        help="isolated: one Ray actor per component (default); grouped: three actors, for small machines",
+    )
     up.add_argument("--foreground", action="store_true", help="stay in the foreground (Ctrl-C stops the agent)")
     up.add_argument("--keep-config", action="store_true", help=argparse.SUPPRESS)
 
@@ -297,6 +304,17 @@ def _password(path: Path | None) -> str | None:
     return _read_secret(path, "--password-file")
 
 
+UP_FLAG_KEYS = {
+    "server": ("agent", "server"),
+    "server_key": ("agent", "server_key"),
+    "relay": ("agent", "relay"),
+    "path": ("agent", "path"),
+    "direct_port": ("agent", "direct_port"),
+    "placement": ("ray", "placement"),
+}
+"""`up` flags that set one config key each (None: not given, the config decides)."""
+
+
 def _effective_config(args: argparse.Namespace, state_dir: Path) -> Config:
     """The config `up` runs with and keeps: STATE_DIR/config.toml (the user's), then what --config sets,
     then the flags. A flag sets its value; --allow and --allow-target add to the lists (`punchthrough
@@ -306,12 +324,9 @@ def _effective_config(args: argparse.Namespace, state_dir: Path) -> Config:
 
     try:
         cfg = config.load(args.config, base=load_state_config(state_dir))
-        if args.server is not None:
-            cfg.agent.server = args.server
-        if args.server_key is not None:
-            cfg.agent.server_key = args.server_key
-        if args.relay is not None:
-            cfg.agent.relay = args.relay
+        for flag, (section, key) in UP_FLAG_KEYS.items():
+            if getattr(args, flag) is not None:
+                setattr(getattr(cfg, section), key, getattr(args, flag))
         for entry in args.allow or []:
             try:
                 cfg.access.allow = add_allow(cfg.access.allow, parse_peer_spec(entry))
@@ -320,10 +335,6 @@ def _effective_config(args: argparse.Namespace, state_dir: Path) -> Config:
         for target in args.allow_target or []:
             if target not in cfg.access.allow_targets:
                 cfg.access.allow_targets.append(target)
-        if args.path is not None:
-            cfg.agent.path = args.path
-        if args.direct_port is not None:
-            cfg.agent.direct_port = args.direct_port
         cfg.validate()
     except config.ConfigError as exc:
         raise CliError(str(exc)) from None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from agent.control.plan import POLICY_WORDS, Policy
+from agent.placement import PLACEMENTS
 from agent.wire.addr import AddressError, shown, split_host_port
 from agent.wire.peer_ids import parse_peer_spec
 from agent.wire.ports import RELAY_PORT, RENDEZVOUS_PORT
@@ -80,6 +81,9 @@ class EmbeddedSection:
 class RaySection:
     gcs_port: int = 0
     """Port of this agent's private Ray head; 0 picks a free one."""
+    placement: str = "isolated"
+    """isolated: one Ray actor per component, each restarted alone (the default); grouped: three actors
+    (control, data, servers) for small machines, about half the memory."""
 
 
 @dataclass
@@ -114,6 +118,10 @@ class Config:
         ):
             if not low <= port <= 0xFFFF:
                 raise ConfigError(f"{where} must be within {low}-65535, got {port}")
+        if self.ray.placement not in PLACEMENTS:
+            raise ConfigError(
+                f"ray.placement must be {' or '.join(PLACEMENTS)}, got {shown(self.ray.placement)}"
+            )
         timeout = self.agent.connect_timeout
         if not (math.isfinite(timeout) and timeout > 0):
             raise ConfigError(f"agent.connect_timeout must be a positive number of seconds, got {timeout}")

@@ -13,10 +13,11 @@ import json
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nacl.signing import SigningKey
 
-from agent.common.files import write_private
+from agent.common.files import read_json_state, write_private
 from agent.common.keyfile import KeyFileError, load_or_create_signing_key
 from agent.wire.peer_ids import derive_id, fingerprint
 
@@ -24,12 +25,6 @@ KEY_FILE = "id_ed25519"
 IDENTITY_FILE = "identity.json"
 MAX_SALT = 2**32 - 1
 """derive_id hashes the salt as 4 bytes."""
-
-
-def _short(exc: BaseException) -> str:
-    """An exception as it goes into a one-line message (json errors can quote the file's text)."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 120 else text[:120] + "..."
 
 
 @dataclass
@@ -52,28 +47,24 @@ def load_or_create(state_dir: Path) -> Identity:
     """Read the identity from `state_dir`, creating key and ID on first run."""
     key = load_or_create_signing_key(state_dir / KEY_FILE)
     path = state_dir / IDENTITY_FILE
-    try:
-        raw = json.loads(path.read_text())
+
+    def parse(raw: Any) -> tuple[int, bytes]:
         salt = int(raw["salt"])
         if not 0 <= salt <= MAX_SALT:
             raise ValueError(f"salt {salt} out of range")
         uuid = bytes.fromhex(raw["uuid"])
         if raw["id"] != derive_id(bytes(key.verify_key), salt) or len(uuid) != 16:
             raise KeyFileError(f"{path}: does not belong to the key in {state_dir / KEY_FILE}")
-    except FileNotFoundError:
-        salt, uuid = 0, secrets.token_bytes(16)
+        return salt, uuid
+
+    found = read_json_state(path, "identity", parse, KeyFileError, passthrough=(KeyFileError,))
+    if found is None:
+        found = 0, secrets.token_bytes(16)
         try:
-            save(state_dir, Identity(key, derive_id(bytes(key.verify_key), salt), uuid, salt))
+            save(state_dir, Identity(key, derive_id(bytes(key.verify_key), 0), found[1], 0))
         except OSError as exc:
             raise KeyFileError(f"{path}: cannot write identity ({exc.strerror or exc})") from None
-    except KeyFileError:
-        raise
-    except OSError as exc:  # a directory, no permission
-        raise KeyFileError(f"{path}: cannot read identity ({exc.strerror or exc})") from None
-    except RecursionError:
-        raise KeyFileError(f"{path}: unreadable identity (nested too deeply)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise KeyFileError(f"{path}: unreadable identity ({_short(exc)})") from None
+    salt, uuid = found
     return Identity(key, derive_id(bytes(key.verify_key), salt), uuid, salt)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from typing import Any
 
 import psutil
 
+from agent import placement
 from agent.common import ctlproto
 from agent.common.files import private_append, private_dir
 from agent.config import Config
@@ -223,7 +225,7 @@ def up_report(state_dir: Path, status: dict[str, Any], pid: int, udp_blocked: st
 def supervise(state_dir: Path, announce: bool = False, udp_blocked: str = "") -> int:
     """The foreground agent: private Ray head + actors, until SIGTERM/SIGINT. With `announce` (a user's
     `up --foreground`) it says, as `up` does, when the agent is registered, or why it cannot be and stops."""
-    from actors.ray_runtime import start_private_head
+    from actors.ray_runtime import namespace_for, start_private_head
 
     (state_dir / PID_FILE).write_text(f"{os.getpid()} up\n")
     shutil.rmtree(runtime_dir(state_dir) / "boots", ignore_errors=True)
@@ -237,22 +239,18 @@ def supervise(state_dir: Path, announce: bool = False, udp_blocked: str = "") ->
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     head = start_private_head()
-    head.apply_env()  # before Ray is imported here: it reads some of these at import time
-    import ray
-
-    from actors.agent_actors import ComponentActor, namespace_for
-
     try:
         ns = namespace_for(state_dir)
-        head.init_driver(ns)
-        # Ray's driver installs a C-level SIGTERM handler that dumps a stack trace into the log on every
-        # normal `down`: ours again, so a stop is a stop.
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        for kind in enabled_components(rt):
-            ComponentActor.options(  # type: ignore[attr-defined]
-                name=kind, namespace=ns, lifetime="detached", get_if_exists=True
-            ).remote(kind, str(state_dir), ns)
+        where = placement.layout(enabled_components(rt), rt.cfg.ray.placement)
+        bootstrap = subprocess.run(
+            [sys.executable, "-m", "actors.bootstrap", head.address, ns, str(state_dir), json.dumps(where)],
+            env={**os.environ, **head.env},
+            stdin=subprocess.DEVNULL,
+            timeout=180,
+        )
+        if bootstrap.returncode != 0:
+            print(f"could not start the agent's actors (bootstrap exited with {bootstrap.returncode})", flush=True)
+            return 1
         print(f"agent {rt.identity.peer_id} supervising Ray head {head.address} (pid {head.pid})", flush=True)
         if announce:
 
@@ -275,8 +273,6 @@ def supervise(state_dir: Path, announce: bool = False, udp_blocked: str = "") ->
                 return 1
         return 1 if failed else 0
     finally:
-        with contextlib.suppress(Exception):
-            ray.shutdown()
         head.stop()
         for path in (state_dir / PID_FILE, control_socket(state_dir)):
             with contextlib.suppress(FileNotFoundError):

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,14 +290,80 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
     return comp
 
 
-class _LateRef:
-    """A LocalRef to a component built later (the registrar needs the coordinator and vice versa)."""
+class NotRunning(LookupError):
+    """A call to a component this agent does not run (a strategy that runs nowhere here, say)."""
 
-    def __init__(self, agent: LocalAgent, kind: str) -> None:
-        self.agent, self.kind = agent, kind
+
+class ComponentHost:
+    """Some of the agent's components in one event loop: a Ray actor's (actors.agent_actors.HostActor),
+    or all of them for LocalAgent. Calls between the components it carries are plain awaits; `remote`
+    reaches the others. A call waits until its component is built, so the start order only matters
+    for what a component does while it starts."""
+
+    def __init__(self, kinds: list[str], remote: Callable[[str], Ref] | None = None) -> None:
+        self.kinds = kinds
+        self.components: dict[str, Any] = {}
+        self._remote = remote
+        self._built: dict[str, asyncio.Future[Any]] = {}
+
+    def ref(self, kind: str) -> Ref:
+        if kind in self.kinds:
+            return _HostedRef(self, kind)
+        if self._remote is None:
+            return _Absent(kind)
+        return self._remote(kind)
+
+    async def start(self, rt: Runtime) -> None:
+        loop = asyncio.get_running_loop()
+        for kind in self.kinds:
+            self._built.setdefault(kind, loop.create_future())
+        refs = {kind: self.ref(kind) for kind in components()}
+        for kind in self.kinds:
+            try:
+                comp = await build_component(kind, rt, refs)
+            except BaseException as exc:  # callers waiting for this or a later component hear why
+                for future in self._built.values():
+                    if not future.done():
+                        future.set_exception(NotRunning(f"component {kind!r} failed to start: {exc!r}"))
+                        future.exception()  # retrieved: no "never retrieved" noise when nobody was waiting
+                raise
+            self.components[kind] = comp
+            self._built[kind].set_result(comp)
+
+    async def component(self, kind: str) -> Any:
+        if kind not in self.kinds:
+            raise NotRunning(f"component {kind!r} does not run here")
+        if kind not in self._built:
+            self._built[kind] = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(self._built[kind])
+
+    async def call(self, kind: str, method: str, *args: Any) -> Any:
+        if method.startswith("_"):
+            raise AttributeError(f"{method} is private")
+        return await LocalRef(await self.component(kind)).call(method, *args)
+
+    async def close(self) -> None:
+        for kind in reversed(self.kinds):
+            comp = self.components.pop(kind, None)
+            if comp is not None and hasattr(comp, "close"):
+                with contextlib.suppress(Exception):
+                    await comp.close()
+
+
+class _HostedRef:
+    def __init__(self, host: ComponentHost, kind: str) -> None:
+        self.host, self.kind = host, kind
 
     async def call(self, method: str, *args: Any) -> Any:
-        return await LocalRef(self.agent.components[self.kind]).call(method, *args)
+        return await self.host.call(self.kind, method, *args)
+
+
+class _Absent:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    async def call(self, method: str, *args: Any) -> Any:
+        raise NotRunning(f"component {self.kind!r} does not run in this agent")
 
 
 class LocalAgent:
@@ -304,24 +371,23 @@ class LocalAgent:
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        self.components: dict[str, Any] = {}
+        self.host = ComponentHost([])
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return self.host.components
 
     async def start(self) -> LocalAgent:
         rt = load_runtime(self.state_dir)
-        refs: dict[str, Ref] = {kind: _LateRef(self, kind) for kind in components()}
-        for kind in enabled_components(rt):
-            self.components[kind] = await build_component(kind, rt, refs)
+        self.host.kinds = enabled_components(rt)
+        await self.host.start(rt)
         coordinator = self.components["coordinator"]
-        for kind in ("coordinator", *self.components):
-            coordinator.register_actor(kind, os.getpid())
+        for kind in self.host.kinds:
+            coordinator.register_actor(kind, os.getpid(), actor="local")
         return self
 
     async def close(self) -> None:
-        for kind in reversed(components()):
-            comp = self.components.pop(kind, None)
-            if comp is not None and hasattr(comp, "close"):
-                with contextlib.suppress(Exception):
-                    await comp.close()
+        await self.host.close()
 
 
 def write_config(state_dir: Path, cfg: Config) -> None:

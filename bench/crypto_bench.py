@@ -31,7 +31,7 @@ from nacl.bindings import (
 from nacl.signing import SigningKey
 
 from agent.wire.frames import FrameDecoder, encode_frame, encode_header
-from agent.wire.handshake import Initiator, Policy, Responder
+from agent.wire.handshake import Initiator, Policy, Responder, exchange
 from agent.wire.secure_channel import SecureChannel, nonce_for
 
 
@@ -91,12 +91,7 @@ def _handshake() -> None:
     policy = Policy(pinned_keys={"1111111111": bytes(a_key.verify_key)}, allowed_targets=frozenset({"127.0.0.1:22"}))
     a = Initiator("1111111111", a_key, "2222222222", bytes(b_key.verify_key), target="127.0.0.1:22")
     b = Responder("2222222222", b_key, policy)
-    a.start()
-    (signed_id,) = b.start()
-    public_key, auth = a.receive(signed_id)
-    b.receive(public_key)
-    (reply,) = b.receive(auth)
-    a.receive(reply)
+    exchange(a, b)
     assert a.done and b.done
 
 

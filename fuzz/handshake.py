@@ -53,7 +53,7 @@ with instrumented():
         Responder,
         TrustedBy,
         auth_signed_bytes,
-        direction_keys,
+        exchange,
         password_key,
         password_proof,
         transcript_hash,
@@ -112,17 +112,10 @@ class Ref:
     """One real run for a policy: its messages, the direction keys and the sealed plaintexts."""
 
     def __init__(self, variant: int) -> None:
-        a, b = make_a(variant), make_b(variant)
-        a.start()
-        (self.m0,) = b.start()
-        self.m1, self.m2 = a.receive(self.m0)
-        b.receive(self.m1)
-        try:
-            (self.m3,) = b.receive(self.m2)
-        except HandshakeError as exc:  # variant 3: B refuses, and says so sealed
-            (self.m3,) = exc.reply
+        run = exchange(make_a(variant), make_b(variant))  # variant 3: B refuses, and says so sealed
+        self.m0, self.m1, self.m2, self.m3 = run.signed_id, run.public_key, run.auth, run.reply
         self.inner = pb.Message.FromString(self.m0).signed_id.id[64:]
-        self.a_to_b, self.b_to_a = direction_keys(SESSION, transcript_hash(self.m0, self.m1))
+        self.a_to_b, self.b_to_a = run.keys(SESSION)
         self.transcript = transcript_hash(self.m0, self.m1)
         self.auth_plain = SecureChannel(bytes(32), self.a_to_b).open(self.m2)
         self.result_plain = SecureChannel(bytes(32), self.b_to_a).open(self.m3)

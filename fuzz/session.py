@@ -23,7 +23,7 @@ with instrumented():
 
     from agent.session.stream import HANDSHAKE_MAX_FRAME, MAX_SESSION_FRAME, SessionError, StreamCodec
     from agent.wire.frames import FrameDecoder, encode_frame
-    from agent.wire.handshake import Initiator, Policy, Responder, direction_keys, transcript_hash
+    from agent.wire.handshake import Initiator, Policy, Responder, exchange
     from agent.wire.secure_channel import SecureChannel
 
 A_ID, B_ID, TARGET = "987654321", "123456789", "127.0.0.1:22"
@@ -49,14 +49,9 @@ def _handshake() -> tuple[bytes, bytes, int]:
         Policy(pinned_keys={A_ID: bytes(A_SIGN.verify_key)}, allowed_targets=frozenset({TARGET})),
         ephemeral_key=PrivateKey(bytes(range(4, 36))),
     )
-    a.start()
-    (m0,) = b.start()
-    m1, m2 = a.receive(m0)
-    b.receive(m1)
-    (m3,) = b.receive(m2)
-    a.receive(m3)
-    assert a.done and b.done
-    a_to_b, b_to_a = direction_keys(SESSION_KEY, transcript_hash(m0, m1))
+    run = exchange(a, b)
+    assert a.done and b.done and run.refused is None
+    a_to_b, b_to_a = run.keys(SESSION_KEY)
     n = a.channel.send_counter
     assert n == a.channel.recv_counter == b.channel.send_counter == b.channel.recv_counter
     probe = SecureChannel(a_to_b, b_to_a, send_counter=n, recv_counter=n)

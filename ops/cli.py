@@ -125,9 +125,11 @@ def render_peer_table(peers: list[dict[str, Any]]) -> str:
 
 
 def render_actors(st: dict[str, Any]) -> str:
+    """One row per component; in the grouped placement several share an actor (and its pid)."""
     rows = [
         [
             a["name"],
+            a.get("actor", a["name"]),
             a.get("pid", "-"),
             a.get("state", "-"),
             a.get("restarts", 0),
@@ -136,7 +138,9 @@ def render_actors(st: dict[str, Any]) -> str:
         ]
         for a in st.get("actors", [])
     ]
-    return table(["ACTOR", "PID", "STATE", "RESTARTS", "CPU", "RSS"], rows)
+    actors = {a.get("actor", a["name"]) for a in st.get("actors", [])}
+    head = f"placement: {st.get('placement', '?')}, {len(actors)} actor{'s' if len(actors) != 1 else ''}\n"
+    return head + table(["COMPONENT", "ACTOR", "PID", "STATE", "RESTARTS", "CPU", "RSS"], rows)
 
 
 def render_sessions(st: dict[str, Any]) -> str:

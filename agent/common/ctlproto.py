@@ -21,6 +21,8 @@ from typing import Any
 
 import msgpack
 
+from agent.common.tasks import TaskSet
+
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 4
 _HEAD = struct.Struct(">I")
@@ -231,7 +233,7 @@ class ControlServer:
         self.errors = 0
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
-        self._conns: set[asyncio.Task[None]] = set()
+        self._conns = TaskSet()
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,9 +256,7 @@ class ControlServer:
         while True:
             conn, _ = await loop.sock_accept(self._sock)
             conn.setblocking(False)
-            task = loop.create_task(self._serve(conn))
-            self._conns.add(task)
-            task.add_done_callback(self._conns.discard)
+            self._conns.spawn(self._serve(conn))
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
@@ -283,8 +283,7 @@ class ControlServer:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
-        for task in list(self._conns):
-            task.cancel()
+        await self._conns.close()
         if self._sock:
             self._sock.close()
         with contextlib.suppress(FileNotFoundError):

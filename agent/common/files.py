@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -39,3 +44,34 @@ def private_append(path: Path) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.fchmod(fd, 0o600)
     return fd
+
+
+def one_line(exc: BaseException, limit: int = 120) -> str:
+    """An exception as it goes into a one-line message (json errors can quote the file's text)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_json_state(
+    path: Path,
+    what: str,
+    parse: Callable[[Any], T],
+    error: type[Exception] = ValueError,
+    hint: str = "",
+    passthrough: tuple[type[Exception], ...] = (),
+) -> T | None:
+    """`parse` of the JSON in `path`, or None when there is no such file. Anything else that goes wrong
+    (a directory, no permission, not JSON, the wrong shape, nested too deeply) becomes `error` with one
+    line naming the file and `what` it holds, then `hint`; `passthrough` errors of `parse` stay as they are."""
+    try:
+        return parse(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except passthrough:
+        raise
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise error(f"{path}: unreadable {what} (nested too deeply){hint}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise error(f"{path}: unreadable {what} ({one_line(exc)}){hint}") from None

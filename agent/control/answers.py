@@ -26,7 +26,7 @@ from agent.control.plan import LAN_BUDGET, PUNCH_BUDGET, Policy
 from agent.control.race import VERSION, Attempt, SessionPlan, ms_since
 from agent.identity import Identity
 from agent.refs import Ref
-from agent.rendezvous.requests import RendezvousError, send_relay_response
+from agent.rendezvous.requests import RendezvousError, Reply, send_relay_response
 from agent.session.states import Outcome
 from agent.strategies.base import Answer, Result
 from agent.strategies.ipv6 import Ipv6Dial, Ipv6Remote
@@ -129,14 +129,7 @@ class PushAnswers:
         self.ctx.spawn(
             _quietly(
                 send_relay_response(
-                    self.ctx.server_addr,
-                    bytes(msg.socket_addr),
-                    self.ctx.identity.peer_id,
-                    "",
-                    "",
-                    VERSION,
-                    refuse_reason=text,
-                    answer_token=bytes(msg.answer_token),
+                    self.ctx.server_addr, Reply.to(msg, self.ctx.identity.peer_id, "", VERSION), "", refuse_reason=text
                 )
             )
         )
@@ -201,15 +194,8 @@ class PushAnswers:
         started = time.monotonic()
         ctx = self.ctx
         try:
-            await send_relay_response(
-                ctx.server_addr,
-                bytes(msg.socket_addr),
-                ctx.identity.peer_id,
-                msg.uuid,
-                msg.relay_server,
-                VERSION,
-                answer_token=bytes(msg.answer_token),
-            )
+            reply = Reply.to(msg, ctx.identity.peer_id, msg.relay_server, VERSION)
+            await send_relay_response(ctx.server_addr, reply, msg.uuid)
         except RendezvousError as exc:
             self._note(plan, "relay", Result.failed(str(exc)), started)
             return

@@ -60,6 +60,8 @@ class ActorInfo:
     pid: int
     registered: float
     restarts: int = 0
+    actor: str = ""
+    """The Ray actor (or "local") that carries this component: itself, or its group when grouped."""
     proc: psutil.Process | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -75,6 +77,7 @@ class ActorInfo:
             pass
         return {
             "name": self.name,
+            "actor": self.actor or self.name,
             "pid": self.pid,
             "state": state,
             "restarts": self.restarts,
@@ -140,15 +143,16 @@ class Coordinator:
 
     # ---- actors -------------------------------------------------------------------------
 
-    def register_actor(self, name: str, pid: int, restarts: int | None = None) -> None:
-        """Called by every actor when it (re)starts; a new pid for a known name is a restart."""
+    def register_actor(self, name: str, pid: int, restarts: int | None = None, actor: str = "") -> None:
+        """Called by every actor for each component it carries when it (re)starts; a new pid for a known
+        component is a restart."""
         info = self.actors.get(name)
         if info is None:
-            self.actors[name] = ActorInfo(name, pid, time.time(), restarts or 0)
+            self.actors[name] = ActorInfo(name, pid, time.time(), restarts or 0, actor)
         elif info.pid != pid:
-            info.pid, info.registered, info.proc = pid, time.time(), None
+            info.pid, info.registered, info.proc, info.actor = pid, time.time(), None, actor or info.actor
             info.restarts = restarts if restarts is not None else info.restarts + 1
-        log.info("actor %s is up (pid %d)", name, pid)
+        log.info("component %s is up (actor %s, pid %d)", name, actor or name, pid)
 
     # ---- control socket -----------------------------------------------------------------
 
@@ -162,7 +166,11 @@ class Coordinator:
         if op == "status":
             return await self.status()
         if op == "actors":
-            return {"ok": True, "actors": [a.as_dict() for a in self.actors.values()]}
+            return {
+                "ok": True,
+                "placement": self.cfg.ray.placement,
+                "actors": [a.as_dict() for a in self.actors.values()],
+            }
         if op == "sessions":
             return await self.sessions()
         if op == "netcheck":

@@ -11,7 +11,7 @@ import base64
 import json
 from pathlib import Path
 
-from agent.common.files import write_private
+from agent.common.files import read_json_state, write_private
 from agent.wire.peer_ids import fingerprint
 
 PINS_FILE = "known_peers.json"
@@ -33,11 +33,6 @@ def _key(value: object) -> bytes:
     return key
 
 
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 120 else text[:120] + "..."
-
-
 class KeyPins:
     """name -> key, in one JSON file of the state dir."""
 
@@ -45,18 +40,10 @@ class KeyPins:
 
     def __init__(self, state_dir: Path, filename: str) -> None:
         self.path = state_dir / filename
-        self._pins: dict[str, bytes] = {}
-        try:
-            raw = json.loads(self.path.read_text())
-            self._pins = {str(k): _key(v) for k, v in raw.items()}
-        except FileNotFoundError:
-            pass
-        except OSError as exc:  # a directory, no permission
-            raise ValueError(f"{self.path}: cannot read pins ({exc.strerror or exc})") from None
-        except RecursionError:
-            raise ValueError(f"{self.path}: unreadable pins (nested too deeply); fix or remove it") from None
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{self.path}: unreadable pins ({_short(exc)}); fix or remove it") from None
+        pins = read_json_state(
+            self.path, "pins", lambda raw: {str(k): _key(v) for k, v in raw.items()}, hint="; fix or remove it"
+        )
+        self._pins: dict[str, bytes] = pins or {}
 
     def get(self, name: str) -> bytes | None:
         return self._pins.get(name)

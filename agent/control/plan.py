@@ -115,6 +115,26 @@ RELAY_BUDGET = 10.0
 DIRECT_BUDGET = 5.0
 
 
+def _missing_udp_mapping(sit: Situation) -> str:
+    if sit.our_udp and sit.peer_udp:
+        return ""
+    side = "either side" if not (sit.our_udp or sit.peer_udp) else "our side" if not sit.our_udp else "the peer's side"
+    return f"no UDP mapping on {side}"
+
+
+def _why_not_punch(sit: Situation, enabled: bool, missing: str) -> str:
+    """Why a hole punch (TCP or UDP) is not tried, in the order a user should hear it; "" to try it."""
+    if not enabled:
+        return "disabled by policy"
+    if sit.our_nat == pb.SYMMETRIC and sit.peer_nat == pb.SYMMETRIC:
+        return "both sides map per destination (symmetric)"
+    if missing:
+        return missing
+    if sit.same_lan:
+        return "same LAN: direct LAN connection instead"
+    return ""
+
+
 def make_plan(sit: Situation, policy: Policy = Policy()) -> Plan:
     steps: list[Step] = []
     skipped: list[tuple[Strategy, str]] = []
@@ -127,7 +147,6 @@ def make_plan(sit: Situation, policy: Policy = Policy()) -> Plan:
         skipped += [(s, why) for s in (Strategy.LAN, Strategy.IPV6, Strategy.TCP_PUNCH, Strategy.UDP_PUNCH)]
         return Plan((Step(Strategy.RELAY, 0.0, RELAY_BUDGET),), tuple(skipped))
 
-    both_symmetric = sit.our_nat == pb.SYMMETRIC and sit.peer_nat == pb.SYMMETRIC
     if sit.same_lan:
         steps.append(Step(Strategy.LAN, 0.0, LAN_BUDGET))
     else:
@@ -138,38 +157,17 @@ def make_plan(sit: Situation, policy: Policy = Policy()) -> Plan:
         steps.append(Step(Strategy.IPV6, 0.0, PUNCH_BUDGET))
     else:
         skipped.append((Strategy.IPV6, "no global IPv6 on both sides"))
-    if not policy.tcp_punch:
-        skipped.append((Strategy.TCP_PUNCH, "disabled by policy"))
-    elif both_symmetric:
-        skipped.append((Strategy.TCP_PUNCH, "both sides map per destination (symmetric)"))
-    elif not sit.same_lan:
-        steps.append(Step(Strategy.TCP_PUNCH, 0.0, PUNCH_BUDGET))
-    else:
-        skipped.append((Strategy.TCP_PUNCH, "same LAN: direct LAN connection instead"))
-    if not policy.udp:
-        skipped.append((Strategy.UDP_PUNCH, "disabled by policy"))
-    elif both_symmetric:
-        skipped.append((Strategy.UDP_PUNCH, "both sides map per destination (symmetric)"))
-    elif not (sit.our_udp and sit.peer_udp):
-        skipped.append(
-            (
-                Strategy.UDP_PUNCH,
-                "no UDP mapping on "
-                + (
-                    "either side"
-                    if not (sit.our_udp or sit.peer_udp)
-                    else "our side"
-                    if not sit.our_udp
-                    else "the peer's side"
-                ),
-            )
-        )
-    elif not sit.same_lan:
-        # A symmetric side facing an endpoint-independent one can still meet it through the
-        # peer-reflexive address (RustDesk gives up here).
-        steps.append(Step(Strategy.UDP_PUNCH, 0.0, PUNCH_BUDGET))
-    else:
-        skipped.append((Strategy.UDP_PUNCH, "same LAN: direct LAN connection instead"))
+    for strategy, enabled, missing in (
+        (Strategy.TCP_PUNCH, policy.tcp_punch, ""),
+        (Strategy.UDP_PUNCH, policy.udp, _missing_udp_mapping(sit)),
+    ):
+        why = _why_not_punch(sit, enabled, missing)
+        if why:
+            skipped.append((strategy, why))
+        else:
+            # (UDP: a symmetric side facing an endpoint-independent one can still meet it through the
+            # peer-reflexive address; RustDesk gives up here.)
+            steps.append(Step(strategy, 0.0, PUNCH_BUDGET))
     if policy.mode is Mode.DIRECT_ONLY:
         skipped.append((Strategy.RELAY, "direct-only policy"))
     else:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from nacl.signing import SigningKey
 
+from agent.common.tasks import TaskSet
 from agent.nat.watch import observe_view
 from agent.nat.watch_core import NetView, NetWatchCore, NetworkChanged
 from agent.rendezvous.registrar_core import (
@@ -147,7 +148,7 @@ class Registrar:
         self._family = int(socket.AF_INET)
         self._server_addr: Any = None
         self._loop_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(on_error=self._callback_failed)
         self._closed = False
 
     # ------------------------------------------------------------------ life cycle
@@ -189,12 +190,11 @@ class Registrar:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await self._loop_task
+        await self._tasks.close()
         if self._transport is not None:
             self._transport.close()
         self.registered.clear()
@@ -250,7 +250,7 @@ class Registrar:
         change = self.netwatch.observe(view, time.monotonic())
         if change is not None:
             log.warning("network changed: %s; re-binding and re-registering", change.reason)
-            self._spawn(self._network_changed(change))
+            self._tasks.spawn(self._network_changed(change))
 
     async def _network_changed(self, change: NetworkChanged) -> None:
         """Re-bind (a local change) and re-register at once, then let the agent react (NAT re-measure).
@@ -330,10 +330,10 @@ class Registrar:
             elif isinstance(event, KeyRequested):
                 change = self.netwatch.server_asked_for_key(time.monotonic())
                 log.info("network: %s", change.reason)
-                self._spawn(self._network_changed(change))
+                self._tasks.spawn(self._network_changed(change))
             elif isinstance(event, IdTaken):
                 log.warning("ID %s belongs to another key at %s:%s", event.peer_id, *self.server)
-                self._spawn(self._change_id())
+                self._tasks.spawn(self._change_id())
             elif isinstance(event, ServerKeyLearned):
                 log.warning(
                     "trusting rendezvous server %s:%s on first contact: key %s (pinned from now on)",
@@ -361,18 +361,11 @@ class Registrar:
             log.exception("on_push failed for %s", push.kind)
             return
         if inspect.isawaitable(result):
-            self._spawn(result)
+            self._tasks.spawn(result)
 
-    def _spawn(self, aw: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(aw)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.push_errors += 1
-            log.error("registrar callback failed: %s", task.exception())
+    def _callback_failed(self, exc: BaseException) -> None:
+        self.push_errors += 1
+        log.error("registrar callback failed: %s", exc)
 
     async def _change_id(self) -> None:
         core = self.core

@@ -21,7 +21,7 @@ import contextlib
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -348,115 +348,91 @@ async def request_relay(
 # --------------------------------------------------------------------------- B: answers
 
 
+@dataclass(frozen=True)
+class Reply:
+    """What each of B's answers carries whatever it says: `socket_addr` and `answer_token` copied from
+    the push it answers (they name A's parked request and prove the answer is B's), B's ID, the relay,
+    B's version, and B's IPv6 address when it offers one."""
+
+    socket_addr: bytes
+    peer_id: str
+    relay_server: str
+    version: str
+    answer_token: bytes = b""
+    socket_addr_v6: bytes = b""
+
+    @classmethod
+    def to(cls, push: Any, peer_id: str, relay_server: str, version: str, socket_addr_v6: bytes = b"") -> Reply:
+        return cls(bytes(push.socket_addr), peer_id, relay_server, version, bytes(push.answer_token), socket_addr_v6)
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "socket_addr": self.socket_addr,
+            "id": self.peer_id,
+            "relay_server": self.relay_server,
+            "version": self.version,
+            "answer_token": self.answer_token,
+            "socket_addr_v6": self.socket_addr_v6,
+        }
+
+
 async def send_relay_response(
-    server: tuple[str, int],
-    socket_addr: bytes,
-    peer_id: str,
-    uuid: str,
-    relay_server: str,
-    version: str,
-    *,
-    socket_addr_v6: bytes = b"",
-    refuse_reason: str = "",
-    timeout: float = 3.0,
-    answer_token: bytes = b"",
+    server: tuple[str, int], reply: Reply, uuid: str, *, refuse_reason: str = "", timeout: float = 3.0
 ) -> None:
-    """B's answer to a RequestRelay push: RelayResponse on a fresh connection, then close.
-
-    `socket_addr` and `answer_token` are copied from the push (they name A's parked request
-    and prove the answer is ours); `refuse_reason` turns A away.
-    """
-    resp = pb.RelayResponse(
-        socket_addr=socket_addr,
-        uuid=uuid,
-        relay_server=relay_server,
-        id=peer_id,
-        refuse_reason=refuse_reason,
-        version=version,
-        socket_addr_v6=socket_addr_v6,
-        answer_token=answer_token,
-    )
-    await _send_one(server, messages.build(relay_response=resp), timeout, None)
-
-
-async def _send_one(server: tuple[str, int], payload: bytes, timeout: float, bind: tuple[str, int] | None) -> SockAddr:
-    """Send one message on a fresh (reusable-port) connection, close it, return its local address."""
-    sock = await open_tcp(server, timeout, bind=bind, reuse=True)
-    conn = _Conn(sock, server)
-    try:
-        local = conn.local_address()
-        await asyncio.wait_for(conn.send(payload), timeout)
-    except TimeoutError:
-        raise RendezvousError(f"rendezvous server {conn.where}: send timed out after {timeout:g} s") from None
-    finally:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-        conn.close()
-    return local
+    """B's answer to a RequestRelay push: RelayResponse on a fresh connection, then close;
+    `refuse_reason` turns A away."""
+    resp = pb.RelayResponse(uuid=uuid, refuse_reason=refuse_reason, **reply.fields())
+    await _send_one(server, lambda _local: messages.build(relay_response=resp), timeout, None)
 
 
 async def send_punch_hole_sent(
     server: tuple[str, int],
-    socket_addr: bytes,
-    peer_id: str,
-    relay_server: str,
+    reply: Reply,
     nat_type: int,
-    version: str,
     *,
-    socket_addr_v6: bytes = b"",
     bind: tuple[str, int] | None = None,
     timeout: float = 3.0,
-    answer_token: bytes = b"",
 ) -> SockAddr:
     """B's answer to a PunchHole push: the server hands A the source address of this connection.
 
     Returns that local address: B listens on it (SO_REUSEADDR/SO_REUSEPORT) for A's
     connection, as RustDesk does (section 6.5, TCP path).
     """
-    msg = pb.PunchHoleSent(
-        socket_addr=socket_addr,
-        id=peer_id,
-        relay_server=relay_server,
-        nat_type=nat_type,  # type: ignore[arg-type]
-        version=version,
-        socket_addr_v6=socket_addr_v6,
-        answer_token=answer_token,
-    )
-    return await _send_one(server, messages.build(punch_hole_sent=msg), timeout, bind)
+    msg = pb.PunchHoleSent(nat_type=nat_type, **reply.fields())  # type: ignore[arg-type]
+    return await _send_one(server, lambda _local: messages.build(punch_hole_sent=msg), timeout, bind)
 
 
 async def send_local_addr(
     server: tuple[str, int],
-    socket_addr: bytes,
-    peer_id: str,
-    relay_server: str,
-    version: str,
+    reply: Reply,
     *,
     local_addr: bytes | None = None,
-    socket_addr_v6: bytes = b"",
     bind: tuple[str, int] | None = None,
     timeout: float = 3.0,
-    answer_token: bytes = b"",
 ) -> SockAddr:
     """B's answer to a FetchLocalAddr push (same LAN): A is told to dial `local_addr`.
 
     Without `local_addr` the connection's own local address (its LAN address) is
     sent, as RustDesk does. Returns the local address (B listens on it).
     """
+
+    def build(local: SockAddr) -> bytes:
+        addr = local_addr if local_addr is not None else mangle(local, int(time.time() * 1_000_000))
+        return messages.build(local_addr=pb.LocalAddr(local_addr=addr, **reply.fields()))
+
+    return await _send_one(server, build, timeout, bind)
+
+
+async def _send_one(
+    server: tuple[str, int], build: Callable[[SockAddr], bytes], timeout: float, bind: tuple[str, int] | None
+) -> SockAddr:
+    """Send one message (built knowing the connection's local address) on a fresh reusable-port
+    connection, close it, return its local address."""
     sock = await open_tcp(server, timeout, bind=bind, reuse=True)
     conn = _Conn(sock, server)
     try:
         local = conn.local_address()
-        msg = pb.LocalAddr(
-            socket_addr=socket_addr,
-            local_addr=local_addr if local_addr is not None else mangle(local, int(time.time() * 1_000_000)),
-            relay_server=relay_server,
-            id=peer_id,
-            version=version,
-            socket_addr_v6=socket_addr_v6,
-            answer_token=answer_token,
-        )
-        await asyncio.wait_for(conn.send(messages.build(local_addr=msg)), timeout)
+        await asyncio.wait_for(conn.send(build(local)), timeout)
     except TimeoutError:
         raise RendezvousError(f"rendezvous server {conn.where}: send timed out after {timeout:g} s") from None
     finally:

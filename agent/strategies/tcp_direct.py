@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.common.netutil import describe_error
-from agent.rendezvous.requests import RendezvousError, send_local_addr, send_punch_hole_sent
+from agent.rendezvous.requests import RendezvousError, Reply, send_local_addr, send_punch_hole_sent
 from agent.strategies.base import CANCELLED, Answer, Remote, Result
 from agent.strategies.handover import handover
 from agent.strategies.tcp_connect import RETRY_GAP, first_connected, keep_connecting, reuse_socket
@@ -127,27 +127,11 @@ class TcpDirectStrategy(Tracked):
                 # a listener's SYN-ACK here, since it answers with another initial sequence number.
                 tasks.append(asyncio.ensure_future(keep_connecting((any_ip, port), peer.as_tuple(), family, budget)))
                 await asyncio.sleep(0)
-                await send_punch_hole_sent(
-                    self.server,
-                    bytes(push.socket_addr),
-                    req.my_id,
-                    req.relay,
-                    req.nat_type,
-                    self.version,
-                    bind=(any_ip, port),
-                    socket_addr_v6=req.socket_addr_v6,
-                    answer_token=bytes(push.answer_token),
-                )
+                reply = Reply.to(push, req.my_id, req.relay, self.version, req.socket_addr_v6)
+                await send_punch_hole_sent(self.server, reply, req.nat_type, bind=(any_ip, port))
             else:
-                await send_local_addr(
-                    self.server,
-                    bytes(push.socket_addr),
-                    req.my_id,
-                    req.relay,
-                    self.version,
-                    bind=(any_ip, port),
-                    answer_token=bytes(push.answer_token),
-                )
+                reply = Reply.to(push, req.my_id, req.relay, self.version)
+                await send_local_addr(self.server, reply, bind=(any_ip, port))
             conn = await first_connected(tasks, budget)
         except (OSError, TimeoutError, RendezvousError) as exc:
             self.failures += 1

@@ -32,6 +32,7 @@ from agent.proto import rendezvous_pb2 as pb
 from agent.runtime_paths import control_socket
 from agent.wire import messages
 from agent.wire.frames import FrameDecoder, encode_frame
+from tests import placement
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -86,8 +87,9 @@ def pt(
 
 
 class Lab:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, placement: str = "isolated") -> None:
         self.root = root
+        self.placement = placement
         self.port = free_triple()
         self.server = f"127.0.0.1:{self.port}"
         self.serve: subprocess.Popen[bytes] | None = None
@@ -116,7 +118,8 @@ class Lab:
 
     def up(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [*PT, "--state-dir", str(self.dirs[name]), "up", "--server", self.server, "--server-key", self.key, *extra],
+            [*PT, "--state-dir", str(self.dirs[name]), "up", "--server", self.server, "--server-key", self.key,
+             *placement.flags(self.placement), *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -134,9 +137,9 @@ def send_all_then_eof(sock: socket.socket, data: bytes) -> None:
     sock.shutdown(socket.SHUT_WR)
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab(tmp_path_factory.mktemp("e2e"))
+@pytest.fixture(scope="module", params=placement.for_module("isolated", "grouped"))
+def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lab]:
+    lab = Lab(tmp_path_factory.mktemp("e2e"), request.param)
     lab.start_server()
     for name, state in lab.dirs.items():
         out = pt(state, "id", "--json")
@@ -153,7 +156,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         for p in procs:
             _out, err = p.communicate(timeout=180)
             assert p.returncode == 0, err.decode()
-        print(f"\n3 agents up and registered in {time.monotonic() - started:.1f}s")
+        print(f"\n3 agents up and registered ({lab.placement}) in {time.monotonic() - started:.1f}s")
         yield lab
     finally:
         for state in lab.dirs.values():
@@ -273,20 +276,24 @@ def _pipe_works(lab: Lab, deadline: float) -> float:
 
 @pytest.mark.parametrize("side", ["a", "b"])
 def test_sigkill_each_actor(lab: Lab, side: str) -> None:
-    actors = {a["name"]: a for a in lab.ops(side, "actors")["actors"]}
-    assert set(actors) >= {"coordinator", "registrar", "nat_probe", "relay", "sessions"}
-    for name, info in actors.items():
-        os.kill(info["pid"], signal.SIGKILL)
+    """Every actor in turn (each component alone when isolated, each group when grouped): the agent
+    serves again, and every component the actor carried shows the new pid and one more restart."""
+    rows = lab.ops(side, "actors")["actors"]
+    assert {r["name"] for r in rows} >= {"coordinator", "registrar", "nat_probe", "relay", "sessions"}
+    before = {r["name"]: r for r in rows}
+    for actor, pid, kinds in placement.kill_plan(rows, spare=set()):
+        os.kill(pid, signal.SIGKILL)
         took = _pipe_works(lab, 30)
-        print(f"\nagent {side}: {name} killed, serving again after {took:.2f}s")
+        print(f"\nagent {side}: actor {actor} ({', '.join(kinds)}) killed, serving again after {took:.2f}s")
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             now = {a["name"]: a for a in lab.ops(side, "actors")["actors"]}
-            if now[name]["pid"] != info["pid"] and now[name]["state"] == "alive":
+            if all(now[k]["pid"] != pid and now[k]["state"] == "alive" for k in kinds):
                 break
             time.sleep(0.2)
-        assert now[name]["restarts"] >= info["restarts"] + 1, now[name]
-        assert now[name]["pid"] != info["pid"]
+        for kind in kinds:
+            assert now[kind]["restarts"] >= before[kind]["restarts"] + 1, now[kind]
+            assert now[kind]["pid"] != pid and now[kind]["actor"] == actor, now[kind]
 
 
 def _online(port: int, peer: str) -> bool:
@@ -335,17 +342,19 @@ def test_transfer_survives_killing_every_other_actor(lab: Lab, tmp_path: Path) -
     spared = {"sessions", "udp_punch", "servers"}
     time.sleep(1.0)
     for side in ("a", "b"):
-        for actor in lab.ops(side, "actors")["actors"]:
-            if actor["name"] not in spared and pipe.poll() is None:
-                os.kill(actor["pid"], signal.SIGKILL)
-                killed.append(f"{side}:{actor['name']}")
+        plan = placement.kill_plan(lab.ops(side, "actors")["actors"], spared)
+        assert plan, f"{side}: every actor carries a session's bytes"
+        for actor, pid, _kinds in plan:
+            if pipe.poll() is None:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(f"{side}:{actor}")
                 time.sleep(0.2)
     out, err = pipe.communicate(timeout=120)
     feeder.wait(10)
-    print(f"\nkilled during the transfer: {', '.join(killed)}")
+    print(f"\nkilled during the transfer ({lab.placement}): {', '.join(killed)}")
     assert pipe.returncode == 0, err.decode()
     assert sha(out) == sha(payload)
-    assert len(killed) >= 10
+    assert len(killed) >= (10 if lab.placement == "isolated" else 2)
     _pipe_works(lab, 30)  # and everything came back
 
 

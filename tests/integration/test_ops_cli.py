@@ -334,15 +334,37 @@ async def test_status_nat_error_is_shown(agent: CannedAgent, capsys: pytest.Capt
 async def test_actors_table(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "actors"], capsys)
     assert rc == 0 and err == ""
-    rows = [line.split() for line in out.splitlines()]
-    assert rows[0] == ["ACTOR", "PID", "STATE", "RESTARTS", "CPU", "RSS"]
-    assert rows[1] == ["coordinator", "4242", "alive", "0", "1.5%", "50.0", "MiB"]
-    assert rows[2] == ["registrar", "4243", "dead", "2", "0.0%", "512", "B"]
+    lines = out.splitlines()
+    assert lines[0] == "placement: ?, 2 actors"  # an agent from before placements: says nothing of one
+    rows = [line.split() for line in lines[1:]]
+    assert rows[0] == ["COMPONENT", "ACTOR", "PID", "STATE", "RESTARTS", "CPU", "RSS"]
+    assert rows[1] == ["coordinator", "coordinator", "4242", "alive", "0", "1.5%", "50.0", "MiB"]
+    assert rows[2] == ["registrar", "registrar", "4243", "dead", "2", "0.0%", "512", "B"]
     # columns line up
-    header = out.splitlines()[0]
-    assert all(
-        line.index(p) == header.index("PID") for line, p in zip(out.splitlines()[1:], ("4242", "4243"), strict=True)
-    )
+    header = lines[1]
+    assert all(line.index(p) == header.index("PID") for line, p in zip(lines[2:], ("4242", "4243"), strict=True))
+
+
+ROWS = [("coordinator", "control", 7), ("registrar", "control", 7), ("sessions", "data", 8)]
+
+
+async def test_actors_table_grouped(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    agent.replies["actors"] = {
+        "ok": True,
+        "placement": "grouped",
+        "actors": [
+            {"name": kind, "actor": actor, "pid": pid, "state": "alive", "restarts": 1}
+            for kind, actor, pid in ROWS
+        ],
+    }
+    rc, out, _ = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "actors"], capsys)
+    lines = out.splitlines()
+    assert rc == 0 and lines[0] == "placement: grouped, 2 actors"
+    assert [line.split()[:3] for line in lines[2:]] == [
+        ["coordinator", "control", "7"],
+        ["registrar", "control", "7"],
+        ["sessions", "data", "8"],
+    ]
 
 
 async def test_sessions_table(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:

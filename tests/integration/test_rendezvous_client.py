@@ -16,6 +16,7 @@ from agent.rendezvous.requests import (
     PeerUnavailable,
     RelayRefused,
     RendezvousError,
+    Reply,
     Signer,
     punch_hole_exchange,
     punch_hole_request,
@@ -79,16 +80,7 @@ class PeerB:
 
 async def answer_relay(b: PeerB, msg: Any, relay: str = "", refuse_reason: str = "") -> None:
     """B's RelayResponse to a relay push, with the push's token."""
-    await send_relay_response(
-        b.main,
-        bytes(msg.socket_addr),
-        b.id.peer_id,
-        msg.uuid,
-        relay,
-        "1.0",
-        refuse_reason=refuse_reason,
-        answer_token=bytes(msg.answer_token),
-    )
+    await send_relay_response(b.main, Reply.to(msg, b.id.peer_id, relay, "1.0"), msg.uuid, refuse_reason=refuse_reason)
 
 
 def signed_key(server: RendezvousServer, signed: bytes) -> tuple[str, bytes]:
@@ -159,14 +151,7 @@ async def test_same_lan_gets_fetch_local_addr_and_is_local_answer(server: Rendez
 
         async def answer(kind: str, msg: Any) -> None:
             assert kind == "fetch_local_addr"
-            local = await send_local_addr(
-                b.main,
-                bytes(msg.socket_addr),
-                b.id.peer_id,
-                msg.relay_server,
-                "1.0",
-                answer_token=bytes(msg.answer_token),
-            )
+            local = await send_local_addr(b.main, Reply.to(msg, b.id.peer_id, msg.relay_server, "1.0"))
             listen_on.append(local)
 
         b.answer = answer
@@ -188,15 +173,8 @@ async def test_punch_hole_from_another_address_and_punch_hole_sent(server: Rende
 
         async def answer(kind: str, msg: Any) -> None:
             assert kind == "punch_hole"
-            local = await send_punch_hole_sent(
-                b.main,
-                bytes(msg.socket_addr),
-                b.id.peer_id,
-                msg.relay_server,
-                pb.ASYMMETRIC,
-                "1.0",
-                answer_token=bytes(msg.answer_token),
-            )
+            reply = Reply.to(msg, b.id.peer_id, msg.relay_server, "1.0")
+            local = await send_punch_hole_sent(b.main, reply, pb.ASYMMETRIC)
             b_local.append(local)
 
         b.answer = answer
@@ -300,9 +278,9 @@ async def test_server_down() -> None:
     with pytest.raises(RendezvousError, match=msg):
         await request_relay(down, "1234567890", "u", timeout=2)
     with pytest.raises(RendezvousError, match=msg):
-        await send_relay_response(down, b"", "1234567890", "u", "", "1.0")
+        await send_relay_response(down, Reply(b"", "1234567890", "", "1.0"), "u")
     with pytest.raises(RendezvousError, match=msg):
-        await send_punch_hole_sent(down, b"", "1234567890", "", 0, "1.0")
+        await send_punch_hole_sent(down, Reply(b"", "1234567890", "", "1.0"), 0)
 
 
 def _fake_handler(reply: bytes, close: bool) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 from agent.common import ctlproto
 from agent.runtime_paths import control_socket
 from ops.natlab import Lab
+from tests import placement
 
 PT = [sys.executable, "-m", "agent.cli"]
 OPS = [sys.executable, "-m", "ops.cli"]
@@ -24,9 +25,11 @@ HERE = Path(__file__).parent
 
 
 class LabAgents:
-    def __init__(self, lab: Lab, root: Path) -> None:
+    def __init__(self, lab: Lab, root: Path, placement: str | None = None) -> None:
         self.lab = lab
         self.root = root
+        self.placement = placement
+        """The agents' placement; None: the default flags (unless PUNCHTHROUGH_TEST_PLACEMENT forces one)."""
         self.key = ""
         self.ids: dict[str, str] = {}
         self.up_hosts: list[str] = []
@@ -65,7 +68,7 @@ class LabAgents:
             out = self.lab.run(
                 host,
                 [*PT, "--state-dir", str(self.state(host)), "up", "--server", SERVER, "--server-key", self.key,
-                 *agents[host]],
+                 *placement.flags(self.placement), *agents[host]],
                 capture_output=True,
                 timeout=240,
             )

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from tests import placement
 from tests.natlab.agents import LabAgents
 from tests.natlab.conftest import LabFactory
 
@@ -56,16 +57,18 @@ class Pair:
     target: str
 
 
-@pytest.fixture(scope="module")
-def pair(natlab_module: LabFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+@pytest.fixture(scope="module", params=placement.for_module("isolated", "grouped"))
+def pair(
+    natlab_module: LabFactory, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Pair]:
     lab = natlab_module("both-cone")
-    ag = LabAgents(lab, tmp_path_factory.mktemp("faults"))
+    ag = LabAgents(lab, tmp_path_factory.mktemp("faults"), request.param)
     try:
         ag.start_server()
         target = ag.start_echo(B)
         a_id, b_id = ag.agent_id(A), ag.agent_id(B)
         took = ag.up({B: ["--allow", a_id, "--allow-target", target], A: []})
-        print(f"\nboth-cone: agents up and registered in {took:.1f}s")
+        print(f"\nboth-cone: agents up and registered ({request.param}) in {took:.1f}s")
         yield Pair(ag, a_id, b_id, target)
     finally:
         ag.down()
@@ -190,36 +193,42 @@ def start_session(pair: Pair, path: str, expect: str) -> tuple[PacedPipe, dict[s
     return pipe, session
 
 
-def wait_back(ag: LabAgents, host: str, name: str, old_pid: int, old_restarts: int, killed_at: float) -> Kill:
-    """Until `name` is alive again under a new pid (asking the coordinator every 50 ms; it may be
-    the one that is restarting)."""
+def wait_back(
+    ag: LabAgents, host: str, kinds: list[str], old_pid: int, old_restarts: int, killed_at: float
+) -> list[Kill]:
+    """Until every component in `kinds` (what the killed actor carried) is alive again under a new pid
+    (asking the coordinator every 50 ms; it may be the one that is restarting)."""
     deadline = killed_at + BACK_WITHIN
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
             now = {a["name"]: a for a in ag.control(host, "actors", timeout=2)["actors"]}
-            row = now.get(name)
-            if row and row["pid"] != old_pid and row["state"] == "alive" and row["restarts"] >= old_restarts + 1:
-                return Kill(host, name, old_pid, old_restarts, time.monotonic() - killed_at, row["pid"])
+            rows = [now.get(kind) for kind in kinds]
+            if all(
+                row and row["pid"] != old_pid and row["state"] == "alive" and row["restarts"] >= old_restarts + 1
+                for row in rows
+            ):
+                took = time.monotonic() - killed_at
+                return [Kill(host, kind, old_pid, old_restarts, took, now[kind]["pid"]) for kind in kinds]
         time.sleep(0.05)
-    raise AssertionError(f"{host}:{name} not back within {BACK_WITHIN:.0f}s of SIGKILL")
+    raise AssertionError(f"{host}:{', '.join(kinds)} not back within {BACK_WITHIN:.0f}s of SIGKILL")
 
 
 def kill_in_turn(pair: Pair, spare: set[str], pipes: list[PacedPipe]) -> Run:
-    """SIGKILL every actor of A, then of B, except `spare`, each once it is back from the last kill;
-    the coordinator goes last on each side (its restart re-collects every other actor)."""
+    """SIGKILL every actor of A, then of B, that carries none of `spare`, each once it is back from the
+    last kill; the coordinator's actor goes last on each side (its restart re-collects every other actor)."""
     ag = pair.agents
     run = Run()
     for host in (A, B):
         rows = ag.control(host, "actors")["actors"]
-        names = [r["name"] for r in rows if r["name"] not in spare and r["name"] != "coordinator"]
-        names += ["coordinator"] if "coordinator" not in spare else []
-        for name in names:
-            row = {a["name"]: a for a in ag.control(host, "actors")["actors"]}[name]
+        plan = placement.kill_plan(rows, spare)
+        assert plan, f"{host}: every actor carries a component in {spare}"
+        for actor, _pid, kinds in plan:
+            row = {a["name"]: a for a in ag.control(host, "actors")["actors"]}[kinds[0]]
             killed_at = time.monotonic()
             os.kill(row["pid"], signal.SIGKILL)
-            run.kills.append(wait_back(ag, host, name, row["pid"], row["restarts"], killed_at))
+            run.kills += wait_back(ag, host, kinds, row["pid"], row["restarts"], killed_at)
             for p in pipes:
-                assert p.running(), f"{p.path} session died when {host}:{name} was killed: {p.stderr.decode()}"
+                assert p.running(), f"{p.path} session died when {host}:{actor} was killed: {p.stderr.decode()}"
         # every actor is listed again (a restarted coordinator re-collects them within seconds)
         deadline = time.monotonic() + BACK_WITHIN
         while len(ag.control(host, "actors")["actors"]) < len(rows):
@@ -287,6 +296,9 @@ def _kill_the_kcp_pump(pair: Pair, host: str) -> tuple[list[str], str]:
     ends at once with one line at the client, the TCP one completes intact, the actor comes back and
     a new KCP session works. Returns the client's stderr lines and B's record of the KCP session."""
     ag = pair.agents
+    if ag.placement == "grouped":
+        pytest.skip("grouped: the KCP pump shares the data actor with the session owner (killing it ends every "
+                    "session, as killing the owner does: test_agent_e2e covers that)")
     kcp, kcp_session = start_session(pair, KCP, "udp_punch")
     tcp, _ = start_session(pair, TCP, "tcp_punch")
     time.sleep(1.0)
@@ -299,7 +311,7 @@ def _kill_the_kcp_pump(pair: Pair, host: str) -> tuple[list[str], str]:
         raise AssertionError(f"the KCP session did not end within 30s of {host}'s KCP pump SIGKILL") from None
     ended_after = time.monotonic() - killed_at
     kcp.finish()
-    back = wait_back(ag, host, "udp_punch", row["pid"], row["restarts"], killed_at)
+    back = wait_back(ag, host, ["udp_punch"], row["pid"], row["restarts"], killed_at)[0]
     lines = kcp.err_lines()
     print(f"\n{host}'s udp_punch killed: KCP pipe exit {kcp.proc.returncode} {ended_after:.2f}s later "
           f"({kcp.n_got / 1e6:.1f} MB echoed before); stderr: {lines}")

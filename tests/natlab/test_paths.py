@@ -14,6 +14,8 @@ from tests.natlab.agents import LabAgents, last_session, winner
 from tests.natlab.conftest import LabFactory
 
 pytestmark = [pytest.mark.natlab, pytest.mark.ray, pytest.mark.timeout(600)]
+PLACEMENT = "grouped"
+"""CI runs this module's agents grouped (tests/placement.py): the NAT matrix in the small-machine placement."""
 
 MB50 = 50 * 1024 * 1024
 
@@ -39,7 +41,7 @@ OUTCOMES = {"won", "lost the race", "cancelled", "error", "skipped", "failed"}
 @pytest.fixture
 def agents(natlab: LabFactory, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LabAgents]:
     lab = natlab(request.param)
-    ag = LabAgents(lab, tmp_path)
+    ag = LabAgents(lab, tmp_path, PLACEMENT)
     try:
         yield ag
     finally:

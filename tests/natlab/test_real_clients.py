@@ -21,6 +21,8 @@ from tests.natlab.clients import ssh_argv, start_forward, start_http, start_sshd
 from tests.natlab.conftest import LabFactory
 
 pytestmark = [pytest.mark.natlab, pytest.mark.ray, pytest.mark.timeout(120)]
+PLACEMENT = "grouped"
+"""CI runs this module's agents grouped (tests/placement.py): the NAT matrix in the small-machine placement."""
 
 A, B = "ha", "hb"
 SSH_TARGET = "127.0.0.1:2222"
@@ -39,7 +41,7 @@ class Pair:
 def pair(natlab_module: LabFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     lab = natlab_module("both-cone")
     work = tmp_path_factory.mktemp("real_clients")
-    agents = LabAgents(lab, work)
+    agents = LabAgents(lab, work, PLACEMENT)
     try:
         agents.start_server()
         a_id, b_id = agents.agent_id(A), agents.agent_id(B)
