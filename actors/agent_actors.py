@@ -82,10 +82,10 @@ class HostActor:
         self.restarts = _count_boot(self.state_dir, name)
         _setup_logging(self.state_dir, name)
         kinds = [kind for kind, actor in where.items() if actor == name]
-        self.host = ComponentHost(kinds, self._remote)
+        self.host = ComponentHost(kinds, self._elsewhere)
         self._ready = asyncio.get_running_loop().create_task(self._boot())
 
-    def _remote(self, kind: str) -> Ref:
+    def _elsewhere(self, kind: str) -> Ref:
         return RayRef(self.where.get(kind, kind), self.namespace, kind)
 
     async def _boot(self) -> None:

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--placement",
         choices=PLACEMENTS,
         default=None,
-        help="isolated: one Ray actor per component (default); grouped: three actors, for small machines",
+        help="isolated: one Ray actor per component (default); grouped: two actors (control, data), for small machines",
     )
     up.add_argument("--foreground", action="store_true", help="stay in the foreground (Ctrl-C stops the agent)")
     up.add_argument("--keep-config", action="store_true", help=argparse.SUPPRESS)

@@ -82,8 +82,8 @@ class RaySection:
     gcs_port: int = 0
     """Port of this agent's private Ray head; 0 picks a free one."""
     placement: str = "isolated"
-    """isolated: one Ray actor per component, each restarted alone (the default); grouped: three actors
-    (control, data, servers) for small machines, about half the memory."""
+    """isolated: one Ray actor per component, each restarted alone (the default); grouped: two actors
+    (control; data: sessions, strategies, embedded servers) for small machines, about half the memory."""
 
 
 @dataclass

@@ -2,12 +2,14 @@
 
 "isolated" (the default) gives every component its own actor, as DESIGN.md wants: a crash kills one
 component and Ray restarts it alone, while the session owner keeps every session's bytes. Each actor
-is a Python process with Ray's core worker, ~45 MiB PSS, so ten of them do not fit a 1 GiB machine.
-"grouped" carries the components in three actors instead: control (coordinator, registrar, NAT
-probe: nothing of a session's bytes), data (the session owner and every strategy: what a session's
-bytes cross) and servers (the embedded rendezvous and relay). A crash then restarts a group: losing
-control or servers leaves sessions alone, losing data ends them, as losing the session owner does
-in the isolated placement. The components and their calls are the same in both.
+is a Python process with Ray's core worker, ~45-55 MiB PSS, so ten of them do not fit a 1 GiB machine.
+"grouped" carries the components in two actors instead, split by what crosses them: control
+(coordinator, registrar, NAT probe: decisions, never a byte of a session) and data (the session
+owner, every strategy, and the embedded rendezvous and relay servers: everything that carries bytes).
+A crash then restarts a group: losing control leaves every session and relayed pair alone; losing
+data ends them, as losing the session owner does in the isolated placement (the rendezvous server
+comes back from its SQLite registry, and agents register again on their next heartbeat). The
+components and their calls are the same in both placements.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from collections.abc import Iterable
 PLACEMENTS = ("isolated", "grouped")
 DEFAULT = "isolated"
 
-GROUPS = {"coordinator": "control", "registrar": "control", "nat_probe": "control", "servers": "servers"}
-"""The grouped placement; every other component (the session owner, each strategy) goes to DATA."""
+GROUPS = {"coordinator": "control", "registrar": "control", "nat_probe": "control"}
+"""The grouped placement; every other component (the servers, the session owner, each strategy) goes to DATA."""
 DATA = "data"
 
 

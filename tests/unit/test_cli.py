@@ -144,6 +144,8 @@ def guarded_state(tmp_path: Path) -> Path:
         ["up", "--allow-target", "h"],
         ["up", "--allow-target", "h:22", "--allow-target", "x:y"],
         ["up", "--path", "fast"],
+        ["up", "--placement", "packed"],
+        ["up", "--placement", ""],
         ["config", "--bogus"],
     ],
 )
@@ -583,6 +585,17 @@ def test_up_flags_merge_into_the_config_the_user_owns(tmp_path: Path) -> None:
     assert merged.access.allow == ["1111111111", "2222222222"]
     assert merged.access.allow_targets == ["127.0.0.1:22"]
     assert merged.agent.server == "rv.example:21116"  # kept; a flag would set it
+    assert merged.ray.placement == "isolated"
+
+
+def test_every_up_flag_sets_its_key(tmp_path: Path) -> None:
+    """The flags that set one config key each (cli.UP_FLAG_KEYS): each given flag lands in its key."""
+    argv = ["up", "--server", "rv.example:1", "--server-key", "A" * 43 + "=", "--relay", "rl.example:2", "--path",
+            "relay-only", "--direct-port", "21118", "--placement", "grouped"]
+    cfg = cli._effective_config(cli.build_parser().parse_args(argv), tmp_path)
+    assert (cfg.agent.server, cfg.agent.server_key, cfg.agent.relay) == ("rv.example:1", "A" * 43 + "=", "rl.example:2")
+    assert (cfg.agent.path, cfg.agent.direct_port, cfg.ray.placement) == ("relay-only", 21118, "grouped")
+    assert set(cli.UP_FLAG_KEYS) == {"server", "server_key", "relay", "path", "direct_port", "placement"}
 
 
 @pytest.mark.parametrize(

@@ -20,21 +20,17 @@ def test_isolated_is_one_actor_per_component() -> None:
     assert placement.actors(where) == {k: [k] for k in KINDS}
 
 
-def test_grouped_is_control_data_and_servers() -> None:
+def test_grouped_is_control_and_data() -> None:
     groups = placement.actors(placement.layout(KINDS, "grouped"))
-    assert set(groups) == {"control", "data", "servers"}
+    assert set(groups) == {"control", "data"}
     assert groups["control"] == ["nat_probe", "registrar", "coordinator"]
-    assert groups["servers"] == ["servers"]
-    # every strategy travels with the session owner: the sockets they hand over stay in one process
-    assert groups["data"][0] == "sessions" and set(groups["data"]) == set(KINDS) - {
-        "servers",
-        "nat_probe",
-        "registrar",
-        "coordinator",
-    }
+    # everything bytes cross goes together: the servers (relayed pairs), the session owner and every
+    # strategy (the sockets they hand over stay in one process); control never carries a byte
+    assert groups["data"][:2] == ["servers", "sessions"]
+    assert set(groups["data"]) == set(KINDS) - {"nat_probe", "registrar", "coordinator"}
 
 
-def test_an_agent_without_servers_has_no_servers_actor() -> None:
+def test_an_agent_without_servers_has_the_same_two_actors() -> None:
     kinds = [k for k in KINDS if k != "servers"]
     assert set(placement.actors(placement.layout(kinds, "grouped"))) == {"control", "data"}
 
