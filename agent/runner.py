@@ -2,8 +2,10 @@
 
 `up` writes the effective config into the state directory and starts a
 supervisor process (`up --foreground`, detached unless asked to stay). The
-supervisor starts a private lean Ray head, creates one actor per component and
-then just waits for a signal. Killing the supervisor in any way takes its Ray
+supervisor starts a private lean Ray head and a short-lived bootstrap driver
+(actors/bootstrap.py) that creates the agent's actors (one per component, or
+two groups: agent/placement.py), then just waits for a signal; it never
+imports Ray itself. Killing the supervisor in any way takes its Ray
 head down with it (the head dies with its parent), so an agent never leaves
 orphans behind; `down` signals exactly that supervisor, never a `ray stop`.
 Only a SIGKILLed supervisor's head temp dir (/tmp/ptray-*, which names the

@@ -1,10 +1,12 @@
-"""Assembling an agent from its components, either all in one process or one per Ray actor.
+"""Assembling an agent from its components: all in one process (tests), or spread over Ray actors
+as the placement says (agent/placement.py).
 
 `load_runtime` reads everything a component needs from the state directory (the
 effective config written by `punchthrough up`, the identity, the embedded
-server's key), so each Ray actor can rebuild its component on its own after a
+server's key), so each Ray actor can rebuild its components on its own after a
 restart. `build_component` makes one component given references to the others;
-`LocalAgent` wires them all in one event loop for tests.
+`ComponentHost` runs some of them in one event loop (a Ray actor's, or all of
+them for `LocalAgent`, the agent without Ray).
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ over the relay path (`--path relay`).
    for `id --json` (Python start + imports, no agent work).
 3. MB/s of `--bytes` through `connect -L` over the relay (iperf3 -n, both
    directions with -R) against, in the same run: iperf3 direct, and a raw relay
-   pair (two plain TCP clients that send RequestRelay{uuid} to the same relay,
-   then stream bytes). Goal: the encrypted session at >= 50 % of the raw pair.
+   pair (two plain TCP clients that send RequestRelay{uuid} to an open relay,
+   `punchthrough relay --open`, the same code as B's, then stream bytes).
+   Goal: the encrypted session at >= 50 % of the raw pair.
    CPU seconds per GiB of the processes on the path say where the time went;
    when the goal is missed (or --profile always) py-spy samples both sessions
    actors during one more tunnel transfer and the hottest frames are printed.
@@ -446,6 +447,15 @@ def iperf(port: int, nbytes: int, reverse: bool, timeout: float = 120.0) -> floa
     return float(data["end"]["sum_received"]["bits_per_second"]) / 8e6
 
 
+def wait_listening(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
 def raw_relay_pair(relay_port: int, nbytes: int, timeout: float = 120.0) -> float:
     """MB/s between two plain TCP clients joined by the relay (no agent, no crypto)."""
     frame = encode_frame(messages.build(request_relay=pb.RequestRelay(id="bench", uuid=str(uuid.uuid4()))))
@@ -590,6 +600,15 @@ def run(args: argparse.Namespace, owned: Owned, tmp: Path) -> None:
     print_footprint(f"Ray floor (started in {floor_seconds:.2f} s)", floor)
     echo_port = start_echo(owned)
     iperf_port = free_port()
+    # The baseline pair: two plain TCP clients through an open relay (same code; B's own relay pairs
+    # only tickets its rendezvous server issued, so a raw pair cannot use it).
+    open_relay = free_port()
+    owned.popen(
+        [PT, "--state-dir", str(tmp / "relay"), "relay", "--open", "--bind", "127.0.0.1", "--port", str(open_relay)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_listening(open_relay)
     owned.popen(
         ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -597,7 +616,7 @@ def run(args: argparse.Namespace, owned: Owned, tmp: Path) -> None:
     results = []
     for placement in args.placements:
         print(f"\n######## placement {placement}")
-        results.append(run_placement(args, owned, tmp / placement[:3], placement, echo_port, iperf_port))
+        results.append(run_placement(args, owned, tmp / placement[:3], placement, echo_port, iperf_port, open_relay))
     print(f"\n== summary (Ray floor PSS {fmt_mib(floor.pss)}, {floor.count} processes)")
     head = ["placement", "B PSS", "goal", "A PSS", "B up s", "A up s", "pipe ms", "A->B MB/s", "B->A MB/s", "/raw"]
     print("  ".join(f"{h:>10s}" for h in head))
@@ -635,7 +654,13 @@ class PlacementResult:
 
 
 def run_placement(
-    args: argparse.Namespace, owned: Owned, tmp: Path, placement: str, echo_port: int, iperf_port: int
+    args: argparse.Namespace,
+    owned: Owned,
+    tmp: Path,
+    placement: str,
+    echo_port: int,
+    iperf_port: int,
+    open_relay: int,
 ) -> PlacementResult:
     """B (embedded servers) and A up in `placement`, measured, then down again."""
     nbytes: int = args.bytes
@@ -732,7 +757,9 @@ def run_placement(
     print(f"\n== 3. throughput, {nbytes / MiB:.0f} MiB per transfer, best and median of {args.repeat} (MB = 10^6 B)")
     a_pids, b_pids = a.actor_pids(), b.actor_pids()
     path_pids = {"A sessions": a_pids["sessions"], "B sessions": b_pids["sessions"]}
-    if "servers" in b_pids:
+    if b_pids.get("servers") == b_pids["sessions"]:  # grouped: one actor carries both
+        path_pids = {"A data": a_pids["sessions"], "B data (sessions + relay)": b_pids["sessions"]}
+    elif "servers" in b_pids:
         path_pids["B servers (relay)"] = b_pids["servers"]
 
     results: dict[str, list[float]] = collections.defaultdict(list)
@@ -745,7 +772,7 @@ def run_placement(
         after = cpu_seconds(path_pids)
         cpu[label] = {k: (after[k] - before[k]) / (args.repeat * nbytes / (1 << 30)) for k in after if k in before}
 
-    measure("raw relay pair", lambda: raw_relay_pair(relay_port, nbytes))
+    measure("raw relay pair", lambda: raw_relay_pair(open_relay, nbytes))
     measure("iperf3 direct", lambda: iperf(iperf_port, nbytes, False))
     measure("iperf3 direct -R", lambda: iperf(iperf_port, nbytes, True))
     with forward(owned, a, b.peer_id, f"127.0.0.1:{iperf_port}") as fport:

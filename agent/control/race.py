@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from agent.control.pins import PinMismatch, PinStore
 from agent.control.plan import DIRECT_BUDGET, LAN_BUDGET, PUNCH_BUDGET, Mode, Policy, Situation, Strategy, make_plan
@@ -67,6 +67,8 @@ class RaceContext(Protocol):
 
     async def our_nat_type(self) -> int: ...
 
+
+T = TypeVar("T")
 
 log = logging.getLogger("agent.control.coordinator")  # the race logged as the coordinator before it moved here
 
@@ -252,6 +254,17 @@ class Race:
         else:
             self._record("direct", Outcome.ERROR, res.reason)
 
+    async def _asked(self, strategy: str, request: Awaitable[T]) -> T | None:
+        """The rendezvous server's answer to `request`, or None once its failure is recorded: a refusal
+        ends the race (the peer said no, on every path), any other error only `strategy`."""
+        try:
+            return await request
+        except RelayRefused as exc:
+            self._fail(strategy, str(exc))
+        except RendezvousError as exc:
+            self._record(strategy, Outcome.ERROR, str(exc))
+        return None
+
     async def udp_rendezvous(self) -> None:
         """PunchHoleRequest with our UDP mapping: B answers from its own UDP socket (the server tells
         us its mapping, is_udp), both punch, and KCP runs on the punched socket."""
@@ -263,8 +276,9 @@ class Race:
             if not port:
                 self._record("udp_punch", Outcome.SKIPPED, "no UDP mapping (UDP blocked or the server did not answer)")
                 return
-            try:
-                res = await punch_hole_exchange(
+            res = await self._asked(
+                "udp_punch",
+                punch_hole_exchange(
                     coord.server_addr,
                     self.peer,
                     await coord.our_nat_type(),
@@ -272,12 +286,9 @@ class Race:
                     version=VERSION,
                     udp_port=port,
                     signer=coord.signer(),
-                )
-            except RelayRefused as exc:
-                self._fail("udp_punch", str(exc))
-                return
-            except RendezvousError as exc:
-                self._record("udp_punch", Outcome.ERROR, str(exc))
+                ),
+            )
+            if res is None:
                 return
             resp = res.response
             if isinstance(resp, pb.RelayResponse) or not resp.is_udp:
@@ -459,13 +470,8 @@ class Race:
         if self.fatal:
             return
         self._record("relay", Outcome.RUNNING)
-        try:
-            rr = await self._request_relay()
-        except RelayRefused as exc:
-            self._fail("relay", str(exc))
-            return
-        except RendezvousError as exc:
-            self._record("relay", Outcome.ERROR, str(exc))
+        rr = await self._asked("relay", self._request_relay())
+        if rr is None:
             return
         await self._dial_relay(rr)
 
