@@ -274,7 +274,9 @@ def _transfer_survives(pair: Pair, path: str, expect: str, spare: set[str]) -> N
     run = kill_in_turn(pair, spare, [pipe])
     time.sleep(0.5)
     rc = pipe.finish()
-    print(f"\n{expect} session {session['id']}: {pipe.figures()}; killed {len(run.kills)} actors:\n{run.report()}")
+    actors = len({(k.host, k.old_pid) for k in run.kills})
+    print(f"\n{expect} session {session['id']}: {pipe.figures()}; killed {actors} actors "
+          f"({len(run.kills)} components):\n{run.report()}")
     assert rc == 0, pipe.stderr.decode()
     assert pipe.intact(), f"sent {pipe.n_sent} got {pipe.n_got}, SHA-256 {'same' if pipe.intact() else 'differs'}"
     check_visible(pair.agents, run.kills)
