@@ -428,7 +428,7 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
     from agent import identity, runner
     from agent.common.files import private_dir
     from agent.common.keyfile import KeyFileError
-    from agent.stack import write_config
+    from agent.control.access import save_state_config
     from agent.wire.peer_ids import spec_for
 
     try:
@@ -444,7 +444,7 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
                 private_dir(state_dir)
                 if cfg.agent.server:  # seconds to learn what a Ray start would take ~10 s to find
                     udp_blocked = runner.preflight(state_dir, cfg)
-                write_config(state_dir, cfg)
+                save_state_config(state_dir, cfg)
             identity.load_or_create(state_dir)
             if args.foreground:
                 return runner.supervise(state_dir, announce=not args.keep_config, udp_blocked=udp_blocked)

@@ -226,12 +226,9 @@ def _parallel_starts(state_dir: Path) -> int:
     """Worker processes Ray may start at once: one per core for the ten actors of the isolated placement
     (measured on 2 cores: `up` 6.0-6.7 s instead of 7.4-10.4), one for the two of grouped (3.7-4.4 s;
     with two, the idle workers Ray prestarts only compete with the head: 4.6-7.4 s)."""
-    from agent import config as configmod
-    from agent.control.live_config import CONFIG_FILE
+    from agent.control.access import load_state_config
 
-    path = state_dir / CONFIG_FILE
-    cfg = configmod.load(path if path.exists() else None)
-    return (os.cpu_count() or 1) if cfg.ray.placement == "isolated" else 1
+    return (os.cpu_count() or 1) if load_state_config(state_dir).ray.placement == "isolated" else 1
 
 
 def supervise(state_dir: Path, announce: bool = False, udp_blocked: str = "") -> int:

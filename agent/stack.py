@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import config as configmod
 from agent import identity as identitymod
 from agent.common.keyfile import load_or_create_signing_key
 from agent.config import Config
-from agent.control.access import build_policy
+from agent.control.access import build_policy, load_state_config
 from agent.control.coordinator import Coordinator
-from agent.control.live_config import CONFIG_FILE, LiveConfig
+from agent.control.live_config import LiveConfig
 from agent.control.pins import PinMismatch, PinStore, ServerPins
 from agent.identity import Identity
 from agent.nat.watch_core import REMOTE_JITTER, NetworkChanged
@@ -85,8 +84,7 @@ class Runtime:
 
 
 def load_runtime(state_dir: Path) -> Runtime:
-    path = state_dir / CONFIG_FILE
-    cfg = configmod.load(path if path.exists() else None)
+    cfg = load_state_config(state_dir)
     ident = identitymod.load_or_create(state_dir)
     embedded = not cfg.agent.server
     server = cfg.agent.server or f"127.0.0.1:{cfg.embedded.rendezvous_port}"
@@ -391,9 +389,3 @@ class LocalAgent:
     async def close(self) -> None:
         await self.host.close()
 
-
-def write_config(state_dir: Path, cfg: Config) -> None:
-    """The effective config of a running agent, where every actor reads it."""
-    from agent.common.files import write_private
-
-    write_private(state_dir / CONFIG_FILE, configmod.dump(cfg).encode())

@@ -14,12 +14,13 @@ from typing import Any
 from agent.common import ctlproto
 from agent.common.netutil import loopback_pair
 from agent.config import Config
+from agent.control.access import save_state_config
 from agent.identity import load_or_create
 from agent.runtime_paths import control_socket
 from agent.servers.relay_server import RelayConfig, start_relay
 from agent.servers.rendezvous_core import Limits
 from agent.servers.rendezvous_server import RendezvousConfig, start_rendezvous
-from agent.stack import LocalAgent, write_config
+from agent.stack import LocalAgent
 
 
 @dataclass
@@ -83,7 +84,7 @@ def agent_config(servers: Servers, **access: Any) -> Config:
 def prepare_state(state_dir: Path, cfg: Config) -> str:
     """Write config and identity; returns the agent's ID."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    write_config(state_dir, cfg)
+    save_state_config(state_dir, cfg)
     return load_or_create(state_dir).peer_id
 
 

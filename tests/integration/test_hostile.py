@@ -23,10 +23,11 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from nacl.signing import SigningKey
 
+from agent.control.access import save_state_config
 from agent.proto import message_pb2
 from agent.proto import rendezvous_pb2 as pb
 from agent.servers.relay_server import RelayConfig, start_relay
-from agent.stack import LocalAgent, write_config
+from agent.stack import LocalAgent
 from agent.wire import addr, messages
 from agent.wire.frames import FrameDecoder, encode_frame
 from agent.wire.handshake import HandshakeError
@@ -353,7 +354,7 @@ async def test_wrong_server_key_is_refused_and_nothing_pinned(tmp_path: Path) ->
         other = SigningKey.generate()
         cfg = env.a_cfg
         cfg.agent.server_key = base64.b64encode(bytes(other.verify_key)).decode()
-        write_config(env.a_dir, cfg)
+        save_state_config(env.a_dir, cfg)
         a = await LocalAgent(env.a_dir).start()
         try:
             registrar = a.components["registrar"].registrar
