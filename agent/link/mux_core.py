@@ -55,6 +55,14 @@ class Flag(enum.IntFlag):
     RST = 8
 
 
+_HDR = HEADER.size
+_unpack = HEADER.unpack_from
+_pack = HEADER.pack
+_DATA, _PING, _GO_AWAY = int(Type.DATA), int(Type.PING), int(Type.GO_AWAY)
+_SYN, _ACK, _FIN, _RST = int(Flag.SYN), int(Flag.ACK), int(Flag.FIN), int(Flag.RST)
+"""Plain ints on the per-frame path: building an IntFlag per frame costs more than the frame."""
+
+
 class MuxError(Exception):
     """The peer broke the protocol: the link must end (str() says why, one line)."""
 
@@ -164,8 +172,8 @@ class Mux:
         at = 0
         while at < n:
             piece = data[at : min(n, at + MAX_FRAME)]
-            self._frame(Type.DATA, self._ack(st), sid, len(piece))
-            self._out.append(bytes(piece))
+            self._frame(_DATA, self._ack(st), sid, len(piece))
+            self._out.append(piece)
             at += len(piece)
         st.send_window -= n
         return n
@@ -198,7 +206,7 @@ class Mux:
         self._frame(Type.PING, Flag.SYN, 0, value & 0xFFFFFFFF)
 
     def go_away(self, code: int = 0) -> None:
-        self._frame(Type.GO_AWAY, Flag(0), 0, code)
+        self._frame(_GO_AWAY, 0, 0, code)
         self.closed = True
 
     def data_to_send(self) -> bytes:
@@ -210,46 +218,50 @@ class Mux:
 
     def receive(self, data: bytes) -> list[Event]:
         """Frames in `data` (any split: a partial frame waits for the rest) as events."""
-        self._buf += data
+        if self._buf:
+            self._buf += data
+            buf: bytes | bytearray = self._buf
+        else:
+            buf = data  # the usual case, a whole secure frame of whole mux frames: no copy
         events: list[Event] = []
         at = 0
-        buf = self._buf
-        while len(buf) - at >= HEADER.size:
-            version, kind, flags, sid, length = HEADER.unpack_from(buf, at)
+        end = len(buf)
+        while end - at >= _HDR:
+            version, kind, flags, sid, length = _unpack(buf, at)
             if version != VERSION:
                 raise MuxError(f"unknown frame version {version}")
-            if kind == Type.DATA:
+            if kind == _DATA:
                 if length > MAX_FRAME:
                     raise MuxError(f"a DATA frame of {length} bytes (at most {MAX_FRAME})")
-                if len(buf) - at - HEADER.size < length:
+                if end - at - _HDR < length:
                     break
-                payload = bytes(buf[at + HEADER.size : at + HEADER.size + length])
-                at += HEADER.size + length
-            elif kind in (Type.WINDOW_UPDATE, Type.PING, Type.GO_AWAY):
+                payload = bytes(buf[at + _HDR : at + _HDR + length])
+                at += _HDR + length
+            elif kind <= _GO_AWAY:
                 payload = b""
-                at += HEADER.size
+                at += _HDR
             else:
                 raise MuxError(f"unknown frame type {kind}")
-            self._on_frame(Type(kind), Flag(flags & 0xF), sid, length, payload, events)
-        del buf[:at]
+            self._on_frame(kind, flags & 0xF, sid, length, payload, events)
+        self._buf = bytearray(buf[at:]) if at < end else bytearray()
         return events
 
     # ---- inside -------------------------------------------------------------------------------------
 
-    def _on_frame(self, kind: Type, flags: Flag, sid: int, length: int, payload: bytes, events: list[Event]) -> None:
-        if kind is Type.PING:
-            if flags & Flag.SYN:
+    def _on_frame(self, kind: int, flags: int, sid: int, length: int, payload: bytes, events: list[Event]) -> None:
+        if kind == _PING:
+            if flags & _SYN:
                 self._frame(Type.PING, Flag.ACK, 0, length)
-            events.append(Ping(length, bool(flags & Flag.ACK)))
+            events.append(Ping(length, bool(flags & _ACK)))
             return
-        if kind is Type.GO_AWAY:
+        if kind == _GO_AWAY:
             self.closed = True
             events.append(GoAway(length))
             return
         if sid == 0:
-            raise MuxError(f"{kind.name} on stream 0")
+            raise MuxError(f"{Type(kind).name} on stream 0")
         st = self.streams.get(sid)
-        if flags & Flag.SYN:
+        if flags & _SYN:
             if st is not None:
                 raise MuxError(f"stream {sid} opened twice")
             if (sid % 2 == 1) == self.dialer:
@@ -261,11 +273,11 @@ class Mux:
         if st is None:
             # A frame for a stream we reset or finished: it crossed our RST/FIN on the wire.
             return
-        if flags & Flag.RST:
+        if flags & _RST:
             del self.streams[sid]
             events.append(StreamReset(sid))
             return
-        if kind is Type.DATA:
+        if kind == _DATA:
             if st.got_fin:
                 raise MuxError(f"data on stream {sid} after its end")
             if length > st.recv_window:
@@ -278,7 +290,7 @@ class Mux:
                 raise MuxError(f"window of stream {sid} grown past 2 GiB")
             st.send_window += length
             events.append(WindowOpened(sid))
-        if flags & Flag.FIN:
+        if flags & _FIN:
             if st.got_fin:
                 raise MuxError(f"stream {sid} ended twice")
             st.got_fin = True
@@ -296,15 +308,15 @@ class Mux:
         return st
 
     @staticmethod
-    def _ack(st: _Stream) -> Flag:
+    def _ack(st: _Stream) -> int:
         if st.acked:
-            return Flag(0)
+            return 0
         st.acked = True
-        return Flag.ACK
+        return _ACK
 
     def _forget_if_done(self, sid: int, st: _Stream) -> None:
         if st.sent_fin and st.got_fin:
             del self.streams[sid]
 
-    def _frame(self, kind: Type, flags: Flag, sid: int, length: int) -> None:
-        self._out.append(HEADER.pack(VERSION, kind, flags, sid, length))
+    def _frame(self, kind: int, flags: int, sid: int, length: int) -> None:
+        self._out.append(_pack(VERSION, kind, flags, sid, length))
