@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import socketserver
@@ -42,24 +43,32 @@ MB100 = 100 * 1024 * 1024
 
 
 def free_triple() -> int:
-    """A port P with P-1 and P+1 also free (rendezvous, NAT test, relay)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
+    """A port P with P-1 and P+1 also free (rendezvous, NAT test, relay), TCP and UDP on every address.
+
+    Picked below the kernel's ephemeral range (/proc/sys/net/ipv4/ip_local_port_range, 32768 and
+    up by default): a free port from inside it can be taken by any outgoing connection between this
+    check and the agent's bind (seen: the direct port, EADDRINUSE)."""
+    low = _ephemeral_start()
+    for _ in range(500):
+        port = random.randrange(max(1100, low - 12000), max(1200, low - 1))
         ok = True
         for p in (port - 1, port, port + 1):
             for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
                 with socket.socket(socket.AF_INET, kind) as t:
                     try:
-                        t.bind(("127.0.0.1", p))
+                        t.bind(("0.0.0.0", p))
                     except OSError:
                         ok = False
         if ok:
             return port
-    raise RuntimeError("no free port triple")
+    raise RuntimeError(f"no free port triple below {low}")
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class _Echo(socketserver.BaseRequestHandler):
