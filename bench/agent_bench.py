@@ -62,6 +62,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from relay_bench import wait_listening
+
 from agent.proto import rendezvous_pb2 as pb
 from agent.wire import messages
 from agent.wire.frames import encode_frame
@@ -285,9 +287,14 @@ class Footprint:
 
 
 def footprint(supervisor: int) -> Footprint:
+    return measure(agent_processes(supervisor))
+
+
+def measure(procs: list[psutil.Process]) -> Footprint:
+    """Count, RSS, PSS and USS of `procs`, with a row per kind of process (largest PSS first)."""
     groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
     count = rss = pss = uss = 0
-    for p in agent_processes(supervisor):
+    for p in procs:
         try:
             mem = p.memory_full_info()
             label = _label(p)
@@ -332,21 +339,7 @@ def ray_floor() -> tuple[Footprint, float]:
     took = time.perf_counter() - t0
     try:
         time.sleep(1.0)  # let its helpers finish importing, as they have by the time an agent is measured
-        procs = {p.pid: p for p in head._ours()}
-        rows: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
-        count = rss = pss = uss = 0
-        for p in procs.values():
-            try:
-                mem = p.memory_full_info()
-                label = _label(p)
-            except psutil.Error:
-                continue
-            count, rss, pss, uss = count + 1, rss + mem.rss, pss + mem.pss, uss + mem.uss
-            rows[label][0] += 1
-            rows[label][1] += mem.rss
-            rows[label][2] += mem.pss
-        table = sorted(((k, v[0], v[1], v[2]) for k, v in rows.items()), key=lambda r: -r[3])
-        return Footprint(count, rss, pss, uss, table), took
+        return measure(head._ours()), took
     finally:
         head.stop()
 
@@ -445,15 +438,6 @@ def iperf(port: int, nbytes: int, reverse: bool, timeout: float = 120.0) -> floa
     if data.get("error"):
         raise RuntimeError(f"iperf3: {data['error']}")
     return float(data["end"]["sum_received"]["bits_per_second"]) / 8e6
-
-
-def wait_listening(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
 def raw_relay_pair(relay_port: int, nbytes: int, timeout: float = 120.0) -> float:
@@ -603,12 +587,12 @@ def run(args: argparse.Namespace, owned: Owned, tmp: Path) -> None:
     # The baseline pair: two plain TCP clients through an open relay (same code; B's own relay pairs
     # only tickets its rendezvous server issued, so a raw pair cannot use it).
     open_relay = free_port()
-    owned.popen(
+    relay = owned.popen(
         [PT, "--state-dir", str(tmp / "relay"), "relay", "--open", "--bind", "127.0.0.1", "--port", str(open_relay)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_listening(open_relay)
+    wait_listening(open_relay, relay)
     owned.popen(
         ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
