@@ -52,8 +52,8 @@ def running_pid(state_dir: Path) -> int | None:
     """The supervisor's pid if an agent runs for this state dir."""
     try:
         pid = int((state_dir / PID_FILE).read_text().split()[0])
-        proc = psutil.Process(pid)
-        if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and "up" in proc.cmdline():
+        proc = _living(pid)
+        if proc is not None and "up" in proc.cmdline():
             return pid
     except (FileNotFoundError, ValueError, IndexError, psutil.Error):
         pass
@@ -300,13 +300,19 @@ def _wait_exit(pid: int, timeout: float) -> bool:
     a container's pid 1) may take seconds to, which `psutil.Process.wait` would wait out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
+        if _living(pid) is None:
             return True
         time.sleep(0.05)
     return False
+
+
+def _living(pid: int) -> psutil.Process | None:
+    """`pid`'s process while it runs; None once it has exited (a zombie has: see _wait_exit)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc if proc.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.NoSuchProcess:
+        return None
 
 
 def down(state_dir: Path, timeout: float = 20.0, quiet: bool = False) -> int:
