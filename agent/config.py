@@ -54,6 +54,9 @@ class AgentSection:
     Peers then reach this agent as ID@HOST[:PORT] without any rendezvous server."""
     connect_timeout: float = 10.0
     """Seconds a session may take to come up before `connect`/`pipe` give up."""
+    link_idle: float = 300.0
+    """Seconds a link to a peer is kept once its last stream ended, so the next `pipe` or `-L`
+    connection to that peer opens in one round trip; 0 ends a link with its last stream."""
 
 
 @dataclass
@@ -122,6 +125,9 @@ class Config:
             raise ConfigError(
                 f"ray.placement must be {' or '.join(PLACEMENTS)}, got {shown(self.ray.placement)}"
             )
+        idle = self.agent.link_idle
+        if not (math.isfinite(idle) and idle >= 0):
+            raise ConfigError(f"agent.link_idle must be 0 or a positive number of seconds, got {idle}")
         timeout = self.agent.connect_timeout
         if not (math.isfinite(timeout) and timeout > 0):
             raise ConfigError(f"agent.connect_timeout must be a positive number of seconds, got {timeout}")

@@ -263,6 +263,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
             _policy_factory(rt),
             on_admitted=_pin_admitted(rt),
             seen=SeenPeers(rt.state_dir),
+            link_idle=rt.cfg.agent.link_idle,
         )
     elif kind == "nat_probe":
         comp = NatProbe(rt.server_addr, rt.cfg.agent.nat_test_port or None)

@@ -155,6 +155,7 @@ async def two_agents(
     rendezvous: RendezvousConfig | None = None,
     relay: RelayConfig | None = None,
     a_connect_timeout: float | None = None,
+    a_link_idle: float | None = None,
     a_relay: Callable[[Servers], Awaitable[str]] | None = None,
     a_server_key: str | None = None,
     b_allow: list[str] | None = None,
@@ -171,6 +172,7 @@ async def two_agents(
       rendezvous        the whole rendezvous config (ports, files, limits), e.g. from `rendezvous_config`
       relay             the whole relay config, e.g. `relay_config(max_waiting=10)`
       a_connect_timeout A's agent.connect_timeout (default 8 s, from `agent_config`)
+      a_link_idle       A's agent.link_idle (0: every stream races for a link of its own)
       a_relay           called with the running servers before A's state is written; returns the relay
                         A names (a proxy in front of the real one, another relay...)
       a_server_key      the rendezvous key A trusts instead of the real one (base64)
@@ -193,6 +195,8 @@ async def two_agents(
         a_cfg = agent_config(servers)
         if a_connect_timeout is not None:
             a_cfg.agent.connect_timeout = a_connect_timeout
+        if a_link_idle is not None:
+            a_cfg.agent.link_idle = a_link_idle
         if a_relay is not None:
             a_cfg.agent.relay = await a_relay(servers)
         if a_server_key is not None:

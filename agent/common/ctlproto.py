@@ -15,6 +15,7 @@ import contextlib
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,11 @@ from agent.common.tasks import TaskSet
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 4
+BACKLOG = 1024
+"""Pending connections a control socket holds: a client with a pool of 50 opens 50 streams at once,
+each one call to the coordinator and one from it to the session owner."""
+BACKLOG_RETRY = 0.005
+"""Seconds between connects while a server's backlog is full."""
 _HEAD = struct.Struct(">I")
 
 
@@ -94,7 +100,15 @@ def call(path: Path | str, obj: Any, fds: list[int] | tuple[int, ...] = (), time
     """One request, one reply (for ops queries)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(str(path))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect(str(path))
+                break
+            except BlockingIOError:  # the server's backlog is full (a burst of clients): nothing was sent
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{path}: the agent accepts no connection (backlog full)") from None
+                time.sleep(BACKLOG_RETRY)
         send(sock, obj, fds)
         reply, extra = recv(sock)
         for fd in extra:
@@ -181,8 +195,14 @@ async def _connect(path: Path | str, patience: float) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await loop.sock_connect(sock, str(path))
-            return sock
+            # Not loop.sock_connect: a Unix socket's connect never is "in progress"; EAGAIN means the
+            # backlog is full, which sock_connect takes for success (and the send then fails).
+            while True:
+                try:
+                    sock.connect(str(path))
+                    return sock
+                except BlockingIOError:
+                    await asyncio.sleep(BACKLOG_RETRY)
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             if loop.time() >= deadline:
@@ -245,7 +265,7 @@ class ControlServer:
             sock.bind(str(self.path))  # mode 0600: only this user may drive the agent
         finally:
             os.umask(old)
-        sock.listen(64)
+        sock.listen(BACKLOG)
         sock.setblocking(False)
         self._sock = sock
         self._task = asyncio.get_running_loop().create_task(self._accept_loop())

@@ -33,7 +33,7 @@ from agent.config import Config
 from agent.control.access import build_policy, known_peers
 from agent.control.answers import PushAnswers
 from agent.control.pins import PinMismatch, PinStore
-from agent.control.plan import Policy
+from agent.control.plan import Policy, Strategy
 from agent.control.race import VERSION, Race, SessionPlan, ms_since
 from agent.identity import Identity, IdentityCache
 from agent.nat.watch import interface_addresses
@@ -124,6 +124,11 @@ class Coordinator:
         self.started = time.monotonic()
         self.actors: dict[str, ActorInfo] = {}
         self.plans: dict[str, SessionPlan] = {}
+        self._dialing: dict[str, asyncio.Lock] = {}
+        """Peer -> held while a race for a link to it runs: streams that find no link wait for that
+        race's link instead of each starting a race of their own (20 clients at once, one race)."""
+        self._dial_failed: dict[str, tuple[float, str]] = {}
+        """Peer -> (when, why) its last race failed: the streams that waited for it fail with it."""
         self._tasks = TaskSet()
         self.answers = PushAnswers(self)
         self._ctl = ctlproto.ControlServer(control_socket, self._handle)
@@ -316,13 +321,12 @@ class Coordinator:
         )
 
     async def open_stream(self, req: dict[str, Any], local_fd: int) -> dict[str, Any]:
-        """A's side: race every strategy the plan allows; the session owner keeps the first
-        transport whose authenticated handshake completes."""
+        """A's side: a stream on the running link to the peer if there is one (one round trip), else a
+        race for a new link (one race per peer at a time)."""
         peer = str(req.get("peer", ""))
         target = str(req.get("target", ""))
         sid = uuidlib.uuid4().hex[:12]
         plan = self.new_plan(sid, peer, "initiator")
-        timeout = float(self.cfg.agent.connect_timeout)
 
         def fail(reason: str) -> dict[str, Any]:
             plan.error = reason
@@ -349,6 +353,74 @@ class Coordinator:
         if peer == self.identity.peer_id:
             return fail("that is this agent's own ID")
         started = time.monotonic()
+        stream: dict[str, Any] = {"session": sid, "peer": peer, "target": target, "want_key": spec.fingerprint or ""}
+        stream["paths"] = [s.value for s in Strategy if policy.allows_path(s)]
+        if direct:
+            stream["paths"] = []  # ID@HOST names the path: a race, not a link found by ID
+        lock = self._dialing.setdefault(peer, asyncio.Lock())
+        while True:
+            reply = await self._on_link(stream, local_fd)
+            if reply is not None:
+                return self._linked(plan, reply, started)
+            if not lock.locked():
+                break
+            async with lock:
+                pass  # another stream's race for a link to this peer: wait for its link (or its failure)
+            failed = self._dial_failed.get(peer)
+            if failed is not None and failed[0] > started:
+                return fail(failed[1])
+        async with lock:
+            result = await self._race(req, plan, sid, peer, target, spec, policy, direct, local_fd, started)
+        if not result.get("ok"):
+            self._dial_failed[peer] = (time.monotonic(), str(result.get("error")))
+        return result
+
+    async def _on_link(self, stream: dict[str, Any], local_fd: int) -> dict[str, Any] | None:
+        """The stream opened on a running link to the peer; None if there is none it may take."""
+        if not stream["paths"]:
+            return None
+        try:
+            reply = await ctlproto.acall(self.sessions_socket, {"op": "stream", **stream}, [local_fd], timeout=20)
+        except (OSError, TimeoutError, ctlproto.ControlError):
+            return None
+        if not isinstance(reply, dict) or reply.get("no_link"):
+            return None
+        return reply
+
+    def _linked(self, plan: SessionPlan, reply: dict[str, Any], started: float) -> dict[str, Any]:
+        if not reply.get("ok"):
+            plan.error = str(reply.get("error"))
+            return {"ok": False, "error": plan.error, "session": plan.id}
+        plan.path = str(reply.get("path", ""))
+        return {
+            "ok": True,
+            "session": plan.id,
+            "path": plan.path,
+            "link": reply.get("link", ""),
+            "elapsed_ms": ms_since(started),
+        }
+
+    async def _race(
+        self,
+        req: dict[str, Any],
+        plan: SessionPlan,
+        sid: str,
+        peer: str,
+        target: str,
+        spec: Any,
+        policy: Policy,
+        direct: str,
+        local_fd: int,
+        started: float,
+    ) -> dict[str, Any]:
+        """Race every strategy the plan allows for a new link; the session owner keeps the first transport
+        whose authenticated handshake completes and opens this stream on it."""
+        timeout = float(self.cfg.agent.connect_timeout)
+
+        def fail(reason: str) -> dict[str, Any]:
+            plan.error = reason
+            return {"ok": False, "error": reason, "session": sid}
+
         deadline = started + timeout
         keys: dict[str, tuple[bytes, str]] = {}
         race = Race(self, plan, sid, spec, started, deadline, keys)
@@ -403,7 +475,13 @@ class Coordinator:
         if pk and source != "pinned":  # remember the key, so a later server cannot swap it (like known_hosts)
             with contextlib.suppress(PinMismatch):
                 PinStore(self.state_dir).check_and_pin(peer, pk)
-        return {"ok": True, "session": sid, "path": plan.path, "elapsed_ms": ms_since(started)}
+        return {
+            "ok": True,
+            "session": sid,
+            "path": plan.path,
+            "link": reply.get("link", ""),
+            "elapsed_ms": ms_since(started),
+        }
 
     # ---- B side: pushes from the rendezvous server ----------------------------------------------
 

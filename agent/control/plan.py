@@ -65,6 +65,19 @@ class Policy:
                 raise ValueError(f"unknown path policy {w!r} (use {', '.join(POLICY_WORDS)})")
         return cls(mode, udp, tcp, v6)
 
+    def allows_path(self, path: str) -> bool:
+        """May a stream ride a link that runs on `path` (a strategy name)? The same words that choose
+        the strategies of a race choose the links a stream may reuse."""
+        if path == Strategy.RELAY:
+            return self.mode != Mode.DIRECT_ONLY
+        if self.mode == Mode.RELAY_ONLY:
+            return False
+        return not (
+            (path == Strategy.UDP_PUNCH and not self.udp)
+            or (path == Strategy.TCP_PUNCH and not self.tcp_punch)
+            or (path == Strategy.IPV6 and not self.ipv6)
+        )
+
 
 @dataclass(frozen=True)
 class Situation:

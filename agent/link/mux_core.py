@@ -139,6 +139,8 @@ class Mux:
     """One end of a link. `dialer` is the side that opened the link (odd stream ids)."""
 
     dialer: bool
+    frame_size: int = MAX_FRAME
+    """Largest DATA payload this end sends (a link sizes it so a frame fills one secure frame)."""
     streams: dict[int, _Stream] = field(default_factory=dict)
     _out: list[bytes] = field(default_factory=list)
     _buf: bytearray = field(default_factory=bytearray)
@@ -147,6 +149,8 @@ class Mux:
 
     def __post_init__(self) -> None:
         self._next = 1 if self.dialer else 2
+        if not 0 < self.frame_size <= MAX_FRAME:
+            raise ValueError(f"frame_size must be within 1-{MAX_FRAME}, got {self.frame_size}")
 
     # ---- what the application does ------------------------------------------------------------
 
@@ -170,10 +174,10 @@ class Mux:
         st = self._writable(sid)
         n = min(len(data), st.send_window)
         at = 0
+        size = self.frame_size
         while at < n:
-            piece = data[at : min(n, at + MAX_FRAME)]
-            self._frame(_DATA, self._ack(st), sid, len(piece))
-            self._out.append(piece)
+            piece = data[at : min(n, at + size)]
+            self._out.append(_pack(VERSION, _DATA, self._ack(st), sid, len(piece)) + piece)
             at += len(piece)
         st.send_window -= n
         return n
@@ -209,9 +213,25 @@ class Mux:
         self._frame(_GO_AWAY, 0, 0, code)
         self.closed = True
 
+    def window(self, sid: int) -> int:
+        """Bytes `send` would take on `sid` now (0 for a stream that is gone or closed for sending)."""
+        st = self.streams.get(sid)
+        return 0 if st is None or st.sent_fin or self.closed else st.send_window
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
+        return out
+
+    def frames_to_send(self) -> list[bytes]:
+        """The same bytes as `data_to_send`, one whole frame per item (a link packs them into secure
+        frames without splitting one, so the far end never buffers a partial frame)."""
+        out = self._out
+        self._out = []
         return out
 
     # ---- what the peer sent -----------------------------------------------------------------------

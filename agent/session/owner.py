@@ -28,6 +28,7 @@ import contextlib
 import logging
 import socket
 import time
+import uuid as uuidlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,24 +36,35 @@ from pathlib import Path
 from typing import Any
 
 from agent.common import ctlproto
-from agent.common.netutil import connect_tcp, describe_error, tune_transport
+from agent.common.netutil import connect_tcp, describe_error
 from agent.common.tasks import TaskSet
 from agent.identity import Identity
+from agent.link.link import Link, LinkClosed, LinkStream, StreamRefused
 from agent.session.guess_limiter import GuessLimiter, guess_keys
+from agent.session.links import LinkRecord, LinkTable
 from agent.session.seen import FLUSH_EVERY, SeenPeers
 from agent.session.states import ACTIVE, Outcome, SessionState
-from agent.session.stream import PumpStats, SessionError, StreamCodec, pump, run_handshake
+from agent.session.stream import PumpStats, SessionError, StreamCodec, run_handshake
 from agent.wire.frames import encode_frame
-from agent.wire.handshake import Binding, HandshakeError, Initiator, Policy, Responder
+from agent.wire.handshake import (
+    Binding,
+    HandshakeError,
+    Initiator,
+    Policy,
+    Responder,
+    TrustedBy,
+    stream_refusal,
+)
 from agent.wire.peer_ids import fingerprint
 
 log = logging.getLogger(__name__)
 
-SELECT = b"\x00"
-"""A's first sealed frame on the transport it chose."""
-OPEN_OK = b"\x00"
-OPEN_FAILED = b"\x01"
-"""B's first sealed frame once selected: did the forward target accept the connection?"""
+SELECT = b"\x02"
+"""A's first sealed frame on the transport it chose: a link (agent/link/link.py) runs on it from
+here. (Before links, 0x00 selected a one-stream session; an agent of that kind refuses this one.)"""
+LINK_IDLE = 300.0
+"""Seconds a link A dialled is kept without streams (the next `pipe` or `-L` connection to that peer
+then opens in one round trip). Keepalives hold the relay and NAT state meanwhile."""
 
 MAX_SESSIONS_KEPT = 256
 """Finished sessions kept for `punchthrough-ops sessions` (the oldest are forgotten first)."""
@@ -148,13 +160,16 @@ class SessionRecord:
     stats: PumpStats = field(default_factory=PumpStats)
     created: float = field(default_factory=time.monotonic)
     notice: PumpNotice | None = None
+    link: LinkRecord | None = None
+    """The link this stream rides (or, for B's record of a handshake, the link it became)."""
 
     def failure(self) -> str:
         """Why the session failed ("" if it did not): the KCP pump's word first, asked here and not
         only once the pump task settles, since the client asks as soon as its stream is reset."""
         error = self.error or self.stats.error  # the pump notes its error before it resets the stream
-        if error and self.notice is not None:
-            error = self.notice.poll() or error
+        notice = self.notice or (self.link.notice if self.link is not None else None)
+        if error and notice is not None:
+            error = notice.poll() or error
         return error
 
     def settle_notice(self) -> None:
@@ -181,6 +196,7 @@ class SessionRecord:
             "bytes_in": self.stats.bytes_in,
             "age": round(time.monotonic() - self.created, 3),
             "transports": list(self.transports),
+            "link": self.link.id if self.link is not None else "",
         }
 
 
@@ -227,6 +243,7 @@ class SessionOwner:
         on_admitted: Callable[[str, bytes, str], None] | None = None,
         handshake_timeout: float = 10.0,
         seen: SeenPeers | None = None,
+        link_idle: float = LINK_IDLE,
     ) -> None:
         self.socket_path = socket_path
         self.identity = identity
@@ -238,6 +255,10 @@ class SessionOwner:
         self.on_admitted = on_admitted
         self.handshake_timeout = handshake_timeout
         self.sessions: dict[str, SessionRecord] = {}
+        self.links = LinkTable()
+        self.link_idle = link_idle
+        self._streams: dict[tuple[str, int], SessionRecord] = {}
+        """(link, stream) -> the record of that stream, until it ends."""
         self._queues: dict[str, TransportQueue] = {}
         self._decided: OrderedDict[str, None] = OrderedDict()
         """Sessions whose race is over: a transport for one of them is closed at once (it used to
@@ -261,6 +282,8 @@ class SessionOwner:
 
     async def close(self) -> None:
         await self._server.close()
+        for lrec in self.links.running():
+            lrec.link.close("this agent is stopping")
         if self.seen is not None:
             with contextlib.suppress(OSError):
                 self.seen.flush()
@@ -279,6 +302,9 @@ class SessionOwner:
     def session_list(self) -> list[dict[str, Any]]:
         return [s.as_dict() for s in self.sessions.values()]
 
+    def link_list(self) -> list[dict[str, Any]]:
+        return self.links.as_list()
+
     # ---- control requests -----------------------------------------------------------------
 
     async def _handle(self, req: dict[str, Any], fds: list[int]) -> Any:
@@ -289,7 +315,11 @@ class SessionOwner:
         try:
             if op == "list":
                 return {"ok": True, "sessions": self.session_list()}
+            if op == "links":
+                return {"ok": True, "links": self.link_list()}
             sid = str(req.get("session", ""))
+            if op == "stream" and len(socks) == 1 and sid:
+                return await self._stream(req, socks.pop())
             if op == "transport" and len(socks) in (1, 2) and sid:
                 transport = socks.pop(0)
                 return self._on_transport(sid, req, transport, socks[0] if socks else None)
@@ -376,22 +406,77 @@ class SessionOwner:
             return {"ok": False, "error": rec.error, "transports": rec.transports}
         rec.path = won.path
         rec.peer_key, rec.admitted_by, rec.id_verified = fingerprint(won.peer_pk), won.key_source, True
-        loop = asyncio.get_running_loop()
+        pump_notice, rec.notice = rec.notice, None
         try:
-            await loop.sock_sendall(won.sock, won.codec.encode(SELECT)[0])
-            early = await self._await_open_result(won.sock, won.codec, rec)
-        except (SessionError, OSError, TimeoutError) as exc:
-            rec.state, rec.error = (
-                SessionState.FAILED,
-                str(exc) if isinstance(exc, SessionError) else describe_error(exc),
-            )
-            rec.settle_notice()
+            preamble = won.codec.encode(SELECT)[0]
+        except SessionError as exc:
             won.sock.close()
+            rec.state, rec.error = SessionState.FAILED, str(exc)
             return {"ok": False, "error": rec.error, "transports": rec.transports}
-        rec.state = SessionState.OPEN
+        link = Link(won.sock, won.codec, dialer=True, idle=self.link_idle, preamble=preamble)
+        lrec = LinkRecord(uuidlib.uuid4().hex[:8], "dialer", rec.peer, rec.peer_key, won.path, link, won.key_source)
+        lrec.note_path(won.path, "won the race")
+        lrec.notice = pump_notice
+        self._run_link(lrec)
         self._note_seen(rec)
-        self._spawn(self._pump(rec, won.sock, won.codec, local.dup(), early))
-        return {"ok": True, "session": sid, "path": won.path, "transports": rec.transports}
+        reply = await self._open_on(lrec, rec, local.dup())
+        return {**reply, "transports": rec.transports}
+
+    async def _stream(self, req: dict[str, Any], local: socket.socket) -> dict[str, Any]:
+        """A new stream on a running link this agent dialled to the peer, if one may take it:
+        {"ok": False, "no_link": True} when none may (the coordinator then races for a new one)."""
+        peer, want = str(req.get("peer", "")), str(req.get("want_key", ""))
+        paths = {str(p) for p in req.get("paths") or []}
+        lrec = self.links.usable(peer, want, lambda path: path in paths)
+        if lrec is None:
+            return {"ok": False, "no_link": True}
+        rec = self._record(str(req["session"]), "initiator")
+        rec.peer, rec.target = peer, str(req.get("target", ""))
+        rec.peer_key, rec.admitted_by, rec.id_verified = lrec.peer_key, lrec.admitted_by, True
+        reply = await self._open_on(lrec, rec, local.dup())
+        if not reply["ok"] and lrec.link.closing:
+            del self.sessions[rec.id]
+            return {"ok": False, "no_link": True}  # it went away meanwhile: race for a new one
+        return reply
+
+    async def _open_on(self, lrec: LinkRecord, rec: SessionRecord, local: socket.socket) -> dict[str, Any]:
+        """Open `rec`'s stream on the link; the link pumps `local` from then on."""
+        rec.path, rec.link = lrec.path, lrec
+        try:
+            st = await lrec.link.open(rec.target)
+        except (StreamRefused, LinkClosed) as exc:
+            local.close()
+            rec.state, rec.error = SessionState.FAILED, f"peer {rec.peer}: {exc}"
+            return {"ok": False, "error": rec.error}
+        rec.state, rec.stats = SessionState.OPEN, st.stats
+        self._streams[(lrec.id, st.sid)] = rec
+        lrec.link.attach(st, local)
+        return {"ok": True, "session": rec.id, "path": lrec.path, "link": lrec.id}
+
+    def _run_link(self, lrec: LinkRecord) -> None:
+        lrec.link.on_stream_end = lambda st: self._stream_ended(lrec, st)
+        self.links.add(lrec)
+        self._spawn(self._link_task(lrec))
+
+    async def _link_task(self, lrec: LinkRecord) -> None:
+        error = await lrec.link.run()
+        notice = lrec.notice
+        if isinstance(notice, PumpNotice):
+            if error:
+                with contextlib.suppress(Exception):
+                    error = await notice.wait(NOTICE_GRACE) or error
+            notice.close()
+        self.links.ended(lrec, error)
+        if error:
+            log.warning("link %s to %s on %s ended: %s", lrec.id, lrec.peer, lrec.path, error)
+        else:
+            log.info("link %s to %s on %s closed", lrec.id, lrec.peer, lrec.path)
+
+    def _stream_ended(self, lrec: LinkRecord, st: LinkStream) -> None:
+        rec = self._streams.pop((lrec.id, st.sid), None)
+        if rec is not None:
+            rec.state = SessionState.FAILED if st.error else SessionState.DONE
+            rec.error = st.error
 
     async def _race_handshakes(
         self, req: dict[str, Any], rec: SessionRecord, race: TransportQueue, wait: float
@@ -483,20 +568,6 @@ class SessionOwner:
             rec.error = refusal or ("; ".join(failures) if failures else "no path to the peer")
         return won
 
-    async def _await_open_result(
-        self, transport: socket.socket, codec: StreamCodec, rec: SessionRecord
-    ) -> list[bytes | None]:
-        """B's stream status; returns stream pieces that arrived in the same read."""
-        pending = await _first_pieces(transport, codec, self.handshake_timeout + 10)
-        if pending is None:
-            raise SessionError(f"peer {rec.peer} closed the session before opening the stream")
-        first = pending.pop(0)
-        if first is None or first[:1] not in (OPEN_OK, OPEN_FAILED):
-            raise SessionError(f"peer {rec.peer} sent no stream status")
-        if first[:1] == OPEN_FAILED:
-            raise SessionError(f"peer {rec.peer}: {first[1:201].decode('utf-8', 'replace')}")
-        return pending
-
     # ---- B: answer a transport ----------------------------------------------------------------
 
     def _respond(
@@ -586,35 +657,57 @@ class SessionOwner:
             rec.target or "(none)",
         )
         try:
-            selected = await self._await_select(transport, codec)
+            early = await self._await_select(transport, codec)
         except (SessionError, OSError, TimeoutError) as exc:
-            selected, rec.error = False, str(exc) if isinstance(exc, SessionError) else describe_error(exc)
-        if not selected:
+            early, rec.error = None, str(exc) if isinstance(exc, SessionError) else describe_error(exc)
+        if early is None:
             rec.state = SessionState.LOST
             rec.error = rec.error or "the peer chose another path"
             transport.close()
             return
         if self.on_admitted and machine.peer_pk and machine.id_verified and _listed(policy, rec.peer):
             self.on_admitted(rec.peer, machine.peer_pk, rec.admitted_by)  # pinned from now on
-        try:
-            local = await connect_tcp(rec.target, timeout=5.0) if rec.target else self._echo_end()
-        except (OSError, TimeoutError, ValueError) as exc:
-            rec.state, rec.error = SessionState.FAILED, f"target {rec.target}: {describe_error(exc)}"
-            with contextlib.suppress(OSError, SessionError):
-                frames = [*codec.encode(OPEN_FAILED + rec.error.encode()), codec.encode_eof()]
-                await loop.sock_sendall(transport, b"".join(frames))
-            transport.close()
-            return
-        try:
-            await loop.sock_sendall(transport, codec.encode(OPEN_OK)[0])
-        except OSError as exc:
-            rec.state, rec.error = SessionState.FAILED, f"peer went away: {describe_error(exc)}"
-            transport.close()
-            local.close()
-            return
-        rec.state = SessionState.OPEN
+        assert machine.peer_pk is not None and machine.admitted_by is not None
+        lrec = LinkRecord(rec.id, "acceptor", rec.peer, rec.peer_key, rec.path, Link(transport, codec, dialer=False))
+        lrec.admitted_by = rec.admitted_by
+        lrec.note_path(rec.path, "selected by the peer")
+        lrec.notice, rec.notice = rec.notice, None
+        lrec.link.accept = self._acceptor(lrec, machine.peer_pk, machine.admitted_by, policy.password)
+        lrec.link.early = early
+        # This record's part is done: it became the link (`links` shows it; each stream gets a record).
+        rec.state, rec.link = SessionState.DONE, lrec
         self._note_seen(rec)
-        await self._pump(rec, transport, codec, local)
+        self._run_link(lrec)
+
+    def _acceptor(
+        self, lrec: LinkRecord, peer_pk: bytes, admitted_by: TrustedBy, password: str | None
+    ) -> Callable[[LinkStream], Any]:
+        """B's judge for each stream the peer opens on this link: the policy as it is now, then the target."""
+        count = 0
+
+        async def accept(st: LinkStream) -> socket.socket:
+            nonlocal count
+            count += 1
+            rec = self._record(f"{lrec.id}.{count}", "responder")
+            rec.peer, rec.peer_key, rec.path, rec.link = lrec.peer, lrec.peer_key, lrec.path, lrec
+            rec.target, rec.admitted_by, rec.id_verified, rec.stats = st.target, lrec.admitted_by, True, st.stats
+            refusal = stream_refusal(self.policy_factory(), lrec.peer, peer_pk, admitted_by, password, st.target)
+            try:
+                if refusal is not None:
+                    log.warning("refused a stream from peer %s to %s: %s", lrec.peer, st.target or "(echo)", refusal)
+                    raise StreamRefused(refusal)
+                local = await connect_tcp(st.target, timeout=5.0) if st.target else self._echo_end()
+            except (OSError, TimeoutError, ValueError) as exc:
+                rec.state, rec.error = SessionState.FAILED, f"target {st.target}: {describe_error(exc)}"
+                raise StreamRefused(rec.error) from None
+            except StreamRefused as exc:
+                rec.state, rec.error = SessionState.FAILED, str(exc)
+                raise
+            rec.state = SessionState.OPEN
+            self._streams[(lrec.id, st.sid)] = rec
+            return local
+
+        return accept
 
     def _echo_end(self) -> socket.socket:
         """No target: `punchthrough-ops ping`'s echo, up to ECHO_LIMIT bytes, instead of a forward."""
@@ -623,48 +716,18 @@ class SessionOwner:
         self._spawn(_echo(far, ECHO_LIMIT))
         return local
 
-    async def _await_select(self, transport: socket.socket, codec: StreamCodec) -> bool:
-        """True once A selects this transport; False if A closes it (another path won)."""
+    async def _await_select(self, transport: socket.socket, codec: StreamCodec) -> list[bytes] | None:
+        """Once A selects this transport, the link bytes that came with the selection; None if A
+        closes it (another path won)."""
         pending = await _first_pieces(transport, codec, SELECT_TIMEOUT)
         if pending is None:
-            return False
-        if pending[0] != SELECT or len(pending) > 1:
-            raise SessionError("peer sent data before selecting the path")
-        return True
-
-    # ---- both: pump ------------------------------------------------------------------------
-
-    async def _pump(
-        self,
-        rec: SessionRecord,
-        transport: socket.socket,
-        codec: StreamCodec,
-        local: socket.socket,
-        early: list[bytes | None] | None = None,
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        tune_transport(transport)
-        try:
-            for piece in early or []:
-                if piece is None:
-                    local.shutdown(socket.SHUT_WR)
-                else:
-                    await loop.sock_sendall(local, piece)
-                    rec.stats.bytes_in += len(piece)
-            await pump(transport, codec, local, rec.stats)
-            rec.state = SessionState.DONE
-        except SessionError as exc:
-            rec.state, rec.error = SessionState.FAILED, str(exc)
-        except OSError as exc:
-            rec.state, rec.error = SessionState.FAILED, describe_error(exc)
-        finally:
-            if rec.state == SessionState.FAILED and rec.notice is not None:
-                with contextlib.suppress(Exception):
-                    await rec.notice.wait(NOTICE_GRACE)  # before our close makes the pump end the KCP itself
-            rec.settle_notice()
-            transport.close()
-            with contextlib.suppress(OSError):
-                local.close()
+            return None
+        if pending[0] != SELECT:
+            raise SessionError("peer did not select the path (an agent from before peer links?)")
+        early = pending[1:]
+        if any(piece is None for piece in early):
+            return None
+        return [piece for piece in early if piece is not None]
 
     def _spawn(self, coro: Any) -> None:
         self._tasks.spawn(coro)

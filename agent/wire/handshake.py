@@ -512,6 +512,36 @@ class Policy:
         return peer in self.allowed_ids
 
 
+def stream_refusal(
+    policy: Policy | None, peer_id: str, peer_pk: bytes, admitted_by: TrustedBy, password_then: str | None, target: str
+) -> str | None:
+    """A new stream on a link this peer opened earlier: does the policy as it is *now* still admit it,
+    and allow `target`? None if so, else the reason to tell the peer. The key was proved when the link
+    came up; what may have changed since is the policy (an allow entry removed, a password changed)."""
+    if policy is None:
+        return "this agent admits nobody now"
+    admitted = False
+    want = policy.allowed_keys.get(peer_id)
+    pinned = policy.pinned_keys.get(peer_id)
+    if want is not None:
+        admitted = fingerprint(peer_pk) == want
+    elif pinned is not None:
+        admitted = hmac.compare_digest(pinned, peer_pk)
+    elif peer_id in policy.allowed_ids:
+        admitted = admitted_by is not TrustedBy.PASSWORD
+    if not admitted and admitted_by is TrustedBy.PASSWORD and want is None and pinned is None:
+        admitted = policy.password is not None and hmac.compare_digest(
+            policy.password.encode(), (password_then or "").encode()
+        )
+    if not admitted:
+        return f"{_show(peer_id)} is no longer allowed on this agent"
+    if not target and not policy.allow_no_target:
+        return "a forward target is required"
+    if target and target not in policy.allowed_targets:
+        return f"target {_show(target)} is not allowed: on this agent, run `punchthrough allow-target {_show(target)}`"
+    return None
+
+
 class Responder(_Machine):
     """B, the connected-to side: proves its identity, receives the session key, judges A.
 

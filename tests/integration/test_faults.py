@@ -92,12 +92,15 @@ async def test_rendezvous_down_and_back_under_a_relayed_session(lab: AgentPair) 
     await flow.step(8)
     await rv.close()  # the server goes away mid-session
     await flow.step(16)  # the relayed session does not need it
+    linked, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
+    assert linked is not None, reply  # a new stream rides the running link: no server needed
+    await Flow(linked).finish()
     t0 = time.monotonic()
-    down, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
+    down, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="direct-only")  # needs a new link
     failed_after = time.monotonic() - t0
     await flow.step(8)
     await flow.finish()
-    print(f"\n[fault 2a] open while the rendezvous server is down: {failed_after:.2f} s -> {reply.get('error')!r}")
+    print(f"\n[fault 2a] a new link, rendezvous server down: {failed_after:.2f} s -> {reply.get('error')!r}")
     assert down is None
     assert reply.get("error"), reply
     assert failed_after < CONNECT_TIMEOUT + 5  # bounded by the connect timeout, not a hang

@@ -39,10 +39,11 @@ from tests.integration.test_rendezvous_server import B_ID, ServerThread, make_cf
 # ----------------------------------------------------------------------------- the man in the middle
 
 # Frame indexes on A's relay connection (see agent/wire/handshake.py and agent/session/owner.py):
-#   A -> relay: 0 RequestRelay, 1 PublicKey, 2 sealed PeerAuth, 3 sealed SELECT, 4.. data, last sealed EOF
-#   relay -> A: 0 SignedId, 1 sealed AuthResult, 2 sealed OPEN_OK, 3.. data
+#   A -> relay: 0 RequestRelay, 1 PublicKey, 2 sealed PeerAuth, 3 sealed SELECT, 4 sealed stream open
+#               (the link's first frame), 5.. data
+#   relay -> A: 0 SignedId, 1 sealed AuthResult, 2 sealed stream answer, 3.. data
 UP, DOWN = "to_relay", "to_client"
-FIRST_DATA = {UP: 4, DOWN: 3}
+FIRST_DATA = {UP: 5, DOWN: 3}
 
 Action = Callable[["Hop", int, bytes], Awaitable[bool]]
 """Called for each frame on the tampered hop; returns False to stop forwarding (the cut)."""
@@ -210,7 +211,8 @@ CASES: dict[str, tuple[str, Action]] = {
     "flip MAC bit, relay->A": (DOWN, flip_bit(FIRST_DATA[DOWN] + 1, bit=3)),
     "flip bit, A->relay": (UP, flip_bit(FIRST_DATA[UP] + 1)),
     "flip bit in SELECT": (UP, flip_bit(3)),
-    "flip bit in OPEN_OK": (DOWN, flip_bit(2)),
+    "flip bit in the stream open": (UP, flip_bit(4)),
+    "flip bit in the stream's answer": (DOWN, flip_bit(2)),
     "replay data, relay->A": (DOWN, replay(FIRST_DATA[DOWN] + 2, FIRST_DATA[DOWN])),
     "replay AuthResult, relay->A": (DOWN, replay(FIRST_DATA[DOWN] + 1, 1)),
     "replay data, A->relay": (UP, replay(FIRST_DATA[UP] + 2, FIRST_DATA[UP])),

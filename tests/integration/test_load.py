@@ -206,7 +206,9 @@ async def online_states(nat_port: int, ids: list[str], chunk: int = 1000) -> lis
 async def lab(tmp_path: Path) -> AsyncIterator[AgentPair]:
     # The simulated peers share a few source addresses, as many hosts behind one NAT would:
     # lift the per-IP registration limits (which exist against exactly that from one abuser).
-    async with two_agents(tmp_path, limits=Limits(ip_block_limit=1 << 30, ip_ids_limit=1 << 30)) as pair:
+    # Each stream races for a link of its own (link_idle 0): the server's punch path is under test.
+    limits = Limits(ip_block_limit=1 << 30, ip_ids_limit=1 << 30)
+    async with two_agents(tmp_path, limits=limits, a_link_idle=0) as pair:
         yield pair
 
 

@@ -23,7 +23,7 @@ from tests.integration import loopback_strategy as loopback
 async def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[AgentPair]:
     registry.register(loopback.ENTRY)
     try:
-        async with two_agents(tmp_path) as agents:
+        async with two_agents(tmp_path, a_link_idle=0) as agents:  # a race per stream: each is raced
             yield agents
     finally:
         registry.unregister(loopback.NAME)

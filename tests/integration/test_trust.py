@@ -20,9 +20,11 @@ from nacl.signing import SigningKey
 
 from agent.control.pins import PinStore
 from agent.identity import load_or_create
+from agent.link import stream_open
+from agent.link.mux_core import Data, Mux
 from agent.proto import rendezvous_pb2 as pb
 from agent.rendezvous.requests import Signer
-from agent.session.owner import OPEN_OK, SELECT, _first_pieces
+from agent.session.owner import SELECT, _first_pieces
 from agent.session.stream import SessionError, run_handshake
 from agent.stack import LocalAgent
 from agent.wire import addr as addrmod
@@ -111,9 +113,14 @@ async def stranger_session(
             codec = await run_handshake(sock, machine, 5.0)
         except (HandshakeError, SessionError) as exc:
             return f"refused: {getattr(exc, 'reason', exc)}"
-        await loop.sock_sendall(sock, codec.encode(SELECT)[0])
+        mux = Mux(dialer=True)
+        stream = mux.open_stream()
+        mux.send(stream, stream_open.encode_request(target))
+        await loop.sock_sendall(sock, codec.encode(SELECT)[0] + b"".join(codec.encode(mux.data_to_send())))
         pieces = await _first_pieces(sock, codec, 5.0)
-        if pieces and pieces[0] is not None and pieces[0][:1] == OPEN_OK:
+        events = [e for p in pieces or [] if p is not None for e in mux.receive(p)]
+        answers = [e.data for e in events if isinstance(e, Data) and e.stream == stream]
+        if answers and stream_open.parse_status(answers[0]) is None:
             return "open"
         return f"refused: {pieces!r}"
     finally:

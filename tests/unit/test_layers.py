@@ -41,6 +41,7 @@ CORES = {
     "agent.session.view",
     "agent.session.guess_limiter",
     "agent.link.mux_core",
+    "agent.link.stream_open",
 }
 """The pure cores: decisions and codecs that tests drive with plain values (time passed in)."""
 NOT_IN_A_CORE = {"asyncio", "socket", "selectors", "ssl", "time", "threading", "subprocess", "ray"}

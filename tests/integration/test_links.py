@@ -1,0 +1,266 @@
+"""Peer links between two real session owners (their control sockets, a real handshake, no Ray):
+streams reuse one link, flow control keeps a stalled stream from stalling the others, nothing
+leaks, and B judges every stream by its policy as it is when the stream opens."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.common import ctlproto
+from agent.common.netutil import loopback_pair
+from agent.identity import Identity, IdentityCache, load_or_create
+from agent.session.owner import SessionOwner
+from agent.wire.handshake import Policy
+from agent.wire.peer_ids import fingerprint
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+@dataclass
+class Pair:
+    a: SessionOwner
+    b: SessionOwner
+    a_sock: Path
+    a_id: Identity
+    b_id: Identity
+    target: str
+    b_policy: list[Policy | None]
+    """B's policy as it is now (tests change it; B reads it per stream)."""
+    n: int = 0
+
+    async def first_stream(self, local: socket.socket, target: str | None = None, path: str = "lan") -> dict:
+        """Bring a link up the way a race does (a transport for A, the same for B) with this stream."""
+        self.n += 1
+        sid = f"s{self.n}"
+        ta, tb = socket.socketpair()
+        reply = await ctlproto.acall(
+            self.b.socket_path,
+            {
+                "op": "respond",
+                "session": sid,
+                "path": path,
+                "binding_id": self.a_id.peer_id,
+                "binding_pk": self.a_id.public_key,
+            },
+            [tb.fileno()],
+        )
+        assert reply["ok"]
+        reply = await ctlproto.acall(
+            self.a_sock,
+            {"op": "transport", "session": sid, "path": path, "peer_pk": self.b_id.public_key, "key_source": "pinned"},
+            [ta.fileno()],
+        )
+        assert reply["ok"]
+        ta.close()
+        tb.close()
+        request = {
+            "op": "initiate",
+            "session": sid,
+            "peer": self.b_id.peer_id,
+            "target": self.target if target is None else target,
+            "wait": 5,
+        }
+        reply = await ctlproto.acall(self.a_sock, request, [local.fileno()])
+        local.close()
+        return reply
+
+    async def stream(self, local: socket.socket, target: str | None = None, paths: tuple[str, ...] = ("lan",)) -> dict:
+        self.n += 1
+        request = {
+            "op": "stream",
+            "session": f"s{self.n}",
+            "peer": self.b_id.peer_id,
+            "target": self.target if target is None else target,
+            "paths": list(paths),
+        }
+        reply = await ctlproto.acall(self.a_sock, request, [local.fileno()])
+        local.close()
+        return reply
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    target = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    a_id, b_id = load_or_create(tmp_path / "a"), load_or_create(tmp_path / "b")
+    policy: list[Policy | None] = [
+        Policy.of(allowed_keys={a_id.peer_id: fingerprint(a_id.public_key)}, allowed_targets=[target])
+    ]
+    a = SessionOwner(tmp_path / "a.sock", IdentityCache(tmp_path / "a", a_id).get, lambda: None)
+    b = SessionOwner(tmp_path / "b.sock", IdentityCache(tmp_path / "b", b_id).get, lambda: policy[0])
+    await a.start()
+    await b.start()
+    try:
+        yield Pair(a, b, tmp_path / "a.sock", a_id, b_id, target, policy)
+    finally:
+        await a.close()
+        await b.close()
+        server.close()
+
+
+async def echo_through(client: socket.socket, payload: bytes) -> bytes:
+    """Send `payload`, half-close, read everything back."""
+    loop = asyncio.get_running_loop()
+    client.setblocking(False)
+    await loop.sock_sendall(client, payload)
+    client.shutdown(socket.SHUT_WR)
+    got = bytearray()
+    while data := await loop.sock_recv(client, 65536):
+        got += data
+    return bytes(got)
+
+
+async def test_streams_after_the_first_ride_the_same_link(pair: Pair) -> None:
+    mine, theirs = loopback_pair()
+    reply = await pair.first_stream(theirs)
+    assert reply["ok"], reply
+    assert await echo_through(mine, b"one" * 1000) == b"one" * 1000
+    mine.close()
+    for i in range(3):
+        mine, theirs = loopback_pair()
+        reply = await pair.stream(theirs)
+        assert reply["ok"], reply
+        payload = bytes([i]) * 300_000
+        assert await echo_through(mine, payload) == payload
+        mine.close()
+    links = pair.a.link_list()
+    assert len(links) == 1 and links[0]["streams_total"] == 4 and links[0]["state"] == "up"
+    assert links[0]["path"] == "lan" and links[0]["history"][0]["path"] == "lan"
+    assert [x["streams_total"] for x in pair.b.link_list()] == [4]
+
+
+async def test_a_stream_finds_no_link_for_a_path_its_policy_excludes(pair: Pair) -> None:
+    mine, theirs = loopback_pair()
+    assert (await pair.first_stream(theirs))["ok"]
+    mine.close()
+    _, theirs = loopback_pair()
+    assert (await pair.stream(theirs, paths=("relay",))) == {"ok": False, "no_link": True}
+
+
+async def test_a_refused_target_fails_only_its_stream(pair: Pair) -> None:
+    mine, theirs = loopback_pair()
+    assert (await pair.first_stream(theirs))["ok"]
+    mine.close()
+    _, theirs = loopback_pair()
+    reply = await pair.stream(theirs, target="127.0.0.1:9")
+    assert not reply["ok"] and "127.0.0.1:9 is not allowed" in reply["error"]
+    mine, theirs = loopback_pair()
+    assert (await pair.stream(theirs))["ok"]
+    assert await echo_through(mine, b"still here") == b"still here"
+
+
+async def test_a_peer_removed_from_the_allow_list_opens_no_more_streams_on_its_link(pair: Pair) -> None:
+    """Security: a link admitted under yesterday's policy is not a pass for today's streams."""
+    mine, theirs = loopback_pair()
+    assert (await pair.first_stream(theirs))["ok"]
+    mine.close()
+    pair.b_policy[0] = Policy.of(allowed_ids=["someoneelse"], allowed_targets=[pair.target])
+    _, theirs = loopback_pair()
+    reply = await pair.stream(theirs)
+    assert not reply["ok"] and "no longer allowed" in reply["error"], reply
+    pair.b_policy[0] = None
+    _, theirs = loopback_pair()
+    reply = await pair.stream(theirs)
+    assert not reply["ok"] and "admits nobody" in reply["error"], reply
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_thousand_streams_open_and_close_without_a_leak(pair: Pair) -> None:
+    mine, theirs = loopback_pair()
+    assert (await pair.first_stream(theirs))["ok"]
+    assert await echo_through(mine, b"x") == b"x"
+    mine.close()
+    await asyncio.sleep(0.1)
+    gc.collect()
+    fds_before = _fds()
+    for i in range(1000):
+        mine, theirs = loopback_pair()
+        reply = await pair.stream(theirs)
+        assert reply["ok"], (i, reply)
+        assert await echo_through(mine, b"%d" % i) == b"%d" % i
+        mine.close()
+    await asyncio.sleep(0.2)
+    gc.collect()
+    (link,) = pair.a.links.running()
+    assert link.link.opened == 1001
+    assert link.link.stream_count == 0 and not link.link.mux.streams
+    (b_link,) = pair.b.links.running()
+    assert b_link.link.stream_count == 0 and not b_link.link.mux.streams
+    assert not pair.a._streams and not pair.b._streams
+    assert _fds() <= fds_before + 2, (fds_before, _fds())
+
+
+async def test_a_stalled_reader_stalls_only_its_own_stream(pair: Pair) -> None:
+    """200 streams at once; one client writes 64 MB (more than every socket buffer on the way can
+    hold) and never reads its echo. The other 199 finish
+    their 256 KB round trips, and A holds at most a window or so for the stalled one."""
+    loop = asyncio.get_running_loop()
+    mine, theirs = loopback_pair()
+    assert (await pair.first_stream(theirs))["ok"]
+    mine.close()
+    stalled, theirs = loopback_pair()
+    assert (await pair.stream(theirs))["ok"]
+    stalled.setblocking(False)
+    blob = bytes(64 << 20)
+    writer = asyncio.ensure_future(loop.sock_sendall(stalled, blob))
+    await asyncio.sleep(0.5)
+    assert not writer.done(), "64 MB went through a stream nobody reads: no flow control"
+
+    async def one(i: int) -> None:
+        mine, theirs = loopback_pair()
+        reply = await pair.stream(theirs)
+        assert reply["ok"], reply
+        payload = os.urandom(256 * 1024)
+        assert await echo_through(mine, payload) == payload
+        mine.close()
+
+    async with asyncio.timeout(60):
+        await asyncio.gather(*(one(i) for i in range(199)))
+    (link,) = pair.a.links.running()
+    stuck = [st for st in link.link.streams.values()]
+    assert len(stuck) == 1
+    assert sum(map(len, stuck[0].inbound)) <= 256 * 1024
+    writer.cancel()
+    stalled.close()
+
+
+async def test_a_cut_link_fails_its_streams_and_the_next_stream_needs_a_new_one(pair: Pair) -> None:
+    mine, theirs = loopback_pair()
+    assert (await pair.first_stream(theirs))["ok"]
+    (lrec,) = pair.a.links.running()
+    lrec.link.transport.shutdown(socket.SHUT_RDWR)  # the path dies under the link
+    mine.setblocking(False)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ConnectionResetError):
+        async with asyncio.timeout(5):
+            while await loop.sock_recv(mine, 100):
+                pass
+    mine.close()
+    await asyncio.sleep(0.1)
+    assert lrec.state == "failed" and "cut" in lrec.error
+    failed = [s for s in pair.a.session_list() if s["link"] == lrec.id]
+    assert failed and all("link to the peer lost" in s["error"] for s in failed)
+    _, theirs = loopback_pair()
+    assert (await pair.stream(theirs)) == {"ok": False, "no_link": True}
