@@ -22,7 +22,7 @@ from agent.common.netutil import loopback_pair
 from agent.common.paths import add_anywhere, add_state_dir, default_state_dir
 from agent.runtime_paths import control_socket
 
-COMMANDS = ("status", "actors", "sessions", "netcheck")
+COMMANDS = ("status", "actors", "sessions", "links", "netcheck")
 
 
 class OpsError(Exception):
@@ -174,6 +174,41 @@ def render_sessions(st: dict[str, Any]) -> str:
     return table(headers, rows)
 
 
+def _history(moves: list[dict[str, Any]]) -> str:
+    """`relay 14:02:01 (won the race) -> lan 14:02:09 (...)`: the link's paths, oldest first."""
+    parts = []
+    for move in moves:
+        at = time.strftime("%H:%M:%S", time.localtime(float(move.get("at", 0))))
+        why = f" ({move['why']})" if move.get("why") else ""
+        parts.append(f"{move.get('path', '?')} {at}{why}")
+    return " -> ".join(parts)
+
+
+def render_links(st: dict[str, Any]) -> str:
+    rows = []
+    for link in st.get("links", []):
+        key = str(link.get("peer_key") or "")
+        rows.append(
+            [
+                link["id"],
+                link.get("peer", "-") or "-",
+                link.get("role", "-"),
+                link.get("path", "-") or "-",
+                link.get("state", "-"),
+                f"{key[:18]}..." if key else "-",
+                f"{link.get('streams', 0)}/{link.get('streams_total', 0)}",
+                _bytes(link.get("bytes_out", 0)),
+                _bytes(link.get("bytes_in", 0)),
+                _age(link.get("age")),
+                one_line(link.get("error") or _history(link.get("history") or []) or "-", 160),
+            ]
+        )
+    if not rows:
+        return "no links"
+    headers = ["LINK", "PEER", "ROLE", "PATH", "STATE", "PEER KEY", "STREAMS", "OUT", "IN", "AGE", "PATHS / ERROR"]
+    return table(headers, rows)
+
+
 def _ms(value: object) -> str:
     return f"{float(value):.1f} ms" if isinstance(value, int | float) else "-"
 
@@ -255,7 +290,13 @@ def one_line(text: object, limit: int = 300) -> str:
     return first + (f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else "")
 
 
-RENDER = {"status": render_status, "actors": render_actors, "sessions": render_sessions, "netcheck": render_netcheck}
+RENDER = {
+    "status": render_status,
+    "actors": render_actors,
+    "sessions": render_sessions,
+    "links": render_links,
+    "netcheck": render_netcheck,
+}
 
 
 PING_SIZE = 32
@@ -373,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         "status": "this agent: ID, server, registration, NAT, peers and their paths",
         "actors": "the agent's actors: pid, state, restarts, CPU, memory",
         "sessions": "every session: peer, path, state, bytes, attempts",
+        "links": "every peer link: peer, path and its moves, streams open/total, bytes",
         "netcheck": "measure the network now: UDP, NAT mapping, public address, server and relay round trips",
     }
     for name in COMMANDS:

@@ -178,6 +178,11 @@ class Coordinator:
             }
         if op == "sessions":
             return await self.sessions()
+        if op == "links":
+            try:
+                return await ctlproto.acall(self.sessions_socket, {"op": "links"}, timeout=3)
+            except (OSError, TimeoutError, ctlproto.ControlError) as exc:
+                return {"ok": False, "error": f"session owner unavailable: {exc or type(exc).__name__}"}
         if op == "netcheck":
             return await self.netcheck()
         if op == "open":

@@ -108,6 +108,39 @@ SESSIONS: dict[str, Any] = {
         },
     ],
 }
+LINKS: dict[str, Any] = {
+    "ok": True,
+    "links": [
+        {
+            "id": "5b56402e",
+            "role": "dialer",
+            "peer": "2345678901",
+            "peer_key": "SHA256:bbbbJ0bLd1rQ6w5o0fTj3g2xXq8oXlqKk1Ue2xJb3aY",
+            "path": "tcp_punch",
+            "state": "up",
+            "error": "",
+            "admitted_by": "rendezvous-signed",
+            "streams": 3,
+            "streams_total": 41,
+            "bytes_out": 4096,
+            "bytes_in": 2 * 1024**2,
+            "age": 300.0,
+            "history": [
+                {"at": NOW - 300, "path": "relay", "why": "won the race"},
+                {"at": NOW - 290, "path": "tcp_punch", "why": "direct path authenticated"},
+            ],
+        },
+        {
+            "id": "0a1b2c3d",
+            "role": "acceptor",
+            "peer": "3456789012",
+            "path": "relay",
+            "state": "failed",
+            "error": "link to the peer lost: cut",
+            "history": [],
+        },
+    ],
+}
 NETCHECK: dict[str, Any] = {
     "ok": True,
     "nat": {
@@ -133,6 +166,7 @@ CANNED = {
     "status": STATUS,
     "actors": ACTORS,
     "sessions": SESSIONS,
+    "links": LINKS,
     "netcheck": NETCHECK,
     "ping": {"ok": True, "id": "1234567890"},
 }
@@ -353,8 +387,7 @@ async def test_actors_table_grouped(agent: CannedAgent, capsys: pytest.CaptureFi
         "ok": True,
         "placement": "grouped",
         "actors": [
-            {"name": kind, "actor": actor, "pid": pid, "state": "alive", "restarts": 1}
-            for kind, actor, pid in ROWS
+            {"name": kind, "actor": actor, "pid": pid, "state": "alive", "restarts": 1} for kind, actor, pid in ROWS
         ],
     }
     rc, out, _ = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "actors"], capsys)
@@ -396,6 +429,21 @@ async def test_sessions_table(agent: CannedAgent, capsys: pytest.CaptureFixture[
     # a refusal shows who (the key it proved) and why
     assert "SHA256:ccccJ0bLd1r... ? (ID unverified)" in lines[3]
     assert lines[3].endswith("peer 4567890123 is not allowed (not listed, no password set)")
+
+
+async def test_links_table(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "links"], capsys)
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split()[:7] == ["LINK", "PEER", "ROLE", "PATH", "STATE", "PEER", "KEY"]
+    assert lines[1].split()[:5] == ["5b56402e", "2345678901", "dialer", "tcp_punch", "up"]
+    assert "3/41" in lines[1] and "2.0 MiB" in lines[1] and "5m" in lines[1]
+    assert "relay " in lines[1] and "(won the race) -> tcp_punch " in lines[1]
+    assert lines[2].split()[:5] == ["0a1b2c3d", "3456789012", "acceptor", "relay", "failed"]
+    assert lines[2].endswith("link to the peer lost: cut")
+    agent.replies["links"] = {"ok": True, "links": []}
+    rc, out, _ = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "links"], capsys)
+    assert (rc, out) == (0, "no links\n")
 
 
 async def test_sessions_empty(agent: CannedAgent, capsys: pytest.CaptureFixture[str]) -> None:
@@ -485,6 +533,9 @@ async def test_multiline_agent_error_is_one_line(agent: CannedAgent, capsys: pyt
         ("actors", {"ok": True, "actors": [{"name": "x", "cpu_percent": "hot"}]}),
         ("sessions", {"ok": True, "sessions": [{}]}),
         ("sessions", {"ok": True, "sessions": [{"id": "s", "attempts": [{}]}]}),
+        ("links", {"ok": True, "links": [{}]}),
+        ("links", {"ok": True, "links": [{"id": "l", "history": [{"at": "noon"}]}]}),
+        ("links", {"ok": True, "links": "junk"}),
         ("netcheck", {"ok": True, "nat": [1, 2]}),
     ],
 )
