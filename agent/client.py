@@ -15,12 +15,10 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from agent.common import ctlproto
-from agent.common.netutil import loopback_pair
+from agent.common import ctlwire
 from agent.runtime_paths import control_socket
 from agent.wire.addr import AddressError, parse_port, split_host_port
 
@@ -29,12 +27,28 @@ RESTART_PATIENCE = 5.0
 PID_FILE = "agent.pid"
 
 
+def loopback_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of TCP sockets over 127.0.0.1 (blocking).
+
+    Used instead of socketpair() for a stream handed to the agent: the session owner
+    resets the stream when the session fails, and only TCP can carry a reset (an
+    AF_UNIX socketpair would show the application a clean end of a truncated stream).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        mine = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    mine.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    theirs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return mine, theirs
+
+
 class ClientError(Exception):
     """One line for the user; the CLI exits non-zero."""
 
 
-@dataclass(frozen=True)
-class ForwardSpec:
+class ForwardSpec(NamedTuple):
     bind_host: str
     bind_port: int
     target: str
@@ -74,7 +88,7 @@ def _open(state_dir: Path, peer: str, target: str, fd: int, path: str, password:
     patience = time.monotonic() + RESTART_PATIENCE
     while True:
         try:
-            reply = ctlproto.call(ctl, request, [fd], timeout=timeout)
+            reply = ctlwire.call(ctl, request, [fd], timeout=timeout)
             break
         except (FileNotFoundError, ConnectionRefusedError):
             # The coordinator restarts within a second or so after a crash; wait while the agent runs.
@@ -85,7 +99,7 @@ def _open(state_dir: Path, peer: str, target: str, fd: int, path: str, password:
             time.sleep(0.1)
         except TimeoutError:
             raise ClientError(f"the agent did not open the stream within {timeout:.0f}s") from None
-        except (OSError, ctlproto.ControlError) as exc:
+        except (OSError, ctlwire.ControlError) as exc:
             raise ClientError(f"agent control socket: {exc}") from None
     if not reply.get("ok"):
         raise ClientError(str(reply.get("error", "the agent refused")))
@@ -95,7 +109,7 @@ def _open(state_dir: Path, peer: str, target: str, fd: int, path: str, password:
 def _session_failure(state_dir: Path, sid: str) -> str:
     """The session's error if it failed, "" if it ended cleanly (or cannot be asked)."""
     with contextlib.suppress(Exception):
-        reply = ctlproto.call(control_socket(state_dir), {"op": "sessions"}, timeout=5)
+        reply = ctlwire.call(control_socket(state_dir), {"op": "sessions"}, timeout=5)
         for s in reply.get("sessions", []):
             if s.get("id") == sid and (s.get("state") == "failed" or s.get("error")):
                 return str(s.get("error") or "session failed")
@@ -104,7 +118,7 @@ def _session_failure(state_dir: Path, sid: str) -> str:
 
 def _session_error(state_dir: Path, sid: str) -> str:
     with contextlib.suppress(Exception):
-        reply = ctlproto.call(control_socket(state_dir), {"op": "sessions"}, timeout=3)
+        reply = ctlwire.call(control_socket(state_dir), {"op": "sessions"}, timeout=3)
         for s in reply.get("sessions", []):
             if s.get("id") == sid and s.get("error"):
                 return str(s["error"])
@@ -153,8 +167,8 @@ def run_pipe(state_dir: Path, peer: str, target: str, path: str, password: str |
 def ensure_agent(state_dir: Path) -> None:
     """ClientError unless this state dir's agent answers (so `connect` does not listen for nothing)."""
     try:
-        reply = ctlproto.call(control_socket(state_dir), {"op": "ping"}, timeout=5)
-    except (OSError, ctlproto.ControlError):
+        reply = ctlwire.call(control_socket(state_dir), {"op": "ping"}, timeout=5)
+    except (OSError, ctlwire.ControlError):
         raise ClientError(f"no agent running for state dir {state_dir} (start it with `punchthrough up`)") from None
     if not isinstance(reply, dict) or not reply.get("ok"):
         why = reply.get("error") if isinstance(reply, dict) else f"a {type(reply).__name__}, not a map"

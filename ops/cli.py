@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.client import loopback_pair
 from agent.common import ctlproto
-from agent.common.netutil import loopback_pair
 from agent.common.paths import add_anywhere, add_state_dir, default_state_dir
 from agent.runtime_paths import control_socket
 

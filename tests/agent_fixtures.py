@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.client import loopback_pair
 from agent.common import ctlproto
-from agent.common.netutil import loopback_pair
 from agent.config import Config
 from agent.control.access import save_state_config
 from agent.identity import load_or_create

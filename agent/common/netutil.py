@@ -59,23 +59,6 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def loopback_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected pair of TCP sockets over 127.0.0.1 (blocking).
-
-    Used instead of socketpair() for a stream handed to the agent: the session owner
-    resets the stream when the session fails, and only TCP can carry a reset (an
-    AF_UNIX socketpair would show the application a clean end of a truncated stream).
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        mine = socket.create_connection(listener.getsockname())
-        theirs, _ = listener.accept()
-    mine.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    theirs.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return mine, theirs
-
-
 DEAD_PATH_TIMEOUT = 30.0
 """Seconds a TCP transport may go with data unacknowledged before the kernel gives up on it. Linux's
 default (tcp_retries2) is about 15 minutes; with the sessions' keepalives (every 10 s of silence)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
 
 STATE_ENV = "PUNCHTHROUGH_STATE_DIR"
 _SHOWN = "~/.local/state/punchthrough"
@@ -24,6 +26,8 @@ def default_state_dir() -> Path:
 def add_anywhere(p: argparse.ArgumentParser, top: bool, *flags: str, **options: Any) -> None:
     """An option the user may give before the subcommand (`top`: it holds the default) or after it
     (on each subcommand, where leaving it out must not reset what was given before)."""
+    import argparse  # here, not at the top: `pipe`'s fast start (agent/entry.py) needs only the default
+
     p.add_argument(*flags, **(options if top else {**options, "default": argparse.SUPPRESS}))
 
 

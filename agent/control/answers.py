@@ -34,8 +34,8 @@ from agent.strategies.relay import RelayDial, RelayRemote
 from agent.strategies.tcp_direct import TcpDirectRemote
 from agent.strategies.udp_punch import UdpPunchRemote
 from agent.wire import addr as addrmod
-from agent.wire.handshake import Binding
-from agent.wire.peer_ids import fingerprint, spec_for
+from agent.wire.handshake import Binding, not_admitted_text
+from agent.wire.peer_ids import fingerprint
 
 log = logging.getLogger("agent.control.coordinator")  # B's answers logged as the coordinator, as always
 
@@ -118,11 +118,11 @@ class PushAnswers:
         Only our own server hears (one RelayResponse with the reason, RustDesk's way of turning A
         away), so the peer learns why at once instead of waiting out its budget."""
         who = binding.peer_id if binding is not None else "an unnamed requester"
-        spec = spec_for(binding.peer_id, binding.public_key) if binding is not None else ""
         reason = why or f"{who} is not on this agent's allow list"
-        text = f"{reason}: on {self.ctx.identity.peer_id}, run `punchthrough allow {spec}`" if spec else reason
-        if binding is not None and (typo := self._allowed_elsewhere(binding)):
-            text += f" (its key is allowed here as {typo}: a typo in that ID?)"
+        text = reason
+        if binding is not None:
+            typos = self._allowed_elsewhere(binding)
+            text = not_admitted_text(self.ctx.identity.peer_id, binding.peer_id, binding.public_key, reason, typos)
         self.pushes_refused["not admitted" if binding is not None else "unnamed requester"] += 1
         if self._refusal_log.drop(kind, who, time.monotonic()):
             log.warning("ignored a %s push: %s", kind, text)
@@ -134,14 +134,14 @@ class PushAnswers:
             )
         )
 
-    def _allowed_elsewhere(self, binding: Binding) -> str:
+    def _allowed_elsewhere(self, binding: Binding) -> list[str]:
         """The IDs an allow entry names for this key, other than the one it came with."""
         try:
             entries = allowed(self.ctx.live_cfg(), self.ctx.state_dir)
         except (OSError, ValueError):
-            return ""
+            return []
         want = fingerprint(binding.public_key)
-        return ", ".join(pid for pid, fp in entries.items() if fp == want and pid != binding.peer_id)
+        return [pid for pid, fp in entries.items() if fp == want and pid != binding.peer_id]
 
     # ---- answering ----------------------------------------------------------------------------
 

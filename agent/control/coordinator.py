@@ -358,7 +358,9 @@ class Coordinator:
         if peer == self.identity.peer_id:
             return fail("that is this agent's own ID")
         started = time.monotonic()
-        stream: dict[str, Any] = {"session": sid, "peer": peer, "target": target, "want_key": spec.fingerprint or ""}
+        pinned = PinStore(self.state_dir).get(peer)
+        want = spec.fingerprint or (fingerprint(pinned) if pinned else "")  # a link is only as good as its key
+        stream: dict[str, Any] = {"session": sid, "peer": peer, "target": target, "want_key": want}
         stream["paths"] = [s.value for s in Strategy if policy.allows_path(s)]
         if direct:
             stream["paths"] = []  # ID@HOST names the path: a race, not a link found by ID

@@ -30,7 +30,7 @@ from agent.common.netutil import describe_error, tune_transport
 from agent.link import mux_core, stream_open
 from agent.link.mux_core import Mux, MuxError
 from agent.session import stream as session_stream
-from agent.session.stream import CHUNK, KEEPALIVE, PumpStats, SessionError, StreamCodec
+from agent.session.stream import CHUNK, PumpStats, SessionError, StreamCodec
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ READ = 256 * 1024
 """Most bytes read from a local socket at once (also bounded by the stream's window)."""
 OPEN_TIMEOUT = 15.0
 """Seconds the opener waits for the far end's answer (it connects the target: 5 s at most)."""
+DEAD_AFTER_KEEPALIVES = 3
+"""A link that heard nothing from the peer for this many keepalive intervals is dead: a live peer
+answers each of our pings at once (agent.common.netutil.DEAD_PATH_TIMEOUT's 30 s, at the default)."""
 
 Accept = Callable[["LinkStream"], Awaitable[socket.socket]]
 """The far end's judge and connector for a stream (its `target` is set): a connected socket, or
@@ -131,6 +134,12 @@ class Link:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
         self._last_out = self._loop.time()
+        self.last_in = self._loop.time()
+        """When the peer was last heard (any bytes, keepalives and ping answers included)."""
+        self.suspect = False
+        """A probe went unanswered: no new stream is put on this link until the peer is heard again."""
+        self._heard = asyncio.Event()
+        self._pings = 0
         self._last_busy = self._loop.time()
         self._sending = False
 
@@ -161,6 +170,9 @@ class Link:
         except StreamRefused:
             self._drop(st, st.error, reset=True)
             raise
+        except asyncio.CancelledError:
+            self._drop(st, "the opener gave up on the stream", reset=True)
+            raise
         if reason is not None:
             self._drop(st, reason, reset=True)
             raise StreamRefused(reason)
@@ -174,6 +186,31 @@ class Link:
             self._finish(st)
             return
         st.pumps = [self._spawn(self._outbound(st, local)), self._spawn(self._inbound(st, local))]
+
+    def ping(self) -> None:
+        """Ask the peer for an answer (it comes back at once from a live link, whatever its streams do)."""
+        if not self.mux.closed:
+            self._pings += 1
+            self.mux.ping(self._pings)
+            self._wake()
+
+    def loop_time(self) -> float:
+        return self._loop.time()
+
+    async def heard_within(self, seconds: float) -> bool:
+        """Ping, then True as soon as anything arrives from the peer, False after `seconds` of silence
+        (and the link is suspect from then on, until the peer is heard)."""
+        since = self.last_in
+        self.ping()
+        try:
+            async with asyncio.timeout(seconds):
+                while self.last_in == since and not self.ended.is_set():
+                    self._heard.clear()
+                    await self._heard.wait()
+        except TimeoutError:
+            self.suspect = True
+            return False
+        return not self.ended.is_set()
 
     @property
     def stream_count(self) -> int:
@@ -253,6 +290,9 @@ class Link:
                 if self.codec.peer_eof:
                     return
                 raise LinkClosed("connection to the peer was cut (no authenticated end of the link)")
+            self.last_in = loop.time()
+            self.suspect = False
+            self._heard.set()
             for part in self.codec.decode(chunk):
                 if part is None:
                     return  # the peer ended the link in order
@@ -463,19 +503,23 @@ class Link:
         return out
 
     async def _timers(self) -> None:
-        """Keepalive after `keepalive` s of silence (never mid-frame); the dialer's idle close."""
+        """A ping after `keepalive` s of our silence (the answer is the peer's traffic), the end of a link
+        that hears nothing for DEAD_AFTER_KEEPALIVES of them, and the dialer's idle close."""
         loop = self._loop
         while True:
             now = loop.time()
-            due = [self._last_out + self.keepalive] if self.keepalive > 0 else []
+            due = [self._last_out + self.keepalive, self.last_in + self.keepalive * DEAD_AFTER_KEEPALIVES]
+            if self.keepalive <= 0:
+                due = []
             if self.idle and self.dialer:
                 due.append(self._last_busy + self.idle)
             await asyncio.sleep(max(0.05, min(due) - now) if due else 3600)
             now = loop.time()
-            if self.keepalive > 0 and not self._sending and now - self._last_out >= self.keepalive:
-                with contextlib.suppress(BlockingIOError, InterruptedError):
-                    self.transport.send(KEEPALIVE)
+            if self.keepalive > 0 and now - self._last_out >= self.keepalive:
+                self.ping()  # keeps the relay and NAT state, and the answer keeps our `last_in`
                 self._last_out = now
+            if self.keepalive > 0 and now - self.last_in >= self.keepalive * DEAD_AFTER_KEEPALIVES:
+                raise LinkClosed(f"nothing from the peer for {now - self.last_in:.0f}s (pings unanswered)")
             if self.idle and self.dialer and not self.streams and now - self._last_busy >= self.idle:
                 self.close("")  # idle: an orderly end
                 return

@@ -88,6 +88,7 @@ class LinkTable:
                 and rec.state == "up"
                 and rec.peer == peer
                 and not rec.link.closing
+                and not rec.link.suspect
                 and (not want_key or rec.peer_key == want_key)
                 and path_ok(rec.path)
             ):

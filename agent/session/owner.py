@@ -62,6 +62,12 @@ log = logging.getLogger(__name__)
 SELECT = b"\x02"
 """A's first sealed frame on the transport it chose: a link (agent/link/link.py) runs on it from
 here. (Before links, 0x00 selected a one-stream session; an agent of that kind refuses this one.)"""
+PROBE_TIMEOUT = 1.0
+"""Seconds a stream on a link that has been quiet waits to hear from the peer at all (a ping goes
+with the stream's open); silence means the path died under the link: the stream races for a new
+one instead of waiting out the open timeout. A busy link's peer is heard all the time."""
+QUIET = 0.5
+"""Seconds without a byte from the peer after which a link is probed as above."""
 LINK_IDLE = 300.0
 """Seconds a link A dialled is kept without streams (the next `pipe` or `-L` connection to that peer
 then opens in one round trip). Keepalives hold the relay and NAT state meanwhile."""
@@ -433,17 +439,25 @@ class SessionOwner:
         rec = self._record(str(req["session"]), "initiator")
         rec.peer, rec.target = peer, str(req.get("target", ""))
         rec.peer_key, rec.admitted_by, rec.id_verified = lrec.peer_key, lrec.admitted_by, True
-        reply = await self._open_on(lrec, rec, local.dup())
-        if not reply["ok"] and lrec.link.closing:
+        link = lrec.link
+        reply = await self._open_on(lrec, rec, local.dup(), probe=link.loop_time() - link.last_in > QUIET)
+        if not reply["ok"] and (link.closing or link.suspect):
             del self.sessions[rec.id]
             return {"ok": False, "no_link": True}  # it went away meanwhile: race for a new one
         return reply
 
-    async def _open_on(self, lrec: LinkRecord, rec: SessionRecord, local: socket.socket) -> dict[str, Any]:
-        """Open `rec`'s stream on the link; the link pumps `local` from then on."""
+    async def _open_on(
+        self, lrec: LinkRecord, rec: SessionRecord, local: socket.socket, probe: bool = False
+    ) -> dict[str, Any]:
+        """Open `rec`'s stream on the link; the link pumps `local` from then on. `probe`: the link was
+        quiet, so its peer must be heard within PROBE_TIMEOUT or the stream gives up on it."""
         rec.path, rec.link = lrec.path, lrec
+        opening = asyncio.ensure_future(lrec.link.open(rec.target))
         try:
-            st = await lrec.link.open(rec.target)
+            if probe and not await lrec.link.heard_within(PROBE_TIMEOUT):
+                opening.cancel()
+                raise LinkClosed(f"no answer from the peer within {PROBE_TIMEOUT:.0f}s on this link")
+            st = await opening
         except (StreamRefused, LinkClosed) as exc:
             local.close()
             rec.state, rec.error = SessionState.FAILED, f"peer {rec.peer}: {exc}"
@@ -691,7 +705,10 @@ class SessionOwner:
             rec = self._record(f"{lrec.id}.{count}", "responder")
             rec.peer, rec.peer_key, rec.path, rec.link = lrec.peer, lrec.peer_key, lrec.path, lrec
             rec.target, rec.admitted_by, rec.id_verified, rec.stats = st.target, lrec.admitted_by, True, st.stats
-            refusal = stream_refusal(self.policy_factory(), lrec.peer, peer_pk, admitted_by, password, st.target)
+            my_id = self.identity().peer_id
+            refusal = stream_refusal(
+                self.policy_factory(), my_id, lrec.peer, peer_pk, admitted_by, password, st.target
+            )
             try:
                 if refusal is not None:
                     log.warning("refused a stream from peer %s to %s: %s", lrec.peer, st.target or "(echo)", refusal)

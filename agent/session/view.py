@@ -36,7 +36,7 @@ def plan_state(role: str, attempts: list[dict[str, Any]], error: str, path: str)
     """(state, error) of a plan the session owner holds no record of."""
     if error:
         return SessionState.FAILED, error
-    if path and any(a.get("outcome") in (Outcome.CONNECTED, Outcome.WON) for a in attempts):
+    if path and (role == "initiator" or any(a.get("outcome") in (Outcome.CONNECTED, Outcome.WON) for a in attempts)):
         return SessionState.FAILED, "lost: the session owner restarted"
     if attempts and all(a.get("outcome") not in (Outcome.RUNNING, Outcome.CONNECTED) for a in attempts):
         return SessionState.FAILED, str(attempts[-1].get("reason") or "no path connected")

@@ -69,7 +69,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from agent.proto import message_pb2 as pb
 from agent.wire.addr import AddressError, split_host_port
-from agent.wire.peer_ids import ID_RE, fingerprint
+from agent.wire.peer_ids import ID_RE, fingerprint, spec_for
 from agent.wire.secure_channel import ChannelError, SecureChannel
 
 ZERO_NONCE = bytes(24)
@@ -512,14 +512,29 @@ class Policy:
         return peer in self.allowed_ids
 
 
+def not_admitted_text(my_id: str, peer_id: str, peer_pk: bytes, reason: str, typo_ids: Iterable[str] = ()) -> str:
+    """What a refused peer reads: why, the command that lets it in, and a likely typo in an allow entry.
+    One wording for a refused push (agent/control/answers.py) and a refused stream on a link."""
+    text = f"{reason}: on {my_id}, run `punchthrough allow {spec_for(peer_id, peer_pk)}`"
+    if typos := ", ".join(typo_ids):
+        text += f" (its key is allowed here as {typos}: a typo in that ID?)"
+    return text
+
+
 def stream_refusal(
-    policy: Policy | None, peer_id: str, peer_pk: bytes, admitted_by: TrustedBy, password_then: str | None, target: str
+    policy: Policy | None,
+    my_id: str,
+    peer_id: str,
+    peer_pk: bytes,
+    admitted_by: TrustedBy,
+    password_then: str | None,
+    target: str,
 ) -> str | None:
     """A new stream on a link this peer opened earlier: does the policy as it is *now* still admit it,
     and allow `target`? None if so, else the reason to tell the peer. The key was proved when the link
     came up; what may have changed since is the policy (an allow entry removed, a password changed)."""
     if policy is None:
-        return "this agent admits nobody now"
+        return not_admitted_text(my_id, peer_id, peer_pk, "this agent admits nobody yet")
     admitted = False
     want = policy.allowed_keys.get(peer_id)
     pinned = policy.pinned_keys.get(peer_id)
@@ -534,11 +549,13 @@ def stream_refusal(
             policy.password.encode(), (password_then or "").encode()
         )
     if not admitted:
-        return f"{_show(peer_id)} is no longer allowed on this agent"
+        fp = fingerprint(peer_pk)
+        typos = [other for other, key in policy.allowed_keys.items() if key == fp and other != peer_id]
+        return not_admitted_text(my_id, peer_id, peer_pk, f"{_show(peer_id)} is not on this agent's allow list", typos)
     if not target and not policy.allow_no_target:
         return "a forward target is required"
     if target and target not in policy.allowed_targets:
-        return f"target {_show(target)} is not allowed: on this agent, run `punchthrough allow-target {_show(target)}`"
+        return f"target {_show(target)} is not allowed: on {my_id}, run `punchthrough allow-target {_show(target)}`"
     return None
 
 

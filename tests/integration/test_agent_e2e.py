@@ -337,6 +337,11 @@ def _slow_pipe(lab: Lab, payload_file: Path, seconds: float) -> tuple[subprocess
     )
     assert feeder.stdout is not None
     feeder.stdout.close()
+    deadline = time.monotonic() + 20
+    while pipe.poll() is None and time.monotonic() < deadline:  # the stream is open (not still opening)
+        if any(s["state"] == "open" and s["bytes_out"] for s in lab.ops("a", "sessions")["sessions"]):
+            break
+        time.sleep(0.1)
     return feeder, pipe
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.client import loopback_pair
 from agent.common import ctlproto
-from agent.common.netutil import loopback_pair
 from agent.identity import Identity, IdentityCache, load_or_create
 from agent.session.owner import SessionOwner
 from agent.wire.handshake import Policy
@@ -176,7 +176,7 @@ async def test_a_peer_removed_from_the_allow_list_opens_no_more_streams_on_its_l
     pair.b_policy[0] = Policy.of(allowed_ids=["someoneelse"], allowed_targets=[pair.target])
     _, theirs = loopback_pair()
     reply = await pair.stream(theirs)
-    assert not reply["ok"] and "no longer allowed" in reply["error"], reply
+    assert not reply["ok"] and "is not on this agent's allow list" in reply["error"], reply
     pair.b_policy[0] = None
     _, theirs = loopback_pair()
     reply = await pair.stream(theirs)
@@ -264,3 +264,22 @@ async def test_a_cut_link_fails_its_streams_and_the_next_stream_needs_a_new_one(
     assert failed and all("link to the peer lost" in s["error"] for s in failed)
     _, theirs = loopback_pair()
     assert (await pair.stream(theirs)) == {"ok": False, "no_link": True}
+
+
+async def test_a_link_whose_path_died_silently_is_given_up_at_once(pair: Pair) -> None:
+    """The path under a link stops carrying anything (a host moved, a NAT forgot us, a KCP peer died):
+    no reset, no FIN. A quiet link is probed with the next stream's open; silence sends that stream
+    to a new race within a second instead of the open timeout, and later streams skip the link."""
+    mine, theirs = loopback_pair()
+    assert (await pair.first_stream(theirs))["ok"]
+    mine.close()
+    (b_link,) = pair.b.links.running()
+    # B stops reading (so answering) without closing anything: the freeze of a dead path.
+    asyncio.get_running_loop().remove_reader(b_link.link.transport.fileno())
+    await asyncio.sleep(0.6)  # quiet for longer than QUIET
+    (a_link,) = pair.a.links.running()
+    started = asyncio.get_running_loop().time()
+    _, theirs = loopback_pair()
+    assert (await pair.stream(theirs)) == {"ok": False, "no_link": True}
+    assert asyncio.get_running_loop().time() - started < 3
+    assert a_link.link.suspect and pair.a.links.usable(pair.b_id.peer_id, "", lambda p: True) is None
