@@ -133,10 +133,16 @@ class Lab:
             stderr=subprocess.PIPE,
         )
 
-    def ops(self, name: str, what: str) -> Any:
-        out = subprocess.run(
-            [*OPS, "--state-dir", str(self.dirs[name]), what, "--json"], capture_output=True, timeout=30
-        )
+    def ops(self, name: str, what: str, patience: float = 0.0) -> Any:
+        """`punchthrough-ops WHAT --json`; `patience`: seconds to retry while the coordinator restarts."""
+        deadline = time.monotonic() + patience
+        while True:
+            out = subprocess.run(
+                [*OPS, "--state-dir", str(self.dirs[name]), what, "--json"], capture_output=True, timeout=30
+            )
+            if out.returncode == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
@@ -296,7 +302,8 @@ def test_sigkill_each_actor(lab: Lab, side: str) -> None:
         print(f"\nagent {side}: actor {actor} ({', '.join(kinds)}) killed, serving again after {took:.2f}s")
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            now = {a["name"]: a for a in lab.ops(side, "actors")["actors"]}
+            # A stream on the running link works before a killed coordinator is back: ask it patiently.
+            now = {a["name"]: a for a in lab.ops(side, "actors", patience=10)["actors"]}
             if all(now[k]["pid"] != pid and now[k]["state"] == "alive" for k in kinds):
                 break
             time.sleep(0.2)
