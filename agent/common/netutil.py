@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
+import struct
 
 from agent.wire.addr import split_host_port
 
@@ -77,3 +79,11 @@ def tune_transport(sock: socket.socket, dead_after: float = DEAD_PATH_TIMEOUT) -
     except OSError:
         return False
     return True
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close with RST so the local application sees a failure, not a clean end (a truncated stream
+    must never look complete)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

@@ -21,12 +21,11 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from agent.common.netutil import describe_error, tune_transport
+from agent.common.netutil import describe_error, reset_socket, tune_transport
 from agent.link import mux_core, stream_open
 from agent.link.mux_core import Mux, MuxError
 from agent.session import stream as session_stream
@@ -53,13 +52,6 @@ class StreamRefused(Exception):
 
 class LinkClosed(Exception):
     """The link is gone (or going); str() says why."""
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with RST so the local application sees a failure, not a clean end."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 @dataclass(eq=False)
@@ -454,7 +446,7 @@ class Link:
         self.streams.pop(st.sid, None)
         if st.local is not None:
             if st.error:
-                _reset(st.local)
+                reset_socket(st.local)
             else:
                 with contextlib.suppress(OSError):
                     st.local.close()

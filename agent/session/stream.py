@@ -6,17 +6,14 @@ frame). A transport that ends without that frame was cut or truncated, and the
 local side sees a reset rather than a clean close, so a truncation can never be
 mistaken for a complete transfer.
 
-The asyncio part drives a handshake machine over the socket and then pumps bytes
-between the transport and the local stream socket. One session carries one
-stream (as RustDesk opens one connection per use); multiplexing is future work.
+The asyncio part drives a handshake machine over the socket; what runs on the channel after it
+is a peer link (agent/link/link.py), many streams in one session.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,12 +27,13 @@ CHUNK = 64 * 1024 - MAC_BYTES
 MAX_SESSION_FRAME = 64 * 1024 + 64
 HANDSHAKE_MAX_FRAME = 8 * 1024
 KEEPALIVE = encode_frame(b"")
-"""An empty frame (one byte, 0x00): RustDesk's frame-codec heartbeat. It carries nothing, so it
-needs no seal: an injected or dropped one can neither add nor remove a byte of the stream."""
+"""An empty frame (one byte, 0x00): RustDesk's frame-codec heartbeat, skipped by the codec. It carries
+nothing, so it needs no seal: an injected or dropped one can neither add nor remove a byte."""
 KEEPALIVE_INTERVAL = 10.0
-"""Seconds of silence after which the pump sends KEEPALIVE. The relay (like hbbr) tears a pair down
-after 30 s without a byte either way, and NAT/firewall TCP state ages too: an idle ssh session must
-not die of it. 10 s also lets the kernel notice a dead path on a send (see netutil.tune_transport)."""
+"""Seconds of silence after which a link pings its peer (agent/link/link.py). The relay (like hbbr)
+tears a pair down after 30 s without a byte either way, and NAT/firewall TCP state ages too: an idle
+ssh session must not die of it. 10 s also lets the kernel notice a dead path on a send
+(see netutil.tune_transport)."""
 
 
 class SessionError(Exception):
@@ -154,111 +152,3 @@ class PumpStats:
     """Plaintext bytes received from the peer."""
     started: float = field(default_factory=time.monotonic)
     error: str = ""
-    keepalives_out: int = 0
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with RST so the local application sees a failure, not a clean end."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-async def pump(
-    transport: socket.socket,
-    codec: StreamCodec,
-    local: socket.socket,
-    stats: PumpStats,
-    keepalive: float | None = None,
-) -> None:
-    """Move bytes both ways until both streams ended; raises SessionError on any integrity failure.
-
-    `keepalive` (default KEEPALIVE_INTERVAL, read at call time; 0 = never) is the silence after which
-    an empty frame goes out."""
-    loop = asyncio.get_running_loop()
-    if keepalive is None:
-        keepalive = KEEPALIVE_INTERVAL
-    last_out = loop.time()
-    sending = False
-
-    async def send(data: bytes) -> None:
-        nonlocal last_out, sending
-        sending = True
-        try:
-            await loop.sock_sendall(transport, data)
-        finally:
-            sending = False
-            last_out = loop.time()
-
-    async def outbound() -> None:
-        buf = bytearray(CHUNK * 4)
-        view = memoryview(buf)
-        while True:
-            n = await loop.sock_recv_into(local, buf)
-            if n == 0:
-                await send(codec.encode_eof())
-                return
-            frames = codec.encode(view[:n])
-            await send(frames[0] if len(frames) == 1 else b"".join(frames))
-            stats.bytes_out += n
-
-    async def keep_alive() -> None:
-        """One byte after `keepalive` s of silence; never while a frame is half written, and never
-        waiting: a full send buffer means bytes are on their way anyway."""
-        nonlocal last_out
-        while True:
-            await asyncio.sleep(max(0.0, last_out + keepalive - loop.time()))
-            if sending or loop.time() - last_out < keepalive:
-                continue
-            try:
-                if transport.send(KEEPALIVE) == 1:
-                    stats.keepalives_out += 1
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                return  # the transport failed: inbound reports it
-            last_out = loop.time()
-
-    async def inbound() -> None:
-        while True:
-            chunk = await loop.sock_recv(transport, 256 * 1024)
-            if not chunk:
-                if not codec.peer_eof:
-                    raise SessionError("connection to the peer was cut (no authenticated end of stream)")
-                return
-            ready: list[bytes] = []
-            for piece in codec.decode(chunk):
-                if piece is not None:
-                    ready.append(piece)
-                    continue
-                if ready:  # everything before the peer's EOF goes out first
-                    await loop.sock_sendall(local, b"".join(ready))
-                    stats.bytes_in += sum(map(len, ready))
-                    ready = []
-                with contextlib.suppress(OSError):
-                    local.shutdown(socket.SHUT_WR)
-            if ready:  # one write per read, not one per frame
-                data = ready[0] if len(ready) == 1 else b"".join(ready)
-                await loop.sock_sendall(local, data)
-                stats.bytes_in += len(data)
-            if codec.peer_eof and codec.decoder.buffered == 0:
-                return
-
-    tasks = [asyncio.ensure_future(outbound()), asyncio.ensure_future(inbound())]
-    pinger = asyncio.ensure_future(keep_alive()) if keepalive > 0 else None
-    try:
-        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            exc = task.exception()
-            if exc is not None:
-                raise exc
-        await asyncio.gather(*tasks)
-    except (SessionError, OSError) as exc:
-        stats.error = str(exc) if isinstance(exc, SessionError) else f"socket error: {exc.strerror or exc}"
-        _reset(local)
-        raise SessionError(stats.error) from None
-    finally:
-        for task in [*tasks, *([pinger] if pinger else [])]:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.gather(*tasks, *([pinger] if pinger else []), return_exceptions=True)
