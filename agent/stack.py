@@ -238,6 +238,18 @@ def _policy_factory(rt: Runtime) -> Any:
     return factory
 
 
+def _relink_via_coordinator(rt: Runtime) -> Any:
+    """The session owner's way to ask for a race that a running link moves onto (coordinator "relink")."""
+
+    async def relink(request: dict[str, Any]) -> Any:
+        from agent.common import ctlproto
+
+        timeout = rt.cfg.agent.connect_timeout + 20
+        return await ctlproto.acall(control_socket(rt.state_dir), {"op": "relink", **request}, timeout=timeout)
+
+    return relink
+
+
 def _pin_admitted(rt: Runtime) -> Any:
     def pin(peer: str, key: bytes, how: str) -> None:
         with contextlib.suppress(PinMismatch):
@@ -264,6 +276,7 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
             on_admitted=_pin_admitted(rt),
             seen=SeenPeers(rt.state_dir),
             link_idle=rt.cfg.agent.link_idle,
+            relink=_relink_via_coordinator(rt),
         )
     elif kind == "nat_probe":
         comp = NatProbe(rt.server_addr, rt.cfg.agent.nat_test_port or None)

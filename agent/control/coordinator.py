@@ -178,6 +178,8 @@ class Coordinator:
             }
         if op == "sessions":
             return await self.sessions()
+        if op == "relink":
+            return await self.relink(req)
         if op == "links":
             try:
                 return await ctlproto.acall(self.sessions_socket, {"op": "links"}, timeout=3)
@@ -382,6 +384,24 @@ class Coordinator:
             self._dial_failed[peer] = (time.monotonic(), str(result.get("error")))
         return result
 
+    async def relink(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The session owner asks for a new transport under a running link (a better path, or the old
+        one lost): a race as for a new link, whose winner the owner moves the link onto."""
+        peer, link = str(req.get("peer", "")), str(req.get("link", ""))
+        sid = uuidlib.uuid4().hex[:12]
+        plan = self.new_plan(sid, peer, "initiator")
+        try:
+            spec = parse_peer_spec(peer)
+            policy = Policy.parse(str(req["policy"])) if req.get("policy") else self.policy
+        except ValueError as exc:
+            plan.error = str(exc)
+            return {"ok": False, "error": plan.error}
+        pinned = PinStore(self.state_dir).get(peer)
+        if pinned is not None:  # the link's key, and no other
+            spec = parse_peer_spec(f"{peer}={fingerprint(pinned)}")
+        target = str(req.get("target", ""))
+        return await self._race({}, plan, sid, peer, target, spec, policy, "", None, time.monotonic(), resume=link)
+
     async def _on_link(self, stream: dict[str, Any], local_fd: int) -> dict[str, Any] | None:
         """The stream opened on a running link to the peer; None if there is none it may take."""
         if not stream["paths"]:
@@ -417,11 +437,13 @@ class Coordinator:
         spec: Any,
         policy: Policy,
         direct: str,
-        local_fd: int,
+        local_fd: int | None,
         started: float,
+        resume: str = "",
     ) -> dict[str, Any]:
         """Race every strategy the plan allows for a new link; the session owner keeps the first transport
-        whose authenticated handshake completes and opens this stream on it."""
+        whose authenticated handshake completes and opens this stream on it (`local_fd`), or moves the
+        running link `resume` onto it."""
         timeout = float(self.cfg.agent.connect_timeout)
 
         def fail(reason: str) -> dict[str, Any]:
@@ -432,18 +454,21 @@ class Coordinator:
         keys: dict[str, tuple[bytes, str]] = {}
         race = Race(self, plan, sid, spec, started, deadline, keys)
         race.direct_address = direct
+        request = {
+            "op": "resume" if resume else "initiate",
+            "session": sid,
+            "peer": peer,
+            "target": target,
+            "password": req.get("password"),
+            "wait": timeout,
+            "link": resume,
+            "policy": str(req.get("policy") or ""),
+        }
         initiate = asyncio.ensure_future(
             ctlproto.acall(
                 self.sessions_socket,
-                {
-                    "op": "initiate",
-                    "session": sid,
-                    "peer": peer,
-                    "target": target,
-                    "password": req.get("password"),
-                    "wait": timeout,
-                },
-                [local_fd],
+                request,
+                [local_fd] if local_fd is not None else [],
                 timeout=timeout + 15,
                 patience=5,
             )

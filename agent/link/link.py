@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from agent.common.netutil import describe_error, reset_socket, tune_transport
 from agent.link import mux_core, stream_open
 from agent.link.mux_core import Mux, MuxError
+from agent.link.resend_core import Resend, ResendError
 from agent.session import stream as session_stream
 from agent.session.stream import CHUNK, PumpStats, SessionError, StreamCodec
 
@@ -38,9 +39,23 @@ READ = 256 * 1024
 OPEN_TIMEOUT = 15.0
 """Seconds the opener waits for the far end's answer (it connects the target: 5 s at most)."""
 DEAD_AFTER_KEEPALIVES = 3
-"""A link that heard nothing from the peer for this many keepalive intervals is dead: a live peer
-answers each of our pings at once (agent.common.netutil.DEAD_PATH_TIMEOUT's 30 s, at the default)."""
+"""A transport that heard nothing from the peer for this many keepalive intervals is dead: a live
+peer answers each of our pings at once (agent.common.netutil.DEAD_PATH_TIMEOUT's 30 s, at the default)."""
+BUSY_DEAD = 10.0
+"""Seconds data may wait for the peer's acknowledgement before the transport counts as dead (the
+peer acknowledges every read; a path that carries nothing is found here long before the pings)."""
+RESUME_WAIT = 30.0
+"""Seconds the side that did not dial waits for the dialer to bring a lost link back on a new
+transport (its streams stall meanwhile) before the link ends."""
+PAUSE_GRACE = 1.0
+"""Seconds a move waits for the writer to finish the frame it is writing on the old transport."""
+RECORD = CHUNK - 1
+"""Plaintext of a link record's body: one kind byte (agent/link/resend_core.py) + RECORD fill a
+secure frame."""
 
+Reconnect = Callable[["Link", str], Awaitable[bool]]
+"""The dialer's way back after its transport was lost: bring a new transport (through `install`),
+True once it did."""
 Accept = Callable[["LinkStream"], Awaitable[socket.socket]]
 """The far end's judge and connector for a stream (its `target` is set): a connected socket, or
 StreamRefused."""
@@ -106,7 +121,19 @@ class Link:
         self.transport = transport
         self.codec = codec
         self.dialer = dialer
-        self.mux = Mux(dialer, frame_size=CHUNK - mux_core.HEADER.size)
+        self.mux = Mux(dialer, frame_size=RECORD - mux_core.HEADER.size)
+        self.resend = Resend()
+        self.token = b""
+        """The link's name between its two ends (chosen by the dialer, sent inside the secure channel):
+        a resumed transport names the link it continues."""
+        self.reconnect: Reconnect | None = None
+        self.resume_wait = 0.0
+        """The other side: seconds to wait for a lost link to come back (0: it ends at once)."""
+        self.moving = False
+        """The link is between transports (paused for a move, or lost and being brought back)."""
+        self.transport_error = ""
+        """Why the last transport was given up ("" while the first one runs)."""
+        self.moves = 0
         self.accept = accept
         self.keepalive = session_stream.KEEPALIVE_INTERVAL if keepalive is None else keepalive
         self.idle = idle
@@ -134,6 +161,13 @@ class Link:
         self._pings = 0
         self._last_busy = self._loop.time()
         self._sending = False
+        self._io: list[asyncio.Task[None]] = []
+        self._pausing = False
+        self._ack_wanted = False
+        self._ack_progress = self._loop.time()
+        self._resend_now: list[bytes] = []
+        self._installed = asyncio.Event()
+        self._old_broken = False
 
     # ---- the application's side -------------------------------------------------------------------
 
@@ -192,6 +226,8 @@ class Link:
     async def heard_within(self, seconds: float) -> bool:
         """Ping, then True as soon as anything arrives from the peer, False after `seconds` of silence
         (and the link is suspect from then on, until the peer is heard)."""
+        if self.moving:
+            return False
         since = self.last_in
         self.ping()
         try:
@@ -213,11 +249,11 @@ class Link:
         if self.ended.is_set():
             return
         self.closing = True
-        with contextlib.suppress(MuxError, SessionError, OSError):
+        with contextlib.suppress(MuxError, SessionError, OSError, ValueError):  # ValueError: a dead channel
             if not self.mux.closed:
                 self.mux.go_away()
-            frames = self._seal(self.mux.frames_to_send())
-            if not self.codec.sent_eof:
+            frames = [] if self.moving else self._seal(self.mux.frames_to_send())
+            if not self.codec.sent_eof and not self.moving:
                 frames.append(self.codec.encode_eof())
             self.transport.send(b"".join(frames))  # best effort: the transport is closed next
         self._end(reason or "link closed")
@@ -225,39 +261,120 @@ class Link:
     # ---- running ----------------------------------------------------------------------------------
 
     async def run(self) -> str:
-        """Until the link ends; returns "" for an orderly end, else why it failed."""
-        tune_transport(self.transport)
-        self.transport.setblocking(False)
-        tasks = [
-            asyncio.ensure_future(self._reader()),
-            asyncio.ensure_future(self._writer()),
-            asyncio.ensure_future(self._timers()),
-        ]
-        ended = asyncio.ensure_future(self.ended.wait())
+        """Until the link ends; returns "" for an orderly end, else why it failed. Transports come and
+        go underneath (`pause`, `install`); a lost one is brought back by `reconnect` (the dialer) or
+        awaited for `resume_wait` seconds (the other side) before the link gives up."""
+        self._start_io()
         try:
-            done, _ = await asyncio.wait([*tasks, ended], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is ended:
-                    continue
-                exc = task.exception()
-                if isinstance(exc, (SessionError, MuxError, LinkClosed)):
-                    self._end(str(exc))
-                elif isinstance(exc, OSError):
-                    self._end(f"connection to the peer failed: {describe_error(exc)}")
-                elif exc is not None:
-                    self._end(f"link failed: {type(exc).__name__}: {exc}")
-                    raise exc
-                else:
-                    self._end("")
+            await self.ended.wait()
         finally:
-            for task in [*tasks, ended]:
-                task.cancel()
-            await asyncio.gather(*tasks, ended, return_exceptions=True)
             self._end(self.error or "link closed")
+            await self._stop_io(grace=0)
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         return self.error
+
+    def _start_io(self) -> None:
+        tune_transport(self.transport)
+        self.transport.setblocking(False)
+        self._pausing = False
+        now = self._loop.time()
+        self.last_in = self._last_out = self._ack_progress = now
+        self._io = [
+            asyncio.ensure_future(self._reader()),
+            asyncio.ensure_future(self._writer()),
+            asyncio.ensure_future(self._timers()),
+        ]
+        for task in self._io:
+            task.add_done_callback(self._io_ended)
+
+    async def _stop_io(self, grace: float) -> None:
+        """Stop using the current transport: the writer may finish the frame it is writing (within
+        `grace` seconds, else the transport is not used again), the reader stops where it is."""
+        io, self._io = self._io, []
+        self._pausing = True
+        self._wake()
+        reader, writer, timers = io if io else (None, None, None)
+        for task in (reader, timers):
+            if task is not None:
+                task.cancel()
+        if writer is not None and not writer.done():
+            done, _ = await asyncio.wait([writer], timeout=grace) if grace > 0 else (set(), set())
+            if writer not in done:
+                writer.cancel()
+                self._old_broken = True  # a frame may be half written: this transport is done
+        await asyncio.gather(*io, return_exceptions=True)
+
+    def _io_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.ended.is_set() or self.moving or task not in self._io:
+            return
+        exc = task.exception()
+        if exc is None:
+            self._end("")  # the peer ended the link in order (or our idle close)
+        elif isinstance(exc, (MuxError, ResendError, SessionError)):
+            self.close(str(exc))  # a broken or forged record: nothing on this link is trusted any more
+        elif isinstance(exc, (LinkClosed, OSError)):
+            reason = str(exc) if isinstance(exc, LinkClosed) else f"connection failed: {describe_error(exc)}"
+            self._lost(reason)
+        else:
+            self._end(f"link failed: {type(exc).__name__}: {exc}")
+
+    def _lost(self, reason: str) -> None:
+        """The transport is gone (cut, silent, or failing): bring the link back on a new one if we can."""
+        self.moving = True
+        self.transport_error = reason
+        self._installed.clear()
+        self._spawn(self._recover(reason))
+
+    async def _recover(self, reason: str) -> None:
+        await self._stop_io(grace=0)
+        self._old_broken = True
+        ok = False
+        if self.dialer and self.reconnect is not None:
+            with contextlib.suppress(Exception):
+                ok = await self.reconnect(self, reason)
+        elif not self.dialer and self.resume_wait > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.resume_wait):
+                    await self._installed.wait()
+                    ok = True
+        if not ok and not self.ended.is_set() and self.moving:
+            self._end(reason)
+
+    async def pause(self) -> int:
+        """Stop using the current transport for a move; returns how many records we have from the peer
+        (what the new transport continues from). `unpause` undoes it if the move fails."""
+        self.moving = True
+        self._installed.clear()
+        await self._stop_io(grace=PAUSE_GRACE)
+        return self.resend.received
+
+    def unpause(self) -> bool:
+        """A move failed before anything changed: back to the old transport, if it is still whole."""
+        if self.ended.is_set() or not self.moving or self._old_broken or self.transport_error:
+            return False
+        self.moving = False
+        self._start_io()
+        return True
+
+    def install(self, transport: socket.socket, codec: StreamCodec, peer_received: int, early: list[bytes]) -> None:
+        """Continue on `transport` (authenticated, paused link): resend what the peer lacks, then carry
+        on. ResendError if the peer's count is impossible (the link cannot continue)."""
+        if self.ended.is_set():
+            raise LinkClosed(self.error or "link closed")
+        resend = self.resend.resume(peer_received)
+        old, self.transport, self.codec = self.transport, transport, codec
+        if old is not transport:
+            with contextlib.suppress(OSError):
+                old.close()
+        self._resend_now = resend
+        self.early = early
+        self.moving = self.suspect = self._old_broken = False
+        self.transport_error = ""
+        self.moves += 1
+        self._start_io()
+        self._installed.set()
 
     def _end(self, reason: str) -> None:
         if self.ended.is_set():
@@ -265,6 +382,7 @@ class Link:
         self.closing = True
         self.error = reason
         self.ended.set()
+        self._installed.set()
         for st in list(self.streams.values()):
             self._drop(st, f"link to the peer lost: {reason}" if reason else "link closed", reset=False)
         with contextlib.suppress(OSError):
@@ -272,9 +390,8 @@ class Link:
 
     async def _reader(self) -> None:
         loop = self._loop
-        for piece in self.early:
-            for event in self.mux.receive(piece):
-                self._on_event(event)
+        for record in self.early:
+            self._on_record(record)
         self.early = []
         while True:
             chunk = await loop.sock_recv(self.transport, 256 * 1024)
@@ -285,13 +402,21 @@ class Link:
             self.last_in = loop.time()
             self.suspect = False
             self._heard.set()
+            acked = self.resend.acked
             for part in self.codec.decode(chunk):
                 if part is None:
                     return  # the peer ended the link in order
-                for event in self.mux.receive(part):
-                    self._on_event(event)
-            if self.mux.has_output:
-                self._wake()
+                self._on_record(part)
+            if self.resend.acked != acked:
+                self._ack_progress = loop.time()
+            self._ack_wanted = True
+            self._wake()
+
+    def _on_record(self, record: bytes) -> None:
+        body = self.resend.receive(record)
+        if body is not None:
+            for event in self.mux.receive(body):
+                self._on_event(event)
 
     def _on_event(self, event: mux_core.Event) -> None:
         if isinstance(event, mux_core.Data):
@@ -465,53 +590,72 @@ class Link:
         if self._preamble:
             await loop.sock_sendall(self.transport, self._preamble)
             self._preamble = b""
-        while True:
+        if self._resend_now:
+            records, self._resend_now = self._resend_now, []
+            frames = [frame for record in records for frame in self.codec.encode(record)]
+            await self._send(b"".join(frames))
+        while not self._pausing:
             await self._kick.wait()
             self._kick.clear()
-            frames = self.mux.frames_to_send()
-            if not frames:
-                continue
-            data = self._seal(frames)
-            self._sending = True
-            try:
-                await loop.sock_sendall(self.transport, data[0] if len(data) == 1 else b"".join(data))
-            finally:
-                self._sending = False
-                self._last_out = loop.time()
+            if self._pausing:
+                return
+            out: list[bytes] = []
+            if self._ack_wanted:
+                self._ack_wanted = False
+                if (ack := self.resend.ack_due(read_done=True)) is not None:
+                    out += self.codec.encode(ack)
+            if not self.resend.full:
+                if not self.resend.kept:
+                    self._ack_progress = loop.time()  # the wait for an acknowledgement starts now
+                out += self._seal(self.mux.frames_to_send())
+            if out:
+                await self._send(out[0] if len(out) == 1 else b"".join(out))
+
+    async def _send(self, data: bytes) -> None:
+        self._sending = True
+        try:
+            await self._loop.sock_sendall(self.transport, data)
+        finally:
+            self._sending = False
+            self._last_out = self._loop.time()
 
     def _seal(self, frames: list[bytes]) -> list[bytes]:
-        """Whole mux frames packed into secure frames of at most CHUNK plaintext bytes."""
+        """Whole mux frames packed into records of at most RECORD bytes, each kept for resending and
+        sealed into one secure frame."""
         out: list[bytes] = []
         batch: list[bytes] = []
         size = 0
         for frame in frames:
-            if batch and size + len(frame) > CHUNK:
-                out += self.codec.encode(b"".join(batch))
+            if batch and size + len(frame) > RECORD:
+                out += self.codec.encode(self.resend.data(b"".join(batch)))
                 batch, size = [], 0
             batch.append(frame)
             size += len(frame)
         if batch:
-            out += self.codec.encode(batch[0] if len(batch) == 1 else b"".join(batch))
+            out += self.codec.encode(self.resend.data(batch[0] if len(batch) == 1 else b"".join(batch)))
         return out
 
     async def _timers(self) -> None:
-        """A ping after `keepalive` s of our silence (the answer is the peer's traffic), the end of a link
-        that hears nothing for DEAD_AFTER_KEEPALIVES of them, and the dialer's idle close."""
+        """A ping after `keepalive` s of our silence (the answer is the peer's traffic); the transport
+        is lost when it hears nothing for DEAD_AFTER_KEEPALIVES of them, or data waits BUSY_DEAD s for
+        its acknowledgement; the dialer's idle close."""
         loop = self._loop
         while True:
             now = loop.time()
-            due = [self._last_out + self.keepalive, self.last_in + self.keepalive * DEAD_AFTER_KEEPALIVES]
-            if self.keepalive <= 0:
-                due = []
+            due = [now + 1.0]
+            if self.keepalive > 0:
+                due += [self._last_out + self.keepalive, self.last_in + self.keepalive * DEAD_AFTER_KEEPALIVES]
             if self.idle and self.dialer:
                 due.append(self._last_busy + self.idle)
-            await asyncio.sleep(max(0.05, min(due) - now) if due else 3600)
+            await asyncio.sleep(max(0.05, min(due) - now))
             now = loop.time()
             if self.keepalive > 0 and now - self._last_out >= self.keepalive:
                 self.ping()  # keeps the relay and NAT state, and the answer keeps our `last_in`
                 self._last_out = now
             if self.keepalive > 0 and now - self.last_in >= self.keepalive * DEAD_AFTER_KEEPALIVES:
                 raise LinkClosed(f"nothing from the peer for {now - self.last_in:.0f}s (pings unanswered)")
+            if self.resend.kept and now - self._ack_progress >= BUSY_DEAD:
+                raise LinkClosed(f"{self.resend.kept_bytes} bytes unacknowledged for {now - self._ack_progress:.0f}s")
             if self.idle and self.dialer and not self.streams and now - self._last_busy >= self.idle:
                 self.close("")  # idle: an orderly end
                 return

@@ -44,6 +44,13 @@ class LinkRecord:
     history: list[dict[str, Any]] = field(default_factory=list)
     """The link's paths over time: {"at": wall clock, "path", "why"}."""
     notice: Notice | None = None
+    peer_pk: bytes = b""
+    target: str = ""
+    """The first stream's target: a new transport's handshake names it (B checks it as for any)."""
+    policy: str = ""
+    """The path policy the link was raced with: later races for it keep to it."""
+    why: str = ""
+    """Why the link is moving (shown with the path it moves to)."""
 
     def note_path(self, path: str, why: str) -> None:
         self.path = path

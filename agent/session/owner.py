@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import os
 import socket
 import time
 import uuid as uuidlib
@@ -39,7 +41,8 @@ from agent.common import ctlproto
 from agent.common.netutil import connect_tcp, describe_error
 from agent.common.tasks import TaskSet
 from agent.identity import Identity
-from agent.link.link import Link, LinkClosed, LinkStream, StreamRefused
+from agent.link.link import RESUME_WAIT, Link, LinkClosed, LinkStream, StreamRefused
+from agent.link.resend_core import ResendError, decode_count, encode_count
 from agent.session.guess_limiter import GuessLimiter, guess_keys
 from agent.session.links import LinkRecord, LinkTable
 from agent.session.seen import FLUSH_EVERY, SeenPeers
@@ -60,8 +63,24 @@ from agent.wire.peer_ids import fingerprint
 log = logging.getLogger(__name__)
 
 SELECT = b"\x02"
-"""A's first sealed frame on the transport it chose: a link (agent/link/link.py) runs on it from
-here. (Before links, 0x00 selected a one-stream session; an agent of that kind refuses this one.)"""
+"""A's first sealed frame on the transport it chose, with the new link's token: a link
+(agent/link/link.py) runs on it from here. (Before links, 0x00 selected a one-stream session; an
+agent of that kind refuses this one.)"""
+RESUME = b"\x03"
+"""A's first sealed frame on a transport that continues a running link: token, then how many of the
+link's records A has (u64)."""
+RESUMED = b"\x04"
+"""B's answer to RESUME: how many of the link's records B has (u64); the link continues here."""
+GONE = b"\x05"
+"""B's answer to RESUME for a link it does not have (it ended it, or restarted): A ends the link at
+once instead of trying to bring it back."""
+TOKEN_BYTES = 16
+UPGRADE_FIRST = 2.0
+"""Seconds after a link came up on the relay before the first try for a direct path; each try that
+finds none doubles the wait, up to UPGRADE_MAX."""
+UPGRADE_MAX = 60.0
+RECOVER_FOR = 60.0
+"""Seconds the dialer keeps trying to bring a lost link back (new races, 0.5 s to 8 s apart)."""
 PROBE_TIMEOUT = 1.0
 """Seconds a stream on a link that has been quiet waits to hear from the peer at all (a ping goes
 with the stream's open); silence means the path died under the link: the stream races for a new
@@ -250,7 +269,10 @@ class SessionOwner:
         handshake_timeout: float = 10.0,
         seen: SeenPeers | None = None,
         link_idle: float = LINK_IDLE,
+        relink: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
+        """`relink`: asks the coordinator for a race whose winner a running link moves onto (its
+        "relink" request); without it links neither look for a better path nor come back when lost."""
         self.socket_path = socket_path
         self.identity = identity
         """This agent's identity as it is now (it changes if the server made us move to a new ID)."""
@@ -263,6 +285,7 @@ class SessionOwner:
         self.sessions: dict[str, SessionRecord] = {}
         self.links = LinkTable()
         self.link_idle = link_idle
+        self.relink = relink
         self._streams: dict[tuple[str, int], SessionRecord] = {}
         """(link, stream) -> the record of that stream, until it ends."""
         self._queues: dict[str, TransportQueue] = {}
@@ -326,6 +349,8 @@ class SessionOwner:
             sid = str(req.get("session", ""))
             if op == "stream" and len(socks) == 1 and sid:
                 return await self._stream(req, socks.pop())
+            if op == "resume" and not socks and sid:
+                return await self._resume(req)
             if op == "transport" and len(socks) in (1, 2) and sid:
                 transport = socks.pop(0)
                 return self._on_transport(sid, req, transport, socks[0] if socks else None)
@@ -413,14 +438,17 @@ class SessionOwner:
         rec.path = won.path
         rec.peer_key, rec.admitted_by, rec.id_verified = fingerprint(won.peer_pk), won.key_source, True
         pump_notice, rec.notice = rec.notice, None
+        token = os.urandom(TOKEN_BYTES)
         try:
-            preamble = won.codec.encode(SELECT)[0]
+            preamble = won.codec.encode(SELECT + token)[0]
         except SessionError as exc:
             won.sock.close()
             rec.state, rec.error = SessionState.FAILED, str(exc)
             return {"ok": False, "error": rec.error, "transports": rec.transports}
         link = Link(won.sock, won.codec, dialer=True, idle=self.link_idle, preamble=preamble)
+        link.token = token
         lrec = LinkRecord(uuidlib.uuid4().hex[:8], "dialer", rec.peer, rec.peer_key, won.path, link, won.key_source)
+        lrec.peer_pk, lrec.target, lrec.policy = won.peer_pk, rec.target, str(req.get("policy") or "")
         lrec.note_path(won.path, "won the race")
         lrec.notice = pump_notice
         self._run_link(lrec)
@@ -468,9 +496,125 @@ class SessionOwner:
         return {"ok": True, "session": rec.id, "path": lrec.path, "link": lrec.id}
 
     def _run_link(self, lrec: LinkRecord) -> None:
-        lrec.link.on_stream_end = lambda st: self._stream_ended(lrec, st)
+        link = lrec.link
+        link.on_stream_end = lambda st: self._stream_ended(lrec, st)
         self.links.add(lrec)
         self._spawn(self._link_task(lrec))
+        if lrec.role == "acceptor":
+            link.resume_wait = RESUME_WAIT
+        elif self.relink is not None:
+            link.reconnect = lambda _link, reason: self._recover(lrec, reason)
+            self._spawn(self._upgrade(lrec))
+
+    # ---- moving a link to another transport -------------------------------------------------------
+
+    async def _relink(self, lrec: LinkRecord, policy: str, why: str) -> bool:
+        """Ask the coordinator for a race whose winner this link moves onto; True if it moved."""
+        assert self.relink is not None
+        moves = lrec.link.moves
+        lrec.why = why
+        request = {"peer": lrec.peer, "link": lrec.id, "target": lrec.target, "policy": policy}
+        with contextlib.suppress(Exception):
+            reply = await self.relink(request)
+            if isinstance(reply, dict) and not reply.get("ok"):
+                log.debug("link %s: no new transport (%s): %s", lrec.id, why, reply.get("error"))
+        return lrec.link.moves > moves
+
+    async def _upgrade(self, lrec: LinkRecord) -> None:
+        """While the link runs on the relay, look for a direct path now and then (2 s, then doubling to
+        60 s); one that authenticates takes the link's streams (agent/link/link.py moves them)."""
+        words = [w.strip() for w in lrec.policy.split(",") if w.strip()]
+        if any(w in ("relay-only", "relay") for w in words):
+            return
+        direct = ",".join(["direct-only", *(w for w in words if w not in ("auto", "direct-only", "direct"))])
+        link = lrec.link
+        delay = UPGRADE_FIRST
+        while not link.ended.is_set():
+            await asyncio.sleep(delay)
+            if link.ended.is_set() or link.moving or lrec.path != "relay":
+                delay = UPGRADE_FIRST
+                continue
+            moved = await self._relink(lrec, direct, "a direct path authenticated")
+            delay = UPGRADE_FIRST if moved else min(delay * 2, UPGRADE_MAX)
+
+    async def _recover(self, lrec: LinkRecord, reason: str) -> bool:
+        """The link's transport was lost: new races (any path its policy allows) until one takes it."""
+        link = lrec.link
+        log.warning("link %s to %s lost its %s path (%s): finding another", lrec.id, lrec.peer, lrec.path, reason)
+        deadline = time.monotonic() + RECOVER_FOR
+        delay = 0.5
+        while time.monotonic() < deadline and not link.ended.is_set():
+            if await self._relink(lrec, lrec.policy, f"{lrec.path} lost: {reason}"):
+                return True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 8.0)
+        return False
+
+    async def _resume(self, req: dict[str, Any]) -> dict[str, Any]:
+        """A's race for a running link's new transport; the winner takes the link over (`_move`)."""
+        sid = str(req["session"])
+        lrec = self.links.links.get(str(req.get("link", "")))
+        rec = self._record(sid, "initiator")
+        rec.peer, rec.target = str(req["peer"]), str(req.get("target", ""))
+        queue = self._queue(sid)
+        try:
+            won = await self._race_handshakes(req, rec, queue, float(req.get("wait", 10.0)))
+            notice = self._notices.pop((sid, won.path), None) if won is not None else None
+        finally:
+            self._drop_queue(sid)
+        if won is None:
+            rec.state = SessionState.FAILED
+            return {"ok": False, "error": rec.error, "transports": rec.transports}
+        rec.path, rec.link = won.path, lrec
+        rec.peer_key, rec.admitted_by, rec.id_verified = fingerprint(won.peer_pk), won.key_source, True
+        if lrec is None or lrec.state != "up":
+            error = "the link is gone"
+        elif not hmac.compare_digest(won.peer_pk, lrec.peer_pk):
+            error = "the new path's peer holds another key than the link's"
+        else:
+            error = await self._move(lrec, won)
+        if error:
+            won.sock.close()
+            if notice is not None:
+                notice.close()
+            rec.state, rec.error = SessionState.FAILED, error
+            return {"ok": False, "error": error, "transports": rec.transports}
+        assert lrec is not None
+        self._swap_notice(lrec, PumpNotice(notice, won.path) if notice is not None else None)
+        rec.state = SessionState.DONE
+        log.info("link %s to %s moved to %s (%s)", lrec.id, lrec.peer, won.path, lrec.why)
+        lrec.note_path(won.path, lrec.why)
+        return {"ok": True, "session": sid, "path": won.path, "link": lrec.id, "transports": rec.transports}
+
+    async def _move(self, lrec: LinkRecord, won: _Won) -> str:
+        """A's half of a move: pause the link, say how far we got, learn how far B got, continue on the
+        new transport. "" when the link runs there, else why not (the link stays where it was)."""
+        link = lrec.link
+        count = await link.pause()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(won.sock, won.codec.encode(RESUME + link.token + encode_count(count))[0])
+            pending = await _first_pieces(won.sock, won.codec, self.handshake_timeout)
+            if pending is not None and pending[0] == GONE:
+                link.close(f"peer {lrec.peer} no longer has this link (it ended it or restarted)")
+                return link.error
+            if pending is None or pending[0] is None or pending[0][:1] != RESUMED:
+                raise SessionError(f"peer {lrec.peer} did not resume the link")
+            peer_count = decode_count(pending[0][1:])
+            link.install(won.sock, won.codec, peer_count, [p for p in pending[1:] if p is not None])
+        except ResendError as exc:
+            link.close(f"the peer resumed the link where it cannot be: {exc}")
+            return str(exc)
+        except (SessionError, OSError, TimeoutError, LinkClosed) as exc:
+            link.unpause()
+            return str(exc) if isinstance(exc, (SessionError, LinkClosed)) else describe_error(exc)
+        return ""
+
+    def _swap_notice(self, lrec: LinkRecord, notice: PumpNotice | None) -> None:
+        old = lrec.notice
+        if isinstance(old, PumpNotice):
+            old.close()
+        lrec.notice = notice
 
     async def _link_task(self, lrec: LinkRecord) -> None:
         error = await lrec.link.run()
@@ -671,19 +815,23 @@ class SessionOwner:
             rec.target or "(none)",
         )
         try:
-            early = await self._await_select(transport, codec)
-        except (SessionError, OSError, TimeoutError) as exc:
-            early, rec.error = None, str(exc) if isinstance(exc, SessionError) else describe_error(exc)
-        if early is None:
+            selected = await self._await_select(transport, codec)
+        except (SessionError, OSError, TimeoutError, ResendError) as exc:
+            selected, rec.error = None, str(exc) if not isinstance(exc, OSError) else describe_error(exc)
+        if selected is None:
             rec.state = SessionState.LOST
             rec.error = rec.error or "the peer chose another path"
             transport.close()
             return
+        token, peer_count, early = selected
+        assert machine.peer_pk is not None and machine.admitted_by is not None
+        if peer_count is not None:
+            await self._resumed(rec, machine.peer_pk, transport, codec, token, peer_count, early)
+            return
         if self.on_admitted and machine.peer_pk and machine.id_verified and _listed(policy, rec.peer):
             self.on_admitted(rec.peer, machine.peer_pk, rec.admitted_by)  # pinned from now on
-        assert machine.peer_pk is not None and machine.admitted_by is not None
         lrec = LinkRecord(rec.id, "acceptor", rec.peer, rec.peer_key, rec.path, Link(transport, codec, dialer=False))
-        lrec.admitted_by = rec.admitted_by
+        lrec.admitted_by, lrec.peer_pk, lrec.link.token = rec.admitted_by, machine.peer_pk, token
         lrec.note_path(rec.path, "selected by the peer")
         lrec.notice, rec.notice = rec.notice, None
         lrec.link.accept = self._acceptor(lrec, machine.peer_pk, machine.admitted_by, policy.password)
@@ -692,6 +840,48 @@ class SessionOwner:
         rec.state, rec.link = SessionState.DONE, lrec
         self._note_seen(rec)
         self._run_link(lrec)
+
+    async def _resumed(
+        self,
+        rec: SessionRecord,
+        peer_pk: bytes,
+        transport: socket.socket,
+        codec: StreamCodec,
+        token: bytes,
+        peer_count: int,
+        early: list[bytes],
+    ) -> None:
+        """B's half of a move: the authenticated peer names a link by its token; only the same key may
+        continue it. Pause it, say how far we got, continue on this transport."""
+        lrec = next(
+            (r for r in self.links.running() if r.role == "acceptor" and hmac.compare_digest(r.link.token, token)), None
+        )
+        if lrec is None or not hmac.compare_digest(lrec.peer_pk, peer_pk):
+            rec.state, rec.error = SessionState.FAILED, "asked to continue a link this agent does not have"
+            log.warning("peer %s (key %s) asked to continue an unknown link on %s", rec.peer, rec.peer_key, rec.path)
+            with contextlib.suppress(OSError, SessionError, ValueError):
+                await asyncio.get_running_loop().sock_sendall(transport, codec.encode(GONE)[0])
+            transport.close()
+            return
+        link = lrec.link
+        count = await link.pause()
+        try:
+            await asyncio.get_running_loop().sock_sendall(transport, codec.encode(RESUMED + encode_count(count))[0])
+            link.install(transport, codec, peer_count, early)
+        except ResendError as exc:
+            link.close(f"the peer resumed the link where it cannot be: {exc}")
+            rec.state, rec.error = SessionState.FAILED, str(exc)
+            return
+        except (OSError, SessionError, LinkClosed) as exc:
+            transport.close()
+            link.unpause()
+            rec.state, rec.error = SessionState.FAILED, str(exc)
+            return
+        self._swap_notice(lrec, rec.notice)
+        rec.notice = None
+        rec.state, rec.link = SessionState.DONE, lrec
+        log.info("link %s from %s moved to %s by the peer", lrec.id, lrec.peer, rec.path)
+        lrec.note_path(rec.path, "moved by the peer")
 
     def _acceptor(
         self, lrec: LinkRecord, peer_pk: bytes, admitted_by: TrustedBy, password: str | None
@@ -733,18 +923,22 @@ class SessionOwner:
         self._spawn(_echo(far, ECHO_LIMIT))
         return local
 
-    async def _await_select(self, transport: socket.socket, codec: StreamCodec) -> list[bytes] | None:
-        """Once A selects this transport, the link bytes that came with the selection; None if A
+    async def _await_select(
+        self, transport: socket.socket, codec: StreamCodec
+    ) -> tuple[bytes, int | None, list[bytes]] | None:
+        """Once A selects this transport: the link's token, A's record count if it continues a running
+        link (None for a new one), and the link records that came with the selection. None if A
         closes it (another path won)."""
         pending = await _first_pieces(transport, codec, SELECT_TIMEOUT)
-        if pending is None:
+        if pending is None or any(piece is None for piece in pending):
             return None
-        if pending[0] != SELECT:
-            raise SessionError("peer did not select the path (an agent from before peer links?)")
-        early = pending[1:]
-        if any(piece is None for piece in early):
-            return None
-        return [piece for piece in early if piece is not None]
+        first, early = pending[0], [piece for piece in pending[1:] if piece is not None]
+        assert first is not None
+        if first[:1] == SELECT and len(first) == 1 + TOKEN_BYTES:
+            return first[1:], None, early
+        if first[:1] == RESUME and len(first) == 1 + TOKEN_BYTES + 8:
+            return first[1 : 1 + TOKEN_BYTES], decode_count(first[1 + TOKEN_BYTES :]), early
+        raise SessionError("peer did not select the path (an agent from before peer links?)")
 
     def _spawn(self, coro: Any) -> None:
         self._tasks.spawn(coro)

@@ -18,11 +18,14 @@ from typing import Any
 
 import pytest
 
+from agent.common import ctlproto
 from agent.control.pins import PINS_FILE, PinStore
 from agent.identity import IDENTITY_FILE, load_or_create
+from agent.runtime_paths import sessions_socket
 from agent.servers.registry import Registry
 from agent.servers.relay_server import start_relay
 from agent.servers.rendezvous_server import start_rendezvous
+from agent.session import owner as owner_module
 from tests.agent_fixtures import AgentPair, open_stream, relay_config, rendezvous_config, two_agents
 
 CONNECT_TIMEOUT = 3.0
@@ -129,7 +132,10 @@ async def test_rendezvous_down_and_back_under_a_relayed_session(lab: AgentPair) 
 # --------------------------------------------------------------------------- 2(b)
 
 
-async def test_relay_restart_under_load_is_an_error_not_a_truncation(lab: AgentPair) -> None:
+async def test_relay_restart_under_load_is_a_pause_never_a_truncation(lab: AgentPair) -> None:
+    """The relay under four busy streams goes away and is back a second later. The link under them
+    comes back on the new relay and every stream continues intact (a stall, not an error); what a
+    client must never see is a clean end of a truncated stream."""
     relay = lab.servers.relay
     port = relay.port
     flows = []
@@ -140,38 +146,37 @@ async def test_relay_restart_under_load_is_an_error_not_a_truncation(lab: AgentP
     await asyncio.gather(*(f.step(4) for f in flows))
     await relay.close()  # every pair is cut
 
+    async def restart() -> None:
+        await asyncio.sleep(1.0)
+        keys = [lab.servers.rendezvous.core.public_key]
+        lab.servers.relay = await start_relay(relay_config(port=port, server_keys=keys))
+
+    restarting = asyncio.ensure_future(restart())
+    t0 = time.monotonic()
     outcomes = []
     for f in flows:
         try:
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(60):
                 await f.step(64)
-                f.sock.shutdown(socket.SHUT_WR)
-                while await asyncio.get_running_loop().sock_recv(f.sock, 1 << 18):
-                    pass
-            outcomes.append("eof")  # a clean end after a cut would be a silent truncation
+                await f.finish()  # the digest of everything echoed: intact or it raises
+            outcomes.append("intact")
         except (ConnectionResetError, BrokenPipeError):
             outcomes.append("reset")
         except EOFError:
             outcomes.append("eof-midway")
-        finally:
-            f.sock.close()
-    sessions = (await lab.a.components["coordinator"].sessions())["sessions"]
-    errors = [s.get("error") or s.get("end_reason") for s in sessions]
-    print(f"\n[fault 2b] after the relay went away: client sees {outcomes}; sessions say {errors}")
-    for outcome, s in zip(outcomes, sessions[-len(flows) :], strict=True):
-        assert outcome == "reset" or (outcome == "eof-midway" and s.get("error")), (outcome, s)
-
-    relay2 = await start_relay(relay_config(port=port, server_keys=[lab.servers.rendezvous.core.public_key]))
-    lab.servers.relay = relay2
-    sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
-    assert sock is not None, reply
-    flow = Flow(sock)
-    await flow.step(4)
-    await flow.finish()
-    assert relay2.stats()["pairs_total"] == 1
+    await restarting
+    links = await ctlproto.acall(sessions_socket(lab.a_dir), {"op": "links"})
+    moves = [[h["path"] for h in link["history"]] for link in links["links"]]
+    print(f"\n[fault 2b] after the relay restarted: {outcomes} after {time.monotonic() - t0:.1f} s; link paths {moves}")
+    assert outcomes == ["intact"] * 4
+    assert any(m[:2] == ["relay", "relay"] for m in moves)  # the link came back on the relay
+    assert lab.servers.relay.stats()["pairs_total"] >= 1
 
 
-async def test_cut_on_a_quiet_stream_is_a_reset_at_the_client(lab: AgentPair) -> None:
+async def test_cut_on_a_quiet_stream_is_a_reset_at_the_client(lab: AgentPair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay goes away for good: the link tries to come back (RECOVER_FOR, scaled down here) and
+    then the client sees a reset, and the session says why."""
+    monkeypatch.setattr(owner_module, "RECOVER_FOR", 2.0)
     sock, reply = await open_stream(lab.a_dir, lab.b_id, lab.echo, path="relay-only")
     assert sock is not None, reply
     flow = Flow(sock)
@@ -186,7 +191,8 @@ async def test_cut_on_a_quiet_stream_is_a_reset_at_the_client(lab: AgentPair) ->
     finally:
         sock.close()
         sessions = (await lab.a.components["coordinator"].sessions())["sessions"]
-        assert "cut" in str(sessions[-1].get("error")), sessions[-1]
+        (ours,) = [s for s in sessions if s["id"] == reply["session"]]  # the others: the link's races to come back
+        assert "cut" in str(ours.get("error")), ours
 
 
 # --------------------------------------------------------------------------- 2(c)

@@ -219,10 +219,14 @@ CASES: dict[str, tuple[str, Action]] = {
     "reorder, relay->A": (DOWN, swap(FIRST_DATA[DOWN] + 1)),
     "drop, relay->A": (DOWN, drop(FIRST_DATA[DOWN] + 1)),
     "drop, A->relay": (UP, drop(FIRST_DATA[UP] + 1)),
-    "truncate mid-frame, relay->A": (DOWN, truncate(FIRST_DATA[DOWN] + 2)),
-    "truncate mid-frame, A->relay": (UP, truncate(FIRST_DATA[UP] + 1)),
     "inject plaintext, relay->A": (DOWN, inject_plaintext(FIRST_DATA[DOWN] + 1)),
 }
+CUTS: dict[str, tuple[str, Action]] = {
+    "truncate mid-frame, relay->A": (DOWN, truncate(FIRST_DATA[DOWN] + 2)),
+    "truncate mid-frame, A->relay": (UP, truncate(FIRST_DATA[UP] + 1)),
+}
+"""A cut is not a forgery: the link comes back on a new relay connection and resends what the cut
+lost, so the stream arrives whole (or, if it cannot come back, ends in a reset): never short."""
 PAYLOAD = 1_000_000  # about 16 sealed 64 KiB frames each way
 
 
@@ -281,7 +285,12 @@ async def one_mitm_case(tmp: Path, direction: str, action: Action | None) -> dic
             got, ending = await asyncio.wait_for(transfer(sock, payload), 60)
             sock.close()
         a_recs = await settled(env.a, reply.get("session"))
-        b_recs = await settled(env.b)
+        # B may still wait for A to bring the link back (agent/link/link.py RESUME_WAIT): whatever it
+        # says a moment after A's verdict is what it says.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await settled(env.b)
+        b_recs = await records(env.b)
         await mitm.close()
         return {
             "reply": reply,
@@ -333,11 +342,19 @@ async def test_mitm_tampering_tally(tmp_path: Path) -> None:
     assert tried == refused
 
 
-async def test_mitm_cut_is_not_a_clean_eof(tmp_path: Path) -> None:
-    direction, action = CASES["truncate mid-frame, relay->A"]
+@pytest.mark.parametrize("case", list(CUTS))
+async def test_mitm_cut_mid_frame_is_survived_whole(tmp_path: Path, case: str) -> None:
+    """The connection to the relay is cut in the middle of a frame: the link comes back on a new one
+    (through the same man in the middle, who cuts each connection at the same frame) and the stream
+    is delivered whole and intact, never a clean end of a short one."""
+    direction, action = CUTS[case]
     out = await one_mitm_case(tmp_path, direction, action)
-    assert len(out["got"]) < len(out["payload"])
-    assert out["ending"] == "reset", out["ending"]
+    print(
+        f"\nMITM {case!r}: delivered {len(out['got'])}/{len(out['payload'])}, ended by {out['ending']}, "
+        f"{out['connections']} relay connections"
+    )
+    assert out["got"] == out["payload"] and out["ending"] == "eof"
+    assert out["connections"] > 2  # it did come back: more than A's and B's first legs
 
 
 # ----------------------------------------------------------------------------- lying rendezvous server

@@ -1,5 +1,6 @@
 """An idle session must outlive the relay's idle timeout (30 s, as hbbr): ssh sessions sit idle for
-hours. The session pump sends an empty frame (RustDesk's frame-codec heartbeat) after a silence."""
+hours. A link pings its peer after a silence; without that the relay cuts the pair (and the link
+has to come back on a new one)."""
 
 from __future__ import annotations
 
@@ -37,5 +38,8 @@ async def test_idle_relayed_session_outlives_the_relay_idle_timeout(
             assert answer == b"still there?"
             assert "idle" not in ends, ends
         else:  # the control: without keepalives the relay cuts the pair, which is why they exist
-            assert answer == b""
             assert ends.get("idle", 0) >= 1, ends
+            # ... and the link then comes back on a new relay pair: the stream survives, after a stall
+            assert answer == b"still there?"
+            links = lab.a.components["sessions"].link_list()
+            assert [h["path"] for h in links[0]["history"]][:2] == ["relay", "relay"], links

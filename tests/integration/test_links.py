@@ -8,7 +8,7 @@ import asyncio
 import gc
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +17,10 @@ import pytest
 from agent.client import loopback_pair
 from agent.common import ctlproto
 from agent.identity import Identity, IdentityCache, load_or_create
-from agent.session.owner import SessionOwner
-from agent.wire.handshake import Policy
+from agent.link.resend_core import encode_count
+from agent.session.owner import GONE, RESUME, SessionOwner, _first_pieces
+from agent.session.stream import run_handshake
+from agent.wire.handshake import Initiator, Policy
 from agent.wire.peer_ids import fingerprint
 
 
@@ -82,6 +84,38 @@ class Pair:
         reply = await ctlproto.acall(self.a_sock, request, [local.fileno()])
         local.close()
         return reply
+
+    async def new_transport(self, link: str, path: str) -> dict:
+        """What the coordinator's relink does, by hand: a new transport (here a socketpair) offered to
+        both session owners, and A's "resume" request that moves link `link` onto it."""
+        self.n += 1
+        sid = f"r{self.n}"
+        ta, tb = socket.socketpair()
+        respond = {
+            "op": "respond",
+            "session": sid,
+            "path": path,
+            "binding_id": self.a_id.peer_id,
+            "binding_pk": self.a_id.public_key,
+        }
+        assert (await ctlproto.acall(self.b.socket_path, respond, [tb.fileno()]))["ok"]
+        offer = {"op": "transport", "session": sid, "path": path, "peer_pk": self.b_id.public_key}
+        assert (await ctlproto.acall(self.a_sock, {**offer, "key_source": "pinned"}, [ta.fileno()]))["ok"]
+        ta.close()
+        tb.close()
+        request = {"op": "resume", "session": sid, "peer": self.b_id.peer_id, "target": self.target, "link": link}
+        return dict(await ctlproto.acall(self.a_sock, {**request, "wait": 5}))
+
+    def movable(self, path: str) -> list[dict]:
+        """Give A's owner a relink that brings new transports labelled `path`; returns its requests."""
+        asked: list[dict] = []
+
+        async def relink(request: dict) -> dict:
+            asked.append(request)
+            return await self.new_transport(str(request["link"]), path)
+
+        self.a.relink = relink
+        return asked
 
     async def stream(self, local: socket.socket, target: str | None = None, paths: tuple[str, ...] = ("lan",)) -> dict:
         self.n += 1
@@ -283,3 +317,112 @@ async def test_a_link_whose_path_died_silently_is_given_up_at_once(pair: Pair) -
     assert (await pair.stream(theirs)) == {"ok": False, "no_link": True}
     assert asyncio.get_running_loop().time() - started < 3
     assert a_link.link.suspect and pair.a.links.usable(pair.b_id.peer_id, "", lambda p: True) is None
+
+
+async def _transfer_while(pair: Pair, size: int, during: Callable[[], Awaitable[None]]) -> tuple[bytes, bytes]:
+    """`size` random bytes echoed through one stream while `during` runs; (sent, received)."""
+    loop = asyncio.get_running_loop()
+    mine, theirs = loopback_pair()
+    assert (await pair.first_stream(theirs))["ok"]
+    mine.setblocking(False)
+    payload = os.urandom(size)
+
+    async def send() -> None:
+        view = memoryview(payload)
+        for at in range(0, size, 64 * 1024):
+            await loop.sock_sendall(mine, view[at : at + 64 * 1024])
+            await asyncio.sleep(0)
+        mine.shutdown(socket.SHUT_WR)
+
+    async def receive() -> bytes:
+        got = bytearray()
+        while data := await loop.sock_recv(mine, 1 << 18):
+            got += data
+        return bytes(got)
+
+    sender = asyncio.ensure_future(send())
+    receiver = asyncio.ensure_future(receive())
+    while len(pair.a.links.running()) == 0 or pair.a.links.running()[0].link.bytes_in < size // 4:
+        await asyncio.sleep(0.01)  # a quarter is through: the rest crosses the move
+    await during()
+    async with asyncio.timeout(60):
+        await sender
+        got = await receiver
+    mine.close()
+    return payload, got
+
+
+async def test_a_link_moves_to_a_better_transport_without_losing_a_byte(pair: Pair) -> None:
+    """The upgrade: mid-transfer, a new transport authenticates and the link moves every live stream to
+    it; nothing lost, duplicated or reordered, and the move is in the link's history."""
+    asked = pair.movable("tcp_punch")
+
+    async def move() -> None:
+        (lrec,) = pair.a.links.running()
+        assert await pair.a._relink(lrec, "direct-only", "a direct path authenticated")
+
+    sent, got = await _transfer_while(pair, 24 << 20, move)
+    assert len(got) == len(sent) and got == sent
+    (lrec,) = pair.a.links.running()
+    assert [h["path"] for h in lrec.history] == ["lan", "tcp_punch"]
+    assert lrec.history[1]["why"] == "a direct path authenticated" and lrec.path == "tcp_punch"
+    assert asked[0]["policy"] == "direct-only" and asked[0]["target"] == pair.target
+    (b_link,) = pair.b.links.running()
+    assert [h["path"] for h in b_link.history] == ["lan", "tcp_punch"]
+
+
+async def test_a_link_whose_transport_is_cut_comes_back_on_a_new_one(pair: Pair) -> None:
+    """The downgrade and the move of a host: the transport dies mid-transfer (both ends see it cut);
+    A races for a new transport, B waits for it, and the transfer finishes intact."""
+    asked = pair.movable("relay")
+
+    async def cut() -> None:
+        (lrec,) = pair.a.links.running()
+        lrec.link.transport.shutdown(socket.SHUT_RDWR)
+
+    sent, got = await _transfer_while(pair, 24 << 20, cut)
+    assert len(got) == len(sent) and got == sent
+    (lrec,) = pair.a.links.running()
+    assert [h["path"] for h in lrec.history] == ["lan", "relay"] and "lan lost: " in lrec.history[1]["why"]
+    assert asked and asked[0]["policy"] == ""
+
+
+async def test_a_transport_that_names_a_link_it_does_not_have_is_turned_away(pair: Pair) -> None:
+    """Security: a peer that proves its key but names a link B does not have (a guessed or stale
+    token) hears GONE and gets nothing; the running link is untouched."""
+    loop = asyncio.get_running_loop()
+    mine, theirs = loopback_pair()
+    assert (await pair.first_stream(theirs))["ok"]
+    ours, bs = socket.socketpair()
+    respond = {"op": "respond", "session": "guess", "path": "lan", "binding_id": pair.a_id.peer_id}
+    assert (await ctlproto.acall(pair.b.socket_path, {**respond, "binding_pk": pair.a_id.public_key}, [bs.fileno()]))
+    bs.close()
+    ours.setblocking(False)
+    machine = Initiator(
+        pair.a_id.peer_id, pair.a_id.signing_key, pair.b_id.peer_id, pair.b_id.public_key, target=pair.target
+    )
+    codec = await run_handshake(ours, machine, 5.0)
+    await loop.sock_sendall(ours, codec.encode(RESUME + os.urandom(16) + encode_count(0))[0])
+    assert await _first_pieces(ours, codec, 5.0) == [GONE]
+    ours.close()
+    (b_link,) = pair.b.links.running()
+    assert [h["path"] for h in b_link.history] == ["lan"]
+    assert await echo_through(mine, b"still the old path") == b"still the old path"
+    refused = [s for s in pair.b.session_list() if "does not have" in s["error"]]
+    assert len(refused) == 1
+
+
+async def test_a_link_the_peer_no_longer_has_ends_at_once(pair: Pair) -> None:
+    """B ended the link (or restarted) while A's transport was cut: A's first try to bring it back
+    hears GONE and the link ends (its streams fail now, the next stream races for a new link)."""
+    pair.movable("relay")
+    mine, theirs = loopback_pair()
+    assert (await pair.first_stream(theirs))["ok"]
+    (b_link,) = pair.b.links.running()
+    b_link.link._end("B restarted")  # gone without a word: A sees its transport cut
+    (a_link,) = pair.a.links.running()
+    async with asyncio.timeout(10):
+        await a_link.link.ended.wait()
+    assert "no longer has this link" in a_link.link.error
+    assert a_link.link.moves == 0
+    mine.close()
