@@ -389,7 +389,7 @@ class Coordinator:
         one lost): a race as for a new link, whose winner the owner moves the link onto."""
         peer, link = str(req.get("peer", "")), str(req.get("link", ""))
         sid = uuidlib.uuid4().hex[:12]
-        plan = self.new_plan(sid, peer, "initiator")
+        plan = self.new_plan(sid, peer, "relink")  # not a session of its own: a race for a link's transport
         try:
             spec = parse_peer_spec(peer)
             policy = Policy.parse(str(req["policy"])) if req.get("policy") else self.policy

@@ -554,7 +554,7 @@ class SessionOwner:
         """A's race for a running link's new transport; the winner takes the link over (`_move`)."""
         sid = str(req["session"])
         lrec = self.links.links.get(str(req.get("link", "")))
-        rec = self._record(sid, "initiator")
+        rec = self._record(sid, "relink")
         rec.peer, rec.target = str(req["peer"]), str(req.get("target", ""))
         queue = self._queue(sid)
         try:

@@ -40,7 +40,7 @@ def plan_state(role: str, attempts: list[dict[str, Any]], error: str, path: str)
         return SessionState.FAILED, "lost: the session owner restarted"
     if attempts and all(a.get("outcome") not in (Outcome.RUNNING, Outcome.CONNECTED) for a in attempts):
         return SessionState.FAILED, str(attempts[-1].get("reason") or "no path connected")
-    return (SessionState.CONNECTING if role == "initiator" else SessionState.ANSWERING), ""
+    return (SessionState.ANSWERING if role == "responder" else SessionState.CONNECTING), ""
 
 
 def join(plans: list[dict[str, Any]], live: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -293,68 +293,45 @@ def test_tcp_punch_transfer_survives_killing_every_other_actor(pair: Pair) -> No
     _transfer_survives(pair, TCP, "tcp_punch", spare={"sessions"})
 
 
-def _kill_the_kcp_pump(pair: Pair, host: str) -> tuple[list[str], str]:
-    """SIGKILL `host`'s udp_punch actor while a KCP and a tcp_punch session both run: the KCP session
-    ends at once with one line at the client, the TCP one completes intact, the actor comes back and
-    a new KCP session works. Returns the client's stderr lines and B's record of the KCP session."""
+def _kill_the_kcp_pump(pair: Pair, host: str) -> None:
+    """SIGKILL `host`'s udp_punch actor while a KCP and a tcp_punch stream both run. The KCP stream's
+    link loses its transport (the pump carried it): it races for a new one (udp_punch again, once the
+    actor is back) and resumes there, so the KCP transfer stalls and then completes intact; the TCP
+    stream never notices; the actor comes back and the move is in the link's history."""
     ag = pair.agents
     if ag.placement == "grouped":
         pytest.skip("grouped: the KCP pump shares the data actor with the session owner (killing it ends every "
                     "session, as killing the owner does: test_agent_e2e covers that)")
-    kcp, kcp_session = start_session(pair, KCP, "udp_punch")
+    kcp, _ = start_session(pair, KCP, "udp_punch")
     tcp, _ = start_session(pair, TCP, "tcp_punch")
     time.sleep(1.0)
+    links = {x["id"]: x for x in ag.ops(A, "links")["links"] if x["state"] == "up" and x["path"] == "udp_punch"}
     row = ag.actors(host)["udp_punch"]
     killed_at = time.monotonic()
     os.kill(row["pid"], signal.SIGKILL)
-    try:
-        kcp.proc.wait(30)
-    except Exception:
-        raise AssertionError(f"the KCP session did not end within 30s of {host}'s KCP pump SIGKILL") from None
-    ended_after = time.monotonic() - killed_at
-    kcp.finish()
     back = wait_back(ag, host, ["udp_punch"], row["pid"], row["restarts"], killed_at)[0]
-    lines = kcp.err_lines()
-    print(f"\n{host}'s udp_punch killed: KCP pipe exit {kcp.proc.returncode} {ended_after:.2f}s later "
-          f"({kcp.n_got / 1e6:.1f} MB echoed before); stderr: {lines}")
-    print(f"  udp_punch back after {back.back_after:.2f}s")
-    assert kcp.proc.returncode != 0
-    assert len(lines) == 1 and lines[0].startswith(f"punchthrough: stream to {pair.b_id} failed: "), lines
-    record = next(s for s in _initiator_sessions(ag) if s["id"] == kcp_session["id"])
-    assert record["state"] == "failed" and record["error"] in lines[0], record
-
+    time.sleep(2.0)
+    rc = kcp.finish()
+    print(f"\n{host}'s udp_punch killed: KCP stream {kcp.figures()}, exit {rc}; udp_punch back after "
+          f"{back.back_after:.2f}s")
+    assert rc == 0, kcp.stderr.decode()
+    assert kcp.intact(), f"sent {kcp.n_sent} got {kcp.n_got}"
     assert tcp.running(), f"the TCP session died with the KCP pump: {tcp.stderr.decode()}"
-    time.sleep(1.0)
     rc = tcp.finish()
-    print(f"  tcp_punch session alongside: {tcp.figures()}, exit {rc}")
-    assert rc == 0, tcp.stderr.decode()
-    assert tcp.intact()
+    assert rc == 0 and tcp.intact(), tcp.stderr.decode()
+    moved = [x for x in ag.ops(A, "links")["links"] if x["id"] in links]
+    paths = [[(h["path"], h["why"]) for h in x["history"]] for x in moved]
+    print(f"  the KCP link's paths: {paths}")
+    assert any(len(p) >= 2 for p in paths), paths
     check_visible(ag, [back])
-    print(f"  new KCP session worked {new_session_works(pair, KCP, 'udp_punch'):.2f}s after the restart")
-    # B's end of that session: the newest failed responder record on the KCP path
-    deadline = time.monotonic() + 10
-    b_error = ""
-    while not b_error and time.monotonic() < deadline:
-        b_side = [s for s in ag.control(B, "sessions")["sessions"]
-                  if s.get("role") == "responder" and s.get("path") == "udp_punch" and s.get("state") == "failed"
-                  and s["age"] < time.monotonic() - killed_at + 30]
-        b_error = str(min(b_side, key=lambda s: s["age"])["error"]) if b_side else ""
-        time.sleep(0.2)
-    print(f"  B's record of the KCP session: {b_error!r}")
-    return lines, b_error
 
 
-def test_killing_our_kcp_pump_ends_only_kcp_sessions_clearly(pair: Pair) -> None:
-    lines, b_error = _kill_the_kcp_pump(pair, A)
-    assert "KCP pump (the udp_punch actor) died" in lines[0], lines
-    # B learns within seconds too (ICMP port unreachable from A's closed port), not after the 60 s idle timeout
-    assert "udp_punch: KCP connection lost" in b_error, b_error
+def test_killing_our_kcp_pump_is_a_stall_not_an_end(pair: Pair) -> None:
+    _kill_the_kcp_pump(pair, A)
 
 
-def test_killing_the_peers_kcp_pump_ends_the_session_clearly(pair: Pair) -> None:
-    lines, b_error = _kill_the_kcp_pump(pair, B)
-    assert "udp_punch: KCP connection lost: the peer's UDP port is closed" in lines[0], lines
-    assert "KCP pump (the udp_punch actor) died" in b_error, b_error
+def test_killing_the_peers_kcp_pump_is_a_stall_not_an_end(pair: Pair) -> None:
+    _kill_the_kcp_pump(pair, B)
 
 
 def _fds(pid: int) -> int:
