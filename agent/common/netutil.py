@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import os
 import socket
 import struct
+from typing import Any
 
 from agent.wire.addr import split_host_port
 
@@ -16,11 +18,17 @@ async def connect_tcp(address: str, default_port: int | None = None, timeout: fl
     """A connected non-blocking TCP socket (IPv4 or IPv6, first address that answers)."""
     host, port = split_host_port(address, default_port)
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos: list[tuple[int, Any]]
+    try:  # an IP literal (most targets): no resolver thread, which cost ~0.6 ms per stream
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = [(i[0], i[4]) for i in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    else:
+        infos = [(socket.AF_INET6, (str(ip), port, 0, 0))] if ip.version == 6 else [(socket.AF_INET, (str(ip), port))]
     last: OSError | None = None
     async with asyncio.timeout(timeout):
-        for family, type_, proto, _name, sockaddr in infos:
-            sock = socket.socket(family, type_, proto)
+        for family, sockaddr in infos:
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
             try:
                 await loop.sock_connect(sock, sockaddr)

@@ -32,7 +32,7 @@ from agent.common.tasks import TaskSet
 from agent.config import Config
 from agent.control.access import build_policy, known_peers
 from agent.control.answers import PushAnswers
-from agent.control.pins import PinMismatch, PinStore
+from agent.control.pins import PINS_FILE, PinMismatch, PinStore
 from agent.control.plan import Policy, Strategy
 from agent.control.race import VERSION, Race, SessionPlan, ms_since
 from agent.identity import Identity, IdentityCache
@@ -128,6 +128,8 @@ class Coordinator:
         """Peer -> held while a race for a link to it runs: streams that find no link wait for that
         race's link instead of each starting a race of their own (20 clients at once, one race)."""
         self._dial_failed: dict[str, tuple[float, str]] = {}
+        self._pins: tuple[tuple[int, int, int], PinStore] | None = None
+        """The pinned peer keys as last read, with the file's mtime (read again when it changes)."""
         """Peer -> (when, why) its last race failed: the streams that waited for it fail with it."""
         self._tasks = TaskSet()
         self.answers = PushAnswers(self)
@@ -360,7 +362,7 @@ class Coordinator:
         if peer == self.identity.peer_id:
             return fail("that is this agent's own ID")
         started = time.monotonic()
-        pinned = PinStore(self.state_dir).get(peer)
+        pinned = self._pinned(peer)
         want = spec.fingerprint or (fingerprint(pinned) if pinned else "")  # a link is only as good as its key
         stream: dict[str, Any] = {"session": sid, "peer": peer, "target": target, "want_key": want}
         stream["paths"] = [s.value for s in Strategy if policy.allows_path(s)]
@@ -401,6 +403,18 @@ class Coordinator:
             spec = parse_peer_spec(f"{peer}={fingerprint(pinned)}")
         target = str(req.get("target", ""))
         return await self._race({}, plan, sid, peer, target, spec, policy, "", None, time.monotonic(), resume=link)
+
+    def _pinned(self, peer: str) -> bytes | None:
+        """The key pinned for `peer`, from PINS_FILE as it is now (read only when it changed: every
+        stream asks, and parsing the file each time cost a quarter of a millisecond)."""
+        try:
+            st = (self.state_dir / PINS_FILE).stat()
+            mtime = (st.st_mtime_ns, st.st_ino, st.st_size)
+        except OSError:
+            mtime = (-1, -1, -1)
+        if self._pins is None or self._pins[0] != mtime:
+            self._pins = (mtime, PinStore(self.state_dir))
+        return self._pins[1].get(peer)
 
     async def _on_link(self, stream: dict[str, Any], local_fd: int) -> dict[str, Any] | None:
         """The stream opened on a running link to the peer; None if there is none it may take."""
