@@ -42,6 +42,7 @@ CORES = {
     "agent.session.guess_limiter",
     "agent.link.mux_core",
     "agent.link.stream_open",
+    "agent.link.resend_core",
 }
 """The pure cores: decisions and codecs that tests drive with plain values (time passed in)."""
 NOT_IN_A_CORE = {"asyncio", "socket", "selectors", "ssl", "time", "threading", "subprocess", "ray"}
