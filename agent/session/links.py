@@ -65,7 +65,7 @@ class LinkRecord:
             "peer": self.peer,
             "peer_key": self.peer_key,
             "path": self.path,
-            "state": self.state,
+            "state": "moving" if self.state == "up" and link.moving else self.state,
             "error": self.error,
             "admitted_by": self.admitted_by,
             "streams": link.stream_count,

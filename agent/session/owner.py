@@ -522,7 +522,8 @@ class SessionOwner:
 
     async def _upgrade(self, lrec: LinkRecord) -> None:
         """While the link runs on the relay, look for a direct path now and then (2 s, then doubling to
-        60 s); one that authenticates takes the link's streams (agent/link/link.py moves them)."""
+        60 s, and 2 s again after the link moved: its transport was lost, maybe with the network);
+        one that authenticates takes the link's streams (agent/link/link.py moves them)."""
         words = [w.strip() for w in lrec.policy.split(",") if w.strip()]
         if any(w in ("relay-only", "relay") for w in words):
             return
@@ -530,7 +531,14 @@ class SessionOwner:
         link = lrec.link
         delay = UPGRADE_FIRST
         while not link.ended.is_set():
-            await asyncio.sleep(delay)
+            moves = link.moves
+            waited = 0.0
+            while waited < delay and link.moves == moves and not link.ended.is_set():
+                await asyncio.sleep(0.5)  # a move (a new transport, maybe a new network) starts over
+                waited += 0.5
+            if link.moves != moves:
+                delay = UPGRADE_FIRST
+                continue
             if link.ended.is_set() or link.moving or lrec.path != "relay":
                 delay = UPGRADE_FIRST
                 continue

@@ -348,6 +348,13 @@ def test_finished_kcp_sessions_release_their_sockets(pair: Pair) -> None:
     def kcp_links(host: str) -> int:
         return sum(x["state"] == "up" and x["path"] == "udp_punch" for x in ag.ops(host, "links")["links"])
 
+    def settled() -> bool:  # no link between transports (B waits up to 30 s for a lost one to come back)
+        return not any(x["state"] == "moving" for host in (A, B) for x in ag.ops(host, "links")["links"])
+
+    deadline = time.monotonic() + 45
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
     new_session_works(pair, KCP, "udp_punch")
     time.sleep(4)
     before = {host: _fds(pid) - 3 * kcp_links(host) for host, pid in pids.items()}

@@ -108,6 +108,11 @@ def test_agent_notices_a_move_and_new_sessions_take_the_new_best_path(agents: La
     assert seen["nat"]["error"] == "" and seen["nat"]["port1"] == seen["nat"]["port2"]
     assert "network" in render_status(seen)
 
+    def direct_link() -> bool:  # the link to B: it moves off the relay once a direct path authenticates
+        links = [x for x in agents.ops("ha", "links")["links"] if x["state"] == "up"]
+        return any(x["path"] != "relay" for x in links) or not links
+
+    _wait(direct_link, 60)
     out = agents.pipe("ha", b_id, target, payload)
     assert out.returncode == 0, out.stderr.decode()
     assert hashlib.sha256(out.stdout).digest() == hashlib.sha256(payload).digest()
