@@ -627,12 +627,12 @@ class Link:
         size = 0
         for frame in frames:
             if batch and size + len(frame) > RECORD:
-                out += self.codec.encode(self.resend.data(b"".join(batch)))
+                out += self.codec.encode(self.resend.data(*batch))
                 batch, size = [], 0
             batch.append(frame)
             size += len(frame)
         if batch:
-            out += self.codec.encode(self.resend.data(batch[0] if len(batch) == 1 else b"".join(batch)))
+            out += self.codec.encode(self.resend.data(*batch))
         return out
 
     async def _timers(self) -> None:

@@ -236,11 +236,11 @@ class Mux:
 
     # ---- what the peer sent -----------------------------------------------------------------------
 
-    def receive(self, data: bytes) -> list[Event]:
+    def receive(self, data: bytes | memoryview) -> list[Event]:
         """Frames in `data` (any split: a partial frame waits for the rest) as events."""
         if self._buf:
             self._buf += data
-            buf: bytes | bytearray = self._buf
+            buf: bytes | bytearray | memoryview = self._buf
         else:
             buf = data  # the usual case, a whole secure frame of whole mux frames: no copy
         events: list[Event] = []

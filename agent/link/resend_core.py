@@ -50,9 +50,9 @@ class Resend:
     """Records acked+1 .. sent, as sent (kind byte included)."""
     kept_bytes: int = 0
 
-    def data(self, body: bytes) -> bytes:
-        """The record for a batch of multiplexer frames (kept until acknowledged)."""
-        record = _DATA_PREFIX + body
+    def data(self, *frames: bytes) -> bytes:
+        """The record for a batch of multiplexer frames (kept until acknowledged): one copy, the join."""
+        record = b"".join((_DATA_PREFIX, *frames))
         self.sent += 1
         self.kept.append(record)
         self.kept_bytes += len(record)
@@ -62,14 +62,15 @@ class Resend:
     def full(self) -> bool:
         return self.kept_bytes >= MAX_UNACKED
 
-    def receive(self, record: bytes) -> bytes | None:
-        """The multiplexer bytes in a DATA record; None for an ACK (taken into account here)."""
+    def receive(self, record: bytes) -> memoryview | None:
+        """The multiplexer bytes in a DATA record (a view, not a copy); None for an ACK (taken into
+        account here)."""
         if not record:
             raise ResendError("an empty record")
         kind = record[0]
         if kind == DATA:
             self.received += 1
-            return record[1:]
+            return memoryview(record)[1:]
         if kind == ACK and len(record) == 1 + _COUNT.size:
             (count,) = _COUNT.unpack_from(record, 1)
             self._acknowledged(count)

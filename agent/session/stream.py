@@ -55,6 +55,8 @@ class StreamCodec:
     def encode(self, data: bytes | memoryview) -> list[bytes]:
         if self.sent_eof:
             raise SessionError("stream already closed for sending")
+        if len(data) <= CHUNK and isinstance(data, bytes):  # a link record: one frame, no slice copy
+            return [encode_frame(self.channel.seal(data))] if data else []
         return [encode_frame(self.channel.seal(bytes(data[i : i + CHUNK]))) for i in range(0, len(data), CHUNK)]
 
     def encode_eof(self) -> bytes:
