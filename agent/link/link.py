@@ -131,8 +131,6 @@ class Link:
         """The other side: seconds to wait for a lost link to come back (0: it ends at once)."""
         self.moving = False
         """The link is between transports (paused for a move, or lost and being brought back)."""
-        self.transport_error = ""
-        """Why the last transport was given up ("" while the first one runs)."""
         self.moves = 0
         self.accept = accept
         self.keepalive = session_stream.KEEPALIVE_INTERVAL if keepalive is None else keepalive
@@ -160,7 +158,6 @@ class Link:
         self._heard = asyncio.Event()
         self._pings = 0
         self._last_busy = self._loop.time()
-        self._sending = False
         self._io: list[asyncio.Task[None]] = []
         self._pausing = False
         self._ack_wanted = False
@@ -220,8 +217,9 @@ class Link:
             self.mux.ping(self._pings)
             self._wake()
 
-    def loop_time(self) -> float:
-        return self._loop.time()
+    def quiet_for(self) -> float:
+        """Seconds since the peer was last heard."""
+        return self._loop.time() - self.last_in
 
     async def heard_within(self, seconds: float) -> bool:
         """Ping, then True as soon as anything arrives from the peer, False after `seconds` of silence
@@ -323,13 +321,12 @@ class Link:
     def _lost(self, reason: str) -> None:
         """The transport is gone (cut, silent, or failing): bring the link back on a new one if we can."""
         self.moving = True
-        self.transport_error = reason
+        self._old_broken = True  # whatever comes next, it is not this transport
         self._installed.clear()
         self._spawn(self._recover(reason))
 
     async def _recover(self, reason: str) -> None:
         await self._stop_io(grace=0)
-        self._old_broken = True
         ok = False
         if self.dialer and self.reconnect is not None:
             with contextlib.suppress(Exception):
@@ -352,7 +349,7 @@ class Link:
 
     def unpause(self) -> bool:
         """A move failed before anything changed: back to the old transport, if it is still whole."""
-        if self.ended.is_set() or not self.moving or self._old_broken or self.transport_error:
+        if self.ended.is_set() or not self.moving or self._old_broken:
             return False
         self.moving = False
         self._start_io()
@@ -371,7 +368,6 @@ class Link:
         self._resend_now = resend
         self.early = early
         self.moving = self.suspect = self._old_broken = False
-        self.transport_error = ""
         self.moves += 1
         self._start_io()
         self._installed.set()
@@ -612,11 +608,9 @@ class Link:
                 await self._send(out[0] if len(out) == 1 else b"".join(out))
 
     async def _send(self, data: bytes) -> None:
-        self._sending = True
         try:
             await self._loop.sock_sendall(self.transport, data)
         finally:
-            self._sending = False
             self._last_out = self._loop.time()
 
     def _seal(self, frames: list[bytes]) -> list[bytes]:

@@ -468,7 +468,7 @@ class SessionOwner:
         rec.peer, rec.target = peer, str(req.get("target", ""))
         rec.peer_key, rec.admitted_by, rec.id_verified = lrec.peer_key, lrec.admitted_by, True
         link = lrec.link
-        reply = await self._open_on(lrec, rec, local.dup(), probe=link.loop_time() - link.last_in > QUIET)
+        reply = await self._open_on(lrec, rec, local.dup(), probe=link.quiet_for() > QUIET)
         if not reply["ok"] and (link.closing or link.suspect):
             del self.sessions[rec.id]
             return {"ok": False, "no_link": True}  # it went away meanwhile: race for a new one
