@@ -73,11 +73,29 @@ async def test_nothing_listening_is_said_at_once(tmp_path: Path) -> None:
     assert time.monotonic() - started < preflight.WAIT  # the ICMP answer, not the timeout
 
 
+def udp_and_tcp_on_one_port() -> tuple[socket.socket, socket.socket]:
+    """A UDP socket and a bound, not listening TCP socket on one port (connecting to it is refused).
+
+    Holding the TCP port keeps another test from taking it before a test here listens on it."""
+    for _ in range(100):
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.bind(("127.0.0.1", 0))
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            udp.bind(("127.0.0.1", tcp.getsockname()[1]))
+        except OSError:
+            tcp.close()
+            udp.close()
+            continue
+        return udp, tcp
+    raise RuntimeError("no port free for both UDP and TCP")
+
+
 @pytest.fixture
-def silent_or_unsigned() -> Iterator[tuple[int, list[bytes]]]:
-    """A UDP socket that answers each request with whatever the test put in the list (nothing if empty)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
+def silent_or_unsigned() -> Iterator[tuple[int, list[bytes], socket.socket]]:
+    """A UDP socket that answers each request with whatever the test put in the list (nothing if empty),
+    and the same port held for TCP (refusing until a test listens on it)."""
+    sock, tcp = udp_and_tcp_on_one_port()
     sock.settimeout(0.1)
     answers: list[bytes] = []
     stop = threading.Event()
@@ -93,17 +111,18 @@ def silent_or_unsigned() -> Iterator[tuple[int, list[bytes]]]:
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield sock.getsockname()[1], answers
+    yield sock.getsockname()[1], answers, tcp
     stop.set()
     thread.join()
     sock.close()
+    tcp.close()
 
 
 async def test_a_silent_server_times_out_with_what_to_check(
-    tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes]], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes], socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(preflight, "WAIT", 3.5)
-    port, _ = silent_or_unsigned
+    port, _, _ = silent_or_unsigned
     result = await check(f"127.0.0.1:{port}", tmp_path, None)
     assert result.problem == (
         f"rendezvous server 127.0.0.1:{port} does not answer (UDP: no reply to 2 requests in 3.5 s; TCP: connection "
@@ -112,12 +131,12 @@ async def test_a_silent_server_times_out_with_what_to_check(
 
 
 async def test_udp_blocked_but_tcp_answering_is_a_warning_not_a_failure(
-    tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes]], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes], socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A network that drops UDP (natlab `udp-blocked`): the agent cannot register, but can open sessions."""
     monkeypatch.setattr(preflight, "WAIT", 1.0)
-    port, _ = silent_or_unsigned
-    listener = socket.create_server(("127.0.0.1", port))
+    port, _, listener = silent_or_unsigned
+    listener.listen()
 
     def answer_test_nat() -> None:
         conn, peer = listener.accept()
@@ -135,11 +154,11 @@ async def test_udp_blocked_but_tcp_answering_is_a_warning_not_a_failure(
 
 
 async def test_an_unsigned_answer_is_not_a_punchthrough_server(
-    tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes]], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes], socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What an hbbs says to a RegisterPk: OK, unsigned. It cannot vouch for keys, and `up` says so."""
     monkeypatch.setattr(preflight, "WAIT", 1.0)
-    port, answers = silent_or_unsigned
+    port, answers, _ = silent_or_unsigned
     answers.append(messages.build(register_pk_response=pb.RegisterPkResponse(result=pb.RegisterPkResponse.OK)))
     result = await check(f"127.0.0.1:{port}", tmp_path, bytes(32))
     assert "answers without a valid signature: not a punchthrough rendezvous server" in result.problem
