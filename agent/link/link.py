@@ -34,8 +34,6 @@ from agent.session.stream import CHUNK, PumpStats, SessionError, StreamCodec
 
 log = logging.getLogger(__name__)
 
-READ = 256 * 1024
-"""Most bytes read from a local socket at once (also bounded by the stream's window)."""
 OPEN_TIMEOUT = 15.0
 """Seconds the opener waits for the far end's answer (it connects the target: 5 s at most)."""
 DEAD_AFTER_KEEPALIVES = 3
@@ -52,6 +50,9 @@ PAUSE_GRACE = 1.0
 RECORD = CHUNK - 1
 """Plaintext of a link record's body: one kind byte (agent/link/resend_core.py) + RECORD fill a
 secure frame."""
+READ = RECORD - mux_core.HEADER.size
+"""Most bytes read from a local socket at once (also bounded by the stream's window): one read is
+one multiplexer frame, which fills one record (no slicing, no second record for a remainder)."""
 
 Reconnect = Callable[["Link", str], Awaitable[bool]]
 """The dialer's way back after its transport was lost: bring a new transport (through `install`),
@@ -121,7 +122,7 @@ class Link:
         self.transport = transport
         self.codec = codec
         self.dialer = dialer
-        self.mux = Mux(dialer, frame_size=RECORD - mux_core.HEADER.size)
+        self.mux = Mux(dialer, frame_size=READ)
         self.resend = Resend()
         self.token = b""
         """The link's name between its two ends (chosen by the dialer, sent inside the secure channel):
@@ -407,6 +408,7 @@ class Link:
                 self._ack_progress = loop.time()
             self._ack_wanted = True
             self._wake()
+            await asyncio.sleep(0)
 
     def _on_record(self, record: bytes) -> None:
         body = self.resend.receive(record)
@@ -506,6 +508,7 @@ class Link:
                 st.stats.bytes_out += len(data)
                 self.bytes_out += len(data)
                 self._wake()
+                await asyncio.sleep(0)
         except (KeyError, MuxError):
             return
         except OSError as exc:

@@ -65,6 +65,11 @@ class SecureChannel:
         self._dead: str | None = None
 
     @property
+    def keys(self) -> tuple[bytes, bytes]:
+        """(send key, receive key): what the data channel after a handshake is derived from."""
+        return self._send_key, self._recv_key
+
+    @property
     def send_counter(self) -> int:
         """Counter of the last frame sealed (0 before the first)."""
         return self._send

@@ -8,8 +8,10 @@ from hypothesis import strategies as st
 
 from agent.link.mux_core import (
     HEADER,
+    LINK_GROWTH,
     MAX_FRAME,
     MAX_STREAMS,
+    MAX_WINDOW,
     WINDOW,
     Data,
     Event,
@@ -105,6 +107,64 @@ def test_window_updates_come_once_half_a_window_is_read() -> None:
     assert a.send(sid, bytes(WINDOW)) == WINDOW // 2
 
 
+def fill_and_drain(a: Mux, b: Mux, sid: int) -> int:
+    """The sender fills its whole window, the reader takes everything at once: the window after."""
+    sent = a.send(sid, bytes(a.window(sid)))
+    carry(a, b)
+    b.consumed(sid, sent)
+    carry(b, a)
+    return a.window(sid)
+
+
+def test_a_window_grows_while_the_reader_keeps_up_and_stops_at_its_cap() -> None:
+    a, b = link()
+    sid = a.open_stream()
+    windows = [fill_and_drain(a, b, sid) for _ in range(12)]
+    assert windows[:4] == [2 * WINDOW, 4 * WINDOW, 8 * WINDOW, 16 * WINDOW]
+    assert max(windows) == MAX_WINDOW and windows[-1] == MAX_WINDOW
+    assert b.streams[sid].window == MAX_WINDOW and b.grown == MAX_WINDOW - WINDOW
+
+
+def test_a_reader_that_falls_behind_never_grows_its_window() -> None:
+    a, b = link()
+    sid = a.open_stream()
+    for _ in range(20):
+        sent = a.send(sid, bytes(a.window(sid)))
+        carry(a, b)
+        b.consumed(sid, sent // 2)  # reads half of what arrives: its buffer stays full
+        carry(b, a)
+    assert b.streams[sid].window == WINDOW and b.grown == 0
+    assert b.streams[sid].buffered <= WINDOW
+
+
+def test_a_sender_that_never_fills_its_window_does_not_grow_it() -> None:
+    a, b = link()
+    sid = a.open_stream()
+    for _ in range(40):
+        a.send(sid, bytes(WINDOW // 8))  # an interactive stream: small writes, read at once
+        carry(a, b)
+        b.consumed(sid, WINDOW // 8)
+        carry(b, a)
+    assert b.streams[sid].window == WINDOW
+
+
+def test_growth_is_bounded_per_link_and_given_back_when_a_stream_ends() -> None:
+    a, b = link()
+    sids = [a.open_stream() for _ in range(LINK_GROWTH // MAX_WINDOW + 2)]
+    for sid in sids:
+        for _ in range(8):
+            fill_and_drain(a, b, sid)
+    assert b.grown <= LINK_GROWTH
+    assert sum(b.streams[sid].window - WINDOW for sid in sids) == b.grown
+    assert b.streams[sids[-1]].window < MAX_WINDOW  # the budget ran out before the last streams
+    a.reset(sids[0])
+    carry(a, b)
+    assert b.grown == sum(b.streams[sid].window - WINDOW for sid in sids[1:])
+    for _ in range(8):
+        fill_and_drain(a, b, sids[-1])
+    assert b.streams[sids[-1]].window == MAX_WINDOW  # what the ended stream gave back
+
+
 def test_reset_drops_the_stream_and_late_frames_are_ignored() -> None:
     a, b = link()
     sid = a.open_stream()
@@ -153,7 +213,7 @@ def test_ping_is_echoed_and_go_away_closes() -> None:
     [
         (HEADER.pack(1, 0, 0, 2, 0), "unknown frame version 1"),
         (HEADER.pack(0, 9, 0, 2, 0), "unknown frame type 9"),
-        (frame(Type.DATA, Flag.SYN, 2, MAX_FRAME + 1), "DATA frame of 65537 bytes"),
+        (frame(Type.DATA, Flag.SYN, 2, MAX_FRAME + 1), f"DATA frame of {MAX_FRAME + 1} bytes"),
         (frame(Type.DATA, Flag.SYN, 1, 1, b"x"), "the peer opened stream 1, one of ours"),
         (frame(Type.WINDOW_UPDATE, Flag.SYN, 2, 0) * 2, "stream 2 opened twice"),
         (frame(Type.DATA, 0, 0, 1, b"x"), "DATA on stream 0"),
@@ -233,7 +293,7 @@ def test_any_interleaving_delivers_every_stream_in_order_within_its_window(
                 if isinstance(e, Data):
                     got[e.stream] += e.data
                     unread[e.stream] += len(e.data)
-                    assert unread[e.stream] <= WINDOW
+                    assert unread[e.stream] <= b.streams[e.stream].window <= MAX_WINDOW
         else:
             carry(b, a)
     for e in carry(a, b):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.session.stream import CHUNK, SessionError, StreamCodec
+from agent.session.stream import CHUNK, FRAME, MAX_SESSION_FRAME, SessionError, StreamCodec
 from agent.wire.frames import encode_frame
 from agent.wire.secure_channel import SecureChannel
 
@@ -30,7 +30,7 @@ def test_large_write_is_split_into_bounded_frames() -> None:
     a, _ = pair()
     frames = a.encode(b"y" * (CHUNK * 3))
     assert len(frames) == 3
-    assert all(len(f) <= 64 * 1024 + 4 for f in frames)
+    assert all(len(f) <= FRAME + 4 for f in frames)
 
 
 @given(st.binary(min_size=1, max_size=3000), st.integers(min_value=1, max_value=97))
@@ -83,7 +83,7 @@ def test_send_after_eof_is_a_local_error() -> None:
 def test_oversized_frame_header_refused() -> None:
     _, b = pair()
     with pytest.raises(SessionError, match="bad frame"):
-        b.decode(encode_frame(b"\x00" * (70 * 1024)))
+        b.decode(encode_frame(b"\x00" * (MAX_SESSION_FRAME + 1)))
 
 
 def test_plaintext_injection_refused() -> None:
