@@ -169,8 +169,19 @@ class Link:
 
     # ---- the application's side -------------------------------------------------------------------
 
-    async def open(self, target: str, timeout: float = OPEN_TIMEOUT) -> LinkStream:
-        """A new stream to `target` on the far end, once it answered; StreamRefused or LinkClosed."""
+    async def open(
+        self,
+        target: str,
+        timeout: float = OPEN_TIMEOUT,
+        local: socket.socket | None = None,
+        stats: PumpStats | None = None,
+    ) -> LinkStream:
+        """A new stream to `target` on the far end, once it answered; StreamRefused or LinkClosed.
+
+        With `local`, the stream pumps it at once, before the answer (the far end holds what comes
+        before its target is connected, within the window): a client's first bytes travel with the
+        open, and a new connection costs one round trip, not two. A refusal resets `local`.
+        `stats`: the stream's counters (the caller's, so it sees what was pumped even if the open fails)."""
         if not self.dialer:
             raise LinkClosed("only the side that dialled a link opens streams on it")
         if self.closing:
@@ -181,9 +192,11 @@ class Link:
             self.mux.send(sid, request)
         except MuxError as exc:
             raise LinkClosed(str(exc)) from None
-        st = self.streams[sid] = LinkStream(sid, target, answer=self._loop.create_future())
+        st = self.streams[sid] = LinkStream(sid, target, stats=stats or PumpStats(), answer=self._loop.create_future())
         self.opened += 1
         self._wake()
+        if local is not None:
+            self.attach(st, local)
         assert st.answer is not None
         try:
             async with asyncio.timeout(timeout):

@@ -469,7 +469,7 @@ class SessionOwner:
         rec.peer_key, rec.admitted_by, rec.id_verified = lrec.peer_key, lrec.admitted_by, True
         link = lrec.link
         reply = await self._open_on(lrec, rec, local.dup(), probe=link.quiet_for() > QUIET)
-        if not reply["ok"] and (link.closing or link.suspect):
+        if not reply["ok"] and (link.closing or link.suspect) and not rec.stats.bytes_out:
             del self.sessions[rec.id]
             return {"ok": False, "no_link": True}  # it went away meanwhile: race for a new one
         return reply
@@ -478,9 +478,12 @@ class SessionOwner:
         self, lrec: LinkRecord, rec: SessionRecord, local: socket.socket, probe: bool = False
     ) -> dict[str, Any]:
         """Open `rec`'s stream on the link; the link pumps `local` from then on. `probe`: the link was
-        quiet, so its peer must be heard within PROBE_TIMEOUT or the stream gives up on it."""
+        quiet, so its peer must be heard within PROBE_TIMEOUT or the stream gives up on it (and `local`
+        is pumped only once the peer answered: untouched, it can still go to a race for a new link).
+        Otherwise `local` is pumped at once, its first bytes riding with the open (Link.open)."""
         rec.path, rec.link = lrec.path, lrec
-        opening = asyncio.ensure_future(lrec.link.open(rec.target))
+        early = None if probe else local
+        opening = asyncio.ensure_future(lrec.link.open(rec.target, local=early, stats=rec.stats))
         try:
             if probe and not await lrec.link.heard_within(PROBE_TIMEOUT):
                 opening.cancel()
@@ -492,7 +495,8 @@ class SessionOwner:
             return {"ok": False, "error": rec.error}
         rec.state, rec.stats = SessionState.OPEN, st.stats
         self._streams[(lrec.id, st.sid)] = rec
-        lrec.link.attach(st, local)
+        if early is None:
+            lrec.link.attach(st, local)
         return {"ok": True, "session": rec.id, "path": lrec.path, "link": lrec.id}
 
     def _run_link(self, lrec: LinkRecord) -> None:
