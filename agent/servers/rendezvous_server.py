@@ -21,7 +21,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from agent.common.ip_caps import PerIpCap, source_key, unread_bytes
 from agent.common.keyfile import KeyFileError, load_or_create_signing_key
 from agent.servers.registry import PeerRow, Registry
 from agent.servers.rendezvous_core import Action, CloseTcp, Limits, Persist, RendezvousCore, Role, SendTcp, SendUdp
+from agent.servers.udp_reply import ReplyingUdp
 from agent.wire.addr import SockAddr, to_v4_if_mapped
 from agent.wire.frames import FrameDecoder, FrameError, encode_frame
 from agent.wire.ports import RENDEZVOUS_PORT
@@ -177,23 +178,16 @@ def _open_sockets(binds: Sequence[str], port: int, nat_port: int | None) -> _Soc
 # --------------------------------------------------------------------------- protocols
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, server: RendezvousServer, via: int) -> None:
-        self.server = server
-        self.via = via
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        srv = self.server
-        now = srv.loop.time()
+def _on_udp(server: RendezvousServer, via: int) -> Callable[[bytes, Any], None]:
+    def datagram_received(data: bytes, addr: Any) -> None:
+        now = server.loop.time()
         try:
             src = SockAddr.of(addr[0], addr[1])
-            srv.execute(srv.core.handle_udp(data, src, self.via, now))
+            server.execute(server.core.handle_udp(data, src, via, now))
         except Exception:
-            srv.internal_error(str(addr[0]), now)
+            server.internal_error(str(addr[0]), now)
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for earlier sends (a peer went away); nothing to do but count.
-        self.server.core.events["udp_send_error"] += 1
+    return datagram_received
 
 
 class _TcpConn(asyncio.Protocol):
@@ -280,7 +274,7 @@ class RendezvousServer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rendezvous-db")
         self._write_queue: list[tuple[list[PeerRow], list[Action]]] = []
         self._write_task: asyncio.Task[None] | None = None
-        self._udp: list[asyncio.DatagramTransport] = []
+        self._udp: list[ReplyingUdp] = []
         self._udp_v6: list[bool] = []
         self._servers: list[asyncio.Server] = []
         self._conns: dict[int, _TcpConn] = {}
@@ -309,8 +303,9 @@ class RendezvousServer:
         socks = _open_sockets(binds, cfg.port, cfg.nat_test_port)
         try:
             for via, sock in enumerate(socks.udp):
-                transport, _ = await self.loop.create_datagram_endpoint(lambda v=via: _Udp(self, v), sock=sock)  # type: ignore[misc]
-                self._udp.append(transport)
+                udp = ReplyingUdp(sock, _on_udp(self, via), self._udp_send_error)
+                udp.start(self.loop)
+                self._udp.append(udp)
                 self._udp_v6.append(sock.family == socket.AF_INET6)
             for sock in socks.tcp:
                 self._servers.append(await self.loop.create_server(lambda: _TcpConn(self, "main"), sock=sock))
@@ -365,10 +360,10 @@ class RendezvousServer:
         host = action.addr.host
         if self._udp_v6[action.via] and action.addr.ip.version == 4:
             host = f"::ffff:{host}"  # a dual-stack [::] socket reaches IPv4 peers through mapped addresses
-        try:
-            transport.sendto(action.payload, (host, action.addr.port))
-        except OSError:
-            self.core.events["udp_send_error"] += 1
+        transport.sendto(action.payload, (host, action.addr.port))
+
+    def _udp_send_error(self) -> None:
+        self.core.events["udp_send_error"] += 1
 
     async def _write_loop(self) -> None:
         """Group commit: everything queued while one batch commits goes into the next."""
