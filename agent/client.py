@@ -191,11 +191,37 @@ def _listen(spec: ForwardSpec) -> socket.socket:
     return listener
 
 
+def _forward_in_agent(
+    state_dir: Path, peer: str, spec: ForwardSpec, listener: socket.socket, path: str, password: str | None
+) -> socket.socket | None:
+    """Hand `listener` to the agent, which accepts on it from now on (agent/session/forwards.py):
+    our end of the notice socket, or None if the agent serves this peer per connection (ID@HOST,
+    or an agent from before forwards)."""
+    mine, theirs = socket.socketpair()
+    request = {"op": "forward", "peer": peer, "target": spec.target, "policy": path, "password": password}
+    try:
+        reply = ctlwire.call(control_socket(state_dir), request, [listener.fileno(), theirs.fileno()], timeout=15)
+    except (OSError, ctlwire.ControlError) as exc:
+        mine.close()
+        raise ClientError(f"agent control socket: {exc}") from None
+    finally:
+        theirs.close()
+    if isinstance(reply, dict) and reply.get("ok"):
+        return mine
+    mine.close()
+    error = str(reply.get("error", "")) if isinstance(reply, dict) else ""
+    if not isinstance(reply, dict) or reply.get("per_connection") or error.startswith("unknown request"):
+        return None
+    raise ClientError(error or "the agent refused the forward")
+
+
 def run_forward(
     state_dir: Path, peer: str, specs: list[ForwardSpec], path: str, password: str | None, timeout: float
 ) -> int:
-    """Listen on every spec's bind and hand each accepted connection to the agent; runs until interrupted.
-    Checks first that the agent runs, and binds every port before forwarding any (one fails, none listen)."""
+    """Listen on every spec's bind and let the agent accept there (each connection a stream; failures
+    are printed here); runs until interrupted. Checks first that the agent runs, and binds every port
+    before forwarding any (one fails, none listen). For ID@HOST (no link by ID) this process accepts
+    and hands each connection over, as before forwards existed."""
     ensure_agent(state_dir)
     listeners: list[socket.socket] = []
     try:
@@ -205,6 +231,7 @@ def run_forward(
         for listener in listeners:
             listener.close()
         raise
+    failures: list[str] = []
 
     def serve(conn: socket.socket, spec: ForwardSpec) -> None:
         try:
@@ -222,20 +249,64 @@ def run_forward(
                 return
             threading.Thread(target=serve, args=(conn, spec), daemon=True).start()
 
-    for listener, spec in zip(listeners, specs, strict=True):
-        print(
-            f"forwarding {spec.bind_host}:{listener.getsockname()[1]} -> {spec.target} via peer {peer}",
-            file=sys.stderr,
-            flush=True,
-        )
+    def hand_over(listener: socket.socket, spec: ForwardSpec) -> socket.socket | None:
+        """The notice socket of a forward the agent accepts for; None: accept here. Waits for a
+        restarting agent; a failure ends the command."""
+        patience = time.monotonic() + RESTART_PATIENCE
+        while True:
+            try:
+                return _forward_in_agent(state_dir, peer, spec, listener, path, password)
+            except ClientError as exc:
+                gone = not (state_dir / PID_FILE).exists()
+                if time.monotonic() > patience or gone or not str(exc).startswith("agent control socket"):
+                    raise
+                time.sleep(0.2)
+
+    def in_agent(listener: socket.socket, spec: ForwardSpec, notices: socket.socket) -> None:
+        """Print the agent's notices for this forward; when the agent stops forwarding (it restarted),
+        hand the port over again."""
+        buf = b""
+        while True:
+            try:
+                data = notices.recv(65536)
+            except OSError:
+                data = b""
+            if data:
+                *lines, buf = (buf + data).split(b"\n")
+                for line in lines:
+                    print(f"punchthrough: {line.decode(errors='replace')}", file=sys.stderr, flush=True)
+                continue
+            notices.close()
+            try:
+                again = hand_over(listener, spec)
+            except ClientError as exc:
+                failures.append(f"the agent stopped forwarding {spec.bind_host}:{spec.bind_port}: {exc}")
+                return
+            if again is None:
+                accept_loop(listener, spec)
+                return
+            notices, buf = again, b""
+
+    loops: list[threading.Thread] = []
     try:
-        pairs = zip(listeners, specs, strict=True)
-        loops = [threading.Thread(target=accept_loop, args=pair, daemon=True) for pair in pairs]
+        for listener, spec in zip(listeners, specs, strict=True):
+            notices = hand_over(listener, spec)
+            if notices is None:
+                loops.append(threading.Thread(target=accept_loop, args=(listener, spec), daemon=True))
+            else:
+                loops.append(threading.Thread(target=in_agent, args=(listener, spec, notices), daemon=True))
+            print(
+                f"forwarding {spec.bind_host}:{listener.getsockname()[1]} -> {spec.target} via peer {peer}",
+                file=sys.stderr,
+                flush=True,
+            )
         for t in loops:
             t.start()
-        while any(t.is_alive() for t in loops):
+        while all(t.is_alive() for t in loops):
             loops[0].join(0.5)
     finally:
         for listener in listeners:
             listener.close()
+    if failures:
+        raise ClientError(failures[0])
     return 0

@@ -28,7 +28,7 @@ from agent.config import Config
 from agent.control.access import ALLOWED_PEERS_FILE, build_policy, load_state_config
 from agent.control.coordinator import Coordinator
 from agent.control.live_config import CONFIG_FILE, LiveConfig
-from agent.control.pins import PINS_FILE, PinMismatch, PinStore, ServerPins
+from agent.control.pins import PINS_FILE, PinMismatch, PinnedKeys, PinStore, ServerPins
 from agent.identity import Identity
 from agent.nat.watch_core import REMOTE_JITTER, NetworkChanged
 from agent.refs import LocalRef, Ref
@@ -271,6 +271,19 @@ def _relink_via_coordinator(rt: Runtime) -> Any:
     return relink
 
 
+def _open_via_coordinator(rt: Runtime) -> Any:
+    """A forward's connection that no running link may take: the coordinator's "open", as the
+    `connect` client's own call would have been (agent/session/forwards.py)."""
+
+    async def open_raced(request: dict[str, Any], fd: int) -> Any:
+        from agent.common import ctlproto
+
+        timeout = rt.cfg.agent.connect_timeout + 20
+        return await ctlproto.acall(control_socket(rt.state_dir), request, [fd], timeout=timeout)
+
+    return open_raced
+
+
 def _pin_admitted(rt: Runtime) -> Any:
     def pin(peer: str, key: bytes, how: str) -> None:
         with contextlib.suppress(PinMismatch):
@@ -298,6 +311,8 @@ async def build_component(kind: str, rt: Runtime, refs: dict[str, Ref]) -> Any:
             seen=SeenPeers(rt.state_dir),
             link_idle=rt.cfg.agent.link_idle,
             relink=_relink_via_coordinator(rt),
+            open_raced=_open_via_coordinator(rt),
+            pinned=PinnedKeys(rt.state_dir).get,
         )
     elif kind == "nat_probe":
         comp = NatProbe(rt.server_addr, rt.cfg.agent.nat_test_port or None)

@@ -32,7 +32,7 @@ from agent.common.tasks import TaskSet
 from agent.config import Config
 from agent.control.access import build_policy, known_peers
 from agent.control.answers import PushAnswers
-from agent.control.pins import PINS_FILE, PinMismatch, PinStore
+from agent.control.pins import PinMismatch, PinnedKeys, PinStore
 from agent.control.plan import Policy, Strategy
 from agent.control.race import VERSION, Race, SessionPlan, ms_since
 from agent.identity import Identity, IdentityCache
@@ -128,7 +128,7 @@ class Coordinator:
         """Peer -> held while a race for a link to it runs: streams that find no link wait for that
         race's link instead of each starting a race of their own (20 clients at once, one race)."""
         self._dial_failed: dict[str, tuple[float, str]] = {}
-        self._pins: tuple[tuple[int, int, int], PinStore] | None = None
+        self._pins = PinnedKeys(state_dir)
         """The pinned peer keys as last read, with the file's mtime (read again when it changes)."""
         """Peer -> (when, why) its last race failed: the streams that waited for it fail with it."""
         self._tasks = TaskSet()
@@ -165,6 +165,12 @@ class Coordinator:
 
     async def _handle(self, req: dict[str, Any], fds: list[int]) -> Any:
         op = req.get("op")
+        if op == "forward":
+            try:
+                return await self.forward(req, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
         if op != "open":
             for fd in fds:
                 os.close(fd)
@@ -386,6 +392,36 @@ class Coordinator:
             self._dial_failed[peer] = (time.monotonic(), str(result.get("error")))
         return result
 
+    async def forward(self, req: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """`connect -L`: the session owner accepts on the client's listening socket from now on
+        (agent/session/forwards.py); fds are the listener and the client's notice socket. The peer
+        and policy are checked here, once, as `open` checks them per stream."""
+        if len(fds) != 2:
+            return {"ok": False, "error": "forward needs a listening socket and a notice socket"}
+        peer, target = str(req.get("peer", "")), str(req.get("target", ""))
+        if "@" in peer:
+            return {"ok": False, "error": "ID@HOST is served per connection", "per_connection": True}
+        try:
+            policy = Policy.parse(str(req["policy"])) if req.get("policy") else self.policy
+            spec = parse_peer_spec(peer)
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        if spec.peer_id == self.identity.peer_id:
+            return {"ok": False, "error": "that is this agent's own ID"}
+        request = {
+            "op": "listen",
+            "peer": spec.peer_id,
+            "target": target,
+            "want_spec": spec.fingerprint or "",
+            "paths": [s.value for s in Strategy if policy.allows_path(s)],
+            "open": {key: req.get(key) for key in ("op", "peer", "target", "policy", "password")} | {"op": "open"},
+        }
+        try:
+            reply = await ctlproto.acall(self.sessions_socket, request, fds, timeout=10)
+        except (OSError, TimeoutError, ctlproto.ControlError) as exc:
+            return {"ok": False, "error": f"session owner unavailable: {exc or type(exc).__name__}"}
+        return reply if isinstance(reply, dict) else {"ok": False, "error": "bad answer from the session owner"}
+
     async def relink(self, req: dict[str, Any]) -> dict[str, Any]:
         """The session owner asks for a new transport under a running link (a better path, or the old
         one lost): a race as for a new link, whose winner the owner moves the link onto."""
@@ -405,16 +441,7 @@ class Coordinator:
         return await self._race({}, plan, sid, peer, target, spec, policy, "", None, time.monotonic(), resume=link)
 
     def _pinned(self, peer: str) -> bytes | None:
-        """The key pinned for `peer`, from PINS_FILE as it is now (read only when it changed: every
-        stream asks, and parsing the file each time cost a quarter of a millisecond)."""
-        try:
-            st = (self.state_dir / PINS_FILE).stat()
-            mtime = (st.st_mtime_ns, st.st_ino, st.st_size)
-        except OSError:
-            mtime = (-1, -1, -1)
-        if self._pins is None or self._pins[0] != mtime:
-            self._pins = (mtime, PinStore(self.state_dir))
-        return self._pins[1].get(peer)
+        return self._pins.get(peer)
 
     async def _on_link(self, stream: dict[str, Any], local_fd: int) -> dict[str, Any] | None:
         """The stream opened on a running link to the peer; None if there is none it may take."""

@@ -54,6 +54,9 @@ READ = RECORD - mux_core.HEADER.size
 """Most bytes read from a local socket at once (also bounded by the stream's window): one read is
 one multiplexer frame, which fills one record (no slicing, no second record for a remainder)."""
 
+TRANSPORT_READ = 256 * 1024
+"""Most bytes read from the transport at once."""
+
 Reconnect = Callable[["Link", str], Awaitable[bool]]
 """The dialer's way back after its transport was lost: bring a new transport (through `install`),
 True once it did."""
@@ -404,7 +407,7 @@ class Link:
             self._on_record(record)
         self.early = []
         while True:
-            chunk = await loop.sock_recv(self.transport, 256 * 1024)
+            chunk = await loop.sock_recv(self.transport, TRANSPORT_READ)
             if not chunk:
                 if self.codec.peer_eof:
                     return
@@ -421,7 +424,8 @@ class Link:
                 self._ack_progress = loop.time()
             self._ack_wanted = True
             self._wake()
-            await asyncio.sleep(0)
+            if len(chunk) == TRANSPORT_READ:
+                await asyncio.sleep(0)  # more is waiting: let the streams' writers take this first
 
     def _on_record(self, record: bytes) -> None:
         body = self.resend.receive(record)
@@ -521,7 +525,8 @@ class Link:
                 st.stats.bytes_out += len(data)
                 self.bytes_out += len(data)
                 self._wake()
-                await asyncio.sleep(0)
+                if len(data) == READ:
+                    await asyncio.sleep(0)  # more is waiting: let the writer seal this while we read
         except (KeyError, MuxError):
             return
         except OSError as exc:

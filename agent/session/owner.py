@@ -43,6 +43,7 @@ from agent.common.tasks import TaskSet
 from agent.identity import Identity
 from agent.link.link import RESUME_WAIT, Link, LinkClosed, LinkStream, StreamRefused
 from agent.link.resend_core import ResendError, decode_count, encode_count
+from agent.session.forwards import Forwards, OpenRaced
 from agent.session.guess_limiter import GuessLimiter, guess_keys
 from agent.session.links import LinkRecord, LinkTable
 from agent.session.seen import FLUSH_EVERY, SeenPeers
@@ -270,9 +271,13 @@ class SessionOwner:
         seen: SeenPeers | None = None,
         link_idle: float = LINK_IDLE,
         relink: Callable[[dict[str, Any]], Any] | None = None,
+        open_raced: OpenRaced | None = None,
+        pinned: Callable[[str], bytes | None] | None = None,
     ) -> None:
         """`relink`: asks the coordinator for a race whose winner a running link moves onto (its
-        "relink" request); without it links neither look for a better path nor come back when lost."""
+        "relink" request); without it links neither look for a better path nor come back when lost.
+        `open_raced` and `pinned` serve `connect -L` forwards (agent/session/forwards.py): the
+        coordinator's "open" for a connection no running link may take, and the key pinned for a peer."""
         self.socket_path = socket_path
         self.identity = identity
         """This agent's identity as it is now (it changes if the server made us move to a new ID)."""
@@ -295,6 +300,7 @@ class SessionOwner:
         self._notices: dict[tuple[str, str], socket.socket] = {}
         """(session, path) -> a racing KCP transport's notice socket."""
         self._tasks = TaskSet()
+        self.forwards = Forwards(self._stream, open_raced, pinned, self._spawn)
         self._server = ctlproto.ControlServer(socket_path, self._handle)
 
     async def start(self) -> None:
@@ -349,6 +355,10 @@ class SessionOwner:
             sid = str(req.get("session", ""))
             if op == "stream" and len(socks) == 1 and sid:
                 return await self._stream(req, socks.pop())
+            if op == "listen" and len(socks) == 2:
+                listener, notices = socks
+                socks.clear()
+                return self.forwards.start(req, listener, notices)
             if op == "resume" and not socks and sid:
                 return await self._resume(req)
             if op == "transport" and len(socks) in (1, 2) and sid:

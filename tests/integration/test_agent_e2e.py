@@ -244,6 +244,43 @@ def test_forward_100mb_both_ways_and_concurrent(lab: Lab) -> None:
         fwd.wait(10)
 
 
+def test_forward_is_accepted_in_the_agent_reports_refusals_here_and_ends_with_the_client(lab: Lab) -> None:
+    """`connect -L` hands its port to the agent (agent/session/forwards.py): a refused connection is
+    still reported by the client, one line, and the port closes when the client goes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        local_port = s.getsockname()[1]
+    fwd = subprocess.Popen(
+        [*PT, "--state-dir", str(lab.dirs["a"]), "connect", lab.ids["b"], "-L", f"{local_port}:127.0.0.1:9"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert fwd.stderr is not None
+        assert b"forwarding" in fwd.stderr.readline()
+        fwd.send_signal(signal.SIGSTOP)  # the agent accepts and answers without the client's help
+        try:
+            with socket.create_connection(("127.0.0.1", local_port), timeout=20) as c:
+                c.sendall(b"hello")
+                with contextlib.suppress(ConnectionResetError):
+                    assert c.recv(100) == b""  # refused by B: nothing served
+        finally:
+            fwd.send_signal(signal.SIGCONT)
+        line = fwd.stderr.readline().decode()
+        assert line.startswith("punchthrough: ") and "not allowed" in line, line
+    finally:
+        fwd.send_signal(signal.SIGINT)
+        fwd.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the agent's copy of the port closes once it sees the client gone
+        try:
+            socket.create_connection(("127.0.0.1", local_port), timeout=2).close()
+        except ConnectionRefusedError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the agent still accepts on the port after the client ended")
+
+
 def _one_line_failure(out: subprocess.CompletedProcess[bytes], expect: str) -> None:
     assert out.returncode != 0
     lines = out.stderr.decode().strip().splitlines()
