@@ -19,6 +19,8 @@ PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 NODE_NAMES = ("wan", "ra", "rb", "ha", "hb", "ha2")
 
 SERVER_V4 = ("198.51.100.1", "198.51.100.2")
+WAN_LINK_V4 = "198.51.100.250"
+"""The server host's own address on the bridge (the servers' addresses are on its lo)."""
 SERVER_V6 = ("2001:db8:100::1", "2001:db8:100::2")
 
 NAT_VARIANTS: dict[str, str] = {
@@ -257,9 +259,14 @@ def build_plan(scenario: Scenario, prefix: str) -> Plan:
     plan = Plan(prefix=prefix, scenario=scenario, nodes={}, netns_batch=[], link_batch=[])
     ns = plan.ns
     wan_v6 = SERVER_V6[0] if v6 else None
-    plan.nodes["wan"] = Node("wan", "internet: bridge br0, servers", SERVER_V4[0], wan_v6, SERVER_V4[0], wan_v6)
+    plan.nodes["wan"] = Node("wan", "internet: bridge br0, servers (their v4 addresses on lo)", SERVER_V4[0], wan_v6,
+                             SERVER_V4[0], wan_v6)
     wan_lines = ["link set lo up", "link add br0 type bridge stp_state 0 forward_delay 0", "link set br0 up"]
-    wan_lines += [f"addr add {a}/24 dev br0" for a in SERVER_V4]
+    # A multi-homed service host, as deployed: the servers' addresses live on lo and br0 has a link
+    # address of its own, so whatever leaves with the kernel's choice of source (a UDP answer from a
+    # socket bound to 0.0.0.0) comes from WAN_LINK_V4, not the address the client sent to.
+    wan_lines += [f"addr add {WAN_LINK_V4}/24 dev br0"]
+    wan_lines += [f"addr add {a}/32 dev lo" for a in SERVER_V4]
     if v6:
         wan_lines += [f"addr add {a}/64 dev br0 nodad" for a in SERVER_V6]
     order = ["wan"]

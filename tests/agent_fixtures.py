@@ -251,3 +251,13 @@ async def transfer(sock: socket.socket, payload: bytes) -> bytes:
     finally:
         await sender
     return b"".join(chunks)
+
+
+def has_ipv6() -> bool:
+    """This host can bind ::1 (CI containers sometimes have no IPv6 at all)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

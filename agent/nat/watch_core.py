@@ -91,6 +91,8 @@ class NetWatchCore:
         self.local_changes = 0
         self.remote_hints = 0
         self.last_reason = ""
+        self.last_local_reason = ""
+        """What last changed on this host (a server's hint that follows it does not hide it)."""
         self._last_at: float | None = None
 
     def observe(self, view: NetView, now: float) -> NetworkChanged | None:
@@ -110,6 +112,8 @@ class NetWatchCore:
     def _changed(self, reason: str, local: bool, now: float) -> NetworkChanged:
         self.changes += 1
         self.last_reason = reason
+        if local:
+            self.last_local_reason = reason
         self._last_at = now
         return NetworkChanged(reason, local)
 
@@ -120,5 +124,6 @@ class NetWatchCore:
             "local_changes": self.local_changes,
             "server_hints": self.remote_hints,
             "last_change": self.last_reason or None,
+            "last_local_change": self.last_local_reason or None,
             "last_change_age": None if self._last_at is None else round(now - self._last_at, 3),
         }

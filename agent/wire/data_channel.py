@@ -27,13 +27,11 @@ from nacl.bindings import (
     crypto_aead_aegis256_encrypt,
     crypto_aead_aegis256_NPUBBYTES,
 )
-from nacl.exceptions import CryptoError
 
-from agent.wire.secure_channel import ChannelError, SecureChannel
+from agent.wire.secure_channel import CounterChannel, SecureChannel
 
 TAG_BYTES = crypto_aead_aegis256_ABYTES
 _NONCE_TAIL = bytes(crypto_aead_aegis256_NPUBBYTES - 8)
-_MAX_COUNTER = (1 << 64) - 1
 _DOMAIN = b"punchthrough-data-aegis256-v1"
 
 
@@ -42,21 +40,19 @@ def data_key(handshake_key: bytes) -> bytes:
     return hmac.new(handshake_key, _DOMAIN, hashlib.sha256).digest()
 
 
-class DataChannel:
+class DataChannel(CounterChannel):
     """Seal outgoing payloads, open incoming ones: `ciphertext || tag` per frame (the shell frames)."""
 
-    __slots__ = ("_dead", "_recv", "_recv_key", "_send", "_send_key")
+    __slots__ = ()
+    TAG = TAG_BYTES
+    TAG_WORD = "tag"
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
         if len(send_key) != 32 or len(recv_key) != 32:
             raise ValueError("data channel keys are 32 bytes")
         if send_key == recv_key:
             raise ValueError("one key per direction: the same key both ways would repeat nonces")
-        self._send_key = bytes(send_key)
-        self._recv_key = bytes(recv_key)
-        self._send = 0
-        self._recv = 0
-        self._dead: str | None = None
+        super().__init__(send_key, recv_key)
 
     @classmethod
     def after(cls, handshake: SecureChannel) -> DataChannel:
@@ -66,45 +62,8 @@ class DataChannel:
             raise ValueError("the handshake channel uses one key both ways (RustDesk's mode)")
         return cls(data_key(send_key), data_key(recv_key))
 
-    @property
-    def send_counter(self) -> int:
-        return self._send
+    def _seal_with(self, data: bytes, counter: int) -> bytes:
+        return crypto_aead_aegis256_encrypt(data, None, counter.to_bytes(8, "little") + _NONCE_TAIL, self._send_key)
 
-    @property
-    def recv_counter(self) -> int:
-        return self._recv
-
-    @property
-    def dead(self) -> str | None:
-        return self._dead
-
-    def seal(self, data: bytes) -> bytes:
-        if self._dead is not None:
-            raise ChannelError(f"channel is closed: {self._dead}")
-        if self._send >= _MAX_COUNTER:
-            self._dead = "send counter exhausted"
-            raise ChannelError(self._dead)
-        self._send += 1
-        return crypto_aead_aegis256_encrypt(data, None, self._send.to_bytes(8, "little") + _NONCE_TAIL, self._send_key)
-
-    def open(self, payload: bytes) -> bytes:
-        if self._dead is not None:
-            raise ChannelError(f"channel is closed: {self._dead}")
-        n = len(payload)
-        if n < TAG_BYTES:
-            self._dead = f"frame of {n} bytes is shorter than the {TAG_BYTES}-byte tag"
-            raise ChannelError(self._dead)
-        if self._recv >= _MAX_COUNTER:
-            self._dead = "receive counter exhausted"
-            raise ChannelError(self._dead)
-        counter = self._recv + 1
-        try:
-            nonce = counter.to_bytes(8, "little") + _NONCE_TAIL
-            data = crypto_aead_aegis256_decrypt(payload, None, nonce, self._recv_key)
-        except CryptoError:
-            self._dead = (
-                f"frame {counter} ({n} bytes) failed authentication (tampered, replayed, reordered or truncated)"
-            )
-            raise ChannelError(self._dead) from None
-        self._recv = counter
-        return data
+    def _open_with(self, payload: bytes, counter: int) -> bytes:
+        return crypto_aead_aegis256_decrypt(payload, None, counter.to_bytes(8, "little") + _NONCE_TAIL, self._recv_key)

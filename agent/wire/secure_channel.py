@@ -40,29 +40,31 @@ def nonce_for(counter: int) -> bytes:
     return counter.to_bytes(8, "little") + _NONCE_TAIL
 
 
-class SecureChannel:
-    """Seal outgoing payloads and open incoming ones; the shell does the framing.
-
-    `encode_frame(channel.seal(data))` on the way out, `channel.open(payload)` for
-    each payload from `FrameDecoder.feed`.
-    """
+class CounterChannel:
+    """What both session channels share: a counter per direction, incremented before use (the
+    first frame each way is 1) and the nonce the AEAD is given; the first failure kills the channel.
+    Subclasses say how a frame is sealed and opened under a counter."""
 
     __slots__ = ("_dead", "_recv", "_recv_key", "_send", "_send_key")
+    TAG = MAC_BYTES
+    """Bytes every sealed frame has at least (its MAC or tag)."""
+    TAG_WORD = "MAC"
 
-    def __init__(
-        self, send_key: bytes, recv_key: bytes | None = None, *, send_counter: int = 0, recv_counter: int = 0
-    ) -> None:
-        """`recv_key=None` means RustDesk's single shared key (see the module docstring)."""
-        for key in (send_key, recv_key):
-            if key is not None and len(key) != KEY_BYTES:
-                raise ValueError(f"secretbox key must be {KEY_BYTES} bytes, got {len(key)}")
+    def __init__(self, send_key: bytes, recv_key: bytes, send_counter: int = 0, recv_counter: int = 0) -> None:
         if not 0 <= send_counter <= _MAX_COUNTER or not 0 <= recv_counter <= _MAX_COUNTER:
             raise ValueError("counters are u64")
         self._send_key = bytes(send_key)
-        self._recv_key = self._send_key if recv_key is None else bytes(recv_key)
+        self._recv_key = bytes(recv_key)
         self._send = send_counter
         self._recv = recv_counter
         self._dead: str | None = None
+
+    def _seal_with(self, data: bytes, counter: int) -> bytes:
+        raise NotImplementedError
+
+    def _open_with(self, payload: bytes, counter: int) -> bytes:
+        """The plaintext, or CryptoError."""
+        raise NotImplementedError
 
     @property
     def keys(self) -> tuple[bytes, bytes]:
@@ -85,29 +87,29 @@ class SecureChannel:
         return self._dead
 
     def seal(self, data: bytes) -> bytes:
-        """Encrypt one payload with the next send counter: MAC || ciphertext."""
+        """Encrypt one payload with the next send counter."""
         if self._dead is not None:
             raise ChannelError(f"channel is closed: {self._dead}")
         if self._send >= _MAX_COUNTER:
             self._dead = "send counter exhausted"
             raise ChannelError("send counter exhausted; the session must be rekeyed")
         self._send += 1
-        return crypto_secretbox_easy(data, nonce_for(self._send), self._send_key)
+        return self._seal_with(data, self._send)
 
     def open(self, payload: bytes) -> bytes:
         """Authenticate and decrypt the next payload from the peer, or raise ChannelError."""
         if self._dead is not None:
             raise ChannelError(f"channel is closed: {self._dead}")
         n = len(payload)
-        if n < MAC_BYTES:
-            self._dead = f"frame of {n} bytes is shorter than the {MAC_BYTES}-byte MAC"
+        if n < self.TAG:
+            self._dead = f"frame of {n} bytes is shorter than the {self.TAG}-byte {self.TAG_WORD}"
             raise ChannelError(self._dead)
         if self._recv >= _MAX_COUNTER:
             self._dead = "receive counter exhausted"
             raise ChannelError(self._dead)
         counter = self._recv + 1
         try:
-            data = crypto_secretbox_open_easy(payload, nonce_for(counter), self._recv_key)
+            data = self._open_with(payload, counter)
         except CryptoError:
             self._dead = (
                 f"frame {counter} ({n} bytes) failed authentication (tampered, replayed, reordered or truncated)"
@@ -115,3 +117,30 @@ class SecureChannel:
             raise ChannelError(self._dead) from None
         self._recv = counter
         return data
+
+
+class SecureChannel(CounterChannel):
+    """Seal outgoing payloads and open incoming ones (MAC || ciphertext); the shell does the framing.
+
+    `encode_frame(channel.seal(data))` on the way out, `channel.open(payload)` for
+    each payload from `FrameDecoder.feed`.
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self, send_key: bytes, recv_key: bytes | None = None, *, send_counter: int = 0, recv_counter: int = 0
+    ) -> None:
+        """`recv_key=None` means RustDesk's single shared key (see the module docstring)."""
+        for key in (send_key, recv_key):
+            if key is not None and len(key) != KEY_BYTES:
+                raise ValueError(f"secretbox key must be {KEY_BYTES} bytes, got {len(key)}")
+        super().__init__(send_key, send_key if recv_key is None else recv_key, send_counter, recv_counter)
+
+    def _seal_with(self, data: bytes, counter: int) -> bytes:
+        return crypto_secretbox_easy(data, nonce_for(counter), self._send_key)
+
+    def _open_with(self, payload: bytes, counter: int) -> bytes:
+        return crypto_secretbox_open_easy(payload, nonce_for(counter), self._recv_key)
+
+

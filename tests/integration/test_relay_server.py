@@ -16,6 +16,7 @@ import pytest
 from agent.servers.relay_core import KEY_MISMATCH, TokenBucket
 from agent.servers.relay_pump import splice_available
 from agent.servers.relay_server import RelayConfig, bind_listeners, start_relay
+from tests.agent_fixtures import has_ipv6
 from tests.integration.relay_helpers import (
     TEST_SERVER_PK,
     exchange,
@@ -32,15 +33,6 @@ from tests.integration.relay_helpers import (
 )
 
 PUMPS = ["asyncio", *(["splice"] if splice_available() else [])]
-
-
-def has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def cfg(**kw: object) -> RelayConfig:

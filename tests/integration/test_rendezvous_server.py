@@ -24,6 +24,7 @@ from agent.wire import messages
 from agent.wire.addr import SockAddr
 from agent.wire.frames import FrameDecoder, encode_frame
 from agent.wire.keys import open_signed_id_pk
+from tests.agent_fixtures import has_ipv6
 from tests.signed import Member, register_udp
 
 T = TypeVar("T")
@@ -34,15 +35,6 @@ B_ID = B.id
 B_UUID = B.uuid
 B_PK = B.pk
 A = Member.new(b"A-of-the-rendezvous-tests")
-
-
-def has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 class ServerThread:

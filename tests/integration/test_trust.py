@@ -35,6 +35,7 @@ from agent.wire.keys import open_signed_id_pk
 from agent.wire.peer_ids import derive_id
 from tests.agent_fixtures import (
     agent_config,
+    has_ipv6,
     open_stream,
     prepare_state,
     start_servers,
@@ -43,7 +44,6 @@ from tests.agent_fixtures import (
     wait_registered,
 )
 from tests.integration.test_local_agent import free_port
-from tests.integration.test_rendezvous_server import has_ipv6
 
 
 def _connections(counter: list[socket.socket]) -> tuple[socket.socket, int]:

@@ -15,7 +15,7 @@ from agent.proto import rendezvous_pb2 as pb
 from agent.servers.rendezvous_server import start_rendezvous
 from agent.servers.udp_reply import ReplyingUdp
 from agent.wire import messages
-from tests.agent_fixtures import rendezvous_config
+from tests.agent_fixtures import has_ipv6, rendezvous_config
 
 REQUEST = messages.build(test_nat_request=pb.TestNatRequest(padding=b"p" * 64))
 
@@ -31,18 +31,9 @@ def ask(family: int, dest: str, port: int, source: str) -> tuple[str, int]:
     return src[0], src[1]
 
 
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("binds", [["0.0.0.0", "::"], ["0.0.0.0"], ["::"]], ids=["default", "v4", "dual-stack"])
 async def test_answers_leave_from_the_address_they_were_sent_to(tmp_path: Path, binds: list[str]) -> None:
-    if "::" in binds and not has_ipv6_loopback():
+    if "::" in binds and not has_ipv6():
         pytest.skip("no IPv6 here")
     cfg = rendezvous_config(tmp_path)
     cfg.binds = binds

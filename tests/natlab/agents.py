@@ -40,7 +40,9 @@ class LabAgents:
     def start_server(self) -> None:
         proc = self.lab.popen(
             "wan",
-            [*PT, "--state-dir", str(self.root / "srv"), "serve", "--bind", SERVER, "--port", "21116"],
+            # default binds (0.0.0.0 and [::]) on a host whose service addresses are not on the
+            # outgoing interface (ops/natlab_scenarios.py): UDP answers must leave from SERVER
+            [*PT, "--state-dir", str(self.root / "srv"), "serve", "--port", "21116"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )

@@ -123,3 +123,14 @@ def test_request_pk_while_registered_is_a_hint_but_not_before() -> None:
     core = registered_core()
     core.receive_datagram(ask, SERVER, 5.0)
     assert [e for e in core.next_events() if isinstance(e, KeyRequested)] == [KeyRequested("1234567890")]
+
+
+def test_a_server_hint_after_a_move_does_not_hide_what_moved() -> None:
+    core = NetWatchCore()
+    core.observe(view("10.0.2.2", "10.0.2.2"), 0.0)
+    moved = core.observe(view("198.51.100.22", "198.51.100.22"), 1.0)
+    assert moved is not None
+    core.server_asked_for_key(1.1)  # the server saw us at the new address
+    st_ = core.status(2.0)
+    assert "asked for our key" in st_["last_change"]
+    assert st_["last_local_change"] == moved.reason
