@@ -13,7 +13,7 @@ from fuzz._common import Reader, entry, instrumented
 
 with instrumented():
     from agent.link import stream_open
-    from agent.link.resend_core import ACK, Resend, ResendError, encode_count
+    from agent.link.resend_core import ACK, DATA, Resend, ResendError, encode_count
 
 
 def TestOneInput(data: bytes) -> None:
@@ -50,7 +50,8 @@ def TestOneInput(data: bytes) -> None:
 
 
 def seeds() -> list[bytes]:
-    records = bytes([4, 0]) + b"abc" + bytes([9, ACK]) + encode_count(3) + bytes([9, ACK]) + encode_count(9)
+    data = bytes([DATA]) + encode_count(2) + b"abc"
+    records = bytes([len(data)]) + data + bytes([9, ACK]) + encode_count(3) + bytes([9, ACK]) + encode_count(9)
     return [
         bytes([0]) + stream_open.encode_request("127.0.0.1:22"),
         bytes([0]) + stream_open.encode_request(""),

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent.common.netutil import describe_error, reset_socket, tune_transport
-from agent.link import mux_core, stream_open
+from agent.link import mux_core, resend_core, stream_open
 from agent.link.mux_core import Mux, MuxError
 from agent.link.resend_core import Resend, ResendError
 from agent.session import stream as session_stream
@@ -47,9 +47,12 @@ RESUME_WAIT = 30.0
 transport (its streams stall meanwhile) before the link ends."""
 PAUSE_GRACE = 1.0
 """Seconds a move waits for the writer to finish the frame it is writing on the old transport."""
-RECORD = CHUNK - 1
-"""Plaintext of a link record's body: one kind byte (agent/link/resend_core.py) + RECORD fill a
-secure frame."""
+RECORD = CHUNK - resend_core.DATA_OVERHEAD
+"""Multiplexer bytes in one DATA record: with the record's kind and acknowledgement
+(agent/link/resend_core.py) they fill a secure frame."""
+ACK_DELAY = 0.02
+"""Seconds an acknowledgement waits for data of ours to ride on before it goes alone (TCP's delayed
+ACK, shorter): an answer within that time carries it."""
 READ = RECORD - mux_core.HEADER.size
 """Most bytes read from a local socket at once (also bounded by the stream's window): one read is
 one multiplexer frame, which fills one record (no slicing, no second record for a remainder)."""
@@ -165,6 +168,8 @@ class Link:
         self._io: list[asyncio.Task[None]] = []
         self._pausing = False
         self._ack_wanted = False
+        """A pure ACK record should go out now (if records are still owed)."""
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_progress = self._loop.time()
         self._resend_now: list[bytes] = []
         self._installed = asyncio.Event()
@@ -396,6 +401,8 @@ class Link:
         self.error = reason
         self.ended.set()
         self._installed.set()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
         for st in list(self.streams.values()):
             self._drop(st, f"link to the peer lost: {reason}" if reason else "link closed", reset=False)
         with contextlib.suppress(OSError):
@@ -422,10 +429,19 @@ class Link:
                 self._on_record(part)
             if self.resend.acked != acked:
                 self._ack_progress = loop.time()
-            self._ack_wanted = True
+            owed = self.resend.received - self.resend.ack_sent
+            if owed >= resend_core.ACK_EVERY:
+                self._ack_wanted = True
+            elif owed and self._ack_timer is None:
+                self._ack_timer = loop.call_later(ACK_DELAY, self._ack_due)
             self._wake()
             if len(chunk) == TRANSPORT_READ:
                 await asyncio.sleep(0)  # more is waiting: let the streams' writers take this first
+
+    def _ack_due(self) -> None:
+        self._ack_timer = None
+        self._ack_wanted = True
+        self._wake()
 
     def _on_record(self, record: bytes) -> None:
         body = self.resend.receive(record)

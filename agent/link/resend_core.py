@@ -1,10 +1,16 @@
 """A link's frames, numbered and kept until the peer has them, so a link outlives its transport (sans-IO).
 
 Each secure frame on a link carries one plaintext record: `kind u8, body`.
-- DATA (0): a batch of whole multiplexer frames. DATA records are numbered 1, 2, ... per direction
-  for the link's whole life (not per transport), and each is kept here until acknowledged.
-- ACK (1): `u64` - how many DATA records the sender of the ACK has received. An ACK is not itself
+- DATA (0): `u64` (how many DATA records the sender has received: an acknowledgement riding along),
+  then a batch of whole multiplexer frames. DATA records are numbered 1, 2, ... per direction for
+  the link's whole life (not per transport), and each is kept here until acknowledged.
+- ACK (1): `u64`, the same count alone, for when there is no data to carry it. An ACK is not itself
   numbered or kept: a later one says the same and more.
+
+Why acknowledgements ride on DATA: a request and its answer were four sealed frames (each DATA
+record drew an ACK back), and each costs an AEAD call, a loop turn and syscalls on both ends; now
+they are two. A side with nothing to send acknowledges on its own after ACK_EVERY records, or when
+the link's delayed-ACK timer fires (agent/link/link.py).
 
 When a link moves to another transport (a better path, the same path after a network change, or
 the relay after a direct path died), each side first stops reading the old transport, then tells
@@ -26,6 +32,8 @@ DATA = 0
 ACK = 1
 _COUNT = struct.Struct("!Q")
 _DATA_PREFIX = bytes([DATA])
+DATA_OVERHEAD = 1 + 8
+"""A DATA record's bytes before its multiplexer frames: the kind and the acknowledgement."""
 MAX_UNACKED = 8 * 1024 * 1024
 """Bytes sent and not yet acknowledged, at most (more waits): what a move may have to resend."""
 ACK_EVERY = 8
@@ -51,8 +59,10 @@ class Resend:
     kept_bytes: int = 0
 
     def data(self, *frames: bytes) -> bytes:
-        """The record for a batch of multiplexer frames (kept until acknowledged): one copy, the join."""
-        record = b"".join((_DATA_PREFIX, *frames))
+        """The record for a batch of multiplexer frames (kept until acknowledged), carrying our count
+        of the peer's records: one copy, the join."""
+        record = b"".join((_DATA_PREFIX, _COUNT.pack(self.received), *frames))
+        self.ack_sent = self.received
         self.sent += 1
         self.kept.append(record)
         self.kept_bytes += len(record)
@@ -68,9 +78,11 @@ class Resend:
         if not record:
             raise ResendError("an empty record")
         kind = record[0]
-        if kind == DATA:
+        if kind == DATA and len(record) >= DATA_OVERHEAD:
+            (count,) = _COUNT.unpack_from(record, 1)
+            self._acknowledged(count)  # raises before the record is counted: a refused one is not
             self.received += 1
-            return memoryview(record)[1:]
+            return memoryview(record)[DATA_OVERHEAD:]
         if kind == ACK and len(record) == 1 + _COUNT.size:
             (count,) = _COUNT.unpack_from(record, 1)
             self._acknowledged(count)

@@ -14,7 +14,7 @@ from agent.link.resend_core import ACK_EVERY, MAX_UNACKED, Resend, ResendError, 
 def test_records_are_kept_until_acknowledged() -> None:
     a, b = Resend(), Resend()
     records = [a.data(bytes([i]) * 10) for i in range(5)]
-    assert a.sent == 5 and len(a.kept) == 5 and a.kept_bytes == 55
+    assert a.sent == 5 and len(a.kept) == 5 and a.kept_bytes == 5 * (resend_core.DATA_OVERHEAD + 10)
     assert [bytes(b.receive(r) or b"") for r in records] == [bytes([i]) * 10 for i in range(5)]
     ack = b.ack_due(read_done=True)
     assert ack is not None and b.ack_due(read_done=True) is None  # nothing new to say
@@ -33,6 +33,26 @@ def test_acks_go_out_every_few_records_or_when_a_read_is_done() -> None:
     assert b.ack_due(read_done=False) is None and b.ack_due(read_done=True) is not None
 
 
+def test_acknowledgements_ride_on_data_so_an_exchange_needs_no_ack_records() -> None:
+    """A request and its answer: two records, no ACK record either way."""
+    a, b = Resend(), Resend()
+    for _ in range(3):
+        assert b.receive(a.data(b"request")) is not None
+        assert a.receive(b.data(b"answer")) is not None  # acknowledges the request
+        assert a.acked == a.sent and not a.kept
+        assert b.ack_due(read_done=True) is None  # the answer already said it
+        assert a.ack_due(read_done=True) is not None  # a has not answered the answer: owes an ACK
+    assert b.acked == 2 and len(b.kept) == 1  # a's last word on b's records came with its last request
+
+
+def test_a_data_record_acknowledging_what_was_never_sent_is_refused_and_not_counted() -> None:
+    a, b = Resend(), Resend()
+    b.received = 7  # b claims 7 records from a, which sent none
+    with pytest.raises(ResendError, match="beyond the 0 sent"):
+        a.receive(b.data(b"x"))
+    assert a.received == 0
+
+
 def test_a_stale_ack_changes_nothing_and_an_ack_from_the_future_is_refused() -> None:
     a = Resend()
     for _ in range(3):
@@ -45,7 +65,8 @@ def test_a_stale_ack_changes_nothing_and_an_ack_from_the_future_is_refused() -> 
 
 
 @pytest.mark.parametrize(
-    "record", [b"", b"\x02hello", b"\x01", b"\x01" + bytes(7), b"\x01" + bytes(9), b"\xff" + bytes(8)]
+    "record",
+    [b"", b"\x02hello", b"\x01", b"\x01" + bytes(7), b"\x01" + bytes(9), b"\xff" + bytes(8), b"\x00" + bytes(7)],
 )
 def test_malformed_records_are_refused(record: bytes) -> None:
     with pytest.raises(ResendError):
@@ -70,7 +91,7 @@ def test_a_resume_cannot_claim_what_was_never_sent_or_was_acknowledged() -> None
         a.resume(5)
     with pytest.raises(ResendError, match=r"outside 2\.\.4"):
         a.resume(1)
-    assert a.resume(3) == [b"\x00r"] and a.acked == 3
+    assert a.resume(3) == [b"\x00" + encode_count(0) + b"r"] and a.acked == 3
 
 
 def test_counts_are_eight_bytes() -> None:
