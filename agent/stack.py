@@ -171,6 +171,9 @@ class RegistrarComponent:
         if self._remeasuring:  # a flapping link: one more measurement after this one covers them all
             self._again = change
             return
+        if change is not None and change.local:
+            with contextlib.suppress(Exception):  # links first: they need no NAT verdict to be probed
+                await self.coordinator.call("network_changed", change.reason)
         self._remeasuring = True
         try:
             while change is not None:

@@ -422,6 +422,11 @@ class Coordinator:
             return {"ok": False, "error": f"session owner unavailable: {exc or type(exc).__name__}"}
         return reply if isinstance(reply, dict) else {"ok": False, "error": "bad answer from the session owner"}
 
+    async def network_changed(self, reason: str) -> None:
+        """The registrar saw this host's network change: the session owner probes its links now."""
+        with contextlib.suppress(OSError, TimeoutError, ctlproto.ControlError):
+            await ctlproto.acall(self.sessions_socket, {"op": "network_changed", "reason": reason}, timeout=5)
+
     async def relink(self, req: dict[str, Any]) -> dict[str, Any]:
         """The session owner asks for a new transport under a running link (a better path, or the old
         one lost): a race as for a new link, whose winner the owner moves the link onto."""

@@ -239,6 +239,12 @@ class Link:
             self.mux.ping(self._pings)
             self._wake()
 
+    def give_up_transport(self, reason: str) -> None:
+        """The transport is gone though nothing said so (the network under it changed and the peer
+        did not answer a probe): bring the link back on a new one now, as a cut would."""
+        if not self.moving and not self.ended.is_set():
+            self._lost(reason)
+
     def quiet_for(self) -> float:
         """Seconds since the peer was last heard."""
         return self._loop.time() - self.last_in

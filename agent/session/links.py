@@ -49,6 +49,8 @@ class LinkRecord:
     """The first stream's target: a new transport's handshake names it (B checks it as for any)."""
     policy: str = ""
     """The path policy the link was raced with: later races for it keep to it."""
+    poked: bool = False
+    """The network changed: look for a better path now, not at the back-off's next turn."""
     why: str = ""
     """Why the link is moving (shown with the path it moves to)."""
 

@@ -355,6 +355,8 @@ class SessionOwner:
             sid = str(req.get("session", ""))
             if op == "stream" and len(socks) == 1 and sid:
                 return await self._stream(req, socks.pop())
+            if op == "network_changed":
+                return self._network_changed(str(req.get("reason", "")))
             if op == "listen" and len(socks) == 2:
                 listener, notices = socks
                 socks.clear()
@@ -547,10 +549,13 @@ class SessionOwner:
         while not link.ended.is_set():
             moves = link.moves
             waited = 0.0
-            while waited < delay and link.moves == moves and not link.ended.is_set():
+            while waited < delay and link.moves == moves and not link.ended.is_set() and not lrec.poked:
                 await asyncio.sleep(0.5)  # a move (a new transport, maybe a new network) starts over
                 waited += 0.5
-            if link.moves != moves:
+            if lrec.poked:  # the network changed: try now, and start the back-off over
+                lrec.poked = False
+                delay = UPGRADE_FIRST
+            elif link.moves != moves:
                 delay = UPGRADE_FIRST
                 continue
             if link.ended.is_set() or link.moving or lrec.path != "relay":
@@ -558,6 +563,28 @@ class SessionOwner:
                 continue
             moved = await self._relink(lrec, direct, "a direct path authenticated")
             delay = UPGRADE_FIRST if moved else min(delay * 2, UPGRADE_MAX)
+
+    def _network_changed(self, reason: str) -> dict[str, Any]:
+        """This host's network changed (agent/nat/watch_core.py, through the coordinator). Each link we
+        dialled is probed at once (a transport that died with the old network is replaced within a
+        second, not after 30 s of silence), and one on the relay looks for a direct path now; the
+        far ends' links are pinged, so the path is seen alive or not from both sides."""
+        probed = 0
+        for lrec in self.links.running():
+            if lrec.link.moving:
+                continue
+            lrec.poked = True
+            if lrec.role == "acceptor":
+                lrec.link.ping()
+            else:
+                probed += 1
+                self._spawn(self._probe_after_change(lrec, reason))
+        return {"ok": True, "probed": probed}
+
+    async def _probe_after_change(self, lrec: LinkRecord, reason: str) -> None:
+        link = lrec.link
+        if not await link.heard_within(PROBE_TIMEOUT) and not link.ended.is_set():
+            link.give_up_transport(f"no answer within {PROBE_TIMEOUT:.0f}s after a network change ({reason})")
 
     async def _recover(self, lrec: LinkRecord, reason: str) -> bool:
         """The link's transport was lost: new races (any path its policy allows) until one takes it."""

@@ -390,6 +390,35 @@ async def test_a_link_whose_transport_is_cut_comes_back_on_a_new_one(pair: Pair)
     assert asked and asked[0]["policy"] == ""
 
 
+async def test_a_network_change_replaces_a_silently_dead_transport_at_once(pair: Pair) -> None:
+    """This host's network changed and the link's path died without a sound (no reset, no FIN): the
+    probe that follows the change finds it within a second and the link moves to a new transport,
+    instead of waiting out 30 s of unanswered pings (an idle link has nothing else to notice it by)."""
+    loop = asyncio.get_running_loop()
+    asked = pair.movable("relay")
+    mine, theirs = loopback_pair()
+    assert (await pair.first_stream(theirs))["ok"]
+    assert await echo_through(mine, b"before") == b"before"
+    (a_link,) = pair.a.links.running()
+    (b_link,) = pair.b.links.running()
+    loop.remove_reader(b_link.link.transport.fileno())  # the old path carries nothing any more
+    started = loop.time()
+    reply = await ctlproto.acall(pair.a_sock, {"op": "network_changed", "reason": "route 10.0.2.1 -> none"})
+    assert reply == {"ok": True, "probed": 1}
+    async with asyncio.timeout(10):
+        while len(a_link.history) < 2 or a_link.link.moving:
+            await asyncio.sleep(0.05)
+    took = loop.time() - started
+    assert took < 5, took
+    assert [h["path"] for h in a_link.history] == ["lan", "relay"]
+    assert "after a network change (route 10.0.2.1 -> none)" in a_link.history[1]["why"]
+    assert asked and asked[0]["link"] == a_link.id
+    mine, theirs = loopback_pair()
+    reply = await pair.stream(theirs, paths=("lan", "relay"))  # the same link, on its new transport
+    assert reply["ok"] and reply["link"] == a_link.id, reply
+    assert await echo_through(mine, b"after the move") == b"after the move"
+
+
 async def test_a_transport_that_names_a_link_it_does_not_have_is_turned_away(pair: Pair) -> None:
     """Security: a peer that proves its key but names a link B does not have (a guessed or stale
     token) hears GONE and gets nothing; the running link is untouched."""
