@@ -70,7 +70,7 @@ def query(state_dir: Path, op: str, timeout: float = 3.0) -> dict[str, Any] | No
 
 def start_background(state_dir: Path, wait: float = 90.0, udp_blocked: str = "") -> int:
     """Spawn the supervisor detached and wait until the agent is registered, or say why not and stop it
-    (with `udp_blocked`, registration cannot work yet: wait until the agent answers, then warn)."""
+    (`udp_blocked`: the preflight's reason why UDP does not get through; the agent registers over TCP)."""
     logs = private_dir(state_dir / "logs")
     cmd = [sys.executable, "-m", "agent.cli", "--state-dir", str(state_dir), "up", "--foreground", "--keep-config"]
     out = private_append(logs / "agent.log")
@@ -81,7 +81,7 @@ def start_background(state_dir: Path, wait: float = 90.0, udp_blocked: str = "")
     finally:
         os.close(out)
     try:
-        status = wait_until_registered(state_dir, wait, lambda: proc.poll(), optional=bool(udp_blocked))
+        status = wait_until_registered(state_dir, wait, lambda: proc.poll())
     except RunnerError:
         down(state_dir, quiet=True)
         raise
@@ -90,9 +90,7 @@ def start_background(state_dir: Path, wait: float = 90.0, udp_blocked: str = "")
     return 0
 
 
-def wait_until_registered(
-    state_dir: Path, wait: float, exited: Any = lambda: None, optional: bool = False
-) -> dict[str, Any]:
+def wait_until_registered(state_dir: Path, wait: float, exited: Any = lambda: None) -> dict[str, Any]:
     """The agent's status once it is registered; RunnerError with the reason and what to check when it
     cannot register (its server does not answer, refuses it, or signs with a key we do not trust)."""
     logs = state_dir / "logs" / "agent.log"
@@ -106,8 +104,6 @@ def wait_until_registered(
             raise RunnerError(f"agent exited with status {code}: {' | '.join(tail)}")
         status = query(state_dir, "status")
         if status and "state" in (status.get("registration") or {}):  # the registrar itself answers
-            if optional:
-                return status
             if answering_since is None:
                 answering_since = time.monotonic()
             problem = registration_problem(state_dir, status, time.monotonic() - answering_since)
@@ -157,8 +153,8 @@ def key_problem(problem: str, server: str, state_dir: Path, configured: bool = F
 
 def preflight(state_dir: Path, cfg: Config) -> str:
     """RunnerError unless `cfg`'s rendezvous server answers, signing with the key we trust (or may learn).
-    Returns why UDP does not get through when only TCP does ("" when it does): then the agent can open
-    sessions but not register, and `up` says so instead of failing."""
+    Returns why UDP does not get through when only TCP does ("" when it does): then the agent registers
+    over TCP, and `up` says what that means instead of failing."""
     from agent import identity
     from agent.rendezvous.preflight import check_server
 
@@ -209,10 +205,11 @@ def up_report(state_dir: Path, status: dict[str, Any], pid: int, udp_blocked: st
             f"trusting rendezvous server {status['server']} on first contact: key {reg.get('server_key')} "
             f"(pinned in {state_dir / SERVER_PINS_FILE}; a different key from now on is refused)"
         )
-    if udp_blocked:
+    if udp_blocked or reg.get("transport") == "tcp":
+        why = udp_blocked or reg.get("why_tcp") or "no answer over UDP"
         lines.append(
-            f"warning: UDP to the rendezvous server does not get through ({udp_blocked}), TCP does: this agent "
-            "can open sessions to peers, but cannot register, so no peer can reach it (registration keeps trying)"
+            f"note: UDP to the rendezvous server does not get through ({why}), so this agent registers over TCP: "
+            "peers reach it over TCP paths (TCP hole punch or the relay), not over UDP"
         )
     if not status.get("admits_anyone", True):
         lines.append(
@@ -271,7 +268,7 @@ def supervise(state_dir: Path, announce: bool = False, udp_blocked: str = "") ->
             def report() -> None:
                 nonlocal stopping, failed
                 try:
-                    status = wait_until_registered(state_dir, 90.0, optional=bool(udp_blocked))
+                    status = wait_until_registered(state_dir, 90.0)
                 except RunnerError as exc:
                     print(f"punchthrough: {exc}", file=sys.stderr, flush=True)
                     stopping = failed = True

@@ -96,7 +96,7 @@ def _memory_per_id(n: int, tmp: str, conn: Connection) -> None:
     from nacl.signing import SigningKey
 
     from agent.servers.registry import Registry
-    from agent.servers.rendezvous_core import Limits, RendezvousCore
+    from agent.servers.rendezvous_core import Limits, Origin, RendezvousCore
     from agent.wire.addr import SockAddr
 
     proc = psutil.Process()
@@ -106,7 +106,8 @@ def _memory_per_id(n: int, tmp: str, conn: Connection) -> None:
     # The signed registrations as agents send them (the challenge taken from the core: it is the
     # second datagram of each registration, the one that binds and costs a signature check)
     datagrams = [
-        m.register_pk(bytes(16), core._challenge(m.id, srcs[i], int(1000.0 // 30))) for i, m in enumerate(members(n))
+        m.register_pk(bytes(16), core._challenge(m.id, Origin(srcs[i]), int(1000.0 // 30)))
+        for i, m in enumerate(members(n))
     ]
     gc.collect()
     before = proc.memory_info().rss

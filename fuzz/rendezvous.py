@@ -37,6 +37,7 @@ with instrumented():
         MAX_UUID,
         CloseTcp,
         Limits,
+        Origin,
         Persist,
         RendezvousCore,
         SendTcp,
@@ -220,7 +221,7 @@ def signed_register(src: int, key: Any, nat: int = 0, step: int = 1) -> bytes:
     pk = bytes(key.verify_key)
     peer_id = derive_id(pk)
     probe = RendezvousCore(Store(), SERVER_KEY, secret=SECRET)
-    challenge = probe._challenge(peer_id, to_v4_if_mapped(SOURCES[src]), int(1001.0 // 30))
+    challenge = probe._challenge(peer_id, Origin(to_v4_if_mapped(SOURCES[src])), int(1001.0 // 30))
     rk = pb.RegisterPk(id=peer_id, uuid=b"u-" + pk[:4], pk=pk, nonce=bytes(16), padding=bytes(120))
     first = build(register_pk=rk)
     rk.ClearField("padding")

@@ -83,7 +83,8 @@ def render_status(st: dict[str, Any]) -> str:
             if (reg.get("unanswered_for") or 0) > UNANSWERED_NOTE
             else ""
         )
-        + (f"  ({reg['server_key_problem']})" if reg.get("server_key_problem") else ""),
+        + (f"  ({reg['server_key_problem']})" if reg.get("server_key_problem") else "")
+        + (f"  over TCP ({reg.get('why_tcp') or 'UDP does not get through'})" if reg.get("transport") == "tcp" else ""),
         f"nat           {_nat_words(nat)}"
         + (f"  measured {_age(time.time() - nat['measured_at'])} ago" if nat.get("measured_at") else "")
         + (f"  error: {nat['error']}" if nat.get("error") else ""),

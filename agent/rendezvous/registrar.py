@@ -2,9 +2,11 @@
 
 One UDP socket, as RustDesk's `start_udp`: registrations go out from it and the
 server's pushes (PunchHole, FetchLocalAddr, RequestRelay, ...) come back to it,
-because the server sends them to the address it last saw us register from.
-Every decision is in `registrar_core.RegistrarCore`; this class moves datagrams,
-runs the 1 s tick, and calls back into the agent.
+because the server sends them to the address it last saw us register from. When
+UDP does not get through, one TCP connection to the server's main port carries the
+same registrations and pushes instead (`registration_path.RegistrationPath` decides).
+Every decision is in `registrar_core.RegistrarCore` and `RegistrationPath`; this class
+moves datagrams and frames, runs the 1 s tick, and calls back into the agent.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from nacl.signing import SigningKey
 from agent.common.tasks import TaskSet
 from agent.nat.watch import observe_view
 from agent.nat.watch_core import NetView, NetWatchCore, NetworkChanged
+from agent.proto import rendezvous_pb2 as pb
 from agent.rendezvous.registrar_core import (
     REGISTERED,
     IdTaken,
@@ -34,7 +37,11 @@ from agent.rendezvous.registrar_core import (
     ServerKeyRefused,
     StateChanged,
 )
+from agent.rendezvous.registration_path import TCP, CloseTcp, OpenTcp, ProbeUdp, RegistrationPath
+from agent.wire import messages
 from agent.wire.addr import SockAddr
+from agent.wire.frames import FrameDecoder, FrameError, encode_frame
+from agent.wire.messages import MessageError
 from agent.wire.peer_ids import fingerprint
 
 log = logging.getLogger("punchthrough.registrar")
@@ -61,6 +68,14 @@ NetworkChangeHandler = Callable[[NetworkChanged], Awaitable[None] | None]
 """on_network_change(change): called after the registrar re-bound and re-registered (e.g. re-measure the NAT)."""
 ServerKeyHandler = Callable[[bytes], None]
 """on_server_key(key): the server's key, learned on first contact (pin it)."""
+
+
+UDP_ANSWERS = frozenset({"test_nat_response", "register_peer_response", "register_pk_response"})
+"""Datagram kinds that show UDP reaches us from the server (a push may be a stale one, so it does not)."""
+PROBE_PADDING = 64
+"""The UDP probe is padded: the server never answers a datagram with more bytes than it carried."""
+TCP_CONNECT_TIMEOUT = 5.0
+MAX_TCP_FRAME = 64 * 1024
 
 
 class RegistrarError(Exception):
@@ -119,6 +134,7 @@ class Registrar:
         observe: Callable[[], NetView] | None = None,
         server_key: bytes | None = None,
         on_server_key: ServerKeyHandler | None = None,
+        path: RegistrationPath | None = None,
     ) -> None:
         self.server = server
         self.identity = identity
@@ -145,6 +161,11 @@ class Registrar:
         self.send_errors = 0
         self.push_errors = 0
         self._transport: asyncio.DatagramTransport | None = None
+        self.path = path or RegistrationPath()
+        """UDP, or TCP when UDP does not get through."""
+        self._tcp: asyncio.StreamWriter | None = None
+        self._tcp_task: asyncio.Task[None] | None = None
+        """Connects, then reads the TCP connection until it ends; one at a time."""
         self._family = int(socket.AF_INET)
         self._server_addr: Any = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -195,6 +216,7 @@ class Registrar:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
         await self._tasks.close()
+        await self._drop_tcp()
         if self._transport is not None:
             self._transport.close()
         self.registered.clear()
@@ -219,6 +241,7 @@ class Registrar:
             return {"state": "not started", "id": self.identity.peer_id, "server": f"{self.server[0]}:{self.server[1]}"}
         out = self.core.status(time.monotonic())
         out["local"] = self.local_address
+        out.update(self.path.status())
         out["send_errors"] = self.send_errors
         out["push_errors"] = self.push_errors
         out["network"] = self.netwatch.status(time.monotonic())
@@ -236,8 +259,74 @@ class Registrar:
     async def _run(self) -> None:
         while True:
             self._check_network()
+            self._steer()
             self._flush()
             await asyncio.sleep(self.tick)
+
+    def _steer(self) -> None:
+        """Carry out the path's steps: open or close the TCP connection, probe UDP."""
+        core = self.core
+        if core is None or self._closed:
+            return
+        now = time.monotonic()
+        for step in self.path.due(now, core.unanswered_for(now)):
+            self._do(step)
+
+    def _do(self, step: OpenTcp | CloseTcp | ProbeUdp) -> None:
+        if isinstance(step, OpenTcp):
+            log.warning("registration: %s; registering over TCP", self.path.reason)
+            self._tcp_task = asyncio.get_running_loop().create_task(self._tcp_session(), name="registrar-tcp")
+        elif isinstance(step, CloseTcp):
+            self._tasks.spawn(self._drop_tcp())
+        elif self._transport is not None and not self._transport.is_closing():
+            probe = messages.build(test_nat_request=pb.TestNatRequest(padding=bytes(PROBE_PADDING)))
+            try:
+                self._transport.sendto(probe, self._server_addr)
+            except OSError:
+                self.send_errors += 1
+
+    async def _drop_tcp(self) -> None:
+        task, self._tcp_task = self._tcp_task, None
+        writer, self._tcp = self._tcp, None
+        if writer is not None:
+            writer.close()
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _tcp_session(self) -> None:
+        """Connect, register over the connection, read frames until it ends; then tell the path."""
+        me = asyncio.current_task()
+        writer: asyncio.StreamWriter | None = None
+        try:
+            host, port = str(self._server_addr[0]), int(self._server_addr[1])
+            local = (self.bind, 0) if self.bind else None
+            async with asyncio.timeout(TCP_CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_connection(host, port, local_addr=local)
+            if self._tcp_task is not me or not self.path.tcp_connected(time.monotonic()):
+                return
+            log.info("registration: TCP connection to %s:%s up", host, port)
+            self._tcp = writer
+            if self.core is not None:
+                self.core.reregister()
+            self._flush()
+            decoder = FrameDecoder(MAX_TCP_FRAME)
+            while data := await reader.read(65536):
+                for payload in decoder.feed(data):
+                    if payload:
+                        self._received(payload, self._server_addr, time.monotonic())
+        except (OSError, TimeoutError, FrameError) as exc:
+            log.info("registration: TCP connection to the server: %s", exc or type(exc).__name__)
+        finally:
+            if writer is not None:
+                writer.close()
+            if self._tcp_task is me:
+                self._tcp_task = None
+                self._tcp = None
+                if not self._closed and self.path.tcp_failed(time.monotonic()) and self.core is not None:
+                    self.core.reregister()  # over UDP until the connection is back
+                    self._flush()
 
     def _check_network(self) -> None:
         if self.observe is None:
@@ -263,6 +352,8 @@ class Registrar:
             if self._closed:
                 return
             if change.local:
+                for step in self.path.reset():
+                    self._do(step)
                 await self._rebind()
                 if self.core is not None:
                     self.core.reregister()
@@ -292,23 +383,45 @@ class Registrar:
             core.set_nat_type(int(self.nat_type_getter()))
         except Exception:
             log.exception("nat_type_getter failed")
+        tcp = self._tcp if self.path.transport == TCP else None
         for datagram in core.datagrams_to_send(time.monotonic()):
             try:
-                transport.sendto(datagram, self._server_addr)
+                if tcp is not None:
+                    tcp.write(encode_frame(datagram))
+                else:
+                    transport.sendto(datagram, self._server_addr)
             except OSError:
                 self.send_errors += 1
         self._handle_events()
 
     def _datagram(self, data: bytes, addr: Any) -> None:
-        core = self.core
-        if core is None or self._closed:
+        if self._closed:
             return
-        now = time.monotonic()
+        self._received(data, addr, time.monotonic(), udp=True)
+
+    def _received(self, data: bytes, addr: Any, now: float, udp: bool = False) -> None:
+        """One message from the server, by datagram or TCP frame: to the core, and to the path (UDP works)."""
+        core = self.core
+        if core is None:
+            return
         try:
             source = SockAddr.of(str(addr[0]), int(addr[1]))
         except (ValueError, TypeError, IndexError):
             core.drops.drop("bad_source", repr(addr), now)
             return
+        if udp and self.path.want_tcp and source == core.server:
+            try:
+                kind = messages.parse(data)[0]
+            except MessageError:
+                kind = ""
+            if kind in UDP_ANSWERS:
+                log.info("registration: UDP answers again; registering over UDP")
+                for step in self.path.udp_answered(now):
+                    self._do(step)
+                core.reregister()
+            if kind == "test_nat_response":
+                self._flush()
+                return
         core.receive_datagram(data, source, now)
         self._handle_events()
         self._flush()

@@ -181,6 +181,7 @@ class RegistrarCore:
         self.state = REGISTERING
         self.confirmed = False
         self._outstanding_since: float | None = None
+        self._silent_since: float | None = None
         self._timeouts = 0  # consecutive unanswered sends
         self._last_reply: float | None = None
         self._send_now = True
@@ -230,6 +231,7 @@ class RegistrarCore:
         self.confirmed = False
         self._challenge = b""
         self._outstanding_since = None
+        self._silent_since = None
         self._timeouts = 0
         self._send_now = True
         self._set_state(REGISTERING)
@@ -297,6 +299,8 @@ class RegistrarCore:
             return []
         self._send_now = False
         self._outstanding_since = now
+        if self._silent_since is None:
+            self._silent_since = now
         if self.confirmed:
             self.sent_peer += 1
             msg = pb.RegisterPeer(id=self.peer_id, serial=self.serial, nat_type=self.nat_type)  # type: ignore[arg-type]
@@ -321,6 +325,11 @@ class RegistrarCore:
         size = len(messages.build(register_pk=rk))
         rk.padding = bytes(max(0, REGISTER_PK_SIZE - size - 3))
         return messages.build(register_pk=rk)
+
+    def unanswered_for(self, now: float) -> float | None:
+        """How long registrations have gone unanswered: since the first send after the last reply (or
+        since `reregister`); None when nothing is waiting for an answer."""
+        return None if self._silent_since is None else now - self._silent_since
 
     def next_events(self) -> list[Event]:
         events, self._events = self._events, []
@@ -358,6 +367,7 @@ class RegistrarCore:
         self.replies += 1
         self._last_reply = now
         self._outstanding_since = None
+        self._silent_since = None
         self._timeouts = 0
         if self.state == UNREACHABLE:
             self._set_state(REGISTERED if self.confirmed else REGISTERING)

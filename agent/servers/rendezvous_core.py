@@ -20,6 +20,9 @@ Where we differ from upstream hbbs, and why:
   both peers SYMMETRIC -> relay, unless A offers an IPv6 address (socket_addr_v6): v6 needs
   no NAT traversal, so B gets the PunchHole and both try v6; else punch. The relay push is a RequestRelay to B
   carrying a fresh uuid, so A's reply is a RelayResponse without an extra round trip.
+* Registration also works over TCP (RegisterPk and RegisterPeer frames on one long-lived connection
+  on the main port), for agents whose UDP is blocked: pushes then go down that connection, and its
+  end takes the peer offline at once. Upstream answers a TCP RegisterPk with NOT_SUPPORT.
 * An accepted RegisterPk refreshes B's address at once (upstream waits for the next
   RegisterPeer, so a peer is "offline" for up to 15 s after a server restart).
 * Answers from B are matched to A's pending request by A's address *and* the target
@@ -142,6 +145,21 @@ class Persist:
 Action = SendUdp | SendTcp | CloseTcp | Persist
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a registration came from, and so how its answer goes back: a datagram on UDP endpoint
+    `via` (never larger than the `size` bytes received), or a frame on TCP connection `conn` (> 0)."""
+
+    src: SockAddr
+    via: int = 0
+    size: int = 0
+    conn: int = 0
+
+    @property
+    def transport(self) -> str:
+        return "tcp" if self.conn else "udp"
+
+
 class PeerLookup(Protocol):
     """Read side of the registry (agent.servers.registry.Registry fits)."""
 
@@ -184,6 +202,8 @@ class Peer:
     last_ip: str
     addr: SockAddr | None = None
     via: int = 0
+    tcp_conn: int = 0
+    """> 0: registered over this TCP connection (its UDP does not get through): pushes go there."""
     last_reg: float = -math.inf
     nat_type: int = pb.UNKNOWN_NAT
     pk_count: int = 0
@@ -287,6 +307,8 @@ class RendezvousCore:
         self._nonces: OrderedDict[str, OrderedDict[bytes, float]] = OrderedDict()
         self.pending: OrderedDict[SockAddr, Pending] = OrderedDict()
         self._conn_pending: dict[int, SockAddr] = {}
+        self._conn_peers: dict[int, str] = {}
+        """TCP connection -> the peer registered over it."""
         self.ip_states: OrderedDict[str, _IpState] = OrderedDict()
         self.drops = DropStats(self.limits.log_interval, self.limits.max_log_sources)
         self.messages: Counter[str] = Counter()
@@ -302,11 +324,14 @@ class RendezvousCore:
             log.info("dropped input from %s: %s%s", source, reason, f" ({detail})" if detail else "")
         return []
 
-    def _reply_udp(self, src: SockAddr, via: int, request_len: int, payload: bytes, now: float) -> list[Action]:
-        """The amplification rule: an answer to a UDP source is never larger than its request."""
-        if len(payload) > request_len:
-            return self.drop("reply_larger_than_request", src, now, f"{len(payload)} > {request_len} bytes")
-        return [SendUdp(src, payload, via)]
+    def _reply_udp(self, o: Origin, payload: bytes, now: float) -> list[Action]:
+        """The amplification rule: an answer to a UDP source is never larger than its request (a TCP
+        source has shown it receives at its address: no rule)."""
+        if o.conn:
+            return [SendTcp(o.conn, payload)]
+        if len(payload) > o.size:
+            return self.drop("reply_larger_than_request", o.src, now, f"{len(payload)} > {o.size} bytes")
+        return [SendUdp(o.src, payload, o.via)]
 
     @staticmethod
     def _mangle(a: SockAddr, now: float) -> bytes:
@@ -410,7 +435,14 @@ class RendezvousCore:
             del self._conn_pending[p.conn]
 
     def tcp_closed(self, conn: int) -> None:
-        """A's connection went away: nobody is left to answer."""
+        """A's connection went away: nobody is left to answer. A peer registered over it is offline
+        now (not after reg_timeout): no push could reach it."""
+        peer_id = self._conn_peers.pop(conn, None)
+        peer = self.peers.get(peer_id) if peer_id is not None else None
+        if peer is not None and peer.tcp_conn == conn:
+            peer.tcp_conn = 0
+            peer.addr = None
+            self.events["tcp_registration_closed"] += 1
         a = self._conn_pending.pop(conn, None)
         if a is not None:
             p = self.pending.get(a)
@@ -436,20 +468,22 @@ class RendezvousCore:
         except messages.MessageError as exc:
             return self.drop(exc.reason, src, now, "udp")
         self.messages[f"udp.{kind}"] += 1
+        o = Origin(src, via, len(data))
         if kind == "register_peer":
-            return self._register_peer(msg, src, via, len(data), now)
+            return self._register_peer(msg, o, now)
         if kind == "register_pk":
-            return self._register_pk(msg, data, src, via, now)
+            return self._register_pk(msg, data, o, now)
         if kind == "test_nat_request":
             reply = messages.build(test_nat_response=pb.TestNatResponse(port=src.port, observed_ip=str(src.ip)))
             if len(reply) > len(data):  # an unpadded (RustDesk) request still gets its port
                 reply = messages.build(test_nat_response=pb.TestNatResponse(port=src.port))
-            return self._reply_udp(src, via, len(data), reply, now)
+            return self._reply_udp(o, reply, now)
         if kind == "punch_hole_sent":
             return self._hole_sent_udp(msg, src, now)
         return self.drop("wrong_kind", src, now, f"udp {kind}")
 
-    def _register_peer(self, rp: Any, src: SockAddr, via: int, req_len: int, now: float) -> list[Action]:
+    def _register_peer(self, rp: Any, o: Origin, now: float) -> list[Action]:
+        src = o.src
         if not valid_id(rp.id):
             return self.drop("invalid_id", src, now, "register_peer")
         peer = self.peers.get(rp.id)  # memory only, as upstream: unknown -> ask for RegisterPk
@@ -458,29 +492,37 @@ class RendezvousCore:
         else:
             self.peers.move_to_end(rp.id)
             if peer.signed:
-                # An unsigned heartbeat keeps a signed binding alive only from the very address its
-                # key registered: anything else (a new port, a new network, a stranger) must sign.
-                request_pk = peer.addr != src
+                # An unsigned heartbeat keeps a signed binding alive only from the very address (and
+                # TCP connection) its key registered: anything else (a new port, a new network, a
+                # stranger) must sign.
+                request_pk = peer.addr != src or peer.tcp_conn != o.conn
             elif peer.addr is not None:
                 request_pk = peer.addr.ip != src.ip
             else:
                 request_pk = bool(peer.last_ip) and peer.last_ip != src.host
             if not request_pk:
-                peer.addr = src
-                peer.via = via
-                peer.last_reg = now
+                self._route(peer, o, now)
                 peer.nat_type = rp.nat_type
         reply = messages.build(register_peer_response=pb.RegisterPeerResponse(request_pk=request_pk))
-        return self._reply_udp(src, via, req_len, reply, now)
+        return self._reply_udp(o, reply, now)
 
-    def _pk_result(self, src: SockAddr, via: int, req_len: int, result: int, now: float) -> list[Action]:
+    def _route(self, peer: Peer, o: Origin, now: float) -> None:
+        """Pushes to `peer` go back the way this registration came (its address, or its TCP connection)."""
+        if peer.tcp_conn and peer.tcp_conn != o.conn and self._conn_peers.get(peer.tcp_conn) == peer.id:
+            del self._conn_peers[peer.tcp_conn]
+        peer.addr = o.src
+        peer.via = o.via
+        peer.tcp_conn = o.conn
+        peer.last_reg = now
+        if o.conn:
+            self._conn_peers[o.conn] = peer.id
+
+    def _pk_result(self, o: Origin, result: int, now: float) -> list[Action]:
         """An unsigned answer (to RustDesk's unsigned registrations)."""
         reply = messages.build(register_pk_response=pb.RegisterPkResponse(result=result))  # type: ignore[arg-type]
-        return self._reply_udp(src, via, req_len, reply, now)
+        return self._reply_udp(o, reply, now)
 
-    def _signed_result(
-        self, rk: Any, src: SockAddr, via: int, req_len: int, result: int, now: float, challenge: bytes = b""
-    ) -> list[Action]:
+    def _signed_result(self, rk: Any, o: Origin, result: int, now: float, challenge: bytes = b"") -> list[Action]:
         """An answer to a signed-registration attempt, signed for the agent's nonce: the agent learns
         (and checks) our key from it, and a stale or forged answer cannot pass for this one."""
         resp = pb.RegisterPkResponse(result=result, challenge=challenge)  # type: ignore[arg-type]
@@ -488,15 +530,16 @@ class RendezvousCore:
             resp.server_key = self.public_key
         body = messages.build(register_pk_response=resp)
         reply = signing.seal(self.key, signing.SERVER, bytes(rk.nonce), body)
-        return self._reply_udp(src, via, req_len, reply, now)
+        return self._reply_udp(o, reply, now)
 
-    def _challenge(self, peer_id: str, src: SockAddr, epoch: int) -> bytes:
-        msg = b"challenge\0" + peer_id.encode() + b"\0" + str(src).encode() + epoch.to_bytes(8, "big", signed=True)
+    def _challenge(self, peer_id: str, o: Origin, epoch: int) -> bytes:
+        where = f"{o.transport}:{o.src}".encode()
+        msg = b"challenge\0" + peer_id.encode() + b"\0" + where + epoch.to_bytes(8, "big", signed=True)
         return hmac.new(self.secret, msg, hashlib.sha256).digest()[:CHALLENGE_BYTES]
 
-    def _challenge_ok(self, challenge: bytes, peer_id: str, src: SockAddr, now: float) -> bool:
+    def _challenge_ok(self, challenge: bytes, peer_id: str, o: Origin, now: float) -> bool:
         epoch = int(now // CHALLENGE_EPOCH)
-        return any(hmac.compare_digest(challenge, self._challenge(peer_id, src, e)) for e in (epoch, epoch - 1))
+        return any(hmac.compare_digest(challenge, self._challenge(peer_id, o, e)) for e in (epoch, epoch - 1))
 
     def ip_allows(self, ip: str, peer_id: str, now: float) -> bool:
         """Upstream's check_ip_blocker: registrations per IP without a pause, distinct IDs per day."""
@@ -536,9 +579,9 @@ class RendezvousCore:
             return False
         return True
 
-    def _register_pk(self, rk: Any, data: bytes, src: SockAddr, via: int, now: float) -> list[Action]:
+    def _register_pk(self, rk: Any, data: bytes, o: Origin, now: float) -> list[Action]:
         R = pb.RegisterPkResponse
-        req_len = len(data)
+        src = o.src
         if not rk.uuid or not rk.pk:
             return self.drop("missing_uuid_or_pk", src, now)
         if len(rk.uuid) > MAX_UUID or len(rk.pk) > MAX_PK:
@@ -546,27 +589,27 @@ class RendezvousCore:
         if not rk.nonce:  # RustDesk's registration: the uuid is the only proof
             if not self.allow_unsigned:
                 self.events["register_pk_unsigned_refused"] += 1
-                return self._pk_result(src, via, req_len, R.NOT_SUPPORT, now)
-            return self._register_unsigned(rk, src, via, req_len, now)
+                return self._pk_result(o, R.NOT_SUPPORT, now)
+            return self._register_unsigned(rk, o, now)
         if len(rk.nonce) != NONCE_BYTES or len(rk.pk) != signing.KEY_BYTES:
             return self.drop("bad_registration_fields", src, now)
         if not valid_id(rk.id):
-            return self._signed_result(rk, src, via, req_len, R.INVALID_ID_FORMAT, now)
-        if not rk.challenge or not self._challenge_ok(bytes(rk.challenge), rk.id, src, now):
+            return self._signed_result(rk, o, R.INVALID_ID_FORMAT, now)
+        if not rk.challenge or not self._challenge_ok(bytes(rk.challenge), rk.id, o, now):
             self.events["register_pk_challenged"] += 1
-            challenge = self._challenge(rk.id, src, int(now // CHALLENGE_EPOCH))
-            return self._signed_result(rk, src, via, req_len, R.CHALLENGE, now, challenge)
+            challenge = self._challenge(rk.id, o, int(now // CHALLENGE_EPOCH))
+            return self._signed_result(rk, o, R.CHALLENGE, now, challenge)
         body, sig = signing.split(data)
         if not signing.verify(bytes(rk.pk), signing.REGISTER, b"", body, sig):
             self.events["register_pk_bad_signature"] += 1
-            return self._signed_result(rk, src, via, req_len, R.BAD_SIGNATURE, now)
+            return self._signed_result(rk, o, R.BAD_SIGNATURE, now)
         if derive_id(bytes(rk.pk), rk.id_salt) != rk.id:
             self.events["register_pk_id_not_derived"] += 1
-            return self._signed_result(rk, src, via, req_len, R.ID_NOT_DERIVED, now)
+            return self._signed_result(rk, o, R.ID_NOT_DERIVED, now)
         ip = src.host
         if not self.ip_allows(ip, rk.id, now):
             self.events["register_pk_ip_blocked"] += 1
-            return self._signed_result(rk, src, via, req_len, R.TOO_FREQUENT, now)
+            return self._signed_result(rk, o, R.TOO_FREQUENT, now)
         peer = self.lookup(rk.id)
         if peer is None:
             peer = Peer(rk.id, bytes(rk.uuid), bytes(rk.pk), ip, signed=True)
@@ -575,36 +618,35 @@ class RendezvousCore:
         elif peer.signed:
             if peer.pk != rk.pk:
                 self.events["register_pk_key_mismatch"] += 1
-                return self._signed_result(rk, src, via, req_len, R.KEY_MISMATCH, now)
+                return self._signed_result(rk, o, R.KEY_MISMATCH, now)
             if not self._id_pk_allows(peer, now):
-                return self._signed_result(rk, src, via, req_len, R.TOO_FREQUENT, now)
+                return self._signed_result(rk, o, R.TOO_FREQUENT, now)
             changed = peer.uuid != rk.uuid or peer.last_ip != ip
         else:
             # Bound by an unsigned registration: only its uuid may take it over (and sign it from now on).
             if peer.uuid != rk.uuid:
                 self.events["register_pk_uuid_mismatch"] += 1
-                return self._signed_result(rk, src, via, req_len, R.UUID_MISMATCH, now)
+                return self._signed_result(rk, o, R.UUID_MISMATCH, now)
             changed = True
         peer.uuid, peer.pk, peer.last_ip, peer.signed = bytes(rk.uuid), bytes(rk.pk), ip, True
         peer.pk_count += 1
         peer.pk_time = now
-        peer.addr = src
-        peer.via = via
-        peer.last_reg = now
+        self._route(peer, o, now)
         actions: list[Action] = []
         if changed:
             actions.append(Persist(PeerRow(peer.id, peer.uuid, peer.pk, ip, signed=True)))
-        return actions + self._signed_result(rk, src, via, req_len, R.OK, now)
+        return actions + self._signed_result(rk, o, R.OK, now)
 
-    def _register_unsigned(self, rk: Any, src: SockAddr, via: int, req_len: int, now: float) -> list[Action]:
+    def _register_unsigned(self, rk: Any, o: Origin, now: float) -> list[Action]:
         """RustDesk's RegisterPk, behind `allow_unsigned`: upstream's uuid rule, and never a signed binding."""
         R = pb.RegisterPkResponse
+        src = o.src
         if not valid_id(rk.id):
-            return self._pk_result(src, via, req_len, R.INVALID_ID_FORMAT, now)
+            return self._pk_result(o, R.INVALID_ID_FORMAT, now)
         ip = src.host
         if not self.ip_allows(ip, rk.id, now):
             self.events["register_pk_ip_blocked"] += 1
-            return self._pk_result(src, via, req_len, R.TOO_FREQUENT, now)
+            return self._pk_result(o, R.TOO_FREQUENT, now)
         peer = self.lookup(rk.id)
         actions: list[Action] = []
         if peer is None:
@@ -616,21 +658,19 @@ class RendezvousCore:
             # new IP or change its key, but not both at once (upstream's rule). A signed binding
             # belongs to its key: no unsigned registration touches it.
             self.events["register_pk_uuid_mismatch"] += 1
-            return self._pk_result(src, via, req_len, R.UUID_MISMATCH, now)
+            return self._pk_result(o, R.UUID_MISMATCH, now)
         else:
             if not self._id_pk_allows(peer, now):
-                return self._pk_result(src, via, req_len, R.TOO_FREQUENT, now)
+                return self._pk_result(o, R.TOO_FREQUENT, now)
             changed = peer.pk != rk.pk or peer.last_ip != ip
             peer.pk = bytes(rk.pk)
             peer.last_ip = ip
         peer.pk_count += 1
         peer.pk_time = now
-        peer.addr = src
-        peer.via = via
-        peer.last_reg = now
+        self._route(peer, o, now)
         if changed:
             actions.append(Persist(PeerRow(peer.id, peer.uuid, peer.pk, ip)))
-        return actions + self._pk_result(src, via, req_len, R.OK, now)
+        return actions + self._pk_result(o, R.OK, now)
 
     def _hole_sent_udp(self, phs: Any, src: SockAddr, now: float) -> list[Action]:
         """B's UDP punch socket announced itself: its source is B's UDP mapping, A gets it (is_udp)."""
@@ -680,9 +720,10 @@ class RendezvousCore:
             return [*self._local_addr(src, msg, now), CloseTcp(conn)]
         if kind == "relay_response":
             return [*self._relay_response(src, msg, now), CloseTcp(conn)]
-        if kind == "register_pk":
-            reply = pb.RegisterPkResponse(result=pb.RegisterPkResponse.NOT_SUPPORT)
-            return [SendTcp(conn, messages.build(register_pk_response=reply))]
+        if kind == "register_pk":  # registration over TCP: for agents whose UDP does not get through
+            return self._register_pk(msg, payload, Origin(src, conn=conn), now)
+        if kind == "register_peer":
+            return self._register_peer(msg, Origin(src, conn=conn), now)
         return self.drop("wrong_kind", src, now, f"tcp {kind}")
 
     def _online(self, ids: Sequence[str], now: float) -> bytes:
@@ -756,7 +797,10 @@ class RendezvousCore:
         push.answer_token = token
         body = messages.build(**{member: push})
         assert peer.addr is not None
-        return SendUdp(peer.addr, signing.seal(self.key, signing.PUSH, peer.id.encode(), body), peer.via)
+        sealed = signing.seal(self.key, signing.PUSH, peer.id.encode(), body)
+        if peer.tcp_conn:
+            return SendTcp(peer.tcp_conn, sealed)
+        return SendUdp(peer.addr, sealed, peer.via)
 
     def _ticket(self, uuid: str, relay: str, now: float) -> bytes:
         return signing.make_ticket(self.key, uuid, relay, int((now + self.wall_offset) * 1000))

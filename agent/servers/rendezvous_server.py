@@ -59,11 +59,12 @@ class RendezvousConfig:
     max_idle_tcp_per_ip: int = 128
     """Connections from one source IP (an IPv6 /64 counts as one) that have not sent a frame yet; at
     the cap that IP's oldest one with nothing unread is closed (0 = no cap). Loopback is not exempt."""
-    max_tcp_per_ip: int = 256
+    max_tcp_per_ip: int = 1024
     """All open connections from one source IP (/64), talking or not; past it that IP's newcomers are
-    refused (0 = no cap). Agents hold no long-lived TCP connection here (registration is UDP; punch
-    requests and NAT tests last a second), so this only binds a host that keeps connections alive
-    with heartbeats to hold slots: without it one address could fill `max_tcp_connections`."""
+    refused (0 = no cap). An agent holds one long-lived connection here only when its UDP does not
+    get through (it registers over TCP; punch requests and NAT tests last a second), so this binds a
+    network of many such agents behind one address, and a host that keeps connections alive with
+    heartbeats to hold slots: without it one address could fill `max_tcp_connections`."""
     limits: Limits = field(default_factory=Limits)
 
 

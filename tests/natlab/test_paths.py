@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ops.cli import render_status
 from tests.natlab.agents import LabAgents, last_session, winner
 from tests.natlab.conftest import LabFactory
 
@@ -67,3 +68,9 @@ def test_best_path_and_intact_data(agents: LabAgents) -> None:
           + ", ".join(f"{x['strategy']}:{x['outcome']}({x['reason'][:60]})" for x in session["attempts"]))
     assert won in expected, session
     assert {x["outcome"] for x in session["attempts"]} <= OUTCOMES, session["attempts"]
+    if scenario == "udp-blocked":  # nothing but TCP gets out of either network: both registered over it
+        for host in (a, b):
+            status = agents.ops(host, "status")
+            reg = status["registration"]
+            assert (reg["state"], reg["transport"]) == ("registered", "tcp"), reg
+            assert "over TCP (no answer over UDP in 3 s)" in render_status(status)

@@ -23,7 +23,7 @@ from agent.wire import addr as addrmod
 from agent.wire import messages, signing
 from agent.wire.addr import SockAddr
 from agent.wire.keys import open_signed_id_pk
-from tests.signed import Member, register_core
+from tests.signed import Member, register_core, register_via
 
 KEY = SigningKey(bytes(range(32)))
 B = Member.new(b"B", salt=0)
@@ -579,7 +579,79 @@ def test_online_bitmap_msb_first(role: str) -> None:
     assert parsed(h.tcp(7, A_TCP, role, online_request=pb.OnlineRequest(peers=asked))[0].payload)[1].states == b"\0\0"  # type: ignore[union-attr]
 
 
-def test_register_pk_over_tcp_not_supported() -> None:
+B_TCP = SockAddr.of("198.51.100.7", 50002)
+B_REG_CONN = 9
+
+
+def register_tcp(h: Harness, conn: int = B_REG_CONN, src: SockAddr = B_TCP, who: Member = B) -> int:
+    """Register over a TCP connection, as an agent whose UDP is blocked does."""
+
+    def send(data: bytes) -> bytes:
+        return only(h._apply(h.core.handle_tcp(conn, src, "main", data, h.now)), SendTcp).payload
+
+    return register_via(send, who)
+
+
+def tcp_heartbeat(h: Harness, conn: int = B_REG_CONN, src: SockAddr = B_TCP) -> bool:
+    reply = only(h.tcp(conn, src, register_peer=pb.RegisterPeer(id=B_ID)), SendTcp)
+    assert reply.conn == conn
+    return bool(parsed(reply.payload)[1].request_pk)
+
+
+def test_registration_over_tcp_binds_the_id_and_pushes_go_down_that_connection() -> None:
+    h = Harness()
+    assert register_tcp(h) == R.OK
+    assert h.registry.get(B_ID) is not None
+    assert tcp_heartbeat(h) is False
+    push = only(h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendTcp)
+    assert push.conn == B_REG_CONN
+    assert pushed(push)[0] == "punch_hole"
+
+
+def test_a_tcp_registration_ends_with_its_connection() -> None:
+    """Nobody could push to it any more: A hears 'offline' at once, not after reg_timeout."""
+    h = Harness()
+    assert register_tcp(h) == R.OK
+    h.core.tcp_closed(B_REG_CONN)
+    acts = h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID))
+    assert parsed(only(acts, SendTcp).payload)[1].failure == pb.PunchHoleResponse.OFFLINE
+    assert h.core.events["tcp_registration_closed"] == 1
+
+
+def test_a_heartbeat_keeps_a_tcp_registration_only_on_its_own_connection() -> None:
+    """A stranger's connection (even from B's address) or B's UDP socket must sign to take pushes."""
+    h = Harness()
+    assert register_tcp(h) == R.OK
+    assert tcp_heartbeat(h, conn=B_REG_CONN + 1) is True
+    assert h.heartbeat(src=B_TCP) is True  # a datagram from the same address and port
+    push = only(h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendTcp)
+    assert push.conn == B_REG_CONN
+
+
+def test_back_on_udp_the_tcp_route_is_forgotten() -> None:
+    """Its UDP gets through again: pushes go by datagram, and closing the old connection changes nothing."""
+    h = Harness()
+    assert register_tcp(h) == R.OK
+    assert h.register() == R.OK
+    h.core.tcp_closed(B_REG_CONN)
+    push = only(h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID)), SendUdp)
+    assert push.addr == B_UDP
+    assert h.core.events["tcp_registration_closed"] == 0
+    assert h.core._conn_peers == {}
+
+
+def test_a_challenge_for_udp_does_not_register_over_tcp() -> None:
+    """The challenge is bound to the transport too: the same address and port on UDP and TCP are two places."""
+    h = Harness()
+    nonce = os.urandom(16)
+    first = only(h.udp(B_TCP, raw=B.register_pk(nonce)), SendUdp)
+    challenge = bytes(parsed(first.payload)[1].challenge)
+    second = only(h.tcp(B_REG_CONN, B_TCP, raw=B.register_pk(nonce, challenge)), SendTcp)
+    assert parsed(second.payload)[1].result == R.CHALLENGE
+    assert h.registry.count() == 0
+
+
+def test_unsigned_registration_over_tcp_is_refused_by_default() -> None:
     h = Harness()
     acts = h.tcp(7, A_TCP, register_pk=pb.RegisterPk(id=B_ID, uuid=B_UUID, pk=PK_B))
     assert parsed(only(acts, SendTcp).payload)[1].result == R.NOT_SUPPORT
@@ -599,7 +671,7 @@ def test_nat_port_serves_only_nat_and_online() -> None:
         (b"\xff\xfe", "malformed"),
         (b"", "empty"),
         (messages.build(punch_hole_response=pb.PunchHoleResponse()), "wrong_kind"),
-        (messages.build(register_peer=pb.RegisterPeer(id=B_ID)), "wrong_kind"),
+        (messages.build(register_peer_response=pb.RegisterPeerResponse()), "wrong_kind"),
         (messages.build(configure_update=pb.ConfigUpdate(serial=5)), "wrong_kind"),
     ],
 )
