@@ -133,7 +133,7 @@ async def test_a_silent_server_times_out_with_what_to_check(
 async def test_udp_blocked_but_tcp_answering_is_a_warning_not_a_failure(
     tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes], socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A network that drops UDP (natlab `udp-blocked`): the agent cannot register, but can open sessions."""
+    """A network that drops UDP (natlab `udp-blocked`): a note, not a failure (the agent registers over TCP)."""
     monkeypatch.setattr(preflight, "WAIT", 1.0)
     port, _, listener = silent_or_unsigned
     listener.listen()
