@@ -218,6 +218,33 @@ MAPPING_WORDS = {
     "ASYMMETRIC": "endpoint-independent: one public port for every destination (hole punching can work)",
     "SYMMETRIC": "endpoint-dependent (symmetric NAT): a new public port per destination; expect the relay",
 }
+UDP_MAPPING_WORDS = {
+    "ENDPOINT_INDEPENDENT": "endpoint-independent (one public port per socket: a cone)",
+    "ENDPOINT_DEPENDENT": "endpoint-dependent (a new public port per destination: symmetric)",
+}
+ALLOCATION_WORDS = {
+    "PRESERVING": "the local port is kept",
+    "SEQUENTIAL": "new ports in sequence, step {step} (the next ones can be predicted)",
+    "RANDOM": "new ports at random",
+}
+FILTERING_WORDS = {
+    "OPEN": "open: a reply from a port we never sent to gets in (full or address-restricted cone)",
+    "PORT_DEPENDENT": "port-dependent: only from the exact address and port we sent to (port-restricted)",
+}
+
+
+def _behavior_lines(nat: dict[str, Any]) -> list[str]:
+    """UDP mapping, port allocation and filtering, as agent/nat/behavior.py measured them."""
+    b = nat.get("behavior") or {}
+    if b.get("udp_blocked"):
+        return ["udp mapping   -  (UDP does not get through)", "filtering     -"]
+    mapping = UDP_MAPPING_WORDS.get(str(b.get("mapping")), "not measured (no UDP answer from the NAT-test port)")
+    allocation = ALLOCATION_WORDS.get(str(b.get("allocation")), "")
+    if allocation:
+        mapping += "; " + allocation.format(step=b.get("step"))
+    unmeasured = "not measured (the server did not answer from its other port)"
+    filtering = FILTERING_WORDS.get(str(b.get("filtering")), unmeasured)
+    return [f"udp mapping   {mapping}", f"filtering     {filtering}"]
 
 
 def _global_unicast(text: str) -> bool:
@@ -272,7 +299,7 @@ def render_netcheck(st: dict[str, Any]) -> str:
     lines = [
         f"UDP           {udp}",
         f"mapping       {mapping}",
-        "filtering     not measured (needs a second server address to send from)",
+        *_behavior_lines(nat),
         f"public IP     {where}",
         f"IPv6          {', '.join(v6) if v6 else 'no global address on this host'}"
         + (f" (only {', '.join(v6_local)}, which peers elsewhere cannot reach)" if v6_local and not v6 else ""),

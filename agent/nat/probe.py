@@ -5,7 +5,9 @@ then, from the same local address, to the NAT-test port; the server reports the
 source port it saw each time. UDP mapping probe (RustDesk `test_udp_uat`): a
 padded TestNatRequest over UDP from a fresh socket; the server answers with the
 mapped UDP port (our server never answers a UDP source with more bytes than it
-sent, hence the padding). Every network step has its own timeout and every
+sent, hence the padding). UDP behaviour probe (ours; agent/nat/behavior.py says what
+it decides): two sockets ask both server ports in turn (mapping, allocation), a
+third asks for an answer from the other port (filtering). Every network step has its own timeout and every
 failure ends up as a one-line error in the Verdict, never as an exception.
 """
 
@@ -19,6 +21,7 @@ import time
 from typing import Any
 
 from agent.common.netutil import describe_error
+from agent.nat.behavior import MappingSample, NatBehavior, classify
 from agent.nat.probe_core import (
     NatType,
     TcpObservation,
@@ -170,6 +173,94 @@ async def udp_mapping_probe(
         sock.close()
 
 
+BEHAVIOR_ASK_GIVE_UP = 1.0
+"""Seconds one question of the behaviour probe is resent before it counts as unanswered."""
+FILTER_WAIT = 0.6
+"""Seconds the filtering test waits for the answer from the other port (it never comes through a
+port-restricted NAT, so this is what a measurement costs there; several round trips on a WAN)."""
+
+
+async def _ask_udp(
+    sock: socket.socket, dest: tuple[str, int], request: bytes, accept: set[tuple[str, int]], give_up: float
+) -> tuple[int, tuple[str, int]] | None:
+    """Resend `request` on the probe's schedule until a TestNatResponse from one of `accept` arrives:
+    (the port the server saw, where the answer came from), or None."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def send_all() -> None:
+        for offset in udp_probe_offsets(give_up):
+            delay = start + offset - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            with contextlib.suppress(OSError):
+                sock.sendto(request, dest)
+
+    sender = loop.create_task(send_all())
+    try:
+        async with asyncio.timeout(give_up):
+            while True:
+                try:
+                    data, src = await loop.sock_recvfrom(sock, MAX_REPLY)
+                except OSError:  # an ICMP error for an earlier send
+                    continue
+                source = (str(src[0]).removeprefix("::ffff:"), int(src[1]))
+                if source not in accept:
+                    continue
+                try:
+                    kind, sub = messages.parse(data)
+                except MessageError:
+                    continue
+                if kind == "test_nat_response" and 0 < sub.port <= 0xFFFF:
+                    return int(sub.port), source
+    except TimeoutError:
+        return None
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+
+
+async def udp_behavior_probe(
+    family: int, ip: str, port: int, nat_port: int, give_up: float = BEHAVIOR_ASK_GIVE_UP
+) -> NatBehavior:
+    """Mapping and allocation from two sockets asking both server ports in turn (in order: the order
+    is what shows a sequential allocator), then filtering from a third socket asking for an answer
+    from the other port. Never raises OSError: what it could not learn stays unknown."""
+    main, other = (ip, port), (ip, nat_port)
+    request = messages.build(test_nat_request=pb.TestNatRequest(padding=bytes(UDP_PADDING)))
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.setblocking(False)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+        samples: list[MappingSample] = []
+        for index, sock in enumerate(socks[:2]):
+            local_port = int(sock.getsockname()[1])
+            for port_index, dest in enumerate((main, other)):
+                got = await _ask_udp(sock, dest, request, {dest}, give_up)
+                if got is None:
+                    if index == 0 and port_index == 0:
+                        return NatBehavior(udp_blocked=True)
+                    continue
+                samples.append(MappingSample(index, port_index, local_port, got[0]))
+        flip = messages.build(
+            test_nat_request=pb.TestNatRequest(padding=bytes(UDP_PADDING), answer_from_other_port=True)
+        )
+        answer = await _ask_udp(socks[2], main, flip, {main, other}, FILTER_WAIT)
+        # from the main port: a server that does not know the request (an hbbs) answered as usual
+        filtering_open = None if answer is not None and answer[1] == main else answer is not None
+        return classify(samples, filtering_open)
+    except OSError as exc:
+        log.info("UDP behaviour probe: %s", describe_error(exc))
+        return NatBehavior()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 async def measure_nat(
     server: tuple[str, int],
     nat_test_port: int | None = None,
@@ -187,11 +278,12 @@ async def measure_nat(
         return _failed(f"cannot resolve {host}: {describe_error(exc)}")
     family, _t, _p, _n, sockaddr = infos[0]
     ip = str(sockaddr[0])
-    tcp, udp = await asyncio.gather(
+    tcp, udp, behavior = await asyncio.gather(
         tcp_two_port_test(family, ip, port, nat_port, timeout),
         udp_mapping_probe(family, ip, port, udp_give_up),
+        udp_behavior_probe(family, ip, port, nat_port),
     )
-    return make_verdict(tcp[0], tcp[1], udp, time.time())
+    return make_verdict(tcp[0], tcp[1], udp, time.time(), behavior)
 
 
 def _failed(error: str) -> Verdict:

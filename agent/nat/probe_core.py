@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from agent.nat.behavior import UNMEASURED, NatBehavior
 from agent.proto import rendezvous_pb2 as pb
 
 
@@ -102,6 +103,8 @@ class Verdict:
     """The address the server saw our TCP connections come from."""
     udp_public_ip: str = ""
     server_rtt_ms: float | None = None
+    behavior: NatBehavior = UNMEASURED
+    """What the NAT does with UDP: mapping, allocation, filtering (agent/nat/behavior.py)."""
 
     @property
     def nat_name(self) -> str:
@@ -126,11 +129,19 @@ class Verdict:
             "public_ip": self.public_ip,
             "udp_public_ip": self.udp_public_ip,
             "server_rtt_ms": self.server_rtt_ms,
+            "behavior": self.behavior.as_dict(),
+            "behavior_text": self.behavior.describe(),
         }
 
 
-def make_verdict(first: TcpObservation, second: TcpObservation, udp: UdpObservation, measured_at: float) -> Verdict:
-    """Combine the two TCP exchanges and the UDP probe into one Verdict."""
+def make_verdict(
+    first: TcpObservation,
+    second: TcpObservation,
+    udp: UdpObservation,
+    measured_at: float,
+    behavior: NatBehavior = UNMEASURED,
+) -> Verdict:
+    """Combine the two TCP exchanges and the UDP probes into one Verdict."""
     nat_type, error = classify(first, second)
     if udp.usable:
         udp_mapped, udp_error = udp.mapped_port, ""
@@ -150,6 +161,7 @@ def make_verdict(first: TcpObservation, second: TcpObservation, udp: UdpObservat
         public_ip=_ip_text(first.observed_ip),
         udp_public_ip=_ip_text(udp.observed_ip) if udp.usable else "",
         server_rtt_ms=first.connect_ms,
+        behavior=behavior,
     )
 
 

@@ -31,15 +31,57 @@ UNKNOWN_NAT: NatType
 ASYMMETRIC: NatType
 SYMMETRIC: NatType
 
+class NatBehavior(_message.Message):
+    __slots__ = ("mapping", "allocation", "step", "filtering", "udp_blocked")
+    class Mapping(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        MAPPING_UNKNOWN: _ClassVar[NatBehavior.Mapping]
+        ENDPOINT_INDEPENDENT: _ClassVar[NatBehavior.Mapping]
+        ENDPOINT_DEPENDENT: _ClassVar[NatBehavior.Mapping]
+    MAPPING_UNKNOWN: NatBehavior.Mapping
+    ENDPOINT_INDEPENDENT: NatBehavior.Mapping
+    ENDPOINT_DEPENDENT: NatBehavior.Mapping
+    class Allocation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ALLOCATION_UNKNOWN: _ClassVar[NatBehavior.Allocation]
+        PRESERVING: _ClassVar[NatBehavior.Allocation]
+        SEQUENTIAL: _ClassVar[NatBehavior.Allocation]
+        RANDOM: _ClassVar[NatBehavior.Allocation]
+    ALLOCATION_UNKNOWN: NatBehavior.Allocation
+    PRESERVING: NatBehavior.Allocation
+    SEQUENTIAL: NatBehavior.Allocation
+    RANDOM: NatBehavior.Allocation
+    class Filtering(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        FILTERING_UNKNOWN: _ClassVar[NatBehavior.Filtering]
+        OPEN: _ClassVar[NatBehavior.Filtering]
+        PORT_DEPENDENT: _ClassVar[NatBehavior.Filtering]
+    FILTERING_UNKNOWN: NatBehavior.Filtering
+    OPEN: NatBehavior.Filtering
+    PORT_DEPENDENT: NatBehavior.Filtering
+    MAPPING_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    FILTERING_FIELD_NUMBER: _ClassVar[int]
+    UDP_BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    mapping: NatBehavior.Mapping
+    allocation: NatBehavior.Allocation
+    step: int
+    filtering: NatBehavior.Filtering
+    udp_blocked: bool
+    def __init__(self, mapping: _Optional[_Union[NatBehavior.Mapping, str]] = ..., allocation: _Optional[_Union[NatBehavior.Allocation, str]] = ..., step: _Optional[int] = ..., filtering: _Optional[_Union[NatBehavior.Filtering, str]] = ..., udp_blocked: _Optional[bool] = ...) -> None: ...
+
 class RegisterPeer(_message.Message):
-    __slots__ = ("id", "serial", "nat_type")
+    __slots__ = ("id", "serial", "nat_type", "nat_behavior")
     ID_FIELD_NUMBER: _ClassVar[int]
     SERIAL_FIELD_NUMBER: _ClassVar[int]
     NAT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NAT_BEHAVIOR_FIELD_NUMBER: _ClassVar[int]
     id: str
     serial: int
     nat_type: NatType
-    def __init__(self, id: _Optional[str] = ..., serial: _Optional[int] = ..., nat_type: _Optional[_Union[NatType, str]] = ...) -> None: ...
+    nat_behavior: NatBehavior
+    def __init__(self, id: _Optional[str] = ..., serial: _Optional[int] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., nat_behavior: _Optional[_Union[NatBehavior, _Mapping]] = ...) -> None: ...
 
 class RegisterPeerResponse(_message.Message):
     __slots__ = ("request_pk",)
@@ -88,7 +130,7 @@ class ControlledContext(_message.Message):
     def __init__(self, conn_audit_ref: _Optional[str] = ...) -> None: ...
 
 class PunchHoleRequest(_message.Message):
-    __slots__ = ("id", "nat_type", "licence_key", "conn_type", "token", "version", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "switch_code", "requester_id", "request_time_ms", "request_nonce", "requester_pk", "requester_salt")
+    __slots__ = ("id", "nat_type", "licence_key", "conn_type", "token", "version", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "switch_code", "requester_id", "request_time_ms", "request_nonce", "requester_pk", "requester_salt", "nat_behavior")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAT_TYPE_FIELD_NUMBER: _ClassVar[int]
     LICENCE_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +147,7 @@ class PunchHoleRequest(_message.Message):
     REQUEST_NONCE_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_PK_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_SALT_FIELD_NUMBER: _ClassVar[int]
+    NAT_BEHAVIOR_FIELD_NUMBER: _ClassVar[int]
     id: str
     nat_type: NatType
     licence_key: str
@@ -121,10 +164,11 @@ class PunchHoleRequest(_message.Message):
     request_nonce: bytes
     requester_pk: bytes
     requester_salt: int
-    def __init__(self, id: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., licence_key: _Optional[str] = ..., conn_type: _Optional[_Union[ConnType, str]] = ..., token: _Optional[str] = ..., version: _Optional[str] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., switch_code: _Optional[str] = ..., requester_id: _Optional[str] = ..., request_time_ms: _Optional[int] = ..., request_nonce: _Optional[bytes] = ..., requester_pk: _Optional[bytes] = ..., requester_salt: _Optional[int] = ...) -> None: ...
+    nat_behavior: NatBehavior
+    def __init__(self, id: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., licence_key: _Optional[str] = ..., conn_type: _Optional[_Union[ConnType, str]] = ..., token: _Optional[str] = ..., version: _Optional[str] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., switch_code: _Optional[str] = ..., requester_id: _Optional[str] = ..., request_time_ms: _Optional[int] = ..., request_nonce: _Optional[bytes] = ..., requester_pk: _Optional[bytes] = ..., requester_salt: _Optional[int] = ..., nat_behavior: _Optional[_Union[NatBehavior, _Mapping]] = ...) -> None: ...
 
 class PunchHole(_message.Message):
-    __slots__ = ("socket_addr", "relay_server", "nat_type", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "control_permissions", "controlled_context", "requester_id", "requester_pk", "answer_token")
+    __slots__ = ("socket_addr", "relay_server", "nat_type", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "control_permissions", "controlled_context", "requester_id", "requester_pk", "answer_token", "nat_behavior")
     SOCKET_ADDR_FIELD_NUMBER: _ClassVar[int]
     RELAY_SERVER_FIELD_NUMBER: _ClassVar[int]
     NAT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +181,7 @@ class PunchHole(_message.Message):
     REQUESTER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_PK_FIELD_NUMBER: _ClassVar[int]
     ANSWER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NAT_BEHAVIOR_FIELD_NUMBER: _ClassVar[int]
     socket_addr: bytes
     relay_server: str
     nat_type: NatType
@@ -149,15 +194,18 @@ class PunchHole(_message.Message):
     requester_id: str
     requester_pk: bytes
     answer_token: bytes
-    def __init__(self, socket_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., control_permissions: _Optional[_Union[ControlPermissions, _Mapping]] = ..., controlled_context: _Optional[_Union[ControlledContext, _Mapping]] = ..., requester_id: _Optional[str] = ..., requester_pk: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ...) -> None: ...
+    nat_behavior: NatBehavior
+    def __init__(self, socket_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., control_permissions: _Optional[_Union[ControlPermissions, _Mapping]] = ..., controlled_context: _Optional[_Union[ControlledContext, _Mapping]] = ..., requester_id: _Optional[str] = ..., requester_pk: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ..., nat_behavior: _Optional[_Union[NatBehavior, _Mapping]] = ...) -> None: ...
 
 class TestNatRequest(_message.Message):
-    __slots__ = ("serial", "padding")
+    __slots__ = ("serial", "padding", "answer_from_other_port")
     SERIAL_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FROM_OTHER_PORT_FIELD_NUMBER: _ClassVar[int]
     serial: int
     padding: bytes
-    def __init__(self, serial: _Optional[int] = ..., padding: _Optional[bytes] = ...) -> None: ...
+    answer_from_other_port: bool
+    def __init__(self, serial: _Optional[int] = ..., padding: _Optional[bytes] = ..., answer_from_other_port: _Optional[bool] = ...) -> None: ...
 
 class TestNatResponse(_message.Message):
     __slots__ = ("port", "cu", "observed_ip")
@@ -170,7 +218,7 @@ class TestNatResponse(_message.Message):
     def __init__(self, port: _Optional[int] = ..., cu: _Optional[_Union[ConfigUpdate, _Mapping]] = ..., observed_ip: _Optional[str] = ...) -> None: ...
 
 class PunchHoleSent(_message.Message):
-    __slots__ = ("socket_addr", "id", "relay_server", "nat_type", "version", "upnp_port", "socket_addr_v6", "answer_token")
+    __slots__ = ("socket_addr", "id", "relay_server", "nat_type", "version", "upnp_port", "socket_addr_v6", "answer_token", "nat_behavior")
     SOCKET_ADDR_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     RELAY_SERVER_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +227,7 @@ class PunchHoleSent(_message.Message):
     UPNP_PORT_FIELD_NUMBER: _ClassVar[int]
     SOCKET_ADDR_V6_FIELD_NUMBER: _ClassVar[int]
     ANSWER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NAT_BEHAVIOR_FIELD_NUMBER: _ClassVar[int]
     socket_addr: bytes
     id: str
     relay_server: str
@@ -187,7 +236,8 @@ class PunchHoleSent(_message.Message):
     upnp_port: int
     socket_addr_v6: bytes
     answer_token: bytes
-    def __init__(self, socket_addr: _Optional[bytes] = ..., id: _Optional[str] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., version: _Optional[str] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ...) -> None: ...
+    nat_behavior: NatBehavior
+    def __init__(self, socket_addr: _Optional[bytes] = ..., id: _Optional[str] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., version: _Optional[str] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ..., nat_behavior: _Optional[_Union[NatBehavior, _Mapping]] = ...) -> None: ...
 
 class RegisterPk(_message.Message):
     __slots__ = ("id", "uuid", "pk", "old_id", "no_register_device", "id_salt", "nonce", "challenge", "padding")
@@ -250,7 +300,7 @@ class RegisterPkResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[RegisterPkResponse.Result, str]] = ..., keep_alive: _Optional[int] = ..., challenge: _Optional[bytes] = ..., server_key: _Optional[bytes] = ...) -> None: ...
 
 class PunchHoleResponse(_message.Message):
-    __slots__ = ("socket_addr", "pk", "failure", "relay_server", "nat_type", "is_local", "other_failure", "feedback", "is_udp", "upnp_port", "socket_addr_v6")
+    __slots__ = ("socket_addr", "pk", "failure", "relay_server", "nat_type", "is_local", "other_failure", "feedback", "is_udp", "upnp_port", "socket_addr_v6", "nat_behavior")
     class Failure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ID_NOT_EXIST: _ClassVar[PunchHoleResponse.Failure]
@@ -272,6 +322,7 @@ class PunchHoleResponse(_message.Message):
     IS_UDP_FIELD_NUMBER: _ClassVar[int]
     UPNP_PORT_FIELD_NUMBER: _ClassVar[int]
     SOCKET_ADDR_V6_FIELD_NUMBER: _ClassVar[int]
+    NAT_BEHAVIOR_FIELD_NUMBER: _ClassVar[int]
     socket_addr: bytes
     pk: bytes
     failure: PunchHoleResponse.Failure
@@ -283,7 +334,8 @@ class PunchHoleResponse(_message.Message):
     is_udp: bool
     upnp_port: int
     socket_addr_v6: bytes
-    def __init__(self, socket_addr: _Optional[bytes] = ..., pk: _Optional[bytes] = ..., failure: _Optional[_Union[PunchHoleResponse.Failure, str]] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., is_local: _Optional[bool] = ..., other_failure: _Optional[str] = ..., feedback: _Optional[int] = ..., is_udp: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ...) -> None: ...
+    nat_behavior: NatBehavior
+    def __init__(self, socket_addr: _Optional[bytes] = ..., pk: _Optional[bytes] = ..., failure: _Optional[_Union[PunchHoleResponse.Failure, str]] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., is_local: _Optional[bool] = ..., other_failure: _Optional[str] = ..., feedback: _Optional[int] = ..., is_udp: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., nat_behavior: _Optional[_Union[NatBehavior, _Mapping]] = ...) -> None: ...
 
 class ConfigUpdate(_message.Message):
     __slots__ = ("serial", "rendezvous_servers")

@@ -121,6 +121,8 @@ class SendUdp:
     payload: bytes
     via: int
     """Index of the local UDP endpoint to send from (the one the peer registered through)."""
+    other_port: bool = False
+    """Send from the same address's other UDP port (main <-> NAT test): the NAT probe's filtering test."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,14 +463,17 @@ class RendezvousCore:
 
     # ------------------------------------------------------------------ UDP
 
-    def handle_udp(self, data: bytes, src: SockAddr, via: int, now: float) -> list[Action]:
+    def handle_udp(self, data: bytes, src: SockAddr, via: int, now: float, role: Role = "main") -> list[Action]:
+        """`role`: the main port, or the NAT-test port (port-1), which only answers TestNatRequest."""
         src = to_v4_if_mapped(src)
         try:
             kind, msg = messages.parse(data)
         except messages.MessageError as exc:
             return self.drop(exc.reason, src, now, "udp")
-        self.messages[f"udp.{kind}"] += 1
+        self.messages[f"udp.{kind}" if role == "main" else f"udp.nat.{kind}"] += 1
         o = Origin(src, via, len(data))
+        if role != "main" and kind != "test_nat_request":
+            return self.drop("wrong_kind", src, now, f"udp nat-port {kind}")
         if kind == "register_peer":
             return self._register_peer(msg, o, now)
         if kind == "register_pk":
@@ -477,6 +482,10 @@ class RendezvousCore:
             reply = messages.build(test_nat_response=pb.TestNatResponse(port=src.port, observed_ip=str(src.ip)))
             if len(reply) > len(data):  # an unpadded (RustDesk) request still gets its port
                 reply = messages.build(test_nat_response=pb.TestNatResponse(port=src.port))
+            if msg.answer_from_other_port:  # the filtering test: to the same source, never elsewhere
+                if len(reply) > len(data):
+                    return self.drop("reply_larger_than_request", src, now, "test_nat_request")
+                return [SendUdp(src, reply, via, other_port=True)]
             return self._reply_udp(o, reply, now)
         if kind == "punch_hole_sent":
             return self._hole_sent_udp(msg, src, now)

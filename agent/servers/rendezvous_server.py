@@ -1,8 +1,9 @@
 """`punchthrough rendezvous`: the asyncio shell around RendezvousCore (the hbbs role).
 
 This module owns the sockets, the clock and the database writer; every decision is
-in `rendezvous_core.py`. Per bind address it serves UDP and TCP on `port` and TCP on
-the NAT-test port (port-1). Durable writes (new ID bindings) go to a worker thread
+in `rendezvous_core.py`. Per bind address it serves UDP and TCP on `port` and on
+the NAT-test port (port-1: TCP as RustDesk's, UDP for the NAT probe's mapping and
+filtering tests). Durable writes (new ID bindings) go to a worker thread
 in batches, and the replies that depend on them are held back until they are
 committed, so "OK" always means "bound on disk" while the event loop never waits
 for an fsync.
@@ -137,9 +138,10 @@ class _Sockets:
     nat: list[socket.socket]
     port: int
     nat_port: int
+    nat_udp: list[socket.socket] = field(default_factory=list)
 
     def close(self) -> None:
-        for s in self.udp + self.tcp + self.nat:
+        for s in self.udp + self.tcp + self.nat + self.nat_udp:
             s.close()
 
 
@@ -167,6 +169,9 @@ def _open_sockets(binds: Sequence[str], port: int, nat_port: int | None) -> _Soc
                 s = _make_socket(host, opened.nat_port, socket.SOCK_STREAM, v6only)
                 opened.nat.append(s)
                 opened.nat_port = s.getsockname()[1]
+            for host in binds:
+                what = f"UDP {host}:{opened.nat_port} (NAT test)"
+                opened.nat_udp.append(_make_socket(host, opened.nat_port, socket.SOCK_DGRAM, v6only))
             return opened
         except OSError as exc:
             opened.close()
@@ -179,12 +184,12 @@ def _open_sockets(binds: Sequence[str], port: int, nat_port: int | None) -> _Soc
 # --------------------------------------------------------------------------- protocols
 
 
-def _on_udp(server: RendezvousServer, via: int) -> Callable[[bytes, Any], None]:
+def _on_udp(server: RendezvousServer, via: int, role: Role = "main") -> Callable[[bytes, Any], None]:
     def datagram_received(data: bytes, addr: Any) -> None:
         now = server.loop.time()
         try:
             src = SockAddr.of(addr[0], addr[1])
-            server.execute(server.core.handle_udp(data, src, via, now))
+            server.execute(server.core.handle_udp(data, src, via, now, role))
         except Exception:
             server.internal_error(str(addr[0]), now)
 
@@ -303,8 +308,10 @@ class RendezvousServer:
         binds = _usable_binds(cfg.binds)
         socks = _open_sockets(binds, cfg.port, cfg.nat_test_port)
         try:
-            for via, sock in enumerate(socks.udp):
-                udp = ReplyingUdp(sock, _on_udp(self, via), self._udp_send_error)
+            # UDP endpoints: the main port's first, then the NAT-test port's in the same order, so
+            # endpoint `via` and `via ± n` are one address's two ports (`_partner`)
+            for via, (sock, role) in enumerate([(s, "main") for s in socks.udp] + [(s, "nat") for s in socks.nat_udp]):
+                udp = ReplyingUdp(sock, _on_udp(self, via, role), self._udp_send_error)  # type: ignore[arg-type]
                 udp.start(self.loop)
                 self._udp.append(udp)
                 self._udp_v6.append(sock.family == socket.AF_INET6)
@@ -357,11 +364,16 @@ class RendezvousServer:
     def _send_udp(self, action: SendUdp) -> None:
         if not 0 <= action.via < len(self._udp):
             return
-        transport = self._udp[action.via]
+        received_on = self._udp[action.via]
         host = action.addr.host
         if self._udp_v6[action.via] and action.addr.ip.version == 4:
             host = f"::ffff:{host}"  # a dual-stack [::] socket reaches IPv4 peers through mapped addresses
-        transport.sendto(action.payload, (host, action.addr.port))
+        if action.other_port:  # same address, other port: the answer leaves from where the request came in
+            half = len(self._udp) // 2
+            partner = self._udp[action.via + half if action.via < half else action.via - half]
+            partner.sendto(action.payload, (host, action.addr.port), like=received_on)
+            return
+        received_on.sendto(action.payload, (host, action.addr.port))
 
     def _udp_send_error(self) -> None:
         self.core.events["udp_send_error"] += 1

@@ -127,8 +127,10 @@ class ReplyingUdp:
         if len(self._local) > REMEMBERED:
             del self._local[next(iter(self._local))]
 
-    def sendto(self, payload: bytes, addr: tuple[str, int]) -> None:
-        cmsg = self._local.get((addr[0], addr[1])) if self.answers_from_destination else None
+    def sendto(self, payload: bytes, addr: tuple[str, int], like: ReplyingUdp | None = None) -> None:
+        """`like`: answer from the address the request reached on that socket (this socket's port)."""
+        source = like if like is not None else self
+        cmsg = source._local.get((addr[0], addr[1])) if source.answers_from_destination else None
         try:
             if cmsg is None:
                 self.sock.sendto(payload, addr)

@@ -204,6 +204,8 @@ def test_netcheck_in_words(hour: Hour) -> None:
     fields = {line[:14].strip(): line[14:] for line in out.stdout.decode().splitlines()}
     assert out.returncode == 0 and fields["UDP"].startswith("works")
     assert fields["mapping"].startswith("endpoint-independent")
+    assert fields["udp mapping"].startswith("endpoint-independent (one public port per socket: a cone); the local")
+    assert fields["filtering"].startswith("open: a reply from a port we never sent to gets in")
     assert fields["public IP"].startswith("127.0.0.1 (the server is on this host")
     assert re.fullmatch(rf"{hour.server}  TCP handshake \d+\.\d ms", fields["server"]), fields["server"]
     assert re.fullmatch(rf"127\.0\.0\.1:{hour.port + 1}  TCP handshake \d+\.\d ms", fields["relay"]), fields

@@ -11,9 +11,14 @@ from typing import Any
 
 import pytest
 
-from agent.nat.probe import NatProbe, measure_nat, udp_mapping_probe
+from agent.nat.behavior import NatBehavior
+from agent.nat.probe import NatProbe, measure_nat, udp_behavior_probe, udp_mapping_probe
 from agent.nat.probe_core import NatType
+from agent.proto import rendezvous_pb2 as pb
 from agent.servers.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
+from agent.wire import messages
+
+NB = pb.NatBehavior
 
 
 def closed_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
@@ -45,6 +50,9 @@ async def test_loopback_is_asymmetric_and_udp_maps_to_itself(server: RendezvousS
     stats = server.stats()["messages"]
     assert stats["tcp.test_nat_request"] == 2
     assert stats["udp.test_nat_request"] >= 1
+    # no NAT: one port per socket, kept, and the other port's answer gets in
+    assert v.behavior == NatBehavior(NB.ENDPOINT_INDEPENDENT, NB.PRESERVING, 0, NB.OPEN)
+    assert stats["udp.nat.test_nat_request"] >= 2
 
 
 async def test_ipv6_loopback(tmp_path: Path) -> None:
@@ -55,6 +63,32 @@ async def test_ipv6_loopback(tmp_path: Path) -> None:
         await srv.close()
     assert (v.nat_type, v.error, v.udp_error) == (NatType.ASYMMETRIC, "", "")
     assert v.udp_mapped_port == v.udp_local_port
+    assert v.behavior == NatBehavior(NB.ENDPOINT_INDEPENDENT, NB.PRESERVING, 0, NB.OPEN)
+
+
+async def test_the_other_port_answers_from_the_address_the_request_reached(tmp_path: Path) -> None:
+    """The filtering test's answer leaves the server's wildcard socket from the address asked (here
+    127.0.0.2 on lo, not the 127.0.0.1 the kernel would pick), from the NAT-test port."""
+    cfg = RendezvousConfig(port=0, binds=["0.0.0.0"], db_path=tmp_path / "peers.db", key_file=tmp_path / "k")
+    srv = await start_rendezvous(cfg)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            flip = messages.build(test_nat_request=pb.TestNatRequest(padding=bytes(64), answer_from_other_port=True))
+            s.sendto(flip, ("127.0.0.2", srv.udp_port))
+            data, src = await asyncio.wait_for(asyncio.get_running_loop().sock_recvfrom(s, 4096), 3)
+            assert src == ("127.0.0.2", srv.nat_port)
+            assert messages.parse(data)[1].port == s.getsockname()[1]
+    finally:
+        await srv.close()
+
+
+async def test_an_hbbs_without_the_second_udp_port_leaves_the_behaviour_unknown(server: RendezvousServer) -> None:
+    """Against a server that does not serve UDP on the NAT-test port, nothing is guessed."""
+    v = await udp_behavior_probe(socket.AF_INET, "127.0.0.1", server.udp_port, closed_port(), give_up=0.3)
+    assert (v.mapping, v.allocation) == (NB.MAPPING_UNKNOWN, NB.ALLOCATION_UNKNOWN)
+    blocked = await udp_behavior_probe(socket.AF_INET, "127.0.0.1", closed_port(), closed_port(), give_up=0.3)
+    assert blocked.udp_blocked
 
 
 async def test_default_nat_port_is_main_port_minus_one(tmp_path: Path) -> None:

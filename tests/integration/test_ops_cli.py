@@ -459,6 +459,17 @@ async def test_netcheck_table(agent: CannedAgent, capsys: pytest.CaptureFixture[
     assert fields["UDP"] == "works (the server saw 198.51.100.7:41000 from local port 6000)"
     assert fields["mapping"].startswith("endpoint-dependent (symmetric NAT)") and "SYMMETRIC" in fields["mapping"]
     assert fields["filtering"].startswith("not measured")
+    assert fields["udp mapping"].startswith("not measured")
+    nat = agent.replies["netcheck"]["nat"]
+    nat["behavior"] = {"mapping": "ENDPOINT_DEPENDENT", "allocation": "SEQUENTIAL", "step": 2,
+                       "filtering": "PORT_DEPENDENT", "udp_blocked": False}
+    rc, out, _ = await run(ops_cli.main, ["--state-dir", str(agent.state_dir), "netcheck"], capsys)
+    fields = {line[:14].strip(): line[14:] for line in out.splitlines()}
+    assert fields["udp mapping"] == (
+        "endpoint-dependent (a new public port per destination: symmetric); new ports in sequence, step 2 "
+        "(the next ones can be predicted)"
+    )
+    assert fields["filtering"].startswith("port-dependent: only from the exact address and port")
     assert fields["public IP"] == "198.51.100.7 (behind a NAT: this host's addresses are 10.0.0.2, 2001:db8::2)"
     assert fields["IPv6"] == "2001:db8::2"
     assert fields["server"] == "198.51.100.1:21116  TCP handshake 12.2 ms"

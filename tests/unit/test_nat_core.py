@@ -105,6 +105,14 @@ def test_verdict_combines_tcp_and_udp() -> None:
         "public_ip": "198.51.100.7",
         "udp_public_ip": "198.51.100.7",
         "server_rtt_ms": 12.5,
+        "behavior": {
+            "mapping": "MAPPING_UNKNOWN",
+            "allocation": "ALLOCATION_UNKNOWN",
+            "step": 0,
+            "filtering": "FILTERING_UNKNOWN",
+            "udp_blocked": False,
+        },
+        "behavior_text": "unknown",
     }
 
 

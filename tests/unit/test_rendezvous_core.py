@@ -1240,3 +1240,29 @@ def test_no_alias_where_loopback_is_right_or_the_family_differs(a: str, here: st
     sent = pb.PunchHoleSent(socket_addr=ph.socket_addr, id=B_ID, answer_token=ph.answer_token)
     resp = parsed(only(h.tcp(B_CONN, sa("127.0.0.1:40555"), punch_hole_sent=sent), SendTcp).payload)[1]
     assert addrmod.decode(resp.socket_addr) == sa("127.0.0.1:40555")
+
+
+# --------------------------------------------------------------------------- NAT-test port over UDP
+
+
+def test_the_nat_test_port_answers_only_test_nat_over_udp() -> None:
+    h = Harness()
+    padded = messages.build(test_nat_request=pb.TestNatRequest(padding=bytes(64)))
+    (reply,) = h.core.handle_udp(padded, B_UDP, 1, h.now, "nat")
+    assert isinstance(reply, SendUdp) and (reply.via, reply.other_port) == (1, False)
+    assert parsed(reply.payload)[1].port == B_UDP.port
+    for member in (B.register_pk(os.urandom(16)), messages.build(register_peer=pb.RegisterPeer(id=B_ID))):
+        assert h.core.handle_udp(member, B_UDP, 1, h.now, "nat") == []
+    assert h.drops() == {"wrong_kind": 2}
+    assert h.registry.count() == 0
+
+
+def test_an_answer_from_the_other_port_goes_to_the_asker_and_is_never_larger() -> None:
+    h = Harness()
+    flip = messages.build(test_nat_request=pb.TestNatRequest(padding=bytes(64), answer_from_other_port=True))
+    (reply,) = h.udp(B_UDP, 0, raw=flip)
+    assert isinstance(reply, SendUdp) and (reply.addr, reply.via, reply.other_port) == (B_UDP, 0, True)
+    assert len(reply.payload) <= len(flip)
+    bare = messages.build(test_nat_request=pb.TestNatRequest(answer_from_other_port=True))
+    assert h.udp(B_UDP, 0, raw=bare) == []  # an unpadded request would be outgrown by its answer
+    assert h.drops() == {"reply_larger_than_request": 1}
