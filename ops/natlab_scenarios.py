@@ -26,12 +26,18 @@ SERVER_V6 = ("2001:db8:100::1", "2001:db8:100::2")
 NAT_VARIANTS: dict[str, str] = {
     "cone": "endpoint-independent mapping (masquerade keeps the port), replies only (port-restricted cone)",
     "symmetric": "masquerade fully-random: a new random port per destination, replies only",
+    "sequential": "snat to the next port of a counter per new flow (numgen inc): symmetric, predictable, replies only",
     "fullcone": "1:1 port-preserving SNAT + DNAT of all inbound TCP/UDP to the first host (full cone)",
     "udp-blocked": "all forwarded UDP dropped both ways; TCP NATed as cone",
     "reject": "cone, but unsolicited inbound gets TCP RST / ICMP port-unreachable instead of silence",
     "lossy": "cone plus 5 % random loss on forwarded UDP in each direction (nft numgen)",
     "public": "no router: the host sits on the wan bridge with a public address",
 }
+
+
+SEQUENTIAL_FIRST_PORT = 20000
+SEQUENTIAL_PORTS = 1000
+"""The `sequential` NAT hands out ports 20000..20999 in turn, then starts over."""
 
 
 class PlanError(ValueError):
@@ -57,6 +63,8 @@ SCENARIOS: dict[str, Scenario] = {
                  "cone", "cone"),
         Scenario("cone-symmetric", "A behind cone, B behind a random-port symmetric NAT",
                  "relay (no punch unless birthday probing finds the random port)", "cone", "symmetric"),
+        Scenario("sequential-cone", "A behind a sequential-port symmetric NAT, B behind cone",
+                 "relay until port prediction meets B (A's next ports follow a counter)", "sequential", "cone"),
         Scenario("both-symmetric", "A and B behind random-port symmetric NATs", "relay", "symmetric", "symmetric"),
         Scenario("udp-blocked", "both routers drop all UDP (TCP NATed as cone): both agents register over TCP",
                  "tcp_punch (else relay over TCP); no UDP/KCP path", "udp-blocked", "udp-blocked"),
@@ -152,11 +160,21 @@ def router_ruleset_v4(nat: str, host_v4: str, router_v4: str) -> str:
     if nat == "fullcone":
         pre.append(f'iifname "wan" meta l4proto {{ tcp, udp }} dnat to {host_v4}')
     if nat == "symmetric":
-        post = 'oifname "wan" masquerade fully-random'
+        post = ['oifname "wan" masquerade fully-random']
+    elif nat == "sequential":
+        # one counter for every new flow of the LAN, as a busy carrier-grade NAT hands ports out. The
+        # counter goes through a map: a bare `numgen` lands in the port in host byte order (20000,
+        # 20001 become 8270, 8526: a step of 256 where a real allocator steps by one).
+        ports = ", ".join(f"{i} : {SEQUENTIAL_FIRST_PORT + i}" for i in range(SEQUENTIAL_PORTS))
+        post = [
+            f'oifname "wan" meta l4proto {{ tcp, udp }} snat to {router_v4} : numgen inc mod {SEQUENTIAL_PORTS} '
+            f"map {{ {ports} }}",
+            'oifname "wan" masquerade',
+        ]
     elif nat == "fullcone":
-        post = f'oifname "wan" snat to {router_v4}'
+        post = [f'oifname "wan" snat to {router_v4}']
     else:
-        post = 'oifname "wan" masquerade'
+        post = ['oifname "wan" masquerade']
     fwd: list[str] = []
     if nat == "udp-blocked":
         fwd.append("meta l4proto udp drop")
@@ -175,7 +193,7 @@ def router_ruleset_v4(nat: str, host_v4: str, router_v4: str) -> str:
         "ip natlab",
         [
             ("prerouting", "type nat hook prerouting priority dstnat; policy accept;", pre),
-            ("postrouting", "type nat hook postrouting priority srcnat; policy accept;", [post]),
+            ("postrouting", "type nat hook postrouting priority srcnat; policy accept;", post),
             ("forward", "type filter hook forward priority filter; policy drop;", fwd),
             ("input", "type filter hook input priority filter; policy accept;", inp),
         ],

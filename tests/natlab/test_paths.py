@@ -26,6 +26,7 @@ CASES = {
     "same-lan": ("ha", "ha2", "", {"lan"}),
     "both-symmetric": ("ha", "hb", "", {"relay"}),
     "cone-symmetric": ("ha", "hb", "", {"relay"}),
+    "sequential-cone": ("ha", "hb", "", {"relay"}),
     "udp-blocked": ("ha", "hb", "", {"tcp_punch"}),
     "one-public": ("ha", "hb", "", {"tcp_punch", "udp_punch"}),
     "ipv6": ("ha", "hb", "", {"ipv6"}),
@@ -35,6 +36,18 @@ CASES = {
     # RustDesk relays as soon as one side is symmetric; the peer-reflexive address gets through
     "fullcone-symmetric": ("ha", "hb", "", {"udp_punch"}),
     "reject": ("ha", "hb", "", {"tcp_punch", "udp_punch"}),
+}
+CONE = {"mapping": "ENDPOINT_INDEPENDENT", "allocation": "PRESERVING", "filtering": "PORT_DEPENDENT"}
+BEHAVIOR = {
+    # what `punchthrough-ops netcheck` must report behind each router ruleset (ops/natlab_scenarios.py)
+    "cone": CONE,
+    "reject": CONE,
+    "lossy": CONE,
+    "symmetric": {"mapping": "ENDPOINT_DEPENDENT", "allocation": "RANDOM", "filtering": "PORT_DEPENDENT"},
+    "sequential": {"mapping": "ENDPOINT_DEPENDENT", "allocation": "SEQUENTIAL", "filtering": "PORT_DEPENDENT"},
+    "fullcone": {"mapping": "ENDPOINT_INDEPENDENT", "allocation": "PRESERVING", "filtering": "OPEN"},
+    "public": {"mapping": "ENDPOINT_INDEPENDENT", "allocation": "PRESERVING", "filtering": "OPEN"},
+    "udp-blocked": {"udp_blocked": True},
 }
 OUTCOMES = {"won", "lost the race", "cancelled", "error", "skipped", "failed"}
 
@@ -68,6 +81,10 @@ def test_best_path_and_intact_data(agents: LabAgents) -> None:
           + ", ".join(f"{x['strategy']}:{x['outcome']}({x['reason'][:60]})" for x in session["attempts"]))
     assert won in expected, session
     assert {x["outcome"] for x in session["attempts"]} <= OUTCOMES, session["attempts"]
+    for host in (a, b):  # netcheck measures each NAT as its ruleset built it
+        behavior = agents.ops(host, "netcheck")["nat"]["behavior"]
+        want = BEHAVIOR[agents.lab.plan.nodes[host].nat or ""]
+        assert {k: behavior[k] for k in want} == want, (host, behavior)
     if scenario == "udp-blocked":  # nothing but TCP gets out of either network: both registered over it
         for host in (a, b):
             status = agents.ops(host, "status")
