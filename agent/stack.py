@@ -30,6 +30,7 @@ from agent.control.coordinator import Coordinator
 from agent.control.live_config import CONFIG_FILE, LiveConfig
 from agent.control.pins import PINS_FILE, PinMismatch, PinnedKeys, PinStore, ServerPins
 from agent.identity import Identity
+from agent.nat.behavior import NatBehavior
 from agent.nat.watch_core import REMOTE_JITTER, NetworkChanged
 from agent.refs import LocalRef, Ref
 from agent.runtime_paths import control_socket, sessions_socket
@@ -151,11 +152,13 @@ class RegistrarComponent:
         self.coordinator = coordinator
         self.nat_probe = nat_probe
         self.nat_type = 0
+        self.nat_behavior = NatBehavior()
         self.registrar = Registrar(
             rt.server_addr,
             rt.identity,
             self._push,
             lambda: self.nat_type,
+            nat_behavior_getter=lambda: self.nat_behavior.to_pb(),
             on_id_taken=self._id_taken,
             on_network_change=self._network_changed,
             server_key=rt.server_key(),
@@ -180,7 +183,7 @@ class RegistrarComponent:
                 self._again = None
                 delay = 0.0 if change.local else random.uniform(0.0, REMOTE_JITTER)
                 status = await self.nat_probe.call("remeasure", change.reason, delay)
-                self.nat_type = int(status["nat_type"])
+                self._follow(status)
                 self.registrar.nat_type_changed()
                 change = self._again
         finally:
@@ -195,10 +198,14 @@ class RegistrarComponent:
         self.rt.identity = new
         return new
 
+    def _follow(self, status: dict[str, Any]) -> None:
+        self.nat_type = int(status["nat_type"])
+        self.nat_behavior = NatBehavior(**status.get("nat_behavior") or {})
+
     async def _follow_nat(self) -> None:
         while True:
             with contextlib.suppress(Exception):
-                self.nat_type = int((await self.nat_probe.call("status"))["nat_type"])
+                self._follow(await self.nat_probe.call("status"))
             await asyncio.sleep(5)
 
     async def start(self) -> None:

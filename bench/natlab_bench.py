@@ -68,6 +68,7 @@ CASES = [
     Case("same-lan", b="ha2"),
     Case("both-symmetric"),
     Case("cone-symmetric"),
+    Case("sequential-cone"),
     Case("udp-blocked"),
     Case("ipv6"),
     Case("lossy-cone", policy="disable-tcp-punch"),
@@ -282,8 +283,9 @@ class Prepared:
     b_id: str = ""
 
 
-def prepare(case: Case, work: Path) -> Prepared:
-    """Lab, server, echo and sink on B, both agents up. Runs while the previous lab is torn down."""
+def prepare(case: Case, work: Path, new_links: bool = False) -> Prepared:
+    """Lab, server, echo and sink on B, both agents up. Runs while the previous lab is torn down.
+    `new_links`: the agents keep no idle link (link_idle 0), so every pipe races for a new one."""
     from ops.natlab import Lab
     from tests.natlab.agents import LabAgents
 
@@ -298,8 +300,14 @@ def prepare(case: Case, work: Path) -> Prepared:
                               stdout=subprocess.PIPE, cwd=str(ROOT))
         assert sink.stdout is not None and sink.stdout.readline().strip() == b"ready", "sink did not start"
         a_id, prep.b_id = prep.agents.agent_id(case.a), prep.agents.agent_id(case.b)
+        extra: list[str] = []
+        if new_links:
+            conf = work / case.scenario / "new-links.toml"
+            conf.parent.mkdir(parents=True, exist_ok=True)
+            conf.write_text("[agent]\nlink_idle = 0\n")
+            extra = ["--config", str(conf)]
         prep.row.up_s = prep.agents.up({case.b: ["--allow", a_id, "--allow-target", f"127.0.0.1:{ECHO_PORT}",
-                                                 "--allow-target", f"127.0.0.1:{SINK_PORT}"], case.a: []})
+                                                 "--allow-target", f"127.0.0.1:{SINK_PORT}", *extra], case.a: extra})
     except Exception as exc:
         prep.row.errors.append(f"setup: {type(exc).__name__}: {exc}")
     return prep
@@ -404,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mb", type=float, default=100.0)
     p.add_argument("--scenarios", default=",".join(c.scenario for c in CASES))
     p.add_argument("--budget", type=float, default=340.0, help="seconds; later scenarios are skipped past it")
+    p.add_argument("--new-links", action="store_true",
+                   help="agents keep no idle link: every first-byte run races for a new one (else runs 2.. reuse it)")
     args = p.parse_args(argv)
     from ops.natlab import available
 
@@ -423,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="natlab-bench-") as work, ThreadPoolExecutor(1) as pool:
         # The next lab is built (and its agents started) while the previous one is torn down; nothing
         # else runs while a scenario is measured.
-        nxt: Future[Prepared] | None = pool.submit(prepare, cases[0], Path(work)) if cases else None
+        nxt: Future[Prepared] | None = pool.submit(prepare, cases[0], Path(work), args.new_links) if cases else None
         for i, case in enumerate(cases):
             assert nxt is not None
             prep = nxt.result()
@@ -434,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                 later = [c for c in cases[i + 1:]]
                 nxt = None
                 if later and time.monotonic() + 45 < deadline:
-                    nxt = pool.submit(prepare, later[0], Path(work))
+                    nxt = pool.submit(prepare, later[0], Path(work), args.new_links)
                 teardown(prep)
             rows.append(prep.row)
             print(f"{case.scenario}: agents up in {prep.row.up_s:.1f}s (overlapping the previous teardown), "

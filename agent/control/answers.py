@@ -61,6 +61,8 @@ class AnswerContext(Protocol):
 
     async def our_nat_type(self) -> int: ...
 
+    async def our_nat_behavior(self) -> bytes: ...
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
 
 
@@ -177,8 +179,10 @@ class PushAnswers:
     async def _answer(self, name: str, msg: Any, budget: float, meta: dict[str, Any], v6: bytes = b"") -> None:
         sid, plan = self._new_plan(meta)
         started = time.monotonic()
+        ctx = self.ctx
         request = Answer(
-            sid, msg, self.ctx.identity.peer_id, await self.ctx.our_nat_type(), msg.relay_server, budget, meta, v6
+            sid, msg, ctx.identity.peer_id, await ctx.our_nat_type(), msg.relay_server, budget, meta, v6,
+            await ctx.our_nat_behavior(),
         )
         remotes: dict[str, TcpDirectRemote | UdpPunchRemote] = {
             "lan": self.lan,

@@ -36,6 +36,7 @@ from agent.control.pins import PinMismatch, PinnedKeys, PinStore
 from agent.control.plan import Policy, Strategy
 from agent.control.race import VERSION, Race, SessionPlan, ms_since
 from agent.identity import Identity, IdentityCache
+from agent.nat.behavior import NatBehavior
 from agent.nat.watch import interface_addresses
 from agent.nat.watch_core import usable_addresses
 from agent.proto import rendezvous_pb2 as pb
@@ -52,6 +53,8 @@ from agent.wire.ports import DIRECT_PORT, RENDEZVOUS_PORT
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPT_RECORDS = 256
+NAT_STATUS_TTL = 1.0
+"""Seconds a NAT probe status is reused for new sessions."""
 
 
 @dataclass
@@ -116,6 +119,7 @@ class Coordinator:
         self.sessions_socket = sessions_socket
         self.registrar = registrar
         self.nat_probe = nat_probe
+        self._nat_cache: tuple[float, dict[str, Any]] | None = None
         self.strategies = strategies
         """Every strategy's component, by name (agent/strategies/registry.py)."""
         self.policy = Policy.parse(cfg.agent.path)
@@ -563,9 +567,24 @@ class Coordinator:
 
     # ---- B side: pushes from the rendezvous server ----------------------------------------------
 
+    async def _nat_status(self) -> dict[str, Any]:
+        """The NAT probe's status, asked at most once a second: a session asks for the type and the
+        behaviour, each rendezvous request again, and the answer changes every few minutes at most."""
+        now = time.monotonic()
+        if self._nat_cache is None or now - self._nat_cache[0] > NAT_STATUS_TTL:
+            status = await self._safe(self.nat_probe, "status")
+            if not isinstance(status, dict):
+                return {}
+            self._nat_cache = (now, status)
+        return self._nat_cache[1]
+
     async def our_nat_type(self) -> int:
-        status = await self._safe(self.nat_probe, "status")
-        return int(status.get("nat_type", pb.UNKNOWN_NAT)) if isinstance(status, dict) else pb.UNKNOWN_NAT
+        return int((await self._nat_status()).get("nat_type", pb.UNKNOWN_NAT))
+
+    async def our_nat_behavior(self) -> bytes:
+        """Our UDP NAT behaviour, serialized for a request or an answer (empty: not measured)."""
+        behavior = (await self._nat_status()).get("nat_behavior")
+        return NatBehavior(**behavior).to_pb().SerializeToString() if behavior else b""
 
     async def on_push(self, kind: str, msg: Any, source: Any = None) -> None:
         """A push the registrar received, signed by the server for us: B's side (agent/control/answers.py)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from agent.nat.behavior import UNMEASURED, NatBehavior, punch_outlook, tcp_outlook
 from agent.proto import rendezvous_pb2 as pb
 
 
@@ -93,6 +94,9 @@ class Situation:
     v6_both: bool = False
     direct_address: bool = False
     """The user named the peer by IP[:PORT] (direct-server port): no rendezvous at all."""
+    our_behavior: NatBehavior = UNMEASURED
+    peer_behavior: NatBehavior = UNMEASURED
+    """What each NAT does with UDP (agent/nat/behavior.py): whether a punch can meet at all."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ def _missing_udp_mapping(sit: Situation) -> str:
     return f"no UDP mapping on {side}"
 
 
-def _why_not_punch(sit: Situation, enabled: bool, missing: str) -> str:
+def _why_not_punch(sit: Situation, enabled: bool, missing: str, udp: bool) -> str:
     """Why a hole punch (TCP or UDP) is not tried, in the order a user should hear it; "" to try it."""
     if not enabled:
         return "disabled by policy"
@@ -145,7 +149,12 @@ def _why_not_punch(sit: Situation, enabled: bool, missing: str) -> str:
         return missing
     if sit.same_lan:
         return "same LAN: direct LAN connection instead"
-    return ""
+    outlook = (
+        punch_outlook(sit.our_behavior, sit.peer_behavior)
+        if udp
+        else tcp_outlook(sit.our_nat, sit.peer_nat, sit.our_behavior, sit.peer_behavior)
+    )
+    return "" if outlook.possible else f"cannot meet: {outlook.how}"
 
 
 def make_plan(sit: Situation, policy: Policy = Policy()) -> Plan:
@@ -174,7 +183,7 @@ def make_plan(sit: Situation, policy: Policy = Policy()) -> Plan:
         (Strategy.TCP_PUNCH, policy.tcp_punch, ""),
         (Strategy.UDP_PUNCH, policy.udp, _missing_udp_mapping(sit)),
     ):
-        why = _why_not_punch(sit, enabled, missing)
+        why = _why_not_punch(sit, enabled, missing, udp=strategy is Strategy.UDP_PUNCH)
         if why:
             skipped.append((strategy, why))
         else:
@@ -186,7 +195,10 @@ def make_plan(sit: Situation, policy: Policy = Policy()) -> Plan:
     else:
         delay = RELAY_STAGGER if steps else 0.0
         one_symmetric = (sit.our_nat == pb.SYMMETRIC) != (sit.peer_nat == pb.SYMMETRIC)
-        if steps and one_symmetric and all(s.strategy in (Strategy.TCP_PUNCH, Strategy.UDP_PUNCH) for s in steps):
+        only_punches = all(s.strategy in (Strategy.TCP_PUNCH, Strategy.UDP_PUNCH) for s in steps)
+        # a measured cone that lets any port in will meet the symmetric side: no reason to hurry the relay
+        sure = punch_outlook(sit.our_behavior, sit.peer_behavior).sure
+        if steps and one_symmetric and only_punches and not sure:
             delay = RELAY_STAGGER_LONG_SHOT
         steps.append(Step(Strategy.RELAY, delay, RELAY_BUDGET))
     return Plan(tuple(steps), tuple(skipped))

@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from agent.control.pins import PinMismatch, PinStore
 from agent.control.plan import DIRECT_BUDGET, LAN_BUDGET, PUNCH_BUDGET, Mode, Policy, Situation, Strategy, make_plan
+from agent.nat.behavior import NatBehavior
 from agent.proto import rendezvous_pb2 as pb
 from agent.refs import Ref
 from agent.rendezvous.requests import (
@@ -66,6 +67,8 @@ class RaceContext(Protocol):
     def trusted_key(self, peer: str, signed_pk: bytes, want: str | None = None) -> tuple[bytes, str]: ...
 
     async def our_nat_type(self) -> int: ...
+
+    async def our_nat_behavior(self) -> bytes: ...
 
 
 T = TypeVar("T")
@@ -286,6 +289,7 @@ class Race:
                     version=VERSION,
                     udp_port=port,
                     signer=coord.signer(),
+                    nat_behavior=await coord.our_nat_behavior(),
                 ),
             )
             if res is None:
@@ -320,6 +324,7 @@ class Race:
         coord = self.coord
         self._record("tcp_punch", Outcome.RUNNING)
         our_nat = await coord.our_nat_type()
+        our_behavior = await coord.our_nat_behavior()
         our_v6: bytes = await self.ipv6.prepare(self.sid) if self.policy.ipv6 else b""
         try:
             res = await punch_hole_exchange(
@@ -330,6 +335,7 @@ class Race:
                 version=VERSION,
                 socket_addr_v6=our_v6,
                 signer=coord.signer(),
+                nat_behavior=our_behavior,
             )
         except (PeerUnavailable, RelayRefused) as exc:
             self._fail("tcp_punch", str(exc))
@@ -368,7 +374,15 @@ class Race:
                 peer_nat = resp.nat_type if resp.WhichOneof("union") == "nat_type" else pb.UNKNOWN_NAT
                 # Re-planned with what the peer's answer told us: TCP punching may be pointless, and
                 # the relay may be due sooner than planned before anything was known.
-                sit = Situation(our_nat, peer_nat, our_udp=True, peer_udp=True, v6_both=v6_task is not None)
+                sit = Situation(
+                    our_nat,
+                    peer_nat,
+                    our_udp=True,
+                    peer_udp=True,
+                    v6_both=v6_task is not None,
+                    our_behavior=NatBehavior.from_pb(pb.NatBehavior.FromString(our_behavior)),
+                    peer_behavior=NatBehavior.from_pb(resp.nat_behavior),
+                )
                 replan = make_plan(sit, self.policy)
                 skip = dict(replan.skipped).get(Strategy.TCP_PUNCH, "")
                 for step in replan.steps:

@@ -154,6 +154,8 @@ class Outlook:
     possible: bool
     how: str
     """Why it can work (or why not), one phrase for ops and the session's attempt list."""
+    sure: bool = False
+    """Measured on both sides, and the theory says it meets (not a guess, not a prediction)."""
 
 
 def punch_outlook(ours: NatBehavior, theirs: NatBehavior, *, predict: bool = True) -> Outlook:
@@ -166,13 +168,15 @@ def punch_outlook(ours: NatBehavior, theirs: NatBehavior, *, predict: bool = Tru
     if not ours.known or not theirs.known:
         return Outlook(True, "a NAT not measured yet: try")
     if ours.cone and theirs.cone:
-        return Outlook(True, "both map endpoint-independently")
+        return Outlook(True, "both map endpoint-independently", sure=True)
     if ours.symmetric and theirs.symmetric:
         return Outlook(False, "both sides map per destination (symmetric)")
     sym, cone = (ours, theirs) if ours.symmetric else (theirs, ours)
     who = "our side" if sym is ours else "the peer"
     if cone.filtering == NB.OPEN:
-        return Outlook(True, f"{who} maps per destination, but the other side lets in any port (peer-reflexive)")
+        return Outlook(
+            True, f"{who} maps per destination, but the other side lets in any port (peer-reflexive)", sure=True
+        )
     if cone.filtering == NB.FILTERING_UNKNOWN:
         return Outlook(True, f"{who} maps per destination, the other side's filtering is unknown: try")
     if predict and sym.predictable:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -311,6 +312,7 @@ class NatProbe:
         self.known = asyncio.Event()
         self._verdict: Verdict | None = None
         self._last_known: Verdict | None = None
+        self._behavior = NatBehavior()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._next_at: float | None = None
@@ -327,6 +329,11 @@ class NatProbe:
         """For RegisterPeer/PunchHoleRequest: the last known NAT type, UNKNOWN_NAT before any."""
         return int(self._last_known.nat_type) if self._last_known is not None else int(NatType.UNKNOWN_NAT)
 
+    @property
+    def behavior(self) -> NatBehavior:
+        """The latest measured UDP behaviour (one that measured nothing does not replace it)."""
+        return self._behavior
+
     async def measure(self) -> Verdict:
         async with self._lock:
             try:
@@ -339,6 +346,8 @@ class NatProbe:
             if verdict.known:
                 self._last_known = verdict
                 self.known.set()
+            if verdict.behavior.known:
+                self._behavior = verdict.behavior
             log.info(
                 "NAT %s (tcp ports %s/%s, udp %s)%s",
                 verdict.nat_name,
@@ -395,6 +404,7 @@ class NatProbe:
             "server": _where(*self.server),
             "nat_type": self.nat_type,
             "nat_name": NatType(self.nat_type).name,
+            "nat_behavior": dataclasses.asdict(self._behavior),
             "measurements": self.measurements,
             "remeasurements": self.remeasurements,
             "last_trigger": self.last_trigger or None,

@@ -135,11 +135,13 @@ class Registrar:
         server_key: bytes | None = None,
         on_server_key: ServerKeyHandler | None = None,
         path: RegistrationPath | None = None,
+        nat_behavior_getter: Callable[[], pb.NatBehavior] | None = None,
     ) -> None:
         self.server = server
         self.identity = identity
         self.on_push = on_push
         self.nat_type_getter = nat_type_getter
+        self.nat_behavior_getter = nat_behavior_getter
         self.on_id_taken = on_id_taken
         self.interval = interval
         self.tick = tick
@@ -381,8 +383,10 @@ class Registrar:
             return
         try:
             core.set_nat_type(int(self.nat_type_getter()))
+            if self.nat_behavior_getter is not None:
+                core.set_nat_behavior(self.nat_behavior_getter())
         except Exception:
-            log.exception("nat_type_getter failed")
+            log.exception("reading the NAT type failed")
         tcp = self._tcp if self.path.transport == TCP else None
         for datagram in core.datagrams_to_send(time.monotonic()):
             try:

@@ -177,6 +177,8 @@ class RegistrarCore:
         self.error_hold = error_hold
 
         self.nat_type = 0
+        self.nat_behavior = b""
+        """RegisterPeer.nat_behavior, serialized (empty: not measured)."""
         self.serial = 0
         self.state = REGISTERING
         self.confirmed = False
@@ -205,6 +207,14 @@ class RegistrarCore:
         """A changed NAT type is announced at once so the server's view stays current."""
         if nat_type != self.nat_type:
             self.nat_type = nat_type
+            if self.confirmed:
+                self._send_now = True
+
+    def set_nat_behavior(self, behavior: pb.NatBehavior) -> None:
+        """Likewise the UDP behaviour: the server relays at once when it shows no punch can work."""
+        wire = behavior.SerializeToString(deterministic=True)
+        if wire != self.nat_behavior:
+            self.nat_behavior = wire
             if self.confirmed:
                 self._send_now = True
 
@@ -304,6 +314,8 @@ class RegistrarCore:
         if self.confirmed:
             self.sent_peer += 1
             msg = pb.RegisterPeer(id=self.peer_id, serial=self.serial, nat_type=self.nat_type)  # type: ignore[arg-type]
+            if self.nat_behavior:
+                msg.nat_behavior.ParseFromString(self.nat_behavior)
             return [messages.build(register_peer=msg)]
         self.sent_pk += 1
         return [self._register_pk()]

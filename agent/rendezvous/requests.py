@@ -231,6 +231,7 @@ async def punch_hole_exchange(
     bind: tuple[str, int] | None = None,
     resend_after: Sequence[float] = (3.0, 6.0),
     signer: Signer | None = None,
+    nat_behavior: bytes = b"",
 ) -> PunchResult:
     """PunchHoleRequest on a fresh connection; the answer plus the local address it came from.
 
@@ -249,6 +250,7 @@ async def punch_hole_exchange(
         force_relay=force_relay,
         socket_addr_v6=socket_addr_v6,
     )
+    req.nat_behavior.ParseFromString(nat_behavior)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     started = time.monotonic()
@@ -392,6 +394,7 @@ async def send_punch_hole_sent(
     *,
     bind: tuple[str, int] | None = None,
     timeout: float = 3.0,
+    nat_behavior: bytes = b"",
 ) -> SockAddr:
     """B's answer to a PunchHole push: the server hands A the source address of this connection.
 
@@ -399,6 +402,7 @@ async def send_punch_hole_sent(
     connection, as RustDesk does (section 6.5, TCP path).
     """
     msg = pb.PunchHoleSent(nat_type=nat_type, **reply.fields())  # type: ignore[arg-type]
+    msg.nat_behavior.ParseFromString(nat_behavior)
     return await _send_one(server, lambda _local: messages.build(punch_hole_sent=msg), timeout, bind)
 
 

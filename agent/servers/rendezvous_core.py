@@ -81,6 +81,7 @@ from typing import Any, Literal, Protocol
 from nacl.signing import SigningKey
 
 from agent.common.stats import DropStats
+from agent.nat.behavior import UNMEASURED, NatBehavior, punch_outlook, tcp_outlook
 from agent.proto import rendezvous_pb2 as pb
 from agent.servers.registry import PeerRow
 from agent.wire import addr as addrmod
@@ -208,6 +209,8 @@ class Peer:
     """> 0: registered over this TCP connection (its UDP does not get through): pushes go there."""
     last_reg: float = -math.inf
     nat_type: int = pb.UNKNOWN_NAT
+    behavior: NatBehavior = UNMEASURED
+    """What its NAT does with UDP, from its RegisterPeer (agent/nat/behavior.py)."""
     pk_count: int = 0
     pk_time: float = -math.inf
     push_tokens: float = -1.0  # < 0: full bucket on first use
@@ -512,6 +515,7 @@ class RendezvousCore:
             if not request_pk:
                 self._route(peer, o, now)
                 peer.nat_type = rp.nat_type
+                peer.behavior = NatBehavior.from_pb(rp.nat_behavior)
         reply = messages.build(register_peer_response=pb.RegisterPeerResponse(request_pk=request_pk))
         return self._reply_udp(o, reply, now)
 
@@ -697,6 +701,7 @@ class RendezvousCore:
             nat_type=phs.nat_type,
             is_udp=True,
             socket_addr_v6=_v6(phs.socket_addr_v6),
+            nat_behavior=NatBehavior.from_pb(phs.nat_behavior).to_pb(),
         )
         return [SendTcp(p.conn, messages.build(punch_hole_response=resp))]
 
@@ -855,6 +860,9 @@ class RendezvousCore:
             decision = "lan"
         elif req.nat_type == pb.SYMMETRIC and peer.nat_type == pb.SYMMETRIC and not a_v6:
             decision = "relay"  # no IPv4 punch can work; with an IPv6 offer both may still go direct
+        elif not a_v6 and not self._can_punch(req.nat_type, NatBehavior.from_pb(req.nat_behavior), peer):
+            decision = "relay"
+            self.events["punch_relay_by_behavior"] += 1
         else:
             decision = "punch"
         self.events[f"punch_{decision}"] += 1
@@ -883,9 +891,15 @@ class RendezvousCore:
                 udp_port=udp_port,
                 force_relay=req.force_relay,
                 socket_addr_v6=a_v6,
+                nat_behavior=NatBehavior.from_pb(req.nat_behavior).to_pb(),
             )
         self._park(conn, a, pending)
         return [self._push(peer, member, push, requester, token)]
+
+    @staticmethod
+    def _can_punch(a_nat: int, a: NatBehavior, b: Peer) -> bool:
+        """Does theory leave any punch (UDP or TCP) between A and B? Unmeasured counts as yes."""
+        return punch_outlook(a, b.behavior).possible or tcp_outlook(a_nat, b.nat_type, a, b.behavior).possible
 
     def _relay_request(self, conn: int, a: SockAddr, rr: Any, payload: bytes, now: float) -> list[Action]:
         """A asks for a relay directly: the server picks the relay (whatever A named) and the uuid,
@@ -939,6 +953,7 @@ class RendezvousCore:
             relay_server=p.relay_server,
             nat_type=phs.nat_type,
             socket_addr_v6=_v6(phs.socket_addr_v6),
+            nat_behavior=NatBehavior.from_pb(phs.nat_behavior).to_pb(),
         )
         return [SendTcp(p.conn, messages.build(punch_hole_response=resp))]
 

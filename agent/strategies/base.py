@@ -46,6 +46,8 @@ class Answer:
     budget: float
     meta: dict[str, Any] = field(default_factory=dict)
     socket_addr_v6: bytes = b""
+    nat_behavior: bytes = b""
+    """Our NatBehavior, serialized, for PunchHoleSent (A plans with it)."""
 
 
 @dataclass(frozen=True)

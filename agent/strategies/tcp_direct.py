@@ -128,7 +128,9 @@ class TcpDirectStrategy(Tracked):
                 tasks.append(asyncio.ensure_future(keep_connecting((any_ip, port), peer.as_tuple(), family, budget)))
                 await asyncio.sleep(0)
                 reply = Reply.to(push, req.my_id, req.relay, self.version, req.socket_addr_v6)
-                await send_punch_hole_sent(self.server, reply, req.nat_type, bind=(any_ip, port))
+                await send_punch_hole_sent(
+                    self.server, reply, req.nat_type, bind=(any_ip, port), nat_behavior=req.nat_behavior
+                )
             else:
                 reply = Reply.to(push, req.my_id, req.relay, self.version)
                 await send_local_addr(self.server, reply, bind=(any_ip, port))

@@ -166,6 +166,7 @@ class UdpPunchStrategy(Tracked):
             version=self.version,
             answer_token=bytes(push.answer_token),
         )
+        sent.nat_behavior.ParseFromString(req.nat_behavior)
         datagram = messages.build(punch_hole_sent=sent)
         for i in range(3):  # as RustDesk: three copies, 10-29 ms apart (UDP may lose one)
             with contextlib.suppress(OSError):

@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.control.plan import RELAY_STAGGER, RELAY_STAGGER_LONG_SHOT, Mode, Policy, Situation, Strategy, make_plan
+from agent.nat.behavior import NatBehavior
 from agent.proto import rendezvous_pb2 as pb
+
+NB = pb.NatBehavior
+CONE = NatBehavior(NB.ENDPOINT_INDEPENDENT, NB.PRESERVING, 0, NB.PORT_DEPENDENT)
+FULL_CONE = NatBehavior(NB.ENDPOINT_INDEPENDENT, NB.PRESERVING, 0, NB.OPEN)
+SYM_RANDOM = NatBehavior(NB.ENDPOINT_DEPENDENT, NB.RANDOM, 0, NB.PORT_DEPENDENT)
+SYM_SEQ = NatBehavior(NB.ENDPOINT_DEPENDENT, NB.SEQUENTIAL, 1, NB.PORT_DEPENDENT)
 
 NATS = (pb.UNKNOWN_NAT, pb.ASYMMETRIC, pb.SYMMETRIC)
 
@@ -113,3 +120,39 @@ def test_every_combination_has_a_path_unless_direct_only_and_hopeless() -> None:
     for ours, peers, lan, v6 in itertools.product(NATS, NATS, (False, True), (False, True)):
         plan = make_plan(Situation(ours, peers, lan, True, True, v6))
         assert plan.steps, (ours, peers, lan, v6)
+
+
+def test_a_random_symmetric_side_facing_a_port_restricted_cone_goes_relay_at_once() -> None:
+    """Measured: no punch can meet (the cone lets in only the port it sent to, the symmetric side's
+    port toward us is random), so the relay does not wait for a stagger."""
+    sit = Situation(pb.ASYMMETRIC, pb.SYMMETRIC, our_udp=True, peer_udp=True, our_behavior=CONE,
+                    peer_behavior=SYM_RANDOM)
+    plan = make_plan(sit)
+    assert plan.strategies() == [Strategy.RELAY] and plan.steps[0].delay == 0
+    skipped = dict(plan.skipped)
+    assert skipped[Strategy.UDP_PUNCH].startswith("cannot meet: the peer maps per destination with random ports")
+    assert skipped[Strategy.TCP_PUNCH].startswith("cannot meet: one side maps per destination")
+
+
+def test_a_full_cone_facing_a_symmetric_side_gets_the_whole_stagger() -> None:
+    """The peer-reflexive punch will meet: the relay need not hurry (it used to join after 0.5 s and win
+    on a loaded machine)."""
+    sit = Situation(pb.SYMMETRIC, pb.ASYMMETRIC, our_udp=True, peer_udp=True, our_behavior=SYM_RANDOM,
+                    peer_behavior=FULL_CONE)
+    plan = make_plan(sit)
+    assert Strategy.UDP_PUNCH in plan.strategies() and Strategy.TCP_PUNCH in plan.strategies()
+    assert plan.steps[-1].delay == RELAY_STAGGER
+
+
+def test_a_sequential_symmetric_side_is_predicted_not_given_up() -> None:
+    sit = Situation(pb.SYMMETRIC, pb.ASYMMETRIC, our_udp=True, peer_udp=True, our_behavior=SYM_SEQ,
+                    peer_behavior=CONE)
+    plan = make_plan(sit)
+    assert Strategy.UDP_PUNCH in plan.strategies() and Strategy.TCP_PUNCH not in plan.strategies()
+    assert plan.steps[-1].delay == RELAY_STAGGER_LONG_SHOT
+
+
+def test_unmeasured_behaviour_changes_nothing() -> None:
+    for nats in itertools.product(NATS, NATS):
+        sit = Situation(*nats, our_udp=True, peer_udp=True)
+        assert make_plan(sit) == make_plan(Situation(*nats, our_udp=True, peer_udp=True, peer_behavior=NatBehavior()))

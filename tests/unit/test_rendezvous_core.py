@@ -134,6 +134,7 @@ def pushed(push: SendUdp, to: str = B_ID) -> tuple[str, Any]:
 
 
 R = pb.RegisterPkResponse
+NB = pb.NatBehavior
 
 
 # --------------------------------------------------------------------------- registration (signed)
@@ -994,6 +995,45 @@ def test_both_symmetric_goes_relay_one_symmetric_punches() -> None:
     assert pushed(only(acts, SendUdp))[0] == "punch_hole"
     acts = h.ask(A_CONN, A_TCP, punch_hole_request=pb.PunchHoleRequest(id=B_ID, nat_type=pb.SYMMETRIC))
     assert pushed(only(acts, SendUdp))[0] == "request_relay"
+
+
+SYM_RANDOM = pb.NatBehavior(mapping=NB.ENDPOINT_DEPENDENT, allocation=NB.RANDOM, filtering=NB.PORT_DEPENDENT)
+SYM_SEQ = pb.NatBehavior(mapping=NB.ENDPOINT_DEPENDENT, allocation=NB.SEQUENTIAL, step=1, filtering=NB.PORT_DEPENDENT)
+CONE = pb.NatBehavior(mapping=NB.ENDPOINT_INDEPENDENT, allocation=NB.PRESERVING, filtering=NB.PORT_DEPENDENT)
+FULL_CONE = pb.NatBehavior(mapping=NB.ENDPOINT_INDEPENDENT, allocation=NB.PRESERVING, filtering=NB.OPEN)
+
+
+@pytest.mark.parametrize(
+    ("a_nat", "a", "b_nat", "b", "push"),
+    [
+        # a port-restricted cone and a random symmetric NAT: no punch can meet, relay at once
+        (pb.ASYMMETRIC, CONE, pb.SYMMETRIC, SYM_RANDOM, "request_relay"),
+        (pb.SYMMETRIC, SYM_RANDOM, pb.ASYMMETRIC, CONE, "request_relay"),
+        # a full cone lets the symmetric side in; sequential ports can be predicted; unmeasured: try
+        (pb.ASYMMETRIC, FULL_CONE, pb.SYMMETRIC, SYM_RANDOM, "punch_hole"),
+        (pb.SYMMETRIC, SYM_SEQ, pb.ASYMMETRIC, CONE, "punch_hole"),
+        (pb.ASYMMETRIC, None, pb.SYMMETRIC, SYM_RANDOM, "punch_hole"),
+        (pb.ASYMMETRIC, CONE, pb.SYMMETRIC, None, "punch_hole"),
+        (pb.ASYMMETRIC, CONE, pb.ASYMMETRIC, CONE, "punch_hole"),
+    ],
+)
+def test_measured_nat_behaviour_sends_hopeless_pairs_to_the_relay_at_once(
+    a_nat: int, a: Any, b_nat: int, b: Any, push: str
+) -> None:
+    h = Harness()
+    assert h.register() == R.OK
+    rp = pb.RegisterPeer(id=B_ID, nat_type=b_nat)  # type: ignore[arg-type]
+    if b is not None:
+        rp.nat_behavior.CopyFrom(b)
+    assert only(h.udp(B_UDP, register_peer=rp), SendUdp)
+    req = pb.PunchHoleRequest(id=B_ID, nat_type=a_nat)  # type: ignore[arg-type]
+    if a is not None:
+        req.nat_behavior.CopyFrom(a)
+    kind, msg = pushed(only(h.ask(A_CONN, A_TCP, punch_hole_request=req), SendUdp))
+    assert kind == push
+    if kind == "punch_hole":  # B learns A's behaviour (to plan its side; the server passes it on checked)
+        assert msg.nat_behavior == (a if a is not None else pb.NatBehavior())
+    assert h.core.events["punch_relay_by_behavior"] == (push == "request_relay")
 
 
 def test_both_symmetric_with_an_ipv6_offer_still_punches() -> None:
