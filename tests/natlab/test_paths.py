@@ -38,7 +38,7 @@ CASES = {
     "reject": ("ha", "hb", "", {"tcp_punch", "udp_punch"}),
 }
 CONE = {"mapping": "ENDPOINT_INDEPENDENT", "allocation": "PRESERVING", "filtering": "PORT_DEPENDENT"}
-BEHAVIOR = {
+BEHAVIOR: dict[str, dict[str, object]] = {
     # what `punchthrough-ops netcheck` must report behind each router ruleset (ops/natlab_scenarios.py)
     "cone": CONE,
     "reject": CONE,
