@@ -37,7 +37,7 @@ CASES = {
     "fullcone-symmetric": ("ha", "hb", "", {"udp_punch"}),
     "reject": ("ha", "hb", "", {"tcp_punch", "udp_punch"}),
 }
-CONE = {"mapping": "ENDPOINT_INDEPENDENT", "allocation": "PRESERVING", "filtering": "PORT_DEPENDENT"}
+CONE: dict[str, object] = {"mapping": "ENDPOINT_INDEPENDENT", "allocation": "PRESERVING", "filtering": "PORT_DEPENDENT"}
 BEHAVIOR: dict[str, dict[str, object]] = {
     # what `punchthrough-ops netcheck` must report behind each router ruleset (ops/natlab_scenarios.py)
     "cone": CONE,
