@@ -42,6 +42,9 @@ from agent.wire.ports import RENDEZVOUS_PORT
 PID_FILE = "agent.pid"
 REGISTRATION_WAIT = 15.0
 """Seconds `up` waits for the first registration once the agent answers; then it fails and says why."""
+NAT_WAIT = 5.0
+"""Seconds `up` waits, once registered, for the first NAT measurement (about one second): a session
+opened before it plans blind (every punch tried, the relay after a full stagger)."""
 
 
 class RunnerError(Exception):
@@ -108,11 +111,19 @@ def wait_until_registered(state_dir: Path, wait: float, exited: Any = lambda: No
                 answering_since = time.monotonic()
             problem = registration_problem(state_dir, status, time.monotonic() - answering_since)
             if problem == "":
-                return status
+                return _after_first_nat_measurement(state_dir, status, min(deadline, time.monotonic() + NAT_WAIT))
             if problem is not None:
                 raise RunnerError(problem)
         time.sleep(0.2)
     raise RunnerError(f"agent did not come up within {wait:.0f}s (see {logs})")
+
+
+def _after_first_nat_measurement(state_dir: Path, status: dict[str, Any], until: float) -> dict[str, Any]:
+    """The status once the NAT probe has measured once (or `until` passed: then as it is)."""
+    while not (status.get("nat") or {}).get("measured_at") and time.monotonic() < until:
+        time.sleep(0.1)
+        status = query(state_dir, "status") or status
+    return status
 
 
 def registration_problem(state_dir: Path, status: dict[str, Any], waited: float) -> str | None:

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from agent.control.pins import PinMismatch, PinStore
 from agent.control.plan import DIRECT_BUDGET, LAN_BUDGET, PUNCH_BUDGET, Mode, Policy, Situation, Strategy, make_plan
-from agent.nat.behavior import NatBehavior
+from agent.nat.behavior import NatBehavior, predicted_ports
 from agent.proto import rendezvous_pb2 as pb
 from agent.refs import Ref
 from agent.rendezvous.requests import (
@@ -304,9 +304,13 @@ class Race:
                 self._record("udp_punch", Outcome.ERROR, str(exc))
                 return
             self.keys["udp_punch"] = (pk, source)
-            peer_addr = str(addrmod.decode(bytes(resp.socket_addr)))
+            peer_sockaddr = addrmod.decode(bytes(resp.socket_addr))
+            # a sequential NAT on the peer's side: punch where it will map the peer's socket next too
+            ours = NatBehavior.from_pb(pb.NatBehavior.FromString(await coord.our_nat_behavior()))
+            predict = predicted_ports(peer_sockaddr.port, NatBehavior.from_pb(resp.nat_behavior), ours)
+            meta = {"peer_pk": pk, "key_source": source}
             dial = await self.udp_punch.dial(
-                UdpDial(self.sid, peer_addr, PUNCH_BUDGET, {"peer_pk": pk, "key_source": source})
+                UdpDial(self.sid, str(peer_sockaddr), PUNCH_BUDGET, meta, tuple(predict))
             )
             if dial.ok:
                 self.handed.add("udp_punch")

@@ -149,6 +149,26 @@ def _filtering(opened: bool | None) -> int:
     return int(NB.OPEN if opened else NB.PORT_DEPENDENT)
 
 
+PREDICTED_PORTS = 24
+"""Ports of a sequential NAT punched beside the one the server saw: new flows of the peer's network
+(its agent's own TCP punch and rendezvous connections among them) take ports between that mapping
+and the one its punch gets; the lab sees 1-6 of them."""
+
+
+def predicted_ports(seen: int, peer: NatBehavior, ours: NatBehavior, count: int = PREDICTED_PORTS) -> list[int]:
+    """The ports a sequential NAT will give the peer's next mappings after `seen` (the one the server
+    saw from the peer's punch socket): worth punching only from a cone (a symmetric side would need
+    its own prediction), never more than `count`."""
+    if not peer.predictable or ours.symmetric or not 0 < seen <= 0xFFFF:
+        return []
+    ports = []
+    for k in range(1, count + 1):
+        port = (seen + peer.step * k) % 65536
+        if port:
+            ports.append(port)
+    return ports
+
+
 @dataclass(frozen=True)
 class Outlook:
     possible: bool

@@ -139,6 +139,7 @@ async def punch(
     listen: bool,
     schedule: PunchSchedule | None = None,
     peer_reflexive: bool = False,
+    also: tuple[Address, ...] = (),
 ) -> PunchResult:
     """Punch towards `peer_addr` from `sock` and return what came back; the socket ends up
     connected to the peer's address.
@@ -147,7 +148,10 @@ async def punch(
     and the socket is connected to where it came from: a symmetric NAT maps the peer's
     socket to a new port for us, and a full cone on our side lets that port in (RustDesk
     gives up when either side is symmetric). Otherwise datagrams from any other source are
-    ignored. Raises PunchTimeout after `schedule.deadline` seconds.
+    ignored. `also` (with `peer_reflexive`): more of the peer's addresses to punch each round, the
+    ports its sequential NAT will give it next (agent/nat/behavior.py predicted_ports): the peer's
+    packets come from one of them, and our NAT lets them in only once we have sent there. Raises
+    PunchTimeout after `schedule.deadline` seconds.
     """
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
@@ -165,6 +169,8 @@ async def punch(
             with contextlib.suppress(OSError):  # ECONNREFUSED from an ICMP error, ENOBUFS: try again later
                 if peer_reflexive:
                     sock.sendto(b"", peer)
+                    for extra in also:
+                        sock.sendto(b"", extra)
                 else:
                     sock.send(b"")
         if puncher.expired(now):

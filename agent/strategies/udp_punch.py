@@ -30,6 +30,7 @@ from typing import Any
 from agent.common.netutil import describe_error
 from agent.common.tasks import TaskSet
 from agent.kcp.stream import KcpError, KcpTransport
+from agent.nat.behavior import PREDICTED_PORTS, NatBehavior, predicted_ports
 from agent.proto import rendezvous_pb2 as pb
 from agent.strategies.base import CANCELLED, Answer, Remote, Result
 from agent.strategies.handover import handover
@@ -37,6 +38,7 @@ from agent.strategies.punch_schedule import PunchSchedule, PunchTimeout, punch
 from agent.strategies.tracking import Tracked
 from agent.wire import addr as addrmod
 from agent.wire import messages
+from agent.wire.addr import SockAddr
 
 PROBE_PADDING = 32
 PROBE_GIVE_UP = 2.0
@@ -54,6 +56,8 @@ class UdpDial:
     peer_addr: str
     budget: float
     meta: dict[str, Any]
+    predict: tuple[int, ...] = ()
+    """More ports of the peer's IP to punch: where its sequential NAT maps its punch socket next."""
 
 
 class UdpPunchStrategy(Tracked):
@@ -69,11 +73,14 @@ class UdpPunchStrategy(Tracked):
         self._tasks = TaskSet()
         self.attempts = 0
         self.failures = 0
+        self.predicted = 0
+        """Punches that also went to the ports a sequential NAT was predicted to give the peer."""
 
     def status(self) -> dict[str, Any]:
         return {
             "attempts": self.attempts,
             "failures": self.failures,
+            "predicted": self.predicted,
             "kcp_sessions": len(self._transports),
             "kcp": [dataclasses.asdict(t.stats()) for t in list(self._transports)[:16]],
         }
@@ -146,7 +153,9 @@ class UdpPunchStrategy(Tracked):
         sock = self._prepared.pop(req.session, None)
         if sock is None:
             return Result.failed("udp_punch: no UDP socket prepared")
-        return await self._run(sock, req.session, req.peer_addr, req.budget, req.meta, listen=False)
+        return await self._run(
+            sock, req.session, req.peer_addr, req.budget, req.meta, listen=False, predict=req.predict
+        )
 
     # ---- B --------------------------------------------------------------------------------
 
@@ -175,19 +184,36 @@ class UdpPunchStrategy(Tracked):
                 await asyncio.sleep(random.uniform(0.01, 0.029))
         a = addrmod.decode(bytes(push.socket_addr))
         peer = f"[{a.ip}]:{push.udp_port}" if a.ip.version == 6 else f"{a.ip}:{push.udp_port}"
-        return await self._run(sock, req.session, peer, req.budget, req.meta, listen=True)
+        ours = NatBehavior.from_pb(pb.NatBehavior.FromString(req.nat_behavior))
+        predict = predicted_ports(push.udp_port, NatBehavior.from_pb(push.nat_behavior), ours)
+        return await self._run(sock, req.session, peer, req.budget, req.meta, listen=True, predict=tuple(predict))
 
     # ---- both -----------------------------------------------------------------------------
 
     async def _run(
-        self, sock: socket.socket, session: str, peer_addr: str, budget: float, meta: dict[str, Any], listen: bool
+        self,
+        sock: socket.socket,
+        session: str,
+        peer_addr: str,
+        budget: float,
+        meta: dict[str, Any],
+        listen: bool,
+        predict: tuple[int, ...] = (),
     ) -> Result:
         self.attempts += 1
         started = time.monotonic()
         peer = addrmod.parse_sockaddr(peer_addr)
+        if predict:
+            self.predicted += 1
+        also = tuple(SockAddr(peer.ip, port).as_tuple() for port in predict[:PREDICTED_PORTS])
         try:
             result = await punch(
-                sock, peer.as_tuple(), listen=listen, schedule=PunchSchedule(deadline=budget), peer_reflexive=True
+                sock,
+                peer.as_tuple(),
+                listen=listen,
+                schedule=PunchSchedule(deadline=budget),
+                peer_reflexive=True,
+                also=also,
             )
             left = max(0.5, budget - (time.monotonic() - started))
             if listen:

@@ -26,7 +26,7 @@ CASES = {
     "same-lan": ("ha", "ha2", "", {"lan"}),
     "both-symmetric": ("ha", "hb", "", {"relay"}),
     "cone-symmetric": ("ha", "hb", "", {"relay"}),
-    "sequential-cone": ("ha", "hb", "", {"relay"}),
+    "sequential-cone": ("ha", "hb", "", {"udp_punch"}),  # B punches the ports A's NAT will give next
     "udp-blocked": ("ha", "hb", "", {"tcp_punch"}),
     "one-public": ("ha", "hb", "", {"tcp_punch", "udp_punch"}),
     "ipv6": ("ha", "hb", "", {"ipv6"}),
