@@ -30,7 +30,6 @@ from agent.control.coordinator import Coordinator
 from agent.control.live_config import CONFIG_FILE, LiveConfig
 from agent.control.pins import PINS_FILE, PinMismatch, PinnedKeys, PinStore, ServerPins
 from agent.identity import Identity
-from agent.nat.behavior import NatBehavior
 from agent.nat.watch_core import REMOTE_JITTER, NetworkChanged
 from agent.refs import LocalRef, Ref
 from agent.runtime_paths import control_socket, sessions_socket
@@ -38,6 +37,7 @@ from agent.session.seen import SeenPeers
 from agent.strategies import registry
 from agent.strategies.base import StrategyEnv
 from agent.wire.addr import split_host_port
+from agent.wire.nat_behavior import NatBehavior
 from agent.wire.ports import RENDEZVOUS_PORT
 
 log = logging.getLogger(__name__)

@@ -234,7 +234,7 @@ FILTERING_WORDS = {
 
 
 def _behavior_lines(nat: dict[str, Any]) -> list[str]:
-    """UDP mapping, port allocation and filtering, as agent/nat/behavior.py measured them."""
+    """UDP mapping, port allocation and filtering, as agent/wire/nat_behavior.py measured them."""
     b = nat.get("behavior") or {}
     if b.get("udp_blocked"):
         return ["udp mapping   -  (UDP does not get through)", "filtering     -"]

@@ -36,7 +36,6 @@ from agent.control.pins import PinMismatch, PinnedKeys, PinStore
 from agent.control.plan import Policy, Strategy
 from agent.control.race import VERSION, Race, SessionPlan, ms_since
 from agent.identity import Identity, IdentityCache
-from agent.nat.behavior import NatBehavior
 from agent.nat.watch import interface_addresses
 from agent.nat.watch_core import usable_addresses
 from agent.proto import rendezvous_pb2 as pb
@@ -47,6 +46,7 @@ from agent.strategies.base import Remote
 from agent.wire import addr as addrmod
 from agent.wire.addr import AddressError, split_host_port
 from agent.wire.handshake import HandshakeError, trusted_peer_key
+from agent.wire.nat_behavior import NatBehavior
 from agent.wire.peer_ids import fingerprint, parse_peer_spec, spec_for
 from agent.wire.ports import DIRECT_PORT, RENDEZVOUS_PORT
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from agent.nat.behavior import UNMEASURED, NatBehavior, punch_outlook, tcp_outlook
 from agent.proto import rendezvous_pb2 as pb
+from agent.wire.nat_behavior import UNMEASURED, NatBehavior, punch_outlook, tcp_outlook
 
 
 class Strategy(enum.StrEnum):
@@ -96,7 +96,7 @@ class Situation:
     """The user named the peer by IP[:PORT] (direct-server port): no rendezvous at all."""
     our_behavior: NatBehavior = UNMEASURED
     peer_behavior: NatBehavior = UNMEASURED
-    """What each NAT does with UDP (agent/nat/behavior.py): whether a punch can meet at all."""
+    """What each NAT does with UDP (agent/wire/nat_behavior.py): whether a punch can meet at all."""
 
 
 @dataclass(frozen=True)

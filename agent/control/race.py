@@ -26,7 +26,6 @@ from typing import Any, Protocol, TypeVar
 
 from agent.control.pins import PinMismatch, PinStore
 from agent.control.plan import DIRECT_BUDGET, LAN_BUDGET, PUNCH_BUDGET, Mode, Policy, Situation, Strategy, make_plan
-from agent.nat.behavior import NatBehavior, predicted_ports
 from agent.proto import rendezvous_pb2 as pb
 from agent.refs import Ref
 from agent.rendezvous.requests import (
@@ -47,6 +46,7 @@ from agent.strategies.udp_punch import UdpDial, UdpPunchRemote
 from agent.wire import addr as addrmod
 from agent.wire import signing
 from agent.wire.handshake import HandshakeError
+from agent.wire.nat_behavior import NatBehavior, predicted_ports
 from agent.wire.peer_ids import PeerSpec, fingerprint
 
 

@@ -5,7 +5,7 @@ then, from the same local address, to the NAT-test port; the server reports the
 source port it saw each time. UDP mapping probe (RustDesk `test_udp_uat`): a
 padded TestNatRequest over UDP from a fresh socket; the server answers with the
 mapped UDP port (our server never answers a UDP source with more bytes than it
-sent, hence the padding). UDP behaviour probe (ours; agent/nat/behavior.py says what
+sent, hence the padding). UDP behaviour probe (ours; agent/wire/nat_behavior.py says what
 it decides): two sockets ask both server ports in turn (mapping, allocation), a
 third asks for an answer from the other port (filtering). Every network step has its own timeout and every
 failure ends up as a one-line error in the Verdict, never as an exception.
@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 from agent.common.netutil import describe_error
-from agent.nat.behavior import MappingSample, NatBehavior, classify
 from agent.nat.probe_core import (
     NatType,
     TcpObservation,
@@ -36,6 +35,7 @@ from agent.proto import rendezvous_pb2 as pb
 from agent.wire import messages
 from agent.wire.frames import FrameDecoder, FrameError, encode_frame
 from agent.wire.messages import MessageError
+from agent.wire.nat_behavior import MappingSample, NatBehavior, classify
 
 log = logging.getLogger("punchthrough.nat_probe")
 

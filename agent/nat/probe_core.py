@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from agent.nat.behavior import UNMEASURED, NatBehavior
 from agent.proto import rendezvous_pb2 as pb
+from agent.wire.nat_behavior import UNMEASURED, NatBehavior
 
 
 class NatType(IntEnum):
@@ -104,7 +104,7 @@ class Verdict:
     udp_public_ip: str = ""
     server_rtt_ms: float | None = None
     behavior: NatBehavior = UNMEASURED
-    """What the NAT does with UDP: mapping, allocation, filtering (agent/nat/behavior.py)."""
+    """What the NAT does with UDP: mapping, allocation, filtering (agent/wire/nat_behavior.py)."""
 
     @property
     def nat_name(self) -> str:

@@ -81,13 +81,13 @@ from typing import Any, Literal, Protocol
 from nacl.signing import SigningKey
 
 from agent.common.stats import DropStats
-from agent.nat.behavior import UNMEASURED, NatBehavior, punch_outlook, tcp_outlook
 from agent.proto import rendezvous_pb2 as pb
 from agent.servers.registry import PeerRow
 from agent.wire import addr as addrmod
 from agent.wire import messages, signing
 from agent.wire.addr import IPAddress, SockAddr, to_v4_if_mapped
 from agent.wire.keys import public_key_b64, sign_id_pk
+from agent.wire.nat_behavior import UNMEASURED, NatBehavior, punch_outlook, tcp_outlook
 from agent.wire.peer_ids import derive_id
 
 log = logging.getLogger("punchthrough.rendezvous")
@@ -210,7 +210,7 @@ class Peer:
     last_reg: float = -math.inf
     nat_type: int = pb.UNKNOWN_NAT
     behavior: NatBehavior = UNMEASURED
-    """What its NAT does with UDP, from its RegisterPeer (agent/nat/behavior.py)."""
+    """What its NAT does with UDP, from its RegisterPeer (agent/wire/nat_behavior.py)."""
     pk_count: int = 0
     pk_time: float = -math.inf
     push_tokens: float = -1.0  # < 0: full bucket on first use

@@ -149,7 +149,7 @@ async def punch(
     socket to a new port for us, and a full cone on our side lets that port in (RustDesk
     gives up when either side is symmetric). Otherwise datagrams from any other source are
     ignored. `also` (with `peer_reflexive`): more of the peer's addresses to punch each round, the
-    ports its sequential NAT will give it next (agent/nat/behavior.py predicted_ports): the peer's
+    ports its sequential NAT will give it next (agent/wire/nat_behavior.py predicted_ports): the peer's
     packets come from one of them, and our NAT lets them in only once we have sent there. Raises
     PunchTimeout after `schedule.deadline` seconds.
     """

@@ -30,7 +30,6 @@ from typing import Any
 from agent.common.netutil import describe_error
 from agent.common.tasks import TaskSet
 from agent.kcp.stream import KcpError, KcpTransport
-from agent.nat.behavior import PREDICTED_PORTS, NatBehavior, predicted_ports
 from agent.proto import rendezvous_pb2 as pb
 from agent.strategies.base import CANCELLED, Answer, Remote, Result
 from agent.strategies.handover import handover
@@ -39,6 +38,7 @@ from agent.strategies.tracking import Tracked
 from agent.wire import addr as addrmod
 from agent.wire import messages
 from agent.wire.addr import SockAddr
+from agent.wire.nat_behavior import PREDICTED_PORTS, NatBehavior, predicted_ports
 
 PROBE_PADDING = 32
 PROBE_GIVE_UP = 2.0

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from agent.nat.behavior import NatBehavior
 from agent.nat.probe import NatProbe, measure_nat, udp_behavior_probe, udp_mapping_probe
 from agent.nat.probe_core import NatType
 from agent.proto import rendezvous_pb2 as pb
 from agent.servers.rendezvous_server import RendezvousConfig, RendezvousServer, start_rendezvous
 from agent.wire import messages
+from agent.wire.nat_behavior import NatBehavior
 
 NB = pb.NatBehavior
 

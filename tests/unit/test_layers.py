@@ -27,6 +27,7 @@ CORES = {
     "agent.wire.signing",
     "agent.wire.keys",
     "agent.wire.peer_ids",
+    "agent.wire.nat_behavior",
     "agent.wire.handshake",
     "agent.wire.secure_channel",
     "agent.common.stats",

@@ -1,4 +1,4 @@
-"""NAT behaviour from the probe's answers, and what two behaviours allow (agent/nat/behavior.py)."""
+"""NAT behaviour from the probe's answers, and what two behaviours allow (agent/wire/nat_behavior.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.nat.behavior import MAX_STEP, MappingSample, NatBehavior, classify, punch_outlook, tcp_outlook
 from agent.proto import rendezvous_pb2 as pb
+from agent.wire.nat_behavior import MAX_STEP, MappingSample, NatBehavior, classify, punch_outlook, tcp_outlook
 
 NB = pb.NatBehavior
 L0, L1 = 40001, 40002  # the two sockets' local ports

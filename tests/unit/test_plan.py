@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.control.plan import RELAY_STAGGER, RELAY_STAGGER_LONG_SHOT, Mode, Policy, Situation, Strategy, make_plan
-from agent.nat.behavior import NatBehavior
 from agent.proto import rendezvous_pb2 as pb
+from agent.wire.nat_behavior import NatBehavior
 
 NB = pb.NatBehavior
 CONE = NatBehavior(NB.ENDPOINT_INDEPENDENT, NB.PRESERVING, 0, NB.PORT_DEPENDENT)
