@@ -21,6 +21,7 @@ from typing import Any, get_type_hints
 
 from agent.control.plan import POLICY_WORDS, Policy
 from agent.placement import PLACEMENTS
+from agent.strategies.birthday_core import Budget
 from agent.wire.addr import AddressError, shown, split_host_port
 from agent.wire.peer_ids import parse_peer_spec
 from agent.wire.ports import RELAY_PORT, RENDEZVOUS_PORT
@@ -57,6 +58,15 @@ class AgentSection:
     link_idle: float = 300.0
     """Seconds a link to a peer is kept once its last stream ended, so the next `pipe` or `-L`
     connection to that peer opens in one round trip; 0 ends a link with its last stream."""
+    birthday_sockets: int = 256
+    """Birthday probing (a random-port symmetric NAT facing a cone, while the link runs on the relay):
+    mappings the symmetric side opens, one UDP socket each (1-1024)."""
+    birthday_probes: int = 2000
+    """... ports the cone side tries, each once (1-64512)."""
+    birthday_rate: float = 1000.0
+    """... probes per second."""
+    birthday_interval: float = 30.0
+    """... at most once per peer per this many seconds (0: never probe)."""
 
 
 @dataclass
@@ -96,6 +106,10 @@ class Config:
     embedded: EmbeddedSection = field(default_factory=EmbeddedSection)
     ray: RaySection = field(default_factory=RaySection)
 
+    def birthday_budget(self) -> Budget:
+        a = self.agent
+        return Budget(sockets=a.birthday_sockets, probes=a.birthday_probes, rate=a.birthday_rate)
+
     def validate(self) -> Config:
         try:
             if not self.agent.path.strip():
@@ -128,6 +142,13 @@ class Config:
         idle = self.agent.link_idle
         if not (math.isfinite(idle) and idle >= 0):
             raise ConfigError(f"agent.link_idle must be 0 or a positive number of seconds, got {idle}")
+        try:
+            self.birthday_budget()
+        except ValueError as exc:
+            raise ConfigError(f"agent.{exc}") from None
+        if not (math.isfinite(self.agent.birthday_interval) and self.agent.birthday_interval >= 0):
+            raise ConfigError(f"agent.birthday_interval must be 0 or a positive number of seconds, got "
+                              f"{self.agent.birthday_interval}")
         timeout = self.agent.connect_timeout
         if not (math.isfinite(timeout) and timeout > 0):
             raise ConfigError(f"agent.connect_timeout must be a positive number of seconds, got {timeout}")

@@ -203,10 +203,12 @@ class RegistrarComponent:
         self.nat_behavior = NatBehavior(**status.get("nat_behavior") or {})
 
     async def _follow_nat(self) -> None:
+        """Every 5 s; every 0.5 s until the first behaviour is known, so the server has it (it sends a
+        pair that no punch can meet to the relay at once) a moment after the first measurement."""
         while True:
             with contextlib.suppress(Exception):
                 self._follow(await self.nat_probe.call("status"))
-            await asyncio.sleep(5)
+            await asyncio.sleep(5 if self.nat_behavior.known else 0.5)
 
     async def start(self) -> None:
         await self.registrar.start()
@@ -229,6 +231,8 @@ def strategy_env(rt: Runtime) -> StrategyEnv:
         relay_key=rt.cfg.agent.relay_key,
         direct_port=rt.cfg.agent.direct_port,
         bind=rt.cfg.embedded.bind,
+        birthday=rt.cfg.birthday_budget(),
+        birthday_interval=rt.cfg.agent.birthday_interval,
     )
 
 

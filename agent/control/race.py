@@ -46,7 +46,7 @@ from agent.strategies.udp_punch import UdpDial, UdpPunchRemote
 from agent.wire import addr as addrmod
 from agent.wire import signing
 from agent.wire.handshake import HandshakeError
-from agent.wire.nat_behavior import NatBehavior, predicted_ports
+from agent.wire.nat_behavior import NatBehavior, birthday_role, predicted_ports, punch_outlook
 from agent.wire.peer_ids import PeerSpec, fingerprint
 
 
@@ -290,6 +290,7 @@ class Race:
                     udp_port=port,
                     signer=coord.signer(),
                     nat_behavior=await coord.our_nat_behavior(),
+                    direct_only=self.policy.mode is Mode.DIRECT_ONLY,
                 ),
             )
             if res is None:
@@ -307,10 +308,18 @@ class Race:
             peer_sockaddr = addrmod.decode(bytes(resp.socket_addr))
             # a sequential NAT on the peer's side: punch where it will map the peer's socket next too
             ours = NatBehavior.from_pb(pb.NatBehavior.FromString(await coord.our_nat_behavior()))
-            predict = predicted_ports(peer_sockaddr.port, NatBehavior.from_pb(resp.nat_behavior), ours)
+            theirs = NatBehavior.from_pb(resp.nat_behavior)
+            predict = predicted_ports(peer_sockaddr.port, theirs, ours)
+            # the server asked the peer for birthday probing (a direct-only request: a link on the relay
+            # looking for a direct path, and NATs that call for it): we take our part in it
+            birthday = (birthday_role(ours, theirs) or "") if resp.birthday else ""
+            outlook = punch_outlook(ours, theirs)
+            if not birthday and not outlook.possible:  # the server did not know: the peer's answer tells us
+                self._record("udp_punch", Outcome.SKIPPED, f"cannot meet: {outlook.how}")
+                return
             meta = {"peer_pk": pk, "key_source": source}
             dial = await self.udp_punch.dial(
-                UdpDial(self.sid, str(peer_sockaddr), PUNCH_BUDGET, meta, tuple(predict))
+                UdpDial(self.sid, str(peer_sockaddr), PUNCH_BUDGET, meta, tuple(predict), birthday)
             )
             if dial.ok:
                 self.handed.add("udp_punch")
@@ -340,6 +349,7 @@ class Race:
                 socket_addr_v6=our_v6,
                 signer=coord.signer(),
                 nat_behavior=our_behavior,
+                direct_only=self.policy.mode is Mode.DIRECT_ONLY,
             )
         except (PeerUnavailable, RelayRefused) as exc:
             self._fail("tcp_punch", str(exc))

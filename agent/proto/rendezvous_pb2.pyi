@@ -130,7 +130,7 @@ class ControlledContext(_message.Message):
     def __init__(self, conn_audit_ref: _Optional[str] = ...) -> None: ...
 
 class PunchHoleRequest(_message.Message):
-    __slots__ = ("id", "nat_type", "licence_key", "conn_type", "token", "version", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "switch_code", "requester_id", "request_time_ms", "request_nonce", "requester_pk", "requester_salt", "nat_behavior")
+    __slots__ = ("id", "nat_type", "licence_key", "conn_type", "token", "version", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "switch_code", "requester_id", "request_time_ms", "request_nonce", "requester_pk", "requester_salt", "nat_behavior", "direct_only")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAT_TYPE_FIELD_NUMBER: _ClassVar[int]
     LICENCE_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class PunchHoleRequest(_message.Message):
     REQUESTER_PK_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_SALT_FIELD_NUMBER: _ClassVar[int]
     NAT_BEHAVIOR_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_ONLY_FIELD_NUMBER: _ClassVar[int]
     id: str
     nat_type: NatType
     licence_key: str
@@ -165,10 +166,11 @@ class PunchHoleRequest(_message.Message):
     requester_pk: bytes
     requester_salt: int
     nat_behavior: NatBehavior
-    def __init__(self, id: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., licence_key: _Optional[str] = ..., conn_type: _Optional[_Union[ConnType, str]] = ..., token: _Optional[str] = ..., version: _Optional[str] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., switch_code: _Optional[str] = ..., requester_id: _Optional[str] = ..., request_time_ms: _Optional[int] = ..., request_nonce: _Optional[bytes] = ..., requester_pk: _Optional[bytes] = ..., requester_salt: _Optional[int] = ..., nat_behavior: _Optional[_Union[NatBehavior, _Mapping]] = ...) -> None: ...
+    direct_only: bool
+    def __init__(self, id: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., licence_key: _Optional[str] = ..., conn_type: _Optional[_Union[ConnType, str]] = ..., token: _Optional[str] = ..., version: _Optional[str] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., switch_code: _Optional[str] = ..., requester_id: _Optional[str] = ..., request_time_ms: _Optional[int] = ..., request_nonce: _Optional[bytes] = ..., requester_pk: _Optional[bytes] = ..., requester_salt: _Optional[int] = ..., nat_behavior: _Optional[_Union[NatBehavior, _Mapping]] = ..., direct_only: _Optional[bool] = ...) -> None: ...
 
 class PunchHole(_message.Message):
-    __slots__ = ("socket_addr", "relay_server", "nat_type", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "control_permissions", "controlled_context", "requester_id", "requester_pk", "answer_token", "nat_behavior")
+    __slots__ = ("socket_addr", "relay_server", "nat_type", "udp_port", "force_relay", "upnp_port", "socket_addr_v6", "control_permissions", "controlled_context", "requester_id", "requester_pk", "answer_token", "nat_behavior", "birthday")
     SOCKET_ADDR_FIELD_NUMBER: _ClassVar[int]
     RELAY_SERVER_FIELD_NUMBER: _ClassVar[int]
     NAT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +184,7 @@ class PunchHole(_message.Message):
     REQUESTER_PK_FIELD_NUMBER: _ClassVar[int]
     ANSWER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NAT_BEHAVIOR_FIELD_NUMBER: _ClassVar[int]
+    BIRTHDAY_FIELD_NUMBER: _ClassVar[int]
     socket_addr: bytes
     relay_server: str
     nat_type: NatType
@@ -195,7 +198,8 @@ class PunchHole(_message.Message):
     requester_pk: bytes
     answer_token: bytes
     nat_behavior: NatBehavior
-    def __init__(self, socket_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., control_permissions: _Optional[_Union[ControlPermissions, _Mapping]] = ..., controlled_context: _Optional[_Union[ControlledContext, _Mapping]] = ..., requester_id: _Optional[str] = ..., requester_pk: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ..., nat_behavior: _Optional[_Union[NatBehavior, _Mapping]] = ...) -> None: ...
+    birthday: bool
+    def __init__(self, socket_addr: _Optional[bytes] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., udp_port: _Optional[int] = ..., force_relay: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., control_permissions: _Optional[_Union[ControlPermissions, _Mapping]] = ..., controlled_context: _Optional[_Union[ControlledContext, _Mapping]] = ..., requester_id: _Optional[str] = ..., requester_pk: _Optional[bytes] = ..., answer_token: _Optional[bytes] = ..., nat_behavior: _Optional[_Union[NatBehavior, _Mapping]] = ..., birthday: _Optional[bool] = ...) -> None: ...
 
 class TestNatRequest(_message.Message):
     __slots__ = ("serial", "padding", "answer_from_other_port")
@@ -300,7 +304,7 @@ class RegisterPkResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[RegisterPkResponse.Result, str]] = ..., keep_alive: _Optional[int] = ..., challenge: _Optional[bytes] = ..., server_key: _Optional[bytes] = ...) -> None: ...
 
 class PunchHoleResponse(_message.Message):
-    __slots__ = ("socket_addr", "pk", "failure", "relay_server", "nat_type", "is_local", "other_failure", "feedback", "is_udp", "upnp_port", "socket_addr_v6", "nat_behavior")
+    __slots__ = ("socket_addr", "pk", "failure", "relay_server", "nat_type", "is_local", "other_failure", "feedback", "is_udp", "upnp_port", "socket_addr_v6", "nat_behavior", "birthday")
     class Failure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ID_NOT_EXIST: _ClassVar[PunchHoleResponse.Failure]
@@ -323,6 +327,7 @@ class PunchHoleResponse(_message.Message):
     UPNP_PORT_FIELD_NUMBER: _ClassVar[int]
     SOCKET_ADDR_V6_FIELD_NUMBER: _ClassVar[int]
     NAT_BEHAVIOR_FIELD_NUMBER: _ClassVar[int]
+    BIRTHDAY_FIELD_NUMBER: _ClassVar[int]
     socket_addr: bytes
     pk: bytes
     failure: PunchHoleResponse.Failure
@@ -335,7 +340,8 @@ class PunchHoleResponse(_message.Message):
     upnp_port: int
     socket_addr_v6: bytes
     nat_behavior: NatBehavior
-    def __init__(self, socket_addr: _Optional[bytes] = ..., pk: _Optional[bytes] = ..., failure: _Optional[_Union[PunchHoleResponse.Failure, str]] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., is_local: _Optional[bool] = ..., other_failure: _Optional[str] = ..., feedback: _Optional[int] = ..., is_udp: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., nat_behavior: _Optional[_Union[NatBehavior, _Mapping]] = ...) -> None: ...
+    birthday: bool
+    def __init__(self, socket_addr: _Optional[bytes] = ..., pk: _Optional[bytes] = ..., failure: _Optional[_Union[PunchHoleResponse.Failure, str]] = ..., relay_server: _Optional[str] = ..., nat_type: _Optional[_Union[NatType, str]] = ..., is_local: _Optional[bool] = ..., other_failure: _Optional[str] = ..., feedback: _Optional[int] = ..., is_udp: _Optional[bool] = ..., upnp_port: _Optional[int] = ..., socket_addr_v6: _Optional[bytes] = ..., nat_behavior: _Optional[_Union[NatBehavior, _Mapping]] = ..., birthday: _Optional[bool] = ...) -> None: ...
 
 class ConfigUpdate(_message.Message):
     __slots__ = ("serial", "rendezvous_servers")

@@ -232,6 +232,7 @@ async def punch_hole_exchange(
     resend_after: Sequence[float] = (3.0, 6.0),
     signer: Signer | None = None,
     nat_behavior: bytes = b"",
+    direct_only: bool = False,
 ) -> PunchResult:
     """PunchHoleRequest on a fresh connection; the answer plus the local address it came from.
 
@@ -249,6 +250,7 @@ async def punch_hole_exchange(
         udp_port=udp_port,
         force_relay=force_relay,
         socket_addr_v6=socket_addr_v6,
+        direct_only=direct_only,
     )
     req.nat_behavior.ParseFromString(nat_behavior)
     loop = asyncio.get_running_loop()

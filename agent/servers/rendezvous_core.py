@@ -87,7 +87,7 @@ from agent.wire import addr as addrmod
 from agent.wire import messages, signing
 from agent.wire.addr import IPAddress, SockAddr, to_v4_if_mapped
 from agent.wire.keys import public_key_b64, sign_id_pk
-from agent.wire.nat_behavior import UNMEASURED, NatBehavior, punch_outlook, tcp_outlook
+from agent.wire.nat_behavior import UNMEASURED, NatBehavior, birthday_role, punch_outlook, tcp_outlook
 from agent.wire.peer_ids import derive_id
 
 log = logging.getLogger("punchthrough.rendezvous")
@@ -243,6 +243,8 @@ class Pending:
     """B's answer must echo this (it went to B only, inside the push)."""
     answer_ip: str = ""
     """Where the push went: an unsigned (RustDesk) B, which echoes no token, must answer from there."""
+    birthday: bool = False
+    """B was asked to meet A by birthday probing: A's answer says so, and A takes its part."""
     host_alias: IPAddress | None = None
     """B shares the server's host and speaks to it over loopback: A reached the server, so B, at this
     address (B's answers from 127.0.0.1 are rewritten to it, port kept)."""
@@ -702,6 +704,7 @@ class RendezvousCore:
             is_udp=True,
             socket_addr_v6=_v6(phs.socket_addr_v6),
             nat_behavior=NatBehavior.from_pb(phs.nat_behavior).to_pb(),
+            birthday=p.birthday,
         )
         return [SendTcp(p.conn, messages.build(punch_hole_response=resp))]
 
@@ -854,15 +857,27 @@ class RendezvousCore:
                 pending.host_alias = here
         mangled_a = self._mangle(a, now)
         a_v6 = _v6(req.socket_addr_v6)
+        a_behavior = NatBehavior.from_pb(req.nat_behavior)
+        birthday = False
         if req.force_relay or self.always_relay:
             decision = "relay"
         elif a.ip == peer.addr.ip:
             decision = "lan"
-        elif req.nat_type == pb.SYMMETRIC and peer.nat_type == pb.SYMMETRIC and not a_v6:
-            decision = "relay"  # no IPv4 punch can work; with an IPv6 offer both may still go direct
-        elif not a_v6 and not self._can_punch(req.nat_type, NatBehavior.from_pb(req.nat_behavior), peer):
+        elif not a_v6 and (
+            (req.nat_type == pb.SYMMETRIC and peer.nat_type == pb.SYMMETRIC)  # no IPv4 punch can work (an
+            or not self._can_punch(req.nat_type, a_behavior, peer)  # IPv6 offer may still go direct)
+        ):
             decision = "relay"
-            self.events["punch_relay_by_behavior"] += 1
+            if req.direct_only:  # a link on the relay looks for a direct path: only birthday probing is left
+                if udp_port and birthday_role(a_behavior, peer.behavior) is not None:
+                    decision, birthday = "punch", True
+                    pending.birthday = True
+                    self.events["punch_birthday"] += 1
+                else:
+                    self.events["punch_direct_only_hopeless"] += 1
+                    return fail(Failure.ID_NOT_EXIST, "no direct path can meet between these two NATs")
+            elif req.nat_type != pb.SYMMETRIC or peer.nat_type != pb.SYMMETRIC:
+                self.events["punch_relay_by_behavior"] += 1
         else:
             decision = "punch"
         self.events[f"punch_{decision}"] += 1
@@ -891,7 +906,8 @@ class RendezvousCore:
                 udp_port=udp_port,
                 force_relay=req.force_relay,
                 socket_addr_v6=a_v6,
-                nat_behavior=NatBehavior.from_pb(req.nat_behavior).to_pb(),
+                nat_behavior=a_behavior.to_pb(),
+                birthday=birthday,
             )
         self._park(conn, a, pending)
         return [self._push(peer, member, push, requester, token)]

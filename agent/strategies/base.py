@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.refs import Ref
+from agent.strategies.birthday_core import Budget
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class StrategyEnv:
     direct_port: int = 0
     bind: str = "0.0.0.0"
     version: str = "punchthrough"
+    birthday: Budget = field(default_factory=Budget)
+    birthday_interval: float = 30.0
 
 
 class Component(Protocol):

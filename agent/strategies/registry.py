@@ -38,7 +38,13 @@ BUILTIN: tuple[StrategyEntry, ...] = (
     StrategyEntry(
         "tcp_punch", lambda env: TcpDirectStrategy("tcp_punch", env.sessions_socket, env.server), TcpDirectRemote
     ),
-    StrategyEntry("udp_punch", lambda env: UdpPunchStrategy(env.sessions_socket, env.server), UdpPunchRemote),
+    StrategyEntry(
+        "udp_punch",
+        lambda env: UdpPunchStrategy(
+            env.sessions_socket, env.server, birthday_budget=env.birthday, birthday_interval=env.birthday_interval
+        ),
+        UdpPunchRemote,
+    ),
     StrategyEntry("ipv6", lambda env: Ipv6Strategy(env.sessions_socket), Ipv6Remote),
     StrategyEntry(
         "direct",

@@ -31,19 +31,24 @@ from agent.common.netutil import describe_error
 from agent.common.tasks import TaskSet
 from agent.kcp.stream import KcpError, KcpTransport
 from agent.proto import rendezvous_pb2 as pb
+from agent.strategies import birthday
 from agent.strategies.base import CANCELLED, Answer, Remote, Result
+from agent.strategies.birthday_core import Budget, Limiter, probe_ports
 from agent.strategies.handover import handover
-from agent.strategies.punch_schedule import PunchSchedule, PunchTimeout, punch
+from agent.strategies.punch_schedule import PunchResult, PunchSchedule, PunchTimeout, punch
 from agent.strategies.tracking import Tracked
 from agent.wire import addr as addrmod
 from agent.wire import messages
 from agent.wire.addr import SockAddr
-from agent.wire.nat_behavior import PREDICTED_PORTS, NatBehavior, predicted_ports
+from agent.wire.nat_behavior import PREDICTED_PORTS, NatBehavior, birthday_role, predicted_ports
 
 PROBE_PADDING = 32
 PROBE_GIVE_UP = 2.0
 MAX_PREPARED = 64
 MAX_TRANSPORTS = 256
+BIRTHDAY_GRACE = 2.0
+"""Seconds either side waits beyond the probing for the answer that meets (a WAN round trip or more)."""
+BIRTHDAY_KCP_BUDGET = 3.0
 CLOSE_LINGER = 2.0
 """A finished KCP transport keeps its socket this long (a late duplicate FIN still gets its RST)."""
 
@@ -58,13 +63,25 @@ class UdpDial:
     meta: dict[str, Any]
     predict: tuple[int, ...] = ()
     """More ports of the peer's IP to punch: where its sequential NAT maps its punch socket next."""
+    birthday: str = ""
+    """"spray" or "probe": meet a random-port symmetric NAT by birthday probing (birthday_core)."""
 
 
 class UdpPunchStrategy(Tracked):
     name = "udp_punch"
 
-    def __init__(self, sessions_socket: Path, server: tuple[str, int], version: str = "punchthrough") -> None:
+    def __init__(
+        self,
+        sessions_socket: Path,
+        server: tuple[str, int],
+        version: str = "punchthrough",
+        birthday_budget: Budget | None = None,
+        birthday_interval: float = 30.0,
+    ) -> None:
         super().__init__()
+        self.birthday_budget = birthday_budget or Budget()
+        self.birthday_limiter = Limiter(per_peer_interval=birthday_interval)
+        self.birthdays = {"tried": 0, "met": 0}
         self.sessions_socket = sessions_socket
         self.server = server
         self.version = version
@@ -81,6 +98,11 @@ class UdpPunchStrategy(Tracked):
             "attempts": self.attempts,
             "failures": self.failures,
             "predicted": self.predicted,
+            "birthday": {
+                **self.birthdays,
+                "refused": self.birthday_limiter.refused,
+                "budget": self.birthday_budget.describe(),
+            },
             "kcp_sessions": len(self._transports),
             "kcp": [dataclasses.asdict(t.stats()) for t in list(self._transports)[:16]],
         }
@@ -153,6 +175,8 @@ class UdpPunchStrategy(Tracked):
         sock = self._prepared.pop(req.session, None)
         if sock is None:
             return Result.failed("udp_punch: no UDP socket prepared")
+        if req.birthday in ("spray", "probe"):
+            return await self._birthday(sock, req.session, req.peer_addr, req.birthday, req.meta, listen=False)
         return await self._run(
             sock, req.session, req.peer_addr, req.budget, req.meta, listen=False, predict=req.predict
         )
@@ -177,6 +201,12 @@ class UdpPunchStrategy(Tracked):
         )
         sent.nat_behavior.ParseFromString(req.nat_behavior)
         datagram = messages.build(punch_hole_sent=sent)
+        ours = NatBehavior.from_pb(pb.NatBehavior.FromString(req.nat_behavior))
+        theirs = NatBehavior.from_pb(push.nat_behavior)
+        role = birthday_role(ours, theirs) if push.birthday else None
+        if push.birthday and role is None:
+            sock.close()
+            return Result.failed("udp_punch: asked for birthday probing, but our NATs do not call for it")
         for i in range(3):  # as RustDesk: three copies, 10-29 ms apart (UDP may lose one)
             with contextlib.suppress(OSError):
                 sock.sendto(datagram, server)
@@ -184,9 +214,53 @@ class UdpPunchStrategy(Tracked):
                 await asyncio.sleep(random.uniform(0.01, 0.029))
         a = addrmod.decode(bytes(push.socket_addr))
         peer = f"[{a.ip}]:{push.udp_port}" if a.ip.version == 6 else f"{a.ip}:{push.udp_port}"
-        ours = NatBehavior.from_pb(pb.NatBehavior.FromString(req.nat_behavior))
-        predict = predicted_ports(push.udp_port, NatBehavior.from_pb(push.nat_behavior), ours)
+        if role is not None:
+            return await self._birthday(sock, req.session, peer, role, req.meta, listen=True)
+        predict = predicted_ports(push.udp_port, theirs, ours)
         return await self._run(sock, req.session, peer, req.budget, req.meta, listen=True, predict=tuple(predict))
+
+    async def _birthday(
+        self, sock: socket.socket, session: str, peer_addr: str, role: str, meta: dict[str, Any], listen: bool
+    ) -> Result:
+        """Meet a random-port symmetric NAT (agent/strategies/birthday.py), within the budget and the
+        limiter's pace (a peer we admit, at most once per interval), then KCP as after a punch."""
+        started = time.monotonic()
+        peer = addrmod.parse_sockaddr(peer_addr)
+        key = bytes(meta.get("binding_pk") or meta.get("peer_pk") or b"").hex() or str(peer.ip)
+        refused = self.birthday_limiter.start(key, started) if self.birthday_limiter.per_peer_interval else "off"
+        if refused:
+            sock.close()
+            return Result.failed(f"udp_punch: {refused}")
+        self.attempts += 1
+        self.birthdays["tried"] += 1
+        budget = self.birthday_budget
+        socks = [sock]
+        try:
+            seconds = budget.seconds + BIRTHDAY_GRACE
+            if role == "spray":
+                any_ip = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
+                for _ in range(budget.sockets - 1):
+                    extra = socket.socket(sock.family, socket.SOCK_DGRAM)
+                    socks.append(extra)
+                    extra.bind((any_ip, 0))
+                index, result = await birthday.spray(
+                    socks, peer.as_tuple(), listen=listen, seconds=seconds, refresh=budget.refresh
+                )
+            else:
+                ports = probe_ports(budget.probes, random.SystemRandom())
+                index, result = 0, await birthday.probe(
+                    sock, str(peer.ip), ports, budget.rate, listen=listen, seconds=seconds
+                )
+            won = socks.pop(index)
+        except (PunchTimeout, OSError) as exc:
+            self.failures += 1
+            return Result.failed(f"udp_punch (birthday {role}) with {peer_addr}: {describe_error(exc)}")
+        finally:
+            self.birthday_limiter.done()
+            for other in socks:
+                other.close()
+        self.birthdays["met"] += 1
+        return await self._transport(won, session, result, meta, listen, started, BIRTHDAY_KCP_BUDGET)
 
     # ---- both -----------------------------------------------------------------------------
 
@@ -215,15 +289,33 @@ class UdpPunchStrategy(Tracked):
                 peer_reflexive=True,
                 also=also,
             )
-            left = max(0.5, budget - (time.monotonic() - started))
+        except (PunchTimeout, OSError) as exc:
+            sock.close()
+            self.failures += 1
+            return Result.failed(f"udp_punch to {peer_addr}: {describe_error(exc)}")
+        left = max(0.5, budget - (time.monotonic() - started))
+        return await self._transport(sock, session, result, meta, listen, started, left)
+
+    async def _transport(
+        self,
+        sock: socket.socket,
+        session: str,
+        result: PunchResult,
+        meta: dict[str, Any],
+        listen: bool,
+        started: float,
+        left: float,
+    ) -> Result:
+        """KCP on the punched socket, handed to the session owner; this actor keeps pumping it."""
+        try:
             if listen:
                 transport = await KcpTransport.accept(sock, left, first_datagram=result.first_datagram)
             else:
                 transport = await KcpTransport.connect(sock, result.peer_addr, left)
-        except (PunchTimeout, KcpError, OSError, TimeoutError) as exc:
+        except (KcpError, OSError, TimeoutError) as exc:
             sock.close()
             self.failures += 1
-            return Result.failed(f"udp_punch to {peer_addr}: {describe_error(exc)}")
+            return Result.failed(f"udp_punch to {result.peer_addr[0]}:{result.peer_addr[1]}: {describe_error(exc)}")
         stream = transport.stream_socket()
         notice = transport.notice_socket()
         if len(self._transports) >= MAX_TRANSPORTS:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from agent.proto import rendezvous_pb2 as pb
 
@@ -206,6 +206,26 @@ def punch_outlook(ours: NatBehavior, theirs: NatBehavior, *, predict: bool = Tru
         f"{who} maps per destination with {'random' if sym.allocation == NB.RANDOM else 'unpredictable'} ports "
         "and the other side lets in only the port it sent to",
     )
+
+
+BirthdayRole = Literal["spray", "probe"]
+
+
+def birthday_role(ours: NatBehavior, theirs: NatBehavior) -> BirthdayRole | None:
+    """Our part in birthday probing (agent/strategies/birthday_core.py) with this peer: "spray" (the
+    random-port symmetric side), "probe" (the cone side), or None when it is not the way. A cone that
+    lets any port in needs none (the plain punch meets through the peer-reflexive address)."""
+
+    def random_symmetric(b: NatBehavior) -> bool:
+        return b.symmetric and not b.predictable
+
+    if ours.udp_blocked or theirs.udp_blocked:
+        return None
+    if random_symmetric(ours) and theirs.cone and theirs.filtering != NB.OPEN:
+        return "spray"
+    if ours.cone and ours.filtering != NB.OPEN and random_symmetric(theirs):
+        return "probe"
+    return None
 
 
 def tcp_outlook(our_nat: int, peer_nat: int, ours: NatBehavior, theirs: NatBehavior) -> Outlook:

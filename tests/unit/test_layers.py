@@ -44,6 +44,7 @@ CORES = {
     "agent.link.mux_core",
     "agent.link.stream_open",
     "agent.link.resend_core",
+    "agent.strategies.birthday_core",
 }
 """The pure cores: decisions and codecs that tests drive with plain values (time passed in)."""
 NOT_IN_A_CORE = {"asyncio", "socket", "selectors", "ssl", "time", "threading", "subprocess", "ray"}
