@@ -254,7 +254,8 @@ class UdpPunchStrategy(Tracked):
             won = socks.pop(index)
         except (PunchTimeout, OSError) as exc:
             self.failures += 1
-            return Result.failed(f"udp_punch (birthday {role}) with {peer_addr}: {describe_error(exc)}")
+            why = str(exc) if isinstance(exc, PunchTimeout) else describe_error(exc)
+            return Result.failed(f"udp_punch (birthday {role}) with {peer_addr}: {why}")
         finally:
             self.birthday_limiter.done()
             for other in socks:

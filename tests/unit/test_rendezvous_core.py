@@ -1306,3 +1306,46 @@ def test_an_answer_from_the_other_port_goes_to_the_asker_and_is_never_larger() -
     bare = messages.build(test_nat_request=pb.TestNatRequest(answer_from_other_port=True))
     assert h.udp(B_UDP, 0, raw=bare) == []  # an unpadded request would be outgrown by its answer
     assert h.drops() == {"reply_larger_than_request": 1}
+
+
+# --------------------------------------------------------------------------- direct-only requests, birthday
+
+
+def _b_behind(h: Harness, nat: int, behavior: Any) -> None:
+    assert h.register() == R.OK
+    rp = pb.RegisterPeer(id=B_ID, nat_type=nat)  # type: ignore[arg-type]
+    rp.nat_behavior.CopyFrom(behavior)
+    only(h.udp(B_UDP, register_peer=rp), SendUdp)
+
+
+def test_a_direct_only_request_that_no_punch_can_meet_is_answered_not_relayed() -> None:
+    """A link on the relay looking for a direct path must not make the server push B a relay it will
+    never use: both symmetric, nothing to do but say so."""
+    h = Harness()
+    _b_behind(h, pb.SYMMETRIC, SYM_RANDOM)
+    req = pb.PunchHoleRequest(id=B_ID, nat_type=pb.SYMMETRIC, udp_port=4000, direct_only=True, nat_behavior=SYM_RANDOM)
+    acts = h.ask(A_CONN, A_TCP, punch_hole_request=req)
+    assert refusal(acts) == "no direct path can meet between these two NATs"
+    assert not [a for a in acts if isinstance(a, SendUdp)]
+    assert h.core.events["punch_direct_only_hopeless"] == 1
+
+
+def test_a_direct_only_request_between_a_cone_and_a_random_symmetric_nat_asks_for_birthday_probing() -> None:
+    h = Harness()
+    _b_behind(h, pb.SYMMETRIC, SYM_RANDOM)
+    req = pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC, udp_port=4000, direct_only=True, nat_behavior=CONE)
+    kind, push = pushed(only(h.ask(A_CONN, A_TCP, punch_hole_request=req), SendUdp))
+    assert (kind, push.birthday, push.udp_port) == ("punch_hole", True, 4000)
+    # B's UDP answer: A hears that B was asked for birthday probing
+    sent = pb.PunchHoleSent(socket_addr=push.socket_addr, id=B_ID, answer_token=push.answer_token)
+    acts = h.udp(sa("198.51.100.7:40999"), raw=messages.build(punch_hole_sent=sent))
+    resp = parsed(only(acts, SendTcp).payload)[1]
+    assert (resp.is_udp, resp.birthday) == (True, True)
+    # without our UDP port (the TCP request of the same race) there is nothing to probe with
+    tcp_req = pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC, direct_only=True, nat_behavior=CONE)
+    assert refusal(h.ask(A_CONN + 1, sa("203.0.113.5:50002"), punch_hole_request=tcp_req)).startswith("no direct")
+    # and a request that takes the relay is relayed at once, as before
+    plain = pb.PunchHoleRequest(id=B_ID, nat_type=pb.ASYMMETRIC, udp_port=4000, nat_behavior=CONE)
+    assert pushed(only(h.ask(A_CONN + 2, sa("203.0.113.5:50003"), punch_hole_request=plain), SendUdp))[0] == (
+        "request_relay"
+    )
