@@ -544,6 +544,7 @@ class Race:
             self._record("relay", Outcome.ERROR, f"relay ticket from the rendezvous server: {exc}")
             return
         self.keys["relay"] = (pk, source)
+        self._record("relay", Outcome.RUNNING)  # its transport may win before the dial returns here
         dial = await self.relay_remote.dial(
             RelayDial(
                 self.sid,
