@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from agent.common.netutil import describe_error
@@ -139,17 +140,7 @@ async def udp_mapping_probe(
         # connect() makes the kernel filter other sources and report ICMP "port unreachable".
         sock.connect((ip, port))
         request = messages.build(test_nat_request=pb.TestNatRequest(serial=0, padding=bytes(padding)))
-        start = loop.time()
-
-        async def send_all() -> None:
-            for offset in udp_probe_offsets(give_up):
-                delay = start + offset - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                with contextlib.suppress(OSError):  # an ICMP error surfaces in the receiver
-                    sock.send(request)
-
-        sender = loop.create_task(send_all())
+        sender = loop.create_task(_resend(lambda: sock.send(request), give_up))  # ICMP errors surface below
         try:
             async with asyncio.timeout(give_up):
                 while True:
@@ -181,23 +172,25 @@ FILTER_WAIT = 0.6
 port-restricted NAT, so this is what a measurement costs there; several round trips on a WAN)."""
 
 
+async def _resend(send: Callable[[], object], give_up: float) -> None:
+    """Call `send` on the probe's schedule (udp_probe_offsets) until `give_up` s; send errors are retried."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for offset in udp_probe_offsets(give_up):
+        delay = start + offset - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        with contextlib.suppress(OSError):
+            send()
+
+
 async def _ask_udp(
     sock: socket.socket, dest: tuple[str, int], request: bytes, accept: set[tuple[str, int]], give_up: float
 ) -> tuple[int, tuple[str, int]] | None:
     """Resend `request` on the probe's schedule until a TestNatResponse from one of `accept` arrives:
     (the port the server saw, where the answer came from), or None."""
     loop = asyncio.get_running_loop()
-    start = loop.time()
-
-    async def send_all() -> None:
-        for offset in udp_probe_offsets(give_up):
-            delay = start + offset - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            with contextlib.suppress(OSError):
-                sock.sendto(request, dest)
-
-    sender = loop.create_task(send_all())
+    sender = loop.create_task(_resend(lambda: sock.sendto(request, dest), give_up))
     try:
         async with asyncio.timeout(give_up):
             while True:

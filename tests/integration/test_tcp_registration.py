@@ -9,6 +9,7 @@ tests/unit/test_registration_path.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -81,38 +82,39 @@ async def test_udp_blocked_registers_over_tcp_and_pushes_come_down_it(udp_blocke
     await until(lambda: server.stats()["peers_online"] == 0)  # its connection ended: offline at once
 
 
-async def test_a_lost_tcp_connection_is_reopened_and_registration_follows(udp_blocked: RendezvousServer) -> None:
-    server = udp_blocked
+@contextlib.asynccontextmanager
+async def registered(server: RendezvousServer) -> AsyncIterator[tuple[Registrar, str]]:
+    """A registrar (quick timers) registered with `server`; its ID."""
     me = ident()
     reg = Registrar(("127.0.0.1", server.udp_port), me, Pushes(), **FAST, path=quick_path())
     await reg.start()
     try:
         await asyncio.wait_for(reg.registered.wait(), 5)
-        first = server.core.peers[me.peer_id].tcp_conn
-        server._conns[first].transport.abort()  # type: ignore[union-attr]
-        await until(lambda: server.core.peers[me.peer_id].tcp_conn not in (0, first))
-        await until(lambda: server.stats()["peers_online"] == 1 and reg.status()["state"] == REGISTERED)
-        assert reg.status()["tcp_connects"] == 2
+        yield reg, me.peer_id
     finally:
         await reg.close()
+
+
+async def test_a_lost_tcp_connection_is_reopened_and_registration_follows(udp_blocked: RendezvousServer) -> None:
+    server = udp_blocked
+    async with registered(server) as (reg, peer_id):
+        first = server.core.peers[peer_id].tcp_conn
+        server._conns[first].transport.abort()  # type: ignore[union-attr]
+        await until(lambda: server.core.peers[peer_id].tcp_conn not in (0, first))
+        await until(lambda: server.stats()["peers_online"] == 1 and reg.status()["state"] == REGISTERED)
+        assert reg.status()["tcp_connects"] == 2
 
 
 async def test_when_udp_answers_again_registration_moves_back_to_it(udp_blocked: RendezvousServer) -> None:
     server = udp_blocked
-    me = ident()
-    reg = Registrar(("127.0.0.1", server.udp_port), me, Pushes(), **FAST, path=quick_path())
-    await reg.start()
-    try:
-        await asyncio.wait_for(reg.registered.wait(), 5)
+    async with registered(server) as (reg, peer_id):
         assert reg.status()["transport"] == "tcp"
         reopen_udp(server)
         await until(lambda: reg.status()["transport"] == "udp" and reg.status()["tcp"] == "down")
-        await until(lambda: server.core.peers[me.peer_id].tcp_conn == 0 and server.stats()["peers_online"] == 1)
+        await until(lambda: server.core.peers[peer_id].tcp_conn == 0 and server.stats()["peers_online"] == 1)
         assert reg.status()["back_to_udp"] == 1
         await until(lambda: server.stats()["tcp_connections"] == 0)
         assert reg.status()["state"] == REGISTERED
-    finally:
-        await reg.close()
 
 
 async def test_an_answering_server_is_never_registered_over_tcp(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.natlab.agents import LabAgents
 from tests.natlab.conftest import LabFactory
-from tests.natlab.test_faults_paths import A, B, PacedPipe, Pair
+from tests.natlab.test_faults_paths import A, PacedPipe, Pair, agents_up
 from tests.natlab.test_link_moves import link_paths, wait_for
 
 pytestmark = [pytest.mark.natlab, pytest.mark.ray]
@@ -21,15 +21,8 @@ pytestmark = [pytest.mark.natlab, pytest.mark.ray]
 
 @pytest.fixture
 def pair(natlab: LabFactory, tmp_path: Path) -> Iterator[Pair]:
-    ag = LabAgents(natlab("cone-symmetric"), tmp_path)
-    try:
-        ag.start_server()
-        target = ag.start_echo(B)
-        a_id, b_id = ag.agent_id(A), ag.agent_id(B)
-        ag.up({B: ["--allow", a_id, "--allow-target", target], A: []})
-        yield Pair(ag, a_id, b_id, target)
-    finally:
-        ag.down()
+    with agents_up(LabAgents(natlab("cone-symmetric"), tmp_path)) as p:
+        yield p
 
 
 @pytest.mark.timeout(300)

@@ -57,6 +57,19 @@ class Pair:
     target: str
 
 
+@contextlib.contextmanager
+def agents_up(ag: LabAgents) -> Iterator[Pair]:
+    """A server, B's echo and both agents up (B admits A and the echo), taken down after."""
+    try:
+        ag.start_server()
+        target = ag.start_echo(B)
+        a_id, b_id = ag.agent_id(A), ag.agent_id(B)
+        ag.up({B: ["--allow", a_id, "--allow-target", target], A: []})
+        yield Pair(ag, a_id, b_id, target)
+    finally:
+        ag.down()
+
+
 @pytest.fixture(scope="module", params=placement.for_module("isolated", "grouped"))
 def pair(
     natlab_module: LabFactory, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest

@@ -14,22 +14,15 @@ import pytest
 
 from tests.natlab.agents import LabAgents
 from tests.natlab.conftest import LabFactory
-from tests.natlab.test_faults_paths import A, B, PacedPipe, Pair
+from tests.natlab.test_faults_paths import A, B, PacedPipe, Pair, agents_up
 
 pytestmark = [pytest.mark.natlab, pytest.mark.ray]
 
 
 @pytest.fixture
 def pair(natlab: LabFactory, tmp_path: Path) -> Iterator[Pair]:
-    ag = LabAgents(natlab("both-cone"), tmp_path)
-    try:
-        ag.start_server()
-        target = ag.start_echo(B)
-        a_id, b_id = ag.agent_id(A), ag.agent_id(B)
-        ag.up({B: ["--allow", a_id, "--allow-target", target], A: []})
-        yield Pair(ag, a_id, b_id, target)
-    finally:
-        ag.down()
+    with agents_up(LabAgents(natlab("both-cone"), tmp_path)) as p:
+        yield p
 
 
 def block_direct(pair: Pair, on: bool) -> None:
