@@ -247,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         tp = sub.add_parser(name, help=helptext)
         tp.add_argument("target", type=_host_port, metavar="HOST:PORT")
+    sc = sub.add_parser(
+        "service", help="systemd units for the agent and the servers (start at boot, logs in the journal)"
+    )
+    sc.add_argument("action", choices=("unit", "install", "uninstall"), help="print the unit, write it, remove it")
+    sc.add_argument("which", choices=("agent", "servers", "both"), nargs="?", default="agent")
+    sc.add_argument("--unit-dir", type=Path, default=None, help="where units go (default /etc/systemd/system)")
+    sc.add_argument("--port", type=_serve_port, default=RENDEZVOUS_PORT, help="the servers' rendezvous port")
     pe = sub.add_parser("peers", help="the peers this agent knows: allowed, pinned key, last seen and path")
     pe.add_argument("--forget", metavar="ID", default=None, help="forget the key pinned for ID (a reinstalled peer)")
     pe.add_argument("--json", action="store_true")
@@ -482,10 +489,30 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
         raise CliError(f"{exc.strerror or exc}{where}") from None
 
 
+def _run_service(args: argparse.Namespace) -> int:
+    from agent import service
+
+    unit_dir = args.unit_dir or service.UNIT_DIR
+    try:
+        if args.action == "unit":
+            print("\n".join(u.text for u in service.units(args.which, port=args.port)), end="")
+            return 0
+        if args.action == "install":
+            lines = service.install(args.which, unit_dir, port=args.port)
+        else:
+            lines = service.uninstall(args.which, unit_dir)
+    except OSError as exc:
+        raise CliError(f"service {args.action}: {unit_dir}: {exc.strerror or exc}") from None
+    print("\n".join(lines))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     state_dir: Path = args.state_dir or default_state_dir()
     if args.command in AGENT_COMMANDS:
         return _run_agent_command(args, state_dir)
+    if args.command == "service":
+        return _run_service(args)
     if args.command == "serve":
         from agent.servers.serve import run_servers
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
 for tool in ip:iproute2 iptables:iptables nft:nftables sshd:openssh-server ssh:openssh-client \
-            iperf3:iperf3 socat:socat curl:curl; do
+            iperf3:iperf3 socat:socat curl:curl systemd-analyze:systemd; do
   bin=${tool%%:*}; pkg=${tool#*:}
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || need_apt+=("$pkg")
 done
