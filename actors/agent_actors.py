@@ -20,7 +20,8 @@ from typing import Any
 import ray
 
 from agent import placement
-from agent.common.files import private_append, private_dir
+from agent.common.files import private_dir
+from agent.common.logfiles import component_handler
 from agent.refs import Ref
 from agent.runtime_paths import runtime_dir
 from agent.stack import ComponentHost, load_runtime
@@ -41,9 +42,7 @@ def _count_boot(state_dir: Path, kind: str) -> int:
 
 def _setup_logging(state_dir: Path, kind: str) -> None:
     logs = private_dir(state_dir / "logs")
-    os.close(private_append(logs / f"{kind}.log"))  # peer IDs, keys and targets: for the owner's eyes only
-    handler = logging.FileHandler(logs / f"{kind}.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = component_handler(logs / f"{kind}.log")  # peer IDs, keys and targets: for the owner's eyes only
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)

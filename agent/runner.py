@@ -32,6 +32,7 @@ import psutil
 
 from agent.common import ctlproto
 from agent.common.files import private_append, private_dir
+from agent.common.logfiles import rotate_if_full
 from agent.config import Config
 from agent.control.pins import SERVER_PINS_FILE, ServerPins
 from agent.rendezvous.preflight import no_answer
@@ -76,6 +77,7 @@ def start_background(state_dir: Path, wait: float = 90.0, udp_blocked: str = "")
     (`udp_blocked`: the preflight's reason why UDP does not get through; the agent registers over TCP)."""
     logs = private_dir(state_dir / "logs")
     cmd = [sys.executable, "-m", "agent.cli", "--state-dir", str(state_dir), "up", "--foreground", "--keep-config"]
+    rotate_if_full(logs / "agent.log")
     out = private_append(logs / "agent.log")
     try:
         proc = subprocess.Popen(

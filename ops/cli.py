@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.client import loopback_pair
-from agent.common import ctlproto
+from agent.common import ctlproto, logfiles
 from agent.common.paths import add_anywhere, add_state_dir, default_state_dir
 from agent.runtime_paths import control_socket
 
@@ -408,6 +408,19 @@ def render_ping(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_logs(where: Path, files: list[dict[str, Any]]) -> str:
+    cap = logfiles.LOG_MAX_BYTES
+    head = (
+        f"{where}: one file per component, each rotated at {_bytes(cap)} with {logfiles.LOG_BACKUPS} old files "
+        f"kept (at most {_bytes(cap * (1 + logfiles.LOG_BACKUPS))} per component); under systemd the "
+        "supervisor logs to the journal (journalctl -u punchthrough-agent)"
+    )
+    if not files:
+        return head + "\nno logs yet"
+    rows = [[Path(f["file"]).name, _bytes(f["bytes"])] for f in files]
+    return head + "\n" + table(["FILE", "SIZE"], rows)
+
+
 def _common(p: argparse.ArgumentParser, top: bool) -> None:
     """--state-dir and --json before the subcommand or after it."""
     add_state_dir(p, top)
@@ -447,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name in COMMANDS:
         _common(sub.add_parser(name, help=helps[name]), top=False)
+    lg = sub.add_parser("logs", help="where this agent's logs are, how big each is and may grow (no agent needed)")
+    _common(lg, top=False)
     pg = sub.add_parser("ping", help="open a session to a peer and time round trips through it (path, direct or not)")
     _common(pg, top=False)
     pg.add_argument("peer", help="peer ID (or ID@HOST[:PORT], ID=SHA256:...)")
@@ -462,6 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         state_dir = args.state_dir or default_state_dir()
         path = control_socket(state_dir)
+        if args.command == "logs":
+            files = logfiles.inventory(state_dir / "logs")
+            print(json.dumps(files, indent=2) if args.json else render_logs(state_dir / "logs", files))
+            return 0
         if args.command == "ping":
             result = ping(state_dir, args.peer, args.count, args.path, args.timeout)
             print(json.dumps(result, indent=2, sort_keys=True) if args.json else render_ping(result))

@@ -219,10 +219,15 @@ def test_udp_blocked_drops_udp_but_not_tcp(natlab) -> None:
     sink.setblocking(False)
     with pytest.raises(BlockingIOError):
         sink.recv(2048)
-    sink.settimeout(SAFETY)
-    udp(lab, "hb").sendto(b"udp from hb", (SERVER_V4[0], 6000))  # B's cone router passes UDP
-    assert recv_text(sink)[0] == "udp from hb"
-    for s in (conn, ha_tcp, listener):
+    hb_tcp = lab.socket("hb", socket.AF_INET, socket.SOCK_STREAM)  # B's router drops UDP too (both sides)
+    hb_tcp.settimeout(SAFETY)
+    udp(lab, "hb").sendto(b"udp from hb", (SERVER_V4[0], 6000))
+    hb_tcp.connect((SERVER_V4[0], 6001))
+    conn_b, src_b = listener.accept()
+    assert src_b[0] == "198.51.100.12"
+    with pytest.raises(BlockingIOError):
+        sink.recv(2048)
+    for s in (conn, conn_b, ha_tcp, hb_tcp, listener):
         s.close()
 
 
