@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also serve RustDesk clients (unsigned registrations and requests; the relay pairs anyone)",
     )
+    sv.add_argument(
+        "--metrics", type=_metrics_listen, default="", metavar="[HOST:]PORT",
+        help="serve Prometheus metrics of both roles on this port (127.0.0.1 unless a host is given; default off)",
+    )
 
     al = sub.add_parser("allow", help="let a peer connect (ID=SHA256:... as `punchthrough id` prints it there)")
     al.add_argument("peer", metavar="ID[=SHA256:FP]")
@@ -265,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
 POLICY_HELP = (
     "path policy: auto, direct-only or relay-only, plus disable-udp, disable-tcp-punch, disable-ipv6 (comma-separated)"
 )
+
+
+def _metrics_listen(text: str) -> str:
+    from agent.common.metrics import parse_listen
+
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _policy(text: str) -> str:
@@ -516,7 +530,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from agent.servers.serve import run_servers
 
-        return run_servers(args.bind or ["0.0.0.0", "::"], args.port, state_dir, allow_unsigned=args.allow_unsigned)
+        return run_servers(
+            args.bind or ["0.0.0.0", "::"], args.port, state_dir, allow_unsigned=args.allow_unsigned,
+            metrics=args.metrics,
+        )
     if args.command == "rendezvous":
         from agent.servers.rendezvous_server import RendezvousConfig, run_rendezvous
 

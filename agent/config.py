@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from agent.common.metrics import parse_listen
 from agent.control.plan import POLICY_WORDS, Policy
 from agent.placement import PLACEMENTS
 from agent.strategies.birthday_core import Budget
@@ -67,6 +68,8 @@ class AgentSection:
     """... probes per second."""
     birthday_interval: float = 30.0
     """... at most once per peer per this many seconds (0: never probe)."""
+    metrics: str = ""
+    """Serve Prometheus metrics on [HOST:]PORT (127.0.0.1 unless a host is given); empty: off."""
 
 
 @dataclass
@@ -149,6 +152,11 @@ class Config:
         if not (math.isfinite(self.agent.birthday_interval) and self.agent.birthday_interval >= 0):
             raise ConfigError(f"agent.birthday_interval must be 0 or a positive number of seconds, got "
                               f"{self.agent.birthday_interval}")
+        if self.agent.metrics:
+            try:
+                parse_listen(self.agent.metrics)
+            except ValueError as exc:
+                raise ConfigError(f"agent.{exc}") from None
         timeout = self.agent.connect_timeout
         if not (math.isfinite(timeout) and timeout > 0):
             raise ConfigError(f"agent.connect_timeout must be a positive number of seconds, got {timeout}")

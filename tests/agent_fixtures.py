@@ -162,6 +162,7 @@ async def two_agents(
     b_allow_targets: list[str] | None = None,
     b_password: str | None = None,
     b_direct_port: int | None = None,
+    a_metrics: str = "",
 ) -> AsyncIterator[AgentPair]:
     """Rendezvous + relay servers on loopback, an echo target, and two registered in-process agents.
 
@@ -180,6 +181,7 @@ async def two_agents(
       b_allow_targets   targets B forwards to (default [the echo target])
       b_password        a password that also admits a peer to B (written to B's password file)
       b_direct_port     B's agent.direct_port
+      a_metrics         A's agent.metrics ([HOST:]PORT of its Prometheus endpoint)
     Everything started is stopped on the way out, whatever the servers are by then.
     """
     if rendezvous is not None and limits is not None:
@@ -201,6 +203,7 @@ async def two_agents(
             a_cfg.agent.relay = await a_relay(servers)
         if a_server_key is not None:
             a_cfg.agent.server_key = a_server_key
+        a_cfg.agent.metrics = a_metrics
         a_id = prepare_state(a_dir, a_cfg)
         b_cfg = agent_config(
             servers,

@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client.core import Metric
 
 from agent.common import ctlproto
+from agent.common.metrics import MetricsServer, parse_listen
 from agent.common.netutil import tcp_round_trip
 from agent.common.tasks import TaskSet
 from agent.config import Config
 from agent.control.access import build_policy, known_peers
+from agent.control.agent_metrics import AgentCounters, agent_families
 from agent.control.answers import PushAnswers
 from agent.control.pins import PinMismatch, PinnedKeys, PinStore
 from agent.control.plan import Policy, Strategy
@@ -120,6 +123,8 @@ class Coordinator:
         self.registrar = registrar
         self.nat_probe = nat_probe
         self._nat_cache: tuple[float, dict[str, Any]] | None = None
+        self.counters = AgentCounters()
+        self._metrics: MetricsServer | None = None
         self.strategies = strategies
         """Every strategy's component, by name (agent/strategies/registry.py)."""
         self.policy = Policy.parse(cfg.agent.path)
@@ -141,10 +146,34 @@ class Coordinator:
 
     async def start(self) -> None:
         await self._ctl.start()
+        listen = self.cfg.agent.metrics
+        if listen:
+            try:
+                self._metrics = await MetricsServer(parse_listen(listen), self.metric_families).start()
+            except OSError as exc:  # the agent still works without them: say so once
+                log.error("metrics on %s: %s; not serving metrics", listen, exc.strerror or exc)
 
     async def close(self) -> None:
+        if self._metrics is not None:
+            await self._metrics.close()
         await self._ctl.close()
         await self._tasks.close()
+
+    async def metric_families(self) -> list[Metric]:
+        """What a Prometheus scrape gets (agent/control/agent_metrics.py)."""
+        registration = await self._safe(self.registrar, "status")
+        try:
+            reply = await ctlproto.acall(self.sessions_socket, {"op": "links"}, timeout=3)
+            links = reply.get("links", []) if isinstance(reply, dict) else []
+        except (OSError, TimeoutError, ctlproto.ControlError):
+            links = []
+        return agent_families(
+            self.counters,
+            {name: info.restarts for name, info in self.actors.items()},
+            links,
+            registration.get("state") == "registered",
+            await self.our_nat_type(),
+        )
 
     def ref(self, strategy: str) -> Ref:
         return self.strategies[strategy]
@@ -467,8 +496,10 @@ class Coordinator:
     def _linked(self, plan: SessionPlan, reply: dict[str, Any], started: float) -> dict[str, Any]:
         if not reply.get("ok"):
             plan.error = str(reply.get("error"))
+            self.counters.stream("", False)
             return {"ok": False, "error": plan.error, "session": plan.id}
         plan.path = str(reply.get("path", ""))
+        self.counters.stream(plan.path, True)
         return {
             "ok": True,
             "session": plan.id,
@@ -545,6 +576,10 @@ class Coordinator:
                 if name != "direct":
                     self.spawn(_quietly(Remote(ref).cancel(sid)))
         race.settle(reply.get("transports", []))
+        won, ok = str(reply.get("path", "")), bool(reply.get("ok"))
+        self.counters.race("relink" if resume else "link", won, ok, plan.attempts)
+        if not resume:
+            self.counters.stream(won, ok)
         if not reply.get("ok"):
             error = str(reply.get("error"))
             if race.fatal:

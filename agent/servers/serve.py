@@ -14,13 +14,18 @@ import logging
 import signal
 from pathlib import Path
 
+from agent.common.metrics import MetricsServer, parse_listen
 from agent.servers.relay_server import RelayConfig, start_relay
 from agent.servers.rendezvous_server import RendezvousConfig, StartupError, start_rendezvous
+from agent.servers.server_metrics import relay_families, rendezvous_families
 
 log = logging.getLogger(__name__)
 
 
-async def serve_both(binds: list[str], port: int, state_dir: Path, allow_unsigned: bool = False) -> int:
+async def serve_both(
+    binds: list[str], port: int, state_dir: Path, allow_unsigned: bool = False, metrics: str = ""
+) -> int:
+    """`metrics`: PORT or HOST:PORT for a Prometheus endpoint with both roles' numbers ("" = off)."""
     rendezvous = await start_rendezvous(
         RendezvousConfig(
             binds=binds,
@@ -51,6 +56,11 @@ async def serve_both(binds: list[str], port: int, state_dir: Path, allow_unsigne
         relay.port,
         rendezvous.public_key_b64,
     )
+    exporter = None
+    if metrics:
+        exporter = await MetricsServer(
+            parse_listen(metrics), lambda: rendezvous_families(rendezvous.stats()) + relay_families(relay.stats())
+        ).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -63,13 +73,17 @@ async def serve_both(binds: list[str], port: int, state_dir: Path, allow_unsigne
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        if exporter is not None:
+            await exporter.close()
         await relay.close()
         await rendezvous.close()
     return 0
 
 
-def run_servers(binds: list[str], port: int, state_dir: Path, allow_unsigned: bool = False) -> int:
+def run_servers(binds: list[str], port: int, state_dir: Path, allow_unsigned: bool = False, metrics: str = "") -> int:
     try:
-        return asyncio.run(serve_both(binds, port, state_dir, allow_unsigned))
+        return asyncio.run(serve_both(binds, port, state_dir, allow_unsigned, metrics))
+    except OSError as exc:  # the metrics port taken
+        raise SystemExit(f"punchthrough: metrics {metrics}: {exc.strerror or exc}") from None
     except StartupError as exc:
         raise SystemExit(f"punchthrough: {exc}") from None
