@@ -274,6 +274,8 @@ POLICY_HELP = (
 def _metrics_listen(text: str) -> str:
     from agent.common.metrics import parse_listen
 
+    if not text:  # the default (argparse passes a string default through `type` too)
+        return ""
     try:
         parse_listen(text)
     except ValueError as exc:

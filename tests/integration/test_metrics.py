@@ -103,6 +103,21 @@ async def test_only_get_metrics_is_served_and_junk_is_dropped() -> None:
         await server.close()
 
 
+def test_serve_without_metrics_serves_none(tmp_path: Path) -> None:
+    """The default: no --metrics, no endpoint (and the servers start)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--state-dir", str(tmp_path), "serve", "--bind", "127.0.0.1",
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith(b"key: "), proc.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
 def test_serve_exports_both_roles(tmp_path: Path) -> None:
     """`punchthrough serve --metrics PORT`: the flag as an operator would use it."""
     port, metrics = free_port(), free_port()
