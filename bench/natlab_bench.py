@@ -264,6 +264,10 @@ class Row:
     mbs: dict[str, float] = field(default_factory=dict)
     rtt: dict[str, list[float]] = field(default_factory=dict)
     note: str = ""
+    agent_ms: list[float] = field(default_factory=list)
+    """Per session: the agent's time from the open to the winning path's authenticated handshake."""
+    ice: dict[str, Any] | None = None
+    """aioice in the same lab (bench/ice_agent.py measure_ice), with --ice."""
 
 
 def _probe(lab: Any, host: str, what: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -320,7 +324,7 @@ def teardown(prep: Prepared) -> None:
         prep.lab.down()
 
 
-def measure(prep: Prepared, runs: int, nbytes: int, deadline: float) -> None:
+def measure(prep: Prepared, runs: int, nbytes: int, deadline: float, ice: bool = False) -> None:
     from tests.natlab.agents import winner
 
     row, case, lab, agents = prep.row, prep.row.case, prep.lab, prep.agents
@@ -338,6 +342,7 @@ def measure(prep: Prepared, runs: int, nbytes: int, deadline: float) -> None:
         for s in initiated()[-runs:]:
             won = winner(s)
             row.paths[won or f"(no 'won' attempt; path {s.get('path') or '-'})"] += 1
+            row.agent_ms += [a["elapsed_ms"] for a in s.get("attempts", []) if a.get("outcome") == "won"][:1]
             if not won and not any("no 'won'" in e for e in row.errors):
                 row.errors.append(f"no 'won' attempt in session: {json.dumps(s)}")
         for direction in ("up", "down"):
@@ -357,8 +362,41 @@ def measure(prep: Prepared, runs: int, nbytes: int, deadline: float) -> None:
                     row.errors.append(f"rtt {policy}: {res['error']}")
                 sessions = initiated()
                 row.rtt[f"{policy} ({winner(sessions[-1]) if sessions else '?'})"] = res["times"]
+        if ice:
+            if str(Path(__file__).resolve().parent) not in sys.path:  # a sibling file, as the other benches import
+                sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from ice_agent import measure_ice, start_ice_servers
+
+            stun, turn = start_ice_servers(lab)
+            transport = "tcp" if case.scenario == "udp-blocked" else "udp"  # only TCP gets out there
+            row.ice = measure_ice(lab, case.a, case.b, runs, stun, turn, turn_transport=transport)
     except Exception as exc:
         row.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def render_ice(rows: list[Row]) -> str:
+    """Ours (agent time: open -> the winning path authenticated) beside aioice (gathering -> connect)."""
+    table = [["scenario", "ours p50 ms", "ours path", "aioice p50 ms", "aioice path", "aioice ok", "ours/aioice"]]
+    for r in rows:
+        if r.ice is None:
+            continue
+        ours = statistics.median(r.agent_ms) if r.agent_ms else None
+        theirs = statistics.median(r.ice["times"]) * 1000 if r.ice.get("times") else None
+        table.append([
+            r.case.scenario,
+            f"{ours:.0f}" if ours is not None else "-",
+            ", ".join(f"{k} x{v}" for k, v in r.paths.most_common()) or "-",
+            f"{theirs:.0f}" if theirs is not None else "-",
+            ", ".join(f"{k} x{v}" for k, v in sorted(r.ice.get("paths", {}).items(), key=lambda kv: -kv[1])) or "-",
+            f"{len(r.ice.get('times', []))}/{sum(r.ice.get('paths', {}).values()) or '-'}",
+            f"{ours / theirs:.2f}x" if ours is not None and theirs else "-",
+        ])
+    if len(table) == 1:
+        return ""
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    lines = ["ours beside a third-party ICE agent (aioice + coturn STUN/TURN in the same lab, same runs):", ""]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip() for t in table]
+    return "\n".join(lines)
 
 
 def _ms(v: float) -> str:
@@ -412,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mb", type=float, default=100.0)
     p.add_argument("--scenarios", default=",".join(c.scenario for c in CASES))
     p.add_argument("--budget", type=float, default=340.0, help="seconds; later scenarios are skipped past it")
+    p.add_argument("--ice", action="store_true",
+                   help="also run aioice (bench/ice_agent.py; coturn in the lab) in each scenario and compare")
     p.add_argument("--new-links", action="store_true",
                    help="agents keep no idle link: every first-byte run races for a new one (else runs 2.. reuse it)")
     args = p.parse_args(argv)
@@ -439,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             prep = nxt.result()
             t0 = time.monotonic()
             try:
-                measure(prep, args.runs, int(args.mb * 1e6), deadline)
+                measure(prep, args.runs, int(args.mb * 1e6), deadline, ice=args.ice)
             finally:
                 later = [c for c in cases[i + 1:]]
                 nxt = None
@@ -458,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
           f"skews every number)")
     print()
     print(render(rows, args.runs, int(args.mb * 1e6)))
+    if args.ice:
+        print()
+        print(render_ice(rows))
     print(f"\ntotal {time.monotonic() - started:.0f}s")
     return 0
 
