@@ -28,6 +28,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve_ports() -> tuple[int, int]:
+    """A rendezvous port whose neighbours (the NAT-test port below, the relay above) are free for TCP
+    and UDP, and a metrics port that is none of them."""
+    for _ in range(200):
+        port = free_port()
+        socks = []
+        try:
+            for p in (port - 1, port, port + 1):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    s = socket.socket(socket.AF_INET, kind)
+                    socks.append(s)
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        metrics = free_port()
+        if metrics not in (port - 1, port, port + 1):
+            return port, metrics
+    raise AssertionError("no free port triple")
+
+
 async def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """{(sample name, sorted labels): value}, as Prometheus would read them."""
 
@@ -42,6 +65,14 @@ async def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, tuple[tup
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def assert_started(proc: subprocess.Popen[bytes]) -> None:
+    """`serve` printed its key (it is up); else its one line of error."""
+    assert proc.stdout is not None and proc.stderr is not None
+    if not proc.stdout.readline().startswith(b"key: "):
+        proc.wait(timeout=10)
+        raise AssertionError(f"serve did not start: {proc.stderr.read().decode()[-500:]}")
 
 
 def test_listen_addresses() -> None:
@@ -105,14 +136,14 @@ async def test_only_get_metrics_is_served_and_junk_is_dropped() -> None:
 
 def test_serve_without_metrics_serves_none(tmp_path: Path) -> None:
     """The default: no --metrics, no endpoint (and the servers start)."""
-    port = free_port()
+    port, _ = serve_ports()
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "--state-dir", str(tmp_path), "serve", "--bind", "127.0.0.1",
          "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline().startswith(b"key: "), proc.stderr
+        assert_started(proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
@@ -120,14 +151,14 @@ def test_serve_without_metrics_serves_none(tmp_path: Path) -> None:
 
 def test_serve_exports_both_roles(tmp_path: Path) -> None:
     """`punchthrough serve --metrics PORT`: the flag as an operator would use it."""
-    port, metrics = free_port(), free_port()
+    port, metrics = serve_ports()
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "--state-dir", str(tmp_path), "serve", "--bind", "127.0.0.1",
          "--port", str(port), "--metrics", str(metrics)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline().startswith(b"key: ")
+        assert_started(proc)
         got = asyncio.run(scrape(metrics))
         assert got[("punchthrough_relay_pairs_active", ())] == 0
         assert ("punchthrough_rendezvous_peers_online", ()) in got
