@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--key-file", type=Path, default=None, help="ed25519 key (default STATE_DIR/id_ed25519, created if missing)"
     )
     rv.add_argument("--always-relay", action="store_true", help="tell every pair to use the relay")
+    _metrics_option(rv, "its Prometheus metrics")
     rv.add_argument(
         "--allow-unsigned",
         action="store_true",
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a private one")
     rl.add_argument("--stream-limit", type=_positive, default=0.0, help="per-stream limit in Mbit/s (0 = off)")
     rl.add_argument("--total-limit", type=_positive, default=0.0, help="total limit in Mbit/s (0 = off)")
+    _metrics_option(rl, "its Prometheus metrics (one process: not with --replicas or --ray-address)")
 
     up = sub.add_parser("up", help="start this agent (private Ray + actors; embedded servers unless --server)")
     up.add_argument("--config", type=Path, default=None, help="TOML config (see `punchthrough config`)")
@@ -236,10 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also serve RustDesk clients (unsigned registrations and requests; the relay pairs anyone)",
     )
-    sv.add_argument(
-        "--metrics", type=_metrics_listen, default="", metavar="[HOST:]PORT",
-        help="serve Prometheus metrics of both roles on this port (127.0.0.1 unless a host is given; default off)",
-    )
+    _metrics_option(sv, "Prometheus metrics of both roles")
 
     al = sub.add_parser("allow", help="let a peer connect (ID=SHA256:... as `punchthrough id` prints it there)")
     al.add_argument("peer", metavar="ID[=SHA256:FP]")
@@ -269,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
 POLICY_HELP = (
     "path policy: auto, direct-only or relay-only, plus disable-udp, disable-tcp-punch, disable-ipv6 (comma-separated)"
 )
+
+
+def _metrics_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--metrics", type=_metrics_listen, default="", metavar="[HOST:]PORT",
+        help=f"serve {what} on this port (127.0.0.1 unless a host is given; default off)",
+    )
 
 
 def _metrics_listen(text: str) -> str:
@@ -548,6 +554,7 @@ def _run(args: argparse.Namespace) -> int:
                 key_file=args.key_file or state_dir / "id_ed25519",
                 always_relay=args.always_relay,
                 allow_unsigned=args.allow_unsigned,
+                metrics=args.metrics,
             )
         )
     if args.command == "relay":
@@ -555,6 +562,8 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.replicas < 1:
             raise CliError("--replicas must be at least 1")
+        if args.metrics and (args.replicas > 1 or args.ray_address):
+            raise CliError("--metrics serves one relay process; with --replicas or --ray-address it is not there yet")
         key = "" if args.key_file is None else _read_secret(args.key_file, "--key-file")
         binds = args.bind or ["0.0.0.0", "::"]
         server_keys = [] if args.open else _relay_server_keys(args, state_dir)
@@ -573,6 +582,7 @@ def _run(args: argparse.Namespace) -> int:
                     ray_address=args.ray_address,
                     stream_limit_bps=args.stream_limit * 1e6 / 8,
                     total_limit_bps=args.total_limit * 1e6 / 8,
+                    metrics=args.metrics,
                 )
             )
         except OSError as exc:  # relay_server lets the bind error escape as is

@@ -32,10 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from agent.common.ip_caps import PerIpCap, source_key, unread_bytes
+from agent.common.metrics import MetricsServer, parse_listen
 from agent.common.netutil import tune_transport
 from agent.common.stats import DropStats
 from agent.servers import relay_core as core
 from agent.servers.relay_pump import Meter, PumpKind, default_kind, make_pump, splice_available
+from agent.servers.server_metrics import relay_families
 from agent.wire import signing
 from agent.wire.frames import FrameError
 from agent.wire.ports import RELAY_PORT
@@ -62,6 +64,8 @@ class RelayConfig:
     """Bytes/s per pair, both directions together (as upstream's per-pair limiter), 0 = off."""
     total_limit_bps: float = 0.0
     """Bytes/s for the whole server process (each replica has its own), 0 = off."""
+    metrics: str = ""
+    """[HOST:]PORT of a Prometheus endpoint (one process only); "" = off."""
     first_frame_timeout: float = 30.0
     pair_timeout: float = 30.0
     idle_timeout: float = 30.0
@@ -561,10 +565,15 @@ async def _serve_until_signal(cfg: RelayConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     server = await start_relay(cfg)
+    exporter = None
     try:
+        if cfg.metrics:
+            exporter = await MetricsServer(parse_listen(cfg.metrics), lambda: relay_families(server.stats())).start()
         await stop.wait()
         log.info("relay: stopping (%s)", server.stats())
     finally:
+        if exporter is not None:
+            await exporter.close()
         await server.close()
 
 

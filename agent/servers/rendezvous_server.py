@@ -30,8 +30,10 @@ from typing import Any
 
 from agent.common.ip_caps import PerIpCap, source_key, unread_bytes
 from agent.common.keyfile import KeyFileError, load_or_create_signing_key
+from agent.common.metrics import MetricsServer, parse_listen
 from agent.servers.registry import PeerRow, Registry
 from agent.servers.rendezvous_core import Action, CloseTcp, Limits, Persist, RendezvousCore, Role, SendTcp, SendUdp
+from agent.servers.server_metrics import rendezvous_families
 from agent.servers.udp_reply import ReplyingUdp
 from agent.wire.addr import SockAddr, to_v4_if_mapped
 from agent.wire.frames import FrameDecoder, FrameError, encode_frame
@@ -67,6 +69,8 @@ class RendezvousConfig:
     network of many such agents behind one address, and a host that keeps connections alive with
     heartbeats to hold slots: without it one address could fill `max_tcp_connections`."""
     limits: Limits = field(default_factory=Limits)
+    metrics: str = ""
+    """[HOST:]PORT of a Prometheus endpoint (agent/common/metrics.py); "" = off."""
 
 
 class StartupError(Exception):
@@ -560,6 +564,15 @@ async def _serve(cfg: RendezvousConfig) -> int:
     except (StartupError, KeyFileError, sqlite3.Error, OSError) as exc:
         print(f"punchthrough rendezvous: {exc}", file=sys.stderr)
         return 2
+    exporter = None
+    if cfg.metrics:
+        try:
+            exporter = MetricsServer(parse_listen(cfg.metrics), lambda: rendezvous_families(server.stats()))
+            await exporter.start()
+        except OSError as exc:
+            await server.close()
+            print(f"punchthrough rendezvous: metrics {cfg.metrics}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -568,6 +581,8 @@ async def _serve(cfg: RendezvousConfig) -> int:
         await stop.wait()
     finally:
         log.info("stopping")
+        if exporter is not None:
+            await exporter.close()
         await server.close()
     return 0
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -162,6 +163,32 @@ def test_serve_exports_both_roles(tmp_path: Path) -> None:
         got = asyncio.run(scrape(metrics))
         assert got[("punchthrough_relay_pairs_active", ())] == 0
         assert ("punchthrough_rendezvous_peers_online", ()) in got
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
+@pytest.mark.parametrize(
+    ("role", "family"),
+    [("rendezvous", "punchthrough_rendezvous_peers_online"), ("relay", "punchthrough_relay_pairs_active")],
+)
+def test_each_server_alone_exports_its_role(tmp_path: Path, role: str, family: str) -> None:
+    port, metrics = serve_ports()
+    argv = [sys.executable, "-m", "agent.cli", "--state-dir", str(tmp_path), role, "--bind", "127.0.0.1",
+            "--port", str(port), "--metrics", str(metrics)]
+    if role == "relay":
+        argv.append("--open")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        got: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for _ in range(100):  # these print no line when up: ask until the endpoint answers
+            try:
+                got = asyncio.run(scrape(metrics))
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.1)
+        assert (family, ()) in got, got
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
