@@ -502,10 +502,16 @@ class KeyExchange(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class HealthCheck(_message.Message):
-    __slots__ = ("token",)
+    __slots__ = ("token", "pairs_active", "waiting", "bytes_relayed")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RELAYED_FIELD_NUMBER: _ClassVar[int]
     token: str
-    def __init__(self, token: _Optional[str] = ...) -> None: ...
+    pairs_active: int
+    waiting: int
+    bytes_relayed: int
+    def __init__(self, token: _Optional[str] = ..., pairs_active: _Optional[int] = ..., waiting: _Optional[int] = ..., bytes_relayed: _Optional[int] = ...) -> None: ...
 
 class HeaderEntry(_message.Message):
     __slots__ = ("name", "value")

@@ -108,7 +108,12 @@ class Drop:
     reason: str
 
 
-Decision = Accept | Refuse | Drop
+@dataclass(frozen=True)
+class Health:
+    """A HealthCheck as the first frame (the rendezvous server asking for our load): answer, close."""
+
+
+Decision = Accept | Refuse | Drop | Health
 
 
 def check_request(
@@ -119,6 +124,8 @@ def check_request(
         kind, sub = messages.parse(payload, max_len=FIRST_FRAME_MAX)
     except messages.MessageError as exc:
         return Drop(exc.reason)
+    if kind == "hc":
+        return Health()
     if kind != "request_relay":
         return Drop("unexpected_message")
     uuid: str = sub.uuid

@@ -35,11 +35,12 @@ from agent.common.ip_caps import PerIpCap, source_key, unread_bytes
 from agent.common.metrics import MetricsServer, parse_listen
 from agent.common.netutil import tune_transport
 from agent.common.stats import DropStats
+from agent.proto import rendezvous_pb2 as pb
 from agent.servers import relay_core as core
 from agent.servers.relay_pump import Meter, PumpKind, default_kind, make_pump, splice_available
 from agent.servers.server_metrics import relay_families
-from agent.wire import signing
-from agent.wire.frames import FrameError
+from agent.wire import messages, signing
+from agent.wire.frames import FrameError, encode_frame
 from agent.wire.ports import RELAY_PORT
 
 log = logging.getLogger("punchthrough.relay")
@@ -194,6 +195,7 @@ class RelayServer:
         self.pairs_total = 0
         self.pair_ends: Counter[str] = Counter()
         self.handed_off = 0
+        self.health_checks = 0
         self.throttle_waits = 0
         self.throttled_s = 0.0
         self._throttles: set[core.Throttle] = set()
@@ -269,6 +271,7 @@ class RelayServer:
             "waiting_max_per_ip": self.table.per_ip.max_count(),
             "bytes_relayed": self.meter.bytes,
             "handed_off": self.handed_off,
+            "health_checks": self.health_checks,
             "drops": self.drops.snapshot(),
             "pair_ends": dict(self.pair_ends),
             "limits": {
@@ -389,6 +392,13 @@ class RelayServer:
             )
             if isinstance(decision, core.Drop):
                 self._drop(decision.reason, peer)
+                return
+            if isinstance(decision, core.Health):
+                self.health_checks += 1
+                load = pb.HealthCheck(
+                    pairs_active=self.table.active, waiting=self.table.waiting, bytes_relayed=self.meter.bytes
+                )
+                await self._refuse(conn, encode_frame(messages.build(hc=load)))
                 return
             if isinstance(decision, core.Refuse):
                 self._drop(decision.reason, peer)

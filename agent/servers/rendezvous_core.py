@@ -197,6 +197,19 @@ class Limits:
     max_nonces_per_id: int = 4096  # ... each: more than this in REQUEST_WINDOW * 2 forgets the oldest
 
 
+RELAY_MISSES = 2
+"""Health checks a relay may miss in a row before it is no longer handed out."""
+
+
+@dataclass(slots=True)
+class RelayState:
+    up: bool = True
+    load: int = 0
+    """Pairs active and waiting at the last check, plus the pairs handed out since."""
+    misses: int = 0
+    checked: float = -math.inf
+
+
 @dataclass(slots=True)
 class Peer:
     id: str
@@ -300,6 +313,7 @@ class RendezvousCore:
         self.key = signing_key
         self.public_key_b64 = public_key_b64(signing_key)
         self.relays = list(relays)
+        self.relay_state: dict[str, RelayState] = {}
         self.always_relay = always_relay
         self.limits = limits or Limits()
         self.new_uuid = new_uuid
@@ -349,11 +363,37 @@ class RendezvousCore:
         return to_v4_if_mapped(addrmod.decode(data))
 
     def next_relay(self) -> str:
+        """The relay for a new pair: the least loaded of those that answered their last health check
+        (all of them while none has been checked, or when none answers: better a try than nothing),
+        round robin among equals. Each hand-out counts as one more pair until the next check, so a
+        burst of requests between two checks spreads too."""
         if not self.relays:
             return ""
-        relay = self.relays[self._relay_index % len(self.relays)]
-        self._relay_index += 1
+        live = [r for r in self.relays if self.relay_state.get(r, RelayState()).up] or self.relays
+        n = len(self.relays)
+        order = [self.relays[(self._relay_index + i) % n] for i in range(n)]
+        relay = min((r for r in order if r in live), key=lambda r: self.relay_state.get(r, RelayState()).load)
+        self._relay_index = (self.relays.index(relay) + 1) % n
+        state = self.relay_state.setdefault(relay, RelayState())
+        state.load += 1
         return relay
+
+    def relay_checked(self, relay: str, load: int | None, now: float) -> None:
+        """A health check's result: the relay's pairs (active + waiting), or None when it did not
+        answer. Two misses in a row take it out of the choice until it answers again."""
+        state = self.relay_state.setdefault(relay, RelayState())
+        state.checked = now
+        if load is None:
+            state.misses += 1
+            if state.misses >= RELAY_MISSES and state.up:
+                state.up = False
+                self.events["relay_down"] += 1
+                log.warning("relay %s does not answer its health checks: not handed out", relay)
+            return
+        if not state.up:
+            self.events["relay_up"] += 1
+            log.info("relay %s answers again", relay)
+        state.up, state.misses, state.load = True, 0, load
 
     def is_online(self, peer: Peer, now: float) -> bool:
         return peer.addr is not None and now - peer.last_reg < self.limits.reg_timeout
@@ -1026,5 +1066,6 @@ class RendezvousCore:
             "peers_in_memory": len(self.peers),
             "peers_online": online,
             "pending_requests": len(self.pending),
+            "relays": {r: {"up": s.up, "load": s.load, "misses": s.misses} for r, s in self.relay_state.items()},
             "ip_limiter_entries": len(self.ip_states),
         }

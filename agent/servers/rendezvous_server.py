@@ -31,10 +31,12 @@ from typing import Any
 from agent.common.ip_caps import PerIpCap, source_key, unread_bytes
 from agent.common.keyfile import KeyFileError, load_or_create_signing_key
 from agent.common.metrics import MetricsServer, parse_listen
+from agent.proto import rendezvous_pb2 as pb
 from agent.servers.registry import PeerRow, Registry
 from agent.servers.rendezvous_core import Action, CloseTcp, Limits, Persist, RendezvousCore, Role, SendTcp, SendUdp
 from agent.servers.server_metrics import rendezvous_families
 from agent.servers.udp_reply import ReplyingUdp
+from agent.wire import messages
 from agent.wire.addr import SockAddr, to_v4_if_mapped
 from agent.wire.frames import FrameDecoder, FrameError, encode_frame
 from agent.wire.ports import RENDEZVOUS_PORT
@@ -69,8 +71,36 @@ class RendezvousConfig:
     network of many such agents behind one address, and a host that keeps connections alive with
     heartbeats to hold slots: without it one address could fill `max_tcp_connections`."""
     limits: Limits = field(default_factory=Limits)
+    relay_check_interval: float = 2.0
+    """Seconds between health checks of each relay in `relays` (its load decides who gets a new pair)."""
     metrics: str = ""
     """[HOST:]PORT of a Prometheus endpoint (agent/common/metrics.py); "" = off."""
+
+
+RELAY_CHECK_TIMEOUT = 1.0
+
+
+async def relay_load(relay: str, timeout: float = RELAY_CHECK_TIMEOUT) -> int | None:
+    """A relay's pairs (active + waiting), or None when it does not answer in time. ":PORT" is a relay
+    on this host."""
+    host, _, port = relay.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(encode_frame(messages.build(hc=pb.HealthCheck())))
+                decoder = FrameDecoder(4096)
+                while data := await reader.read(4096):
+                    for payload in decoder.feed(data):
+                        kind, sub = messages.parse(payload)
+                        if kind == "hc":
+                            return int(sub.pairs_active) + int(sub.waiting)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, ValueError, FrameError, messages.MessageError):
+        return None
+    return None
 
 
 class StartupError(Exception):
@@ -293,6 +323,7 @@ class RendezvousServer:
         """Ids of the connections that have not sent a frame yet, by source IP."""
         self._next_conn = 1
         self._housekeeping: asyncio.Task[None] | None = None
+        self._relay_checks: asyncio.Task[None] | None = None
         self._closed = False
         self.udp_port = 0
         self.tcp_port = 0
@@ -329,6 +360,8 @@ class RendezvousServer:
         self.udp_port = self.tcp_port = socks.port
         self.nat_port = socks.nat_port
         self._housekeeping = self.loop.create_task(self._housekeep())
+        if cfg.relays:
+            self._relay_checks = self.loop.create_task(self._check_relays())
         log.info(
             "rendezvous on %s: udp/tcp %d, nat-test tcp %d; key %s; relays %s%s",
             ", ".join(binds),
@@ -493,6 +526,15 @@ class RendezvousServer:
                     self.core.events["tcp_idle_closed"] += 1
                     conn.transport.close()
 
+    async def _check_relays(self) -> None:
+        """Ask every relay for its load now and then (a HealthCheck frame; agent/servers/relay_core.py)."""
+        while True:
+            results = await asyncio.gather(*(relay_load(r) for r in self.cfg.relays))
+            now = self.loop.time()
+            for relay, load in zip(self.cfg.relays, results, strict=True):
+                self.core.relay_checked(relay, load, now)
+            await asyncio.sleep(self.cfg.relay_check_interval)
+
     # ------------------------------------------------------------------ status / stop
 
     def stats(self) -> dict[str, Any]:
@@ -513,10 +555,11 @@ class RendezvousServer:
         if self._closed:
             return
         self._closed = True
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
+        for task in (self._housekeeping, self._relay_checks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for server in self._servers:
             server.close()
         for transport in self._udp:

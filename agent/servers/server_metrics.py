@@ -29,6 +29,10 @@ def rendezvous_families(stats: Mapping[str, Any]) -> list[Metric]:
         gauge(f"{R}_pending_requests", "Requests waiting for the peer's answer", stats.get("pending_requests", 0)),
         gauge(f"{R}_tcp_connections", "Open TCP connections (requests, NAT tests, registrations over TCP)",
               stats.get("tcp_connections", 0)),
+        gauge(f"{R}_relay_up", "1 while a relay answers its health checks (only those are handed out)",
+              {r: int(s["up"]) for r, s in stats.get("relays", {}).items()}, "relay"),
+        gauge(f"{R}_relay_load", "A relay's pairs at its last check plus those handed out since",
+              {r: s["load"] for r, s in stats.get("relays", {}).items()}, "relay"),
     ]
 
 
