@@ -458,6 +458,7 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
     from agent.common.files import private_dir
     from agent.common.keyfile import KeyFileError
     from agent.control.access import save_state_config
+    from agent.runtime_paths import leave_udp_blocked_hint
     from agent.wire.peer_ids import spec_for
 
     try:
@@ -473,6 +474,7 @@ def _run_agent_command(args: argparse.Namespace, state_dir: Path) -> int:
                 private_dir(state_dir)
                 if cfg.agent.server:  # seconds to learn what a Ray start would take ~10 s to find
                     udp_blocked = runner.preflight(state_dir, cfg)
+                leave_udp_blocked_hint(state_dir, udp_blocked)
                 save_state_config(state_dir, cfg)
             identity.load_or_create(state_dir)
             if args.foreground:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 _MAX_SOCK_PATH = 100
@@ -34,3 +35,29 @@ def control_socket(state_dir: Path) -> Path:
 def sessions_socket(state_dir: Path) -> Path:
     """The session owner's socket: strategies hand it their connected transports."""
     return runtime_dir(state_dir) / "sessions.sock"
+
+
+UDP_BLOCKED_HINT = "udp_blocked"
+"""A file in the state dir: `up`'s preflight found UDP to the server blocked (its reason inside); the
+registrar reads it once at start and registers over TCP at once (agent/rendezvous/registration_path.py)."""
+HINT_FRESH = 120.0
+
+
+def leave_udp_blocked_hint(state_dir: Path, reason: str) -> None:
+    hint = state_dir / UDP_BLOCKED_HINT
+    if reason:
+        hint.write_text(reason[:300])
+    else:
+        hint.unlink(missing_ok=True)
+
+
+def take_udp_blocked_hint(state_dir: Path) -> str:
+    """The preflight's reason if `up` left one moments ago ("" otherwise); it is used once."""
+    hint = state_dir / UDP_BLOCKED_HINT
+    try:
+        fresh = time.time() - hint.stat().st_mtime < HINT_FRESH
+        reason = hint.read_text().strip()
+        hint.unlink()
+    except OSError:
+        return ""
+    return reason if fresh else ""

@@ -32,7 +32,7 @@ from agent.control.pins import PINS_FILE, PinMismatch, PinnedKeys, PinStore, Ser
 from agent.identity import Identity
 from agent.nat.watch_core import REMOTE_JITTER, NetworkChanged
 from agent.refs import LocalRef, Ref
-from agent.runtime_paths import control_socket, sessions_socket
+from agent.runtime_paths import control_socket, sessions_socket, take_udp_blocked_hint
 from agent.session.seen import SeenPeers
 from agent.strategies import registry
 from agent.strategies.base import StrategyEnv
@@ -211,6 +211,9 @@ class RegistrarComponent:
             await asyncio.sleep(5 if self.nat_behavior.known else 0.5)
 
     async def start(self) -> None:
+        hint = take_udp_blocked_hint(self.rt.state_dir)
+        if hint:  # `up` just found UDP blocked: register over TCP from the start
+            self.registrar.path.prefer_tcp(f"UDP blocked at start ({hint})")
         await self.registrar.start()
         self._task = asyncio.get_running_loop().create_task(self._follow_nat())
 

@@ -40,25 +40,29 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
-def counter(name: str, doc: str, values: Mapping[str, int | float] | int | float, label: str = "") -> Metric:
-    """A counter family: one unlabelled value, or one sample per key of `values` under `label`."""
-    family = CounterMetricFamily(name, doc, labels=[label] if label else None)
+def _family(
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    doc: str,
+    values: Mapping[str, int | float] | int | float,
+    label: str,
+) -> Metric:
+    family = kind(name, doc, labels=[label] if label else None)
     if isinstance(values, Mapping):
         for key, value in sorted(values.items()):
             family.add_metric([str(key)], float(value))
     else:
         family.add_metric([], float(values))
     return family
+
+
+def counter(name: str, doc: str, values: Mapping[str, int | float] | int | float, label: str = "") -> Metric:
+    """A counter family: one unlabelled value, or one sample per key of `values` under `label`."""
+    return _family(CounterMetricFamily, name, doc, values, label)
 
 
 def gauge(name: str, doc: str, values: Mapping[str, int | float] | int | float, label: str = "") -> Metric:
-    family = GaugeMetricFamily(name, doc, labels=[label] if label else None)
-    if isinstance(values, Mapping):
-        for key, value in sorted(values.items()):
-            family.add_metric([str(key)], float(value))
-    else:
-        family.add_metric([], float(values))
-    return family
+    return _family(GaugeMetricFamily, name, doc, values, label)
 
 
 def labelled_counter(name: str, doc: str, labels: list[str], rows: Iterable[tuple[tuple[str, ...], float]]) -> Metric:

@@ -87,6 +87,12 @@ class RegistrationPath:
         """Where registrations go now: TCP only while a connection is up and wanted."""
         return TCP if self.want_tcp and self.tcp == "up" else UDP
 
+    def prefer_tcp(self, reason: str) -> None:
+        """Start on TCP (`up`'s first round trip already found UDP blocked): no 3 s wait to learn it
+        again; the UDP probe still brings registration back when UDP works."""
+        self.want_tcp = True
+        self.reason = reason
+
     def due(self, now: float, unanswered_for: float | None) -> list[Step]:
         """What to do at `now`; `unanswered_for`: how long the oldest unanswered registration has waited."""
         steps: list[Step] = []
@@ -95,6 +101,8 @@ class RegistrationPath:
             self.reason = f"no answer over UDP in {unanswered_for:.0f} s"
             self._next_probe = now + self.udp_probe_every
         if self.want_tcp:
+            if not self._next_probe:
+                self._next_probe = now + self.udp_probe_every
             if self.tcp == "down" and now >= self._next_connect:
                 self.tcp = "connecting"
                 steps.append(OpenTcp())

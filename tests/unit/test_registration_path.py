@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.rendezvous.registration_path import TCP, UDP, CloseTcp, OpenTcp, ProbeUdp, RegistrationPath, Step
+from agent.runtime_paths import leave_udp_blocked_hint, take_udp_blocked_hint
 
 
 def on_tcp(now: float = 3.0) -> RegistrationPath:
@@ -133,3 +138,26 @@ def test_any_sequence_keeps_one_connection_at_most(ops: list[tuple[str, float]])
             open_asked = 0
         assert open_asked <= 1
         assert path.transport == (TCP if path.tcp == "up" and path.want_tcp else UDP)
+
+
+def test_up_found_udp_blocked_so_tcp_comes_first() -> None:
+    """No 3 s of unanswered registrations to learn again what `up`'s preflight just learnt."""
+    path = RegistrationPath()
+    path.prefer_tcp("UDP blocked at start (no reply to 2 requests in 6 s)")
+    assert path.due(0.0, None) == [OpenTcp()]
+    assert path.tcp_connected(0.1) is True and path.transport == TCP
+    assert path.due(10.0, None) == []
+    assert path.due(30.1, None) == [ProbeUdp()]  # and UDP is still checked now and then
+
+
+def test_the_udp_blocked_hint_is_used_once_and_only_fresh(tmp_path: Path) -> None:
+    leave_udp_blocked_hint(tmp_path, "no reply to 2 requests in 6 s")
+    assert take_udp_blocked_hint(tmp_path) == "no reply to 2 requests in 6 s"
+    assert take_udp_blocked_hint(tmp_path) == ""
+    leave_udp_blocked_hint(tmp_path, "stale")
+    old = time.time() - 3600
+    os.utime(tmp_path / "udp_blocked", (old, old))
+    assert take_udp_blocked_hint(tmp_path) == ""
+    leave_udp_blocked_hint(tmp_path, "x")
+    leave_udp_blocked_hint(tmp_path, "")  # a later up that found UDP working takes it back
+    assert take_udp_blocked_hint(tmp_path) == ""
