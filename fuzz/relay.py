@@ -29,6 +29,7 @@ with instrumented():
         Accept,
         Drop,
         FirstFrameReader,
+        Health,
         Refuse,
         check_request,
         decode_handoff,
@@ -90,6 +91,8 @@ def TestOneInput(data: bytes) -> None:
         (frame,) = FrameDecoder().feed(decision.reply)
         kind, msg = messages.parse(frame)
         assert kind == "relay_response" and msg.refuse_reason
+    elif isinstance(decision, Health):  # the rendezvous server asking for our load: only a HealthCheck
+        assert messages.parse(payload)[0] == "hc"
     else:
         assert isinstance(decision, Drop) and decision.reason
 
