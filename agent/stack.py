@@ -213,7 +213,7 @@ class RegistrarComponent:
     async def start(self) -> None:
         hint = take_udp_blocked_hint(self.rt.state_dir)
         if hint:  # `up` just found UDP blocked: register over TCP from the start
-            self.registrar.path.prefer_tcp(f"UDP blocked at start ({hint})")
+            self.registrar.path.prefer_tcp(f"UDP blocked at start: {hint}")
         await self.registrar.start()
         self._task = asyncio.get_running_loop().create_task(self._follow_nat())
 

@@ -90,4 +90,4 @@ def test_best_path_and_intact_data(agents: LabAgents) -> None:
             status = agents.ops(host, "status")
             reg = status["registration"]
             assert (reg["state"], reg["transport"]) == ("registered", "tcp"), reg
-            assert "over TCP (no answer over UDP in 3 s)" in render_status(status)
+            assert "over TCP (UDP blocked at start: no reply to" in render_status(status)  # up told it
