@@ -153,6 +153,7 @@ class RegistrarComponent:
         self.nat_probe = nat_probe
         self.nat_type = 0
         self.nat_behavior = NatBehavior()
+        self._measured = False
         self.registrar = Registrar(
             rt.server_addr,
             rt.identity,
@@ -201,14 +202,16 @@ class RegistrarComponent:
     def _follow(self, status: dict[str, Any]) -> None:
         self.nat_type = int(status["nat_type"])
         self.nat_behavior = NatBehavior(**status.get("nat_behavior") or {})
+        self._measured = self._measured or bool(status.get("measurements"))
 
     async def _follow_nat(self) -> None:
-        """Every 5 s; every 0.5 s until the first behaviour is known, so the server has it (it sends a
-        pair that no punch can meet to the relay at once) a moment after the first measurement."""
+        """Every 5 s; every 0.5 s until the probe has measured once, so the server has our behaviour (it
+        sends a pair that no punch can meet to the relay at once) a moment after the first measurement.
+        (Not until the behaviour is known: against a server that cannot measure it, never.)"""
         while True:
             with contextlib.suppress(Exception):
                 self._follow(await self.nat_probe.call("status"))
-            await asyncio.sleep(5 if self.nat_behavior.known else 0.5)
+            await asyncio.sleep(5 if self._measured else 0.5)
 
     async def start(self) -> None:
         hint = take_udp_blocked_hint(self.rt.state_dir)

@@ -307,7 +307,7 @@ class Race:
             self.keys["udp_punch"] = (pk, source)
             peer_sockaddr = addrmod.decode(bytes(resp.socket_addr))
             # a sequential NAT on the peer's side: punch where it will map the peer's socket next too
-            ours = NatBehavior.from_pb(pb.NatBehavior.FromString(await coord.our_nat_behavior()))
+            ours = NatBehavior.from_wire(await coord.our_nat_behavior())
             theirs = NatBehavior.from_pb(resp.nat_behavior)
             predict = predicted_ports(peer_sockaddr.port, theirs, ours)
             # the server asked the peer for birthday probing (a direct-only request: a link on the relay
@@ -394,7 +394,7 @@ class Race:
                     our_udp=True,
                     peer_udp=True,
                     v6_both=v6_task is not None,
-                    our_behavior=NatBehavior.from_pb(pb.NatBehavior.FromString(our_behavior)),
+                    our_behavior=NatBehavior.from_wire(our_behavior),
                     peer_behavior=NatBehavior.from_pb(resp.nat_behavior),
                 )
                 replan = make_plan(sit, self.policy)

@@ -99,10 +99,7 @@ class RegistrationPath:
         if not self.want_tcp and unanswered_for is not None and unanswered_for >= self.tcp_after:
             self.want_tcp = True
             self.reason = f"no answer over UDP in {unanswered_for:.0f} s"
-            self._next_probe = now + self.udp_probe_every
-        if self.want_tcp:
-            if not self._next_probe:
-                self._next_probe = now + self.udp_probe_every
+        if self.want_tcp:  # (the probe schedule starts when the connection is up: tcp_connected)
             if self.tcp == "down" and now >= self._next_connect:
                 self.tcp = "connecting"
                 steps.append(OpenTcp())
@@ -134,18 +131,11 @@ class RegistrationPath:
         """A valid answer came over UDP: UDP works, registration goes back to it."""
         if not self.want_tcp:
             return []
-        self.want_tcp = False
-        self.reason = ""
         self.moves_to_udp += 1
-        self._backoff = self.reconnect_min
-        self._next_connect = 0.0
-        if self.tcp == "down":
-            return []
-        self.tcp = "down"
-        return [CloseTcp()]
+        return self.reset()
 
     def reset(self) -> list[Step]:
-        """A new network: try UDP first again."""
+        """A new network (or UDP answering again): UDP first, the TCP connection closed."""
         steps: list[Step] = [CloseTcp()] if self.tcp != "down" else []
         self.want_tcp = False
         self.reason = ""

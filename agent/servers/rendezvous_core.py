@@ -207,7 +207,6 @@ class RelayState:
     load: int = 0
     """Pairs active and waiting at the last check, plus the pairs handed out since."""
     misses: int = 0
-    checked: float = -math.inf
 
 
 @dataclass(slots=True)
@@ -345,14 +344,15 @@ class RendezvousCore:
             log.info("dropped input from %s: %s%s", source, reason, f" ({detail})" if detail else "")
         return []
 
-    def _reply_udp(self, o: Origin, payload: bytes, now: float) -> list[Action]:
+    def _reply_udp(self, o: Origin, payload: bytes, now: float, other_port: bool = False) -> list[Action]:
         """The amplification rule: an answer to a UDP source is never larger than its request (a TCP
-        source has shown it receives at its address: no rule)."""
+        source has shown it receives at its address: no rule). `other_port`: from the same address's
+        other UDP port (the NAT probe's filtering test), still to the same source."""
         if o.conn:
             return [SendTcp(o.conn, payload)]
         if len(payload) > o.size:
             return self.drop("reply_larger_than_request", o.src, now, f"{len(payload)} > {o.size} bytes")
-        return [SendUdp(o.src, payload, o.via)]
+        return [SendUdp(o.src, payload, o.via, other_port)]
 
     @staticmethod
     def _mangle(a: SockAddr, now: float) -> bytes:
@@ -378,11 +378,10 @@ class RendezvousCore:
         state.load += 1
         return relay
 
-    def relay_checked(self, relay: str, load: int | None, now: float) -> None:
+    def relay_checked(self, relay: str, load: int | None) -> None:
         """A health check's result: the relay's pairs (active + waiting), or None when it did not
         answer. Two misses in a row take it out of the choice until it answers again."""
         state = self.relay_state.setdefault(relay, RelayState())
-        state.checked = now
         if load is None:
             state.misses += 1
             if state.misses >= RELAY_MISSES and state.up:
@@ -527,11 +526,7 @@ class RendezvousCore:
             reply = messages.build(test_nat_response=pb.TestNatResponse(port=src.port, observed_ip=str(src.ip)))
             if len(reply) > len(data):  # an unpadded (RustDesk) request still gets its port
                 reply = messages.build(test_nat_response=pb.TestNatResponse(port=src.port))
-            if msg.answer_from_other_port:  # the filtering test: to the same source, never elsewhere
-                if len(reply) > len(data):
-                    return self.drop("reply_larger_than_request", src, now, "test_nat_request")
-                return [SendUdp(src, reply, via, other_port=True)]
-            return self._reply_udp(o, reply, now)
+            return self._reply_udp(o, reply, now, other_port=msg.answer_from_other_port)
         if kind == "punch_hole_sent":
             return self._hole_sent_udp(msg, src, now)
         return self.drop("wrong_kind", src, now, f"udp {kind}")

@@ -344,7 +344,7 @@ class RendezvousServer:
         socks = _open_sockets(binds, cfg.port, cfg.nat_test_port)
         try:
             # UDP endpoints: the main port's first, then the NAT-test port's in the same order, so
-            # endpoint `via` and `via ± n` are one address's two ports (`_partner`)
+            # endpoint `via` and `via ± n` are one address's two ports (`_send_udp`'s other_port)
             for via, (sock, role) in enumerate([(s, "main") for s in socks.udp] + [(s, "nat") for s in socks.nat_udp]):
                 udp = ReplyingUdp(sock, _on_udp(self, via, role), self._udp_send_error)  # type: ignore[arg-type]
                 udp.start(self.loop)
@@ -530,9 +530,8 @@ class RendezvousServer:
         """Ask every relay for its load now and then (a HealthCheck frame; agent/servers/relay_core.py)."""
         while True:
             results = await asyncio.gather(*(relay_load(r) for r in self.cfg.relays))
-            now = self.loop.time()
             for relay, load in zip(self.cfg.relays, results, strict=True):
-                self.core.relay_checked(relay, load, now)
+                self.core.relay_checked(relay, load)
             await asyncio.sleep(self.cfg.relay_check_interval)
 
     # ------------------------------------------------------------------ status / stop

@@ -201,7 +201,7 @@ class UdpPunchStrategy(Tracked):
         )
         sent.nat_behavior.ParseFromString(req.nat_behavior)
         datagram = messages.build(punch_hole_sent=sent)
-        ours = NatBehavior.from_pb(pb.NatBehavior.FromString(req.nat_behavior))
+        ours = NatBehavior.from_wire(req.nat_behavior)
         theirs = NatBehavior.from_pb(push.nat_behavior)
         role = birthday_role(ours, theirs) if push.birthday else None
         if push.birthday and role is None:

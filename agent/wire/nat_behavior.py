@@ -76,6 +76,11 @@ class NatBehavior:
         step = int(msg.step) if allocation == NB.SEQUENTIAL and 0 < abs(msg.step) <= MAX_STEP else 0
         return cls(int(mapping), int(allocation), step, int(filtering), bool(msg.udp_blocked))
 
+    @classmethod
+    def from_wire(cls, data: bytes) -> NatBehavior:
+        """Our own behaviour as the coordinator hands it out (serialized: it crosses actors)."""
+        return cls.from_pb(pb.NatBehavior.FromString(data))
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "mapping": NB.Mapping.Name(self.mapping),

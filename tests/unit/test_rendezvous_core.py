@@ -1357,19 +1357,19 @@ def test_a_direct_only_request_between_a_cone_and_a_random_symmetric_nat_asks_fo
 def test_the_least_loaded_live_relay_gets_the_pair() -> None:
     core = Harness(relays=["r1:1", "r2:2", "r3:3"]).core
     assert [core.next_relay() for _ in range(3)] == ["r1:1", "r2:2", "r3:3"]  # nothing known: in turn
-    core.relay_checked("r1:1", 10, 0.0)
-    core.relay_checked("r2:2", 0, 0.0)
-    core.relay_checked("r3:3", 1, 0.0)
+    core.relay_checked("r1:1", 10)
+    core.relay_checked("r2:2", 0)
+    core.relay_checked("r3:3", 1)
     assert [core.next_relay() for _ in range(4)] == ["r2:2", "r3:3", "r2:2", "r3:3"]  # each hand-out counts
-    core.relay_checked("r2:2", None, 1.0)  # one miss: still in
+    core.relay_checked("r2:2", None)  # one miss: still in
     assert core.relay_state["r2:2"].up
-    core.relay_checked("r2:2", None, 2.0)  # two: out
+    core.relay_checked("r2:2", None)  # two: out
     assert not core.relay_state["r2:2"].up and core.events["relay_down"] == 1
     assert {core.next_relay() for _ in range(20)} == {"r1:1", "r3:3"}
-    core.relay_checked("r2:2", 0, 3.0)
+    core.relay_checked("r2:2", 0)
     assert core.next_relay() == "r2:2" and core.events["relay_up"] == 1
     for r in ("r1:1", "r2:2", "r3:3"):  # every relay silent: better a try than no relay at all
-        core.relay_checked(r, None, 4.0)
-        core.relay_checked(r, None, 5.0)
+        core.relay_checked(r, None)
+        core.relay_checked(r, None)
     assert core.next_relay() in ("r1:1", "r2:2", "r3:3")
     assert core.stats(5.0)["relays"]["r2:2"]["up"] is False
