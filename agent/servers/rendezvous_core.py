@@ -199,6 +199,9 @@ class Limits:
 
 RELAY_MISSES = 2
 """Health checks a relay may miss in a row before it is no longer handed out."""
+RELAY_REFUSED = -1
+"""A health check's result when the relay's host refused the connection: no relay listens there
+(its process or node died), which is no lost packet, so the relay is down at once."""
 
 
 @dataclass(slots=True)
@@ -379,11 +382,12 @@ class RendezvousCore:
         return relay
 
     def relay_checked(self, relay: str, load: int | None) -> None:
-        """A health check's result: the relay's pairs (active + waiting), or None when it did not
-        answer. Two misses in a row take it out of the choice until it answers again."""
+        """A health check's result: the relay's pairs (active + waiting), None when it did not
+        answer in time, RELAY_REFUSED when nothing listens there. Two misses in a row, or one
+        refusal, take it out of the choice until it answers again."""
         state = self.relay_state.setdefault(relay, RelayState())
-        if load is None:
-            state.misses += 1
+        if load is None or load == RELAY_REFUSED:
+            state.misses = RELAY_MISSES if load == RELAY_REFUSED else state.misses + 1
             if state.misses >= RELAY_MISSES and state.up:
                 state.up = False
                 self.events["relay_down"] += 1

@@ -33,7 +33,17 @@ from agent.common.keyfile import KeyFileError, load_or_create_signing_key
 from agent.common.metrics import MetricsServer, parse_listen
 from agent.proto import rendezvous_pb2 as pb
 from agent.servers.registry import PeerRow, Registry
-from agent.servers.rendezvous_core import Action, CloseTcp, Limits, Persist, RendezvousCore, Role, SendTcp, SendUdp
+from agent.servers.rendezvous_core import (
+    RELAY_REFUSED,
+    Action,
+    CloseTcp,
+    Limits,
+    Persist,
+    RendezvousCore,
+    Role,
+    SendTcp,
+    SendUdp,
+)
 from agent.servers.server_metrics import rendezvous_families
 from agent.servers.udp_reply import ReplyingUdp
 from agent.wire import messages
@@ -81,8 +91,8 @@ RELAY_CHECK_TIMEOUT = 1.0
 
 
 async def relay_load(relay: str, timeout: float = RELAY_CHECK_TIMEOUT) -> int | None:
-    """A relay's pairs (active + waiting), or None when it does not answer in time. ":PORT" is a relay
-    on this host."""
+    """A relay's pairs (active + waiting), None when it does not answer in time, RELAY_REFUSED when
+    its host refuses the connection. ":PORT" is a relay on this host."""
     host, _, port = relay.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     try:
@@ -98,6 +108,8 @@ async def relay_load(relay: str, timeout: float = RELAY_CHECK_TIMEOUT) -> int | 
                             return int(sub.pairs_active) + int(sub.waiting)
             finally:
                 writer.close()
+    except ConnectionRefusedError:
+        return RELAY_REFUSED
     except (OSError, TimeoutError, ValueError, FrameError, messages.MessageError):
         return None
     return None

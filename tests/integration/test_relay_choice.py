@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent.proto import rendezvous_pb2 as pb
 from agent.servers.relay_server import RelayConfig, start_relay
+from agent.servers.rendezvous_core import RELAY_REFUSED
 from agent.servers.rendezvous_server import RendezvousConfig, relay_load, start_rendezvous
 from agent.wire import messages
 from agent.wire.frames import encode_frame
@@ -20,7 +21,7 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_a_relay_reports_its_load_and_a_dead_one_nothing() -> None:
+async def test_a_relay_reports_its_load_and_a_dead_ones_host_refuses() -> None:
     relay = await start_relay(RelayConfig(binds=["127.0.0.1"], port=0, open=True))
     try:
         assert await relay_load(f"127.0.0.1:{relay.port}") == 0
@@ -35,7 +36,7 @@ async def test_a_relay_reports_its_load_and_a_dead_one_nothing() -> None:
         assert await relay_load(f"127.0.0.1:{relay.port}") == 1
         assert relay.stats()["health_checks"] >= 2
         writer.close()
-        assert await relay_load(f"127.0.0.1:{closed_port()}") is None
+        assert await relay_load(f"127.0.0.1:{closed_port()}") == RELAY_REFUSED
     finally:
         await relay.close()
 

@@ -18,7 +18,17 @@ from nacl.signing import SigningKey
 
 from agent.proto import rendezvous_pb2 as pb
 from agent.servers.registry import PeerRow, Registry
-from agent.servers.rendezvous_core import Action, CloseTcp, Limits, Persist, RendezvousCore, SendTcp, SendUdp, valid_id
+from agent.servers.rendezvous_core import (
+    RELAY_REFUSED,
+    Action,
+    CloseTcp,
+    Limits,
+    Persist,
+    RendezvousCore,
+    SendTcp,
+    SendUdp,
+    valid_id,
+)
 from agent.wire import addr as addrmod
 from agent.wire import messages, signing
 from agent.wire.addr import SockAddr
@@ -1373,3 +1383,16 @@ def test_the_least_loaded_live_relay_gets_the_pair() -> None:
         core.relay_checked(r, None)
     assert core.next_relay() in ("r1:1", "r2:2", "r3:3")
     assert core.stats(5.0)["relays"]["r2:2"]["up"] is False
+
+
+def test_a_refused_health_check_takes_the_relay_out_at_once() -> None:
+    """Nothing listens where the relay was (its process or node died): no second chance to wait for,
+    while every pair handed to it until the next check would fail."""
+    core = Harness(relays=["r1:1", "r2:2"]).core
+    core.relay_checked("r1:1", 0)
+    core.relay_checked("r2:2", 0)
+    core.relay_checked("r2:2", RELAY_REFUSED)
+    assert not core.relay_state["r2:2"].up and core.events["relay_down"] == 1
+    assert {core.next_relay() for _ in range(5)} == {"r1:1"}
+    core.relay_checked("r2:2", 3)  # back, with its load
+    assert core.relay_state["r2:2"].up and core.relay_state["r2:2"].load == 3
