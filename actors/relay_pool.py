@@ -77,6 +77,8 @@ class _RelayActor:
         import ray
 
         info["node_id"] = ray.get_runtime_context().get_node_id()
+        node_ip: Any = ray.util.get_node_ip_address
+        info["node"] = node_ip()
         return info
 
     async def stats(self) -> dict[str, Any]:
@@ -216,6 +218,23 @@ class RelayPool:
         }
         return total
 
+    def replica_stats(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """Each replica's numbers with its node's address, or `up: False` for one that did not answer
+        within `timeout` (its node died: a replica pinned there cannot come back elsewhere)."""
+        import ray
+
+        refs = [a.stats.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        done = set(ready)
+        rows: list[dict[str, Any]] = []
+        for i, (ref, info) in enumerate(zip(refs, self.infos, strict=True)):
+            row: dict[str, Any] = {"replica": i, "node": info.get("node", "?"), "up": False}
+            if ref in done:
+                with contextlib.suppress(Exception):
+                    row.update(ray.get(ref, timeout=0), up=True)
+            rows.append(row)
+        return rows
+
     def stop(self) -> None:
         import ray
 
@@ -240,6 +259,7 @@ def run_pool(cfg: RelayConfig) -> int:
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     handle: RayHandle | None = None
     pool: RelayPool | None = None
+    exporter: threading.Thread | None = None
     try:
         if cfg.ray_address:
             init_driver(cfg.ray_address)
@@ -253,13 +273,18 @@ def run_pool(cfg: RelayConfig) -> int:
             pool = RelayPool(cfg)
             infos = pool.start()
             log.info(
-                "relay: %d replica(s) listening on port %d (pids %s)",
+                "relay: %d replica(s) listening on port %d (nodes %s; pids %s)",
                 len(infos),
                 pool.port,
+                ", ".join(str(i.get("node", "?")) for i in infos),
                 ", ".join(str(i["pid"]) for i in infos),
             )
+            if cfg.metrics:
+                exporter = _serve_metrics(pool, cfg.metrics, stop)
         while not stop.wait(1.0):
             pass
+        if exporter is not None:
+            exporter.join(timeout=5)
         if pool is not None:
             with contextlib.suppress(Exception):
                 st = pool.stats()
@@ -277,3 +302,41 @@ def run_pool(cfg: RelayConfig) -> int:
         for sig, h in old.items():
             signal.signal(sig, h)
     return 0
+
+
+def _serve_metrics(pool: RelayPool, listen: str, stop: threading.Event) -> threading.Thread:
+    """The pool's Prometheus endpoint (per replica and node) on a thread of its own: the driver's main
+    thread only waits for a signal, and a scrape asks the replicas through Ray off the loop."""
+    from agent.common.metrics import MetricsServer, parse_listen
+    from agent.servers.server_metrics import pool_families
+
+    address = parse_listen(listen)
+    bound = threading.Event()
+    failure: list[BaseException] = []
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def collect() -> list[Any]:
+            rows: list[dict[str, Any]] = await loop.run_in_executor(None, pool.replica_stats)
+            return pool_families(rows)
+
+        try:
+            server = await MetricsServer(address, collect).start()
+        except OSError as exc:
+            failure.append(exc)
+            bound.set()
+            return
+        bound.set()
+        try:
+            while not stop.is_set():
+                await asyncio.sleep(0.2)
+        finally:
+            await server.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="relay-metrics", daemon=True)
+    thread.start()
+    bound.wait(10)
+    if failure:
+        raise failure[0]
+    return thread

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a private one")
     rl.add_argument("--stream-limit", type=_positive, default=0.0, help="per-stream limit in Mbit/s (0 = off)")
     rl.add_argument("--total-limit", type=_positive, default=0.0, help="total limit in Mbit/s (0 = off)")
-    _metrics_option(rl, "its Prometheus metrics (one process: not with --replicas or --ray-address)")
+    _metrics_option(rl, "its Prometheus metrics (with --replicas or --ray-address: per replica and node)")
 
     up = sub.add_parser("up", help="start this agent (private Ray + actors; embedded servers unless --server)")
     up.add_argument("--config", type=Path, default=None, help="TOML config (see `punchthrough config`)")
@@ -564,8 +564,6 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.replicas < 1:
             raise CliError("--replicas must be at least 1")
-        if args.metrics and (args.replicas > 1 or args.ray_address):
-            raise CliError("--metrics serves one relay process; with --replicas or --ray-address it is not there yet")
         key = "" if args.key_file is None else _read_secret(args.key_file, "--key-file")
         binds = args.bind or ["0.0.0.0", "::"]
         server_keys = [] if args.open else _relay_server_keys(args, state_dir)

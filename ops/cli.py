@@ -21,6 +21,7 @@ from agent.client import loopback_pair
 from agent.common import ctlproto, logfiles
 from agent.common.paths import add_anywhere, add_state_dir, default_state_dir
 from agent.runtime_paths import control_socket
+from ops import relays_view
 
 COMMANDS = ("status", "actors", "sessions", "links", "netcheck")
 
@@ -468,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("-c", "--count", type=_count, default=3, help="round trips to time (default 3)")
     pg.add_argument("--path", default="", help="path policy for this session (default: the agent's)")
     pg.add_argument("--timeout", type=_seconds, default=15.0, help="seconds to wait (default 15)")
+    rl = sub.add_parser("relays", help="relays per node: replicas up, pairs, load and health (from servers' metrics)")
+    _common(rl, top=False)
+    rl.add_argument("endpoints", nargs="+", metavar="HOST:PORT",
+                    help="metrics endpoints: a rendezvous server's and/or a relay pool's (--metrics)")
+    rl.add_argument("--timeout", type=_seconds, default=5.0, help="seconds to wait per endpoint (default 5)")
     return parser
 
 
@@ -480,6 +486,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "logs":
             files = logfiles.inventory(state_dir / "logs")
             print(json.dumps(files, indent=2) if args.json else render_logs(state_dir / "logs", files))
+            return 0
+        if args.command == "relays":
+            try:
+                nodes = relays_view.relays_view(args.endpoints, args.timeout)
+            except relays_view.ViewError as exc:
+                raise OpsError(str(exc)) from None
+            print(json.dumps({h: vars(n) for h, n in nodes.items()}, indent=2, sort_keys=True) if args.json
+                  else relays_view.render(nodes))
             return 0
         if args.command == "ping":
             result = ping(state_dir, args.peer, args.count, args.path, args.timeout)

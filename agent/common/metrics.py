@@ -65,11 +65,24 @@ def gauge(name: str, doc: str, values: Mapping[str, int | float] | int | float, 
     return _family(GaugeMetricFamily, name, doc, values, label)
 
 
-def labelled_counter(name: str, doc: str, labels: list[str], rows: Iterable[tuple[tuple[str, ...], float]]) -> Metric:
-    family = CounterMetricFamily(name, doc, labels=labels)
+Rows = Iterable[tuple[tuple[str, ...], float]]
+
+
+def _labelled(kind: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str, doc: str, labels: list[str],
+              rows: Rows) -> Metric:
+    family = kind(name, doc, labels=labels)
     for key, value in sorted(rows):
         family.add_metric(list(key), float(value))
     return family
+
+
+def labelled_counter(name: str, doc: str, labels: list[str], rows: Rows) -> Metric:
+    """A counter with several labels: one sample per (label values, value) row."""
+    return _labelled(CounterMetricFamily, name, doc, labels, rows)
+
+
+def labelled_gauge(name: str, doc: str, labels: list[str], rows: Rows) -> Metric:
+    return _labelled(GaugeMetricFamily, name, doc, labels, rows)
 
 
 class _Snapshot(Collector):

@@ -6,12 +6,12 @@ the kind, reason or event that ops already counts by name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client.core import Metric
 
-from agent.common.metrics import counter, gauge
+from agent.common.metrics import counter, gauge, labelled_counter, labelled_gauge
 
 R = "punchthrough_rendezvous"
 L = "punchthrough_relay"
@@ -47,4 +47,24 @@ def relay_families(stats: Mapping[str, Any], replica: str = "0") -> list[Metric]
         counter(f"{L}_bytes", "Bytes relayed, both directions", stats.get("bytes_relayed", 0)),
         counter(f"{L}_drops", "Connections dropped, by reason", stats.get("drops", {}), "reason"),
         counter(f"{L}_pair_ends", "Pairs ended, by reason", stats.get("pair_ends", {}), "reason"),
+    ]
+
+
+def pool_families(replicas: Sequence[Mapping[str, Any]]) -> list[Metric]:
+    """A relay pool's replicas (actors/relay_pool.py), labelled by node address and replica index:
+    `sum by (node)` gives a machine's share; a replica whose node died reports up 0 and nothing else."""
+    labels = ["node", "replica"]
+
+    def rows(key: str) -> list[tuple[tuple[str, ...], float]]:
+        return [((str(r["node"]), str(r["replica"])), float(r[key])) for r in replicas if r.get("up")]
+
+    return [
+        labelled_gauge(f"{L}_replica_up", "1 while the replica answers the pool's driver", labels,
+                       [((str(r["node"]), str(r["replica"])), float(bool(r.get("up")))) for r in replicas]),
+        labelled_gauge(f"{L}_pairs_active", "Pairs being relayed now", labels, rows("pairs_active")),
+        labelled_counter(f"{L}_pairs", "Pairs joined since start", labels, rows("pairs_total")),
+        labelled_gauge(f"{L}_waiting", "Connections waiting for their partner", labels, rows("waiting")),
+        labelled_counter(f"{L}_bytes", "Bytes relayed, both directions", labels, rows("bytes_relayed")),
+        labelled_counter(f"{L}_handed_off", "Connections passed to the sibling that pairs their uuid", labels,
+                         rows("handed_off")),
     ]

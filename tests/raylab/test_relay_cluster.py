@@ -67,7 +67,8 @@ def test_relays_spread_over_nodes_and_survive_a_node_kill(cluster: RayLab) -> No
                            "rendezvous.log", cwd=ROOT)
     wait_log(lab, "rendezvous.log", "rendezvous on", rendezvous)
     pool = lab.popen("n0", [*PT, "--state-dir", str(state), "relay", "--port", str(RELAY_PORT),
-                            "--ray-address", lab.head_address, "--replicas", str(lab.nodes)],
+                            "--ray-address", lab.head_address, "--replicas", str(lab.nodes),
+                            "--metrics", "127.0.0.1:9465"],
                      "relay-pool.log", cwd=ROOT)
     wait_log(lab, "relay-pool.log", "listening on port", pool, timeout=90)
 
@@ -120,6 +121,16 @@ def test_relays_spread_over_nodes_and_survive_a_node_kill(cluster: RayLab) -> No
     for r in relays:
         if r != dead:
             assert f'punchthrough_rendezvous_relay_up{{relay="{r}"}} 1.0' in scrape
+    # the ops view: relays per node, replicas up, pairs, and what the rendezvous server says of each
+    view = subprocess.run(lab.cmd("n0", [sys.executable, "-m", "ops.cli", "relays", "127.0.0.1:9464",
+                                         "127.0.0.1:9465"]), capture_output=True, text=True, timeout=30, cwd=ROOT)
+    print(view.stdout)
+    assert view.returncode == 0, view.stderr
+    rows = {line.split()[0]: line for line in view.stdout.splitlines()[1:]}
+    dead_host = dead.rpartition(":")[0]
+    assert set(rows) == {r.rpartition(":")[0] for r in relays}
+    assert " 0/1 " in rows[dead_host] and "DOWN" in rows[dead_host]
+    assert all(" 1/1 " in rows[h] and " up, load " in rows[h] for h in rows if h != dead_host)
     for proc in (pool, rendezvous):
         proc.terminate()
         proc.wait(timeout=20)
