@@ -90,9 +90,12 @@ class RayLab:
     def popen(self, host: str, argv: list[str], log: str, **kw: Any) -> subprocess.Popen[bytes]:
         """Start `argv` inside `host` with the cluster's Ray variables; output goes to tmp/`log`."""
         out = open(self.tmp / log, "wb")  # noqa: SIM115 - the child owns it; closed below
+        # Only this cluster's Ray variables: a private head's (actors/ray_runtime.py lean_env, which a
+        # test may have put into os.environ) would pin Ray to loopback and refuse a multi-node cluster.
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         try:
             return subprocess.Popen(
-                self.cmd(host, argv), env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
+                self.cmd(host, argv), env={**base, **self.env, "PYTHONUNBUFFERED": "1"},
                 stdout=kw.pop("stdout", out), stderr=out, start_new_session=True, **kw,
             )
         finally:
@@ -105,6 +108,7 @@ class RayLab:
             self._network()
             for i in range(self.nodes):
                 self._start_node(i)
+            self._wait_alive()
         except BaseException:
             self.down()
             raise
@@ -148,6 +152,27 @@ class RayLab:
         if rc != 0:
             tail = (self.tmp / f"ray-start-{host}.log").read_text(errors="replace").strip().splitlines()[-5:]
             raise LabError(f"raylab: `ray start` on {host} exited {rc}: {' | '.join(tail)}")
+
+    def _wait_alive(self, timeout: float = 60.0) -> None:
+        """`ray start` on a worker returns before the head lists it: wait until every node is alive
+        (what places replicas reads that list once)."""
+        code = (
+            "import ray, time, sys\n"
+            f"ray.init(address='{self.head_address}', logging_level='ERROR', log_to_driver=False)\n"
+            f"deadline = time.monotonic() + {timeout}\n"
+            f"while sum(n['Alive'] for n in ray.nodes()) < {self.nodes}:\n"
+            "    if time.monotonic() > deadline: sys.exit(f'nodes alive: {sum(n[\"Alive\"] for n in ray.nodes())}')\n"
+            "    time.sleep(0.1)\n"
+        )
+        proc = self.popen("n0", [sys.executable, "-c", code], "wait-alive.log")
+        try:
+            rc = proc.wait(timeout=timeout + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = -1
+        if rc != 0:
+            tail = (self.tmp / "wait-alive.log").read_text(errors="replace").strip().splitlines()[-3:]
+            raise LabError(f"raylab: the cluster did not list {self.nodes} alive nodes: {' | '.join(tail)}")
 
     def pids(self, host: str) -> list[int]:
         with contextlib.suppress(LabError):

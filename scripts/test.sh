@@ -5,6 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
+# promtool (Prometheus' own checker) for the metrics tests: the binary alone, out of Debian's
+# prometheus package (no service installed, nothing started); ~19 MB, fetched once into .venv/bin.
+if ! command -v promtool >/dev/null 2>&1; then
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null 2>&1; }; } \
+      && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool); then
+    mv "$tmp/usr/bin/promtool" .venv/bin/promtool
+  else
+    echo "test.sh: could not fetch promtool (apt-get download prometheus); its checks will be skipped" >&2
+  fi
+  rm -rf "$tmp"
+fi
 ruff check .
 mypy
 set +e

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,6 +53,20 @@ def serve_ports() -> tuple[int, int]:
     raise AssertionError("no free port triple")
 
 
+SCRAPED: list[str] = []
+"""Every text `scrape` read, for the promtool checks at the end of a test (after its own asserts)."""
+
+
+def promtool_check(text: str) -> None:
+    """Prometheus' own checker on a scrape (`promtool check metrics`: format and naming lint).
+    scripts/test.sh puts promtool in .venv/bin; without it the check is skipped, visibly."""
+    tool = shutil.which("promtool") or shutil.which("promtool", path=str(Path(sys.executable).parent))
+    if tool is None:
+        pytest.skip("promtool not installed (scripts/test.sh fetches it)")
+    out = subprocess.run([tool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+    assert out.returncode == 0, (out.stdout + out.stderr).decode()[-2000:]
+
+
 async def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """{(sample name, sorted labels): value}, as Prometheus would read them."""
 
@@ -61,6 +76,7 @@ async def scrape(port: int, path: str = "/metrics") -> dict[tuple[str, tuple[tup
             return str(resp.read().decode())
 
     text = await asyncio.to_thread(get)
+    SCRAPED.append(text)
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -114,6 +130,8 @@ async def test_a_session_is_counted_under_its_path_by_the_agent_and_the_servers(
             assert srv[("punchthrough_relay_bytes_total", ())] >= 2 * len(payload)
             assert srv[("punchthrough_rendezvous_messages_total", (("kind", "tcp.request_relay"),))] >= 1
             assert srv[("punchthrough_rendezvous_peers_online", ())] == 2
+            for text in SCRAPED[-3:]:  # the agent's (twice) and the servers': what Prometheus would lint
+                promtool_check(text)
         finally:
             await servers.close()
 
@@ -163,6 +181,7 @@ def test_serve_exports_both_roles(tmp_path: Path) -> None:
         got = asyncio.run(scrape(metrics))
         assert got[("punchthrough_relay_pairs_active", ())] == 0
         assert ("punchthrough_rendezvous_peers_online", ()) in got
+        promtool_check(SCRAPED[-1])
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0

@@ -23,13 +23,14 @@ import pytest
 
 from ops.natlab import available
 from ops.raylab import RayLab, remove_stale
+from tests.integration.test_metrics import promtool_check
 
 pytestmark = [pytest.mark.natlab, pytest.mark.ray, pytest.mark.timeout(240)]
 
 ROOT = Path(__file__).resolve().parents[2]
 PT = [sys.executable, "-m", "agent.cli"]
 RELAY_PORT = 21117
-SCRAPE = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9464/metrics').read().decode())"
+SCRAPE = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"
 KILLED = 2
 """The worker node that dies (node 0 is the head, which runs the pool's driver)."""
 
@@ -71,6 +72,8 @@ def test_relays_spread_over_nodes_and_survive_a_node_kill(cluster: RayLab) -> No
                             "--metrics", "127.0.0.1:9465"],
                      "relay-pool.log", cwd=ROOT)
     wait_log(lab, "relay-pool.log", "listening on port", pool, timeout=90)
+    nodes_line = next(line for line in (lab.tmp / "relay-pool.log").read_text().splitlines() if "listening" in line)
+    assert all(r.rpartition(":")[0] in nodes_line for r in relays), nodes_line  # a replica on every node
 
     driver = lab.popen("client", [sys.executable, "-m", "tests.raylab.pairs", "--server",
                                   f"{lab.addr('n0')}:21116", "--pairs", "100"],
@@ -115,12 +118,15 @@ def test_relays_spread_over_nodes_and_survive_a_node_kill(cluster: RayLab) -> No
     print(f"new pairs: {len(later) - len(failed)}/{len(later)} ok; last failure at +{max(failed, default=0):.2f} s")
     # the rendezvous server kept serving and says which relay is down
     assert rendezvous.poll() is None
-    scrape = subprocess.run(lab.cmd("n0", [sys.executable, "-c", SCRAPE]),
+    scrape = subprocess.run(lab.cmd("n0", [sys.executable, "-c", SCRAPE.format(port=9464)]),
                             capture_output=True, text=True, timeout=10).stdout
     assert f'punchthrough_rendezvous_relay_up{{relay="{dead}"}} 0.0' in scrape, scrape[-1500:]
     for r in relays:
         if r != dead:
             assert f'punchthrough_rendezvous_relay_up{{relay="{r}"}} 1.0' in scrape
+    pool_scrape = subprocess.run(lab.cmd("n0", [sys.executable, "-c", SCRAPE.format(port=9465)]),
+                                 capture_output=True, text=True, timeout=10).stdout
+    assert 'punchthrough_relay_replica_up{node="' + dead.rpartition(":")[0] in pool_scrape
     # the ops view: relays per node, replicas up, pairs, and what the rendezvous server says of each
     view = subprocess.run(lab.cmd("n0", [sys.executable, "-m", "ops.cli", "relays", "127.0.0.1:9464",
                                          "127.0.0.1:9465"]), capture_output=True, text=True, timeout=30, cwd=ROOT)
@@ -134,3 +140,5 @@ def test_relays_spread_over_nodes_and_survive_a_node_kill(cluster: RayLab) -> No
     for proc in (pool, rendezvous):
         proc.terminate()
         proc.wait(timeout=20)
+    promtool_check(scrape)  # last: it skips where promtool is missing (scripts/test.sh fetches it)
+    promtool_check(pool_scrape)
