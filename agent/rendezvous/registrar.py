@@ -27,6 +27,7 @@ from agent.nat.watch import observe_view
 from agent.nat.watch_core import NetView, NetWatchCore, NetworkChanged
 from agent.proto import rendezvous_pb2 as pb
 from agent.rendezvous.registrar_core import (
+    HEARTBEAT_INTERVAL,
     REGISTERED,
     IdTaken,
     KeyRequested,
@@ -123,7 +124,7 @@ class Registrar:
         identity: IdentityLike,
         on_push: PushHandler,
         nat_type_getter: Callable[[], int] = lambda: 0,
-        interval: float = 4.0,
+        interval: float = HEARTBEAT_INTERVAL,
         *,
         on_id_taken: IdTakenHandler | None = None,
         tick: float = 1.0,

@@ -132,6 +132,12 @@ def _push_key(kind: str, message: Any) -> bytes:
     return kind.encode() + b"\0" + decoded + b"\0" + body
 
 
+HEARTBEAT_INTERVAL = 4.0
+"""Seconds between RegisterPeer heartbeats (once the last reply is this old). The server counts a
+peer online for 30 s after its last one, so up to seven may be lost in a row; this rate is what
+sizes a rendezvous server (docs/rendezvous-scaling.md)."""
+
+
 class RegistrarCore:
     """Registration state machine. Times are seconds on any monotonic clock."""
 
@@ -145,7 +151,7 @@ class RegistrarCore:
         salt: int = 0,
         server_key: bytes | None = None,
         token_bytes: Callable[[int], bytes] = secrets.token_bytes,
-        interval: float = 4.0,
+        interval: float = HEARTBEAT_INTERVAL,
         reply_timeout: float = 3.0,
         max_backoff: float = 30.0,
         backoff_factor: float = 2.0,
