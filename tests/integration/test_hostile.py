@@ -331,17 +331,6 @@ async def test_mitm_tampering_never_reaches_the_application(tmp_path: Path, case
     assert any(e for e in b_errors) or "integrity" in a_error or "cut" in a_error
 
 
-async def test_mitm_tampering_tally(tmp_path: Path) -> None:
-    """Inputs tried / refused, one line; each case is a fresh pair of agents."""
-    tried = refused = 0
-    for i, (direction, action) in enumerate(CASES.values()):
-        out = await one_mitm_case(tmp_path / str(i), direction, action)
-        tried += 1
-        refused += out["payload"].startswith(out["got"]) and len(out["got"]) < len(out["payload"])
-    print(f"\nMITM inputs tried / refused: {tried} / {refused}")
-    assert tried == refused
-
-
 @pytest.mark.parametrize("case", list(CUTS))
 async def test_mitm_cut_mid_frame_is_survived_whole(tmp_path: Path, case: str) -> None:
     """The connection to the relay is cut in the middle of a frame: the link comes back on a new one
