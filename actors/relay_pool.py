@@ -69,6 +69,10 @@ class _RelayActor:
 
     def __init__(self, cfg: dict[str, Any], names: list[str], index: int) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        import ray
+
+        node_ip: Any = ray.util.get_node_ip_address
+        cfg = {**cfg, "binds": node_binds(cfg["binds"], str(node_ip()))}
         self._replica = RelayReplica(RelayConfig(**cfg), names, index)
         self._boot = asyncio.get_running_loop().create_task(self._replica.start())
 
@@ -79,6 +83,7 @@ class _RelayActor:
         info["node_id"] = ray.get_runtime_context().get_node_id()
         node_ip: Any = ray.util.get_node_ip_address
         info["node"] = node_ip()
+        info["binds"] = self._replica.cfg.binds
         return info
 
     async def stats(self) -> dict[str, Any]:
@@ -99,6 +104,15 @@ def relay_actor_class() -> Any:
 
         _actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_RelayActor)
     return _actor_cls
+
+
+NODE = "node"
+"""A bind address that means: the address of the Ray node this replica runs on (a machine of a
+cluster has several; the rendezvous server hands out the one Ray knows it by)."""
+
+
+def node_binds(binds: list[str], node_ip: str) -> list[str]:
+    return [node_ip if b == NODE else b for b in binds]
 
 
 def plan_placement(node_ids: list[str], replicas: int) -> list[str]:
@@ -170,8 +184,8 @@ class RelayPool:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         held: list[socket.socket] = []
-        if self.cfg.port == 0:
-            self.port, held = reserve_port(self.cfg.binds)
+        if self.cfg.port == 0:  # "node" is known only on the node: hold the port on every address here
+            self.port, held = reserve_port(sorted(set(node_binds(self.cfg.binds, "0.0.0.0"))))
         cfg = dataclasses.replace(self.cfg, port=self.port)
         try:
             list_nodes: Any = ray.nodes
@@ -273,10 +287,11 @@ def run_pool(cfg: RelayConfig) -> int:
             pool = RelayPool(cfg)
             infos = pool.start()
             log.info(
-                "relay: %d replica(s) listening on port %d (nodes %s; pids %s)",
+                "relay: %d replica(s) listening on port %d (nodes %s; binds %s; pids %s)",
                 len(infos),
                 pool.port,
                 ", ".join(str(i.get("node", "?")) for i in infos),
+                "; ".join(",".join(i.get("binds", [])) for i in infos),
                 ", ".join(str(i["pid"]) for i in infos),
             )
             if cfg.metrics:

@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rl = sub.add_parser("relay", help="run a relay server (the hbbr role)")
     rl.add_argument(
-        "--bind", action="append", default=None, help="address to bind (repeatable; default 0.0.0.0 and ::)"
+        "--bind", action="append", default=None,
+        help="address to bind (repeatable; default 0.0.0.0 and ::); with --replicas or --ray-address, "
+        "'node' is the address of the Ray node each replica runs on",
     )
     rl.add_argument("--port", type=_port, default=RELAY_PORT)
     rl.add_argument(
@@ -566,6 +568,8 @@ def _run(args: argparse.Namespace) -> int:
             raise CliError("--replicas must be at least 1")
         key = "" if args.key_file is None else _read_secret(args.key_file, "--key-file")
         binds = args.bind or ["0.0.0.0", "::"]
+        if "node" in binds and not (args.replicas > 1 or args.ray_address):
+            raise CliError("--bind node names a Ray node's address: it needs --replicas or --ray-address")
         server_keys = [] if args.open else _relay_server_keys(args, state_dir)
         try:
             run = run_relay

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from actors.relay_pool import RelayReplica, group_by_node, plan_placement, reserve_port
+from actors.relay_pool import RelayReplica, group_by_node, node_binds, plan_placement, reserve_port
 from agent.servers.relay_core import encode_handoff, owner_index
 from agent.servers.relay_handoff import Handoff
 from agent.servers.relay_server import RelayConfig
@@ -49,6 +49,11 @@ def test_placement_round_robin() -> None:
     assert group_by_node(["a", "b", "a"]) == {"a": [0, 2], "b": [1]}
     with pytest.raises(ValueError):
         plan_placement([], 1)
+
+
+def test_bind_node_is_the_replicas_own_node_address() -> None:
+    assert node_binds(["node", "::"], "10.0.0.2") == ["10.0.0.2", "::"]
+    assert node_binds(["127.0.0.1"], "10.0.0.2") == ["127.0.0.1"]
 
 
 async def test_two_replicas_in_process_pair_across_replicas() -> None:

@@ -68,12 +68,16 @@ def test_relays_spread_over_nodes_and_survive_a_node_kill(cluster: RayLab) -> No
                            "rendezvous.log", cwd=ROOT)
     wait_log(lab, "rendezvous.log", "rendezvous on", rendezvous)
     pool = lab.popen("n0", [*PT, "--state-dir", str(state), "relay", "--port", str(RELAY_PORT),
-                            "--ray-address", lab.head_address, "--replicas", str(lab.nodes),
+                            "--ray-address", lab.head_address, "--replicas", str(lab.nodes), "--bind", "node",
                             "--metrics", "127.0.0.1:9465"],
                      "relay-pool.log", cwd=ROOT)
     wait_log(lab, "relay-pool.log", "listening on port", pool, timeout=90)
     nodes_line = next(line for line in (lab.tmp / "relay-pool.log").read_text().splitlines() if "listening" in line)
     assert all(r.rpartition(":")[0] in nodes_line for r in relays), nodes_line  # a replica on every node
+    for i, relay in enumerate(relays):  # ... listening on its node's address (--bind node), nothing else
+        ss = subprocess.run(lab.cmd(lab.node_name(i), ["ss", "-Hltn", f"sport = :{RELAY_PORT}"]),
+                            capture_output=True, text=True, timeout=10).stdout.split()
+        assert relay in ss and not any(a.startswith(("0.0.0.0", "*", "[::]")) for a in ss), ss
 
     driver = lab.popen("client", [sys.executable, "-m", "tests.raylab.pairs", "--server",
                                   f"{lab.addr('n0')}:21116", "--pairs", "100"],

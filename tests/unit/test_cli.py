@@ -424,6 +424,12 @@ def test_relay_cannot_bind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "192.0.2.1" in assert_one_line_error(rc, err, statuses=(1, 2))
 
 
+def test_relay_bind_node_needs_a_ray_cluster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--state-dir", str(tmp_path / "s"), "relay", "--bind", "node", "--port", "0", "--open"]
+    rc, _, err = run(cli.main, argv, capsys)
+    assert "--replicas or --ray-address" in assert_one_line_error(rc, err)
+
+
 def test_relay_needs_the_rendezvous_servers_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Without a server key (flag, file, or one in its state dir) the relay would pair anyone: it refuses to start."""
     argv = ["--state-dir", str(tmp_path / "s"), "relay", "--bind", "192.0.2.1", "--port", "0"]
