@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,8 @@ def test_best_path_and_intact_data(agents: LabAgents) -> None:
     a, b, policy, expected = CASES[scenario]
     agents.start_server()
     target = agents.start_echo(b)
-    a_id = agents.agent_id(a)
-    b_id = agents.agent_id(b)
+    with ThreadPoolExecutor(2) as pool:  # each is a CLI start: side by side
+        a_id, b_id = pool.map(agents.agent_id, (a, b))
     took = agents.up({b: ["--allow", a_id, "--allow-target", target], a: []})
     payload = os.urandom(MB50)
     out = agents.pipe(a, b_id, target, payload, path=policy)
@@ -81,8 +82,10 @@ def test_best_path_and_intact_data(agents: LabAgents) -> None:
           + ", ".join(f"{x['strategy']}:{x['outcome']}({x['reason'][:60]})" for x in session["attempts"]))
     assert won in expected, session
     assert {x["outcome"] for x in session["attempts"]} <= OUTCOMES, session["attempts"]
+    with ThreadPoolExecutor(2) as pool:  # each measures for a second or two: both sides at once
+        checks = dict(zip((a, b), pool.map(lambda h: agents.ops(h, "netcheck"), (a, b)), strict=True))
     for host in (a, b):  # netcheck measures each NAT as its ruleset built it
-        behavior = agents.ops(host, "netcheck")["nat"]["behavior"]
+        behavior = checks[host]["nat"]["behavior"]
         want = BEHAVIOR[agents.lab.plan.nodes[host].nat or ""]
         assert {k: behavior[k] for k in want} == want, (host, behavior)
     if scenario == "udp-blocked":  # nothing but TCP gets out of either network: both registered over it
