@@ -80,6 +80,16 @@ def test_relays_spread_over_nodes_and_survive_a_node_kill(cluster: RayLab) -> No
         local = {line.split()[3] for line in ss.splitlines() if line.strip()}  # State Recv-Q Send-Q Local Peer
         assert local == {relay}, ss
 
+    # the server hands out a relay once a health check (every 2 s) found it up: wait for all three
+    deadline = time.monotonic() + 15
+    while True:
+        text = subprocess.run(lab.cmd("n0", [sys.executable, "-c", SCRAPE.format(port=9464)]),
+                              capture_output=True, text=True, timeout=10).stdout
+        if all(f'punchthrough_rendezvous_relay_up{{relay="{r}"}} 1.0' in text for r in relays):
+            break
+        assert time.monotonic() < deadline, text[-1500:]
+        time.sleep(0.3)
+
     driver = lab.popen("client", [sys.executable, "-m", "tests.raylab.pairs", "--server",
                                   f"{lab.addr('n0')}:21116", "--pairs", "100"],
                        "pairs.log", cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
