@@ -171,22 +171,31 @@ def _kill_pids(pids: Sequence[int], grace: float = 1.0) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def remove_lab(prefix: str) -> list[str]:
-    """Kill what runs inside the lab's namespaces, then delete them. Safe on half-built labs."""
-    check_prefix(prefix)
-    names = lab_namespaces(prefix)
-    pids: list[int] = []
-    for name in names:
-        with contextlib.suppress(LabError):
-            pids += [int(p) for p in _run(["ip", "netns", "pids", name]).split() if p.isdigit()]
+def namespace_pids(name: str) -> list[int]:
+    """The processes inside namespace `name` (this one excluded); none when it is gone."""
+    with contextlib.suppress(LabError):
+        return [int(p) for p in _run(["ip", "netns", "pids", name]).split() if p.isdigit() and int(p) != os.getpid()]
+    return []
+
+
+def delete_namespaces(names: Sequence[str]) -> None:
+    """Kill what runs inside the namespaces, then delete them. Safe on half-built labs."""
+    pids = sorted({pid for name in names for pid in namespace_pids(name)})
     if pids:
-        _kill_pids(sorted(set(pids) - {os.getpid()}))
+        _kill_pids(pids)
     if names:
         try:
             _run(["ip", "-force", "-b", "-"], "".join(f"netns del {n}\n" for n in names))
         except LabError:
             if set(names) & set(list_namespaces()):  # not merely removed by a concurrent `down`
                 raise
+
+
+def remove_lab(prefix: str) -> list[str]:
+    """Kill what runs inside the lab's namespaces, then delete them. Safe on half-built labs."""
+    check_prefix(prefix)
+    names = lab_namespaces(prefix)
+    delete_namespaces(names)
     with contextlib.suppress(FileNotFoundError):
         (STATE_DIR / prefix).unlink()
     return names

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.natlab import LabError, _kill_pids, _pid_alive, _run, list_namespaces
+from ops.natlab import LabError, _pid_alive, _run, delete_namespaces, list_namespaces, namespace_pids
 
 PREFIX = "ptrl"
 _NAME = re.compile(rf"^{PREFIX}(?P<pid>\d+)-(?P<host>[a-z0-9]+)$")
@@ -174,15 +174,9 @@ class RayLab:
             tail = (self.tmp / "wait-alive.log").read_text(errors="replace").strip().splitlines()[-3:]
             raise LabError(f"raylab: the cluster did not list {self.nodes} alive nodes: {' | '.join(tail)}")
 
-    def pids(self, host: str) -> list[int]:
-        with contextlib.suppress(LabError):
-            out = _run(["ip", "netns", "pids", self.ns(host)])
-            return [int(p) for p in out.split() if p.isdigit() and int(p) != os.getpid()]
-        return []
-
     def kill_node(self, i: int) -> list[int]:
         """SIGKILL every process of node i (raylet, workers, actors): the node is gone at once."""
-        pids = self.pids(self.node_name(i))
+        pids = namespace_pids(self.ns(self.node_name(i)))
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
@@ -199,15 +193,8 @@ class RayLab:
 def remove(owner: int) -> list[str]:
     """Kill what runs in owner's lab namespaces, then delete them."""
     names = [n for n in list_namespaces() if (m := _NAME.match(n)) and int(m.group("pid")) == owner]
-    pids: list[int] = []
-    for name in names:
-        with contextlib.suppress(LabError):
-            pids += [int(p) for p in _run(["ip", "netns", "pids", name]).split() if p.isdigit()]
-    if pids:
-        _kill_pids(sorted(set(pids) - {os.getpid()}))
-    if names:
-        with contextlib.suppress(LabError):
-            _run(["ip", "-force", "-b", "-"], "".join(f"netns del {n}\n" for n in names))
+    with contextlib.suppress(LabError):
+        delete_namespaces(names)
     return names
 
 
