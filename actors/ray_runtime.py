@@ -37,6 +37,8 @@ from typing import Any
 
 import psutil
 
+from agent.common.procs import wait_exited
+
 log = logging.getLogger("punchthrough.ray")
 
 MIN_OBJECT_STORE = 78_643_200
@@ -164,7 +166,7 @@ class RayHandle:
             for p in procs:
                 with contextlib.suppress(psutil.Error):
                     p.kill()
-            _wait_dead(procs, timeout)
+            wait_exited([p.pid for p in procs], timeout)
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=1.0)
@@ -173,20 +175,6 @@ class RayHandle:
             if self.temp_dir.exists():  # a dying process wrote a last log line after the first pass
                 time.sleep(0.2)
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _wait_dead(procs: list[psutil.Process], timeout: float) -> None:
-    """Until every process has exited. A zombie has: the head's children are not ours to reap, and
-    whoever does (init, a container's pid 1) may take seconds, which `psutil.wait_procs` waits out."""
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        while time.monotonic() < deadline:
-            try:
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    break
-            except psutil.NoSuchProcess:
-                break
-            time.sleep(0.01)
 
 
 def start_private_head(

@@ -72,7 +72,8 @@ class _RelayActor:
         import ray
 
         node_ip: Any = ray.util.get_node_ip_address
-        cfg = {**cfg, "binds": node_binds(cfg["binds"], str(node_ip()))}
+        self._node = str(node_ip())
+        cfg = {**cfg, "binds": node_binds(cfg["binds"], self._node)}
         self._replica = RelayReplica(RelayConfig(**cfg), names, index)
         self._boot = asyncio.get_running_loop().create_task(self._replica.start())
 
@@ -81,8 +82,7 @@ class _RelayActor:
         import ray
 
         info["node_id"] = ray.get_runtime_context().get_node_id()
-        node_ip: Any = ray.util.get_node_ip_address
-        info["node"] = node_ip()
+        info["node"] = self._node
         info["binds"] = self._replica.cfg.binds
         return info
 

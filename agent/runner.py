@@ -33,6 +33,7 @@ import psutil
 from agent.common import ctlproto
 from agent.common.files import private_append, private_dir
 from agent.common.logfiles import rotate_if_full
+from agent.common.procs import wait_exited
 from agent.config import Config
 from agent.control.pins import SERVER_PINS_FILE, ServerPins
 from agent.rendezvous.preflight import no_answer
@@ -305,19 +306,8 @@ def supervise(state_dir: Path, announce: bool = False, udp_blocked: str = "") ->
                 path.unlink()
 
 
-def _wait_exit(pid: int, timeout: float) -> bool:
-    """Until `pid` has exited. A zombie has: the supervisor is not our child, and whoever reaps it (init,
-    a container's pid 1) may take seconds to, which `psutil.Process.wait` would wait out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _living(pid) is None:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _living(pid: int) -> psutil.Process | None:
-    """`pid`'s process while it runs; None once it has exited (a zombie has: see _wait_exit)."""
+    """`pid`'s process while it runs; None once it has exited (a zombie has: agent/common/procs.py)."""
     try:
         proc = psutil.Process(pid)
         return proc if proc.status() != psutil.STATUS_ZOMBIE else None
@@ -331,7 +321,7 @@ def down(state_dir: Path, timeout: float = 20.0, quiet: bool = False) -> int:
     if pid is None:
         return 0
     os.kill(pid, signal.SIGTERM)
-    if not _wait_exit(pid, timeout):
+    if not wait_exited([pid], timeout, poll=0.05):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # its Ray head dies with it
     if not quiet:

@@ -20,14 +20,15 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.common.procs import wait_exited
 from ops.natlab import LabError, _pid_alive, _run, delete_namespaces, list_namespaces, namespace_pids
 
 PREFIX = "ptrl"
@@ -179,10 +180,8 @@ class RayLab:
         pids = namespace_pids(self.ns(self.node_name(i)))
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
-            time.sleep(0.02)
+                os.kill(pid, signal.SIGKILL)
+        wait_exited(pids, 5.0)
         return pids
 
     def down(self) -> None:

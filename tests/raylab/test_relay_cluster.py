@@ -46,6 +46,12 @@ def wait_log(lab: RayLab, log: str, text: str, proc: subprocess.Popen[bytes], ti
     raise AssertionError(f"{log}: no {text!r} within {timeout} s: {path.read_text()[-1500:]}")
 
 
+def scrape(lab: RayLab, port: int) -> str:
+    """A metrics endpoint on the head's loopback (the test itself is outside the lab's namespaces)."""
+    return subprocess.run(lab.cmd("n0", [sys.executable, "-c", SCRAPE.format(port=port)]),
+                          capture_output=True, text=True, timeout=10).stdout
+
+
 @pytest.fixture
 def cluster() -> Iterator[RayLab]:
     ok, why = available()
@@ -83,8 +89,7 @@ def test_relays_spread_over_nodes_and_survive_a_node_kill(cluster: RayLab) -> No
     # the server hands out a relay once a health check (every 2 s) found it up: wait for all three
     deadline = time.monotonic() + 15
     while True:
-        text = subprocess.run(lab.cmd("n0", [sys.executable, "-c", SCRAPE.format(port=9464)]),
-                              capture_output=True, text=True, timeout=10).stdout
+        text = scrape(lab, 9464)
         if all(f'punchthrough_rendezvous_relay_up{{relay="{r}"}} 1.0' in text for r in relays):
             break
         assert time.monotonic() < deadline, text[-1500:]
@@ -133,14 +138,12 @@ def test_relays_spread_over_nodes_and_survive_a_node_kill(cluster: RayLab) -> No
     print(f"new pairs: {len(later) - len(failed)}/{len(later)} ok; last failure at +{max(failed, default=0):.2f} s")
     # the rendezvous server kept serving and says which relay is down
     assert rendezvous.poll() is None
-    scrape = subprocess.run(lab.cmd("n0", [sys.executable, "-c", SCRAPE.format(port=9464)]),
-                            capture_output=True, text=True, timeout=10).stdout
-    assert f'punchthrough_rendezvous_relay_up{{relay="{dead}"}} 0.0' in scrape, scrape[-1500:]
+    server_scrape = scrape(lab, 9464)
+    assert f'punchthrough_rendezvous_relay_up{{relay="{dead}"}} 0.0' in server_scrape, server_scrape[-1500:]
     for r in relays:
         if r != dead:
-            assert f'punchthrough_rendezvous_relay_up{{relay="{r}"}} 1.0' in scrape
-    pool_scrape = subprocess.run(lab.cmd("n0", [sys.executable, "-c", SCRAPE.format(port=9465)]),
-                                 capture_output=True, text=True, timeout=10).stdout
+            assert f'punchthrough_rendezvous_relay_up{{relay="{r}"}} 1.0' in server_scrape
+    pool_scrape = scrape(lab, 9465)
     assert 'punchthrough_relay_replica_up{node="' + dead.rpartition(":")[0] in pool_scrape
     # the ops view: relays per node, replicas up, pairs, and what the rendezvous server says of each
     view = subprocess.run(lab.cmd("n0", [sys.executable, "-m", "ops.cli", "relays", "127.0.0.1:9464",
@@ -155,5 +158,5 @@ def test_relays_spread_over_nodes_and_survive_a_node_kill(cluster: RayLab) -> No
     for proc in (pool, rendezvous):
         proc.terminate()
         proc.wait(timeout=20)
-    promtool_check(scrape)  # last: it skips where promtool is missing (scripts/test.sh fetches it)
+    promtool_check(server_scrape)  # last: it skips where promtool is missing (scripts/test.sh fetches it)
     promtool_check(pool_scrape)
