@@ -20,7 +20,7 @@ fi
 ruff check .
 mypy
 set +e
-python -m pytest "$@"
+python -m pytest --durations=30 "$@"  # the slowest 30: where the run's time goes
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

@@ -123,6 +123,7 @@ class Coordinator:
         self.registrar = registrar
         self.nat_probe = nat_probe
         self._nat_cache: tuple[float, dict[str, Any]] | None = None
+        self._nat_refresh: asyncio.Future[dict[str, Any]] | None = None
         self.counters = AgentCounters()
         self._metrics: MetricsServer | None = None
         self.strategies = strategies
@@ -457,6 +458,7 @@ class Coordinator:
 
     async def network_changed(self, reason: str) -> None:
         """The registrar saw this host's network change: the session owner probes its links now."""
+        self._nat_cache = None  # the next request waits for the probe's answer, not the old network's
         with contextlib.suppress(OSError, TimeoutError, ctlproto.ControlError):
             await ctlproto.acall(self.sessions_socket, {"op": "network_changed", "reason": reason}, timeout=5)
 
@@ -604,14 +606,22 @@ class Coordinator:
 
     async def _nat_status(self) -> dict[str, Any]:
         """The NAT probe's status, asked at most once a second: a session asks for the type and the
-        behaviour, each rendezvous request again, and the answer changes every few minutes at most."""
-        now = time.monotonic()
-        if self._nat_cache is None or now - self._nat_cache[0] > NAT_STATUS_TTL:
-            status = await self._safe(self.nat_probe, "status")
-            if not isinstance(status, dict):
-                return {}
-            self._nat_cache = (now, status)
-        return self._nat_cache[1]
+        behaviour, each rendezvous request again, and the answer changes every few minutes at most.
+        Once known, an answer older than that is used while a fresh one is asked for in the
+        background: the call to the probe's actor (2-6 ms) used to sit in front of every request."""
+        cache = self._nat_cache
+        if cache is None:
+            return await self._ask_nat_status()
+        if time.monotonic() - cache[0] > NAT_STATUS_TTL and (self._nat_refresh is None or self._nat_refresh.done()):
+            self._nat_refresh = asyncio.ensure_future(self._ask_nat_status())
+        return cache[1]
+
+    async def _ask_nat_status(self) -> dict[str, Any]:
+        status = await self._safe(self.nat_probe, "status")
+        if not isinstance(status, dict):
+            return {}
+        self._nat_cache = (time.monotonic(), status)
+        return status
 
     async def our_nat_type(self) -> int:
         return int((await self._nat_status()).get("nat_type", pb.UNKNOWN_NAT))

@@ -39,7 +39,7 @@ from agent.rendezvous.requests import (
 from agent.session.states import Outcome
 from agent.strategies import registry
 from agent.strategies.base import RaceSteps
-from agent.strategies.ipv6 import Ipv6Dial, Ipv6Remote
+from agent.strategies.ipv6 import Ipv6Dial, Ipv6Remote, global_v6
 from agent.strategies.relay import RelayDial, RelayRemote
 from agent.strategies.tcp_direct import TcpDial, TcpDirectRemote
 from agent.strategies.udp_punch import UdpDial, UdpPunchRemote
@@ -149,6 +149,10 @@ class Race:
         self.policy = Policy()
         self._relay_stagger = float("inf")
         self._relay_wake = asyncio.Event()
+        self._v4_go = asyncio.Event()
+        """Happy Eyeballs: set when IPv4 punches may go (the IPv6 attempt had its head start, or there
+        is none), for the UDP punch as for the TCP one."""
+        self._v4_gate: asyncio.Future[None] | None = None
 
     def coroutines(self, policy: Policy) -> list[Any]:
         """The race as the plan allows it, planned before the peer has answered (optimistic about
@@ -165,6 +169,8 @@ class Race:
         coros: list[Any] = []
         if Strategy.TCP_PUNCH in steps or Strategy.LAN in steps or Strategy.IPV6 in steps:
             coros.append(self._direct())
+        if Strategy.IPV6 not in steps or not policy.ipv6 or global_v6() is None:
+            self._v4_go.set()
         if Strategy.UDP_PUNCH in steps:
             coros.append(self.udp_rendezvous())
         for extra in registry.entries():
@@ -318,6 +324,8 @@ class Race:
                 self._record("udp_punch", Outcome.SKIPPED, f"cannot meet: {outlook.how}")
                 return
             meta = {"peer_pk": pk, "key_source": source}
+            with contextlib.suppress(TimeoutError):  # the TCP answer says whether an IPv6 attempt runs
+                await asyncio.wait_for(self._v4_go.wait(), IPV6_HEAD_START)
             dial = await self.udp_punch.dial(
                 UdpDial(self.sid, str(peer_sockaddr), PUNCH_BUDGET, meta, tuple(predict), birthday)
             )
@@ -334,11 +342,27 @@ class Race:
     async def tcp_rendezvous(self) -> None:
         """PunchHoleRequest over TCP: the server answers with B's LAN address (same LAN), B's public
         address after B opened its NAT (TCP punch), or a relay (B or the server chose it)."""
+        try:
+            await self._tcp_rendezvous()
+        finally:
+            if self._v4_gate is None:  # no answer, or no IPv6 attempt: nothing to wait for
+                self._v4_go.set()
+
+    def _v4_after(self, v6_task: asyncio.Future[None]) -> None:
+        """IPv4 punches go once the IPv6 attempt has had IPV6_HEAD_START seconds (or ended sooner)."""
+
+        async def gate() -> None:
+            await asyncio.wait({v6_task}, timeout=IPV6_HEAD_START)
+            self._v4_go.set()
+
+        self._v4_gate = asyncio.ensure_future(gate())
+
+    async def _tcp_rendezvous(self) -> None:
         coord = self.coord
         self._record("tcp_punch", Outcome.RUNNING)
         our_nat = await coord.our_nat_type()
         our_behavior = await coord.our_nat_behavior()
-        our_v6: bytes = await self.ipv6.prepare(self.sid) if self.policy.ipv6 else b""
+        our_v6: bytes = await self.ipv6.prepare(self.sid) if self.policy.ipv6 and global_v6() else b""
         try:
             res = await punch_hole_exchange(
                 coord.server_addr,
@@ -380,8 +404,11 @@ class Race:
         if our_v6 and addrmod.global_unicast_v6(peer_v6) and not is_local:
             self.keys["ipv6"] = (pk, source)
             v6_task = asyncio.ensure_future(self._ipv6(peer_v6, meta))
-        elif our_v6:
-            await self.ipv6.release(self.sid)
+            self._v4_after(v6_task)
+        else:
+            self._v4_go.set()  # the peer offers no IPv6 (or is on our LAN): IPv4 goes now
+            if our_v6:
+                await self.ipv6.release(self.sid)
         try:
             skip = ""
             if not is_local:
@@ -410,8 +437,7 @@ class Race:
                 for attempt in self.plan.attempts:
                     if attempt.strategy == "tcp_punch" and attempt.outcome == Outcome.RUNNING:
                         attempt.strategy = "lan"
-            if v6_task is not None:
-                await asyncio.sleep(IPV6_HEAD_START)  # Happy Eyeballs: v6 first, v4 a moment later
+            await self._v4_go.wait()  # Happy Eyeballs: v6 first, v4 a moment later
             budget = LAN_BUDGET if is_local else PUNCH_BUDGET
             bind = None if is_local else res.local_address.as_tuple()
             remote = self.lan if is_local else self.tcp_punch

@@ -239,7 +239,8 @@ async def punch_hole_exchange(
     The request is sent again on the same connection after each `resend_after`
     delay (RustDesk: 3 tries) since the server's UDP push to B may be lost. The
     socket is bound with SO_REUSEADDR/SO_REUSEPORT so A can punch from its port.
-    Raises PeerUnavailable for the server's failures and RendezvousError otherwise.
+    Raises PeerUnavailable for the server's failures and RendezvousError otherwise. A request with
+    `udp_port` may get is_local without an address: both are on one LAN, and the TCP request finds it.
     """
     req = pb.PunchHoleRequest(
         id=peer_id,
@@ -276,7 +277,8 @@ async def punch_hole_exchange(
             if kind == "relay_response":
                 if answer.refuse_reason:
                     raise RelayRefused(refuse_text(peer_id, answer.refuse_reason), answer.refuse_reason)
-            elif not answer.socket_addr:
+            elif not answer.socket_addr and not (udp_port and answer.is_local and not answer.other_failure):
+                # (is_local with no address answers a UDP request: "one LAN, no UDP punch needed")
                 if answer.other_failure:
                     raise RendezvousError(failure_text(peer_id, answer))
                 raise PeerUnavailable(failure_text(peer_id, answer), answer.failure)

@@ -883,10 +883,15 @@ class RendezvousCore:
         if not self.is_online(peer, now) or peer.addr is None:
             self.events["punch_offline"] += 1
             return fail(Failure.OFFLINE)
+        udp_port = req.udp_port if 0 < req.udp_port <= 0xFFFF else 0
+        if udp_port and a.ip == peer.addr.ip and not (req.force_relay or self.always_relay):
+            # Same LAN: the requester's TCP request fetches B's LAN address; a UDP punch would only
+            # cost B a second push to answer (and a push token), so it is told at once.
+            self.events["punch_udp_same_lan"] += 1
+            return [SendTcp(conn, messages.build(punch_hole_response=pb.PunchHoleResponse(is_local=True)))]
         if not self._take_push_token(peer, now):
             return self.drop("push_rate_limited", a, now, f"to {peer.id}")
         relay = self.next_relay()
-        udp_port = req.udp_port if 0 < req.udp_port <= 0xFFFF else 0
         token = self.new_token() if peer.signed else b""
         pending = Pending(conn, peer.id, now, udp_port=udp_port, relay_server=relay, token=token)
         pending.answer_ip = peer.addr.host

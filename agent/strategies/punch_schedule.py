@@ -5,9 +5,11 @@ datagrams: at once, then after 20 ms, 30 ms, 45 ms ... (x1.5, capped at 200 ms) 
 deadline (20 s). Each empty datagram opens (or refreshes) our NAT's mapping towards the
 peer; the first one that gets through proves the path. The initiator (A, listen=False)
 stops at the first datagram from the peer, whatever it holds, and goes on to
-`KcpTransport.connect`; the responder (B, listen=True) ignores empty datagrams and stops
-at the first non-empty one, which is A's KCP SYN, and hands it to `KcpTransport.accept`
-as `first_datagram` so the handshake loses nothing.
+`KcpTransport.connect`; the responder (B, listen=True) stops at the first non-empty
+datagram, which is A's KCP SYN, and hands it to `KcpTransport.accept` as `first_datagram`
+so the handshake loses nothing. An empty one it answers at once (a few times at most, as
+ICE's triggered checks): A's datagram got through, so ours sent now gets through too,
+and A need not wait for our next scheduled send (20 ms or more) to start KCP.
 
 Unlike RustDesk, an ICMP error (ECONNREFUSED on the connected socket) does not end the
 punch: right after connect() the peer's NAT has often not opened yet, and the next
@@ -27,6 +29,9 @@ PUNCH_FIRST_INTERVAL = 0.02
 PUNCH_GROWTH = 1.5
 PUNCH_MAX_INTERVAL = 0.2
 PUNCH_DEADLINE = 20.0
+TRIGGERED_REPLIES = 8
+"""Empty datagrams the responder answers at once (ICE's triggered checks), at most: a reply is never
+larger than what came, and a peer that keeps sending gets no more than this beside the schedule."""
 
 Address = tuple[str, int] | tuple[str, int, int, int]
 
@@ -71,6 +76,8 @@ class Puncher:
         self.sent = 0
         self.ignored_empty = 0
         self.done = False
+        self._replies_due = 0
+        self._replied = 0
         self.first_datagram: bytes | None = None
         self.finished_at: float | None = None
 
@@ -82,6 +89,16 @@ class Puncher:
         gap = next(self._gaps)
         planned = self._next_send + gap
         self._next_send = planned if planned > now else now + gap
+        return True
+
+    def reply_now(self) -> bool:
+        """True when an empty datagram should go back at once to where the last one came from: it
+        got through, so an answer now meets the peer's open NAT a schedule gap sooner (the
+        responder waits for A's KCP SYN, which A sends only once it hears from us)."""
+        if not self._replies_due or self.done:
+            return False
+        self._replies_due -= 1
+        self._replied += 1
         return True
 
     def next_timer(self) -> float:
@@ -96,6 +113,8 @@ class Puncher:
             return True
         if self.listen and not data:
             self.ignored_empty += 1
+            if self._replied + self._replies_due < TRIGGERED_REPLIES:
+                self._replies_due += 1
             return False
         self.done = True
         self.finished_at = now
@@ -189,13 +208,20 @@ async def punch(
         same_ip = _same_endpoint((addr[0], 0), (peer[0], 0))
         if not (_same_endpoint(addr, peer) or (peer_reflexive and same_ip)):
             continue
-        if puncher.on_datagram(data, loop.time()):
-            if peer_reflexive:
-                sock.connect(addr[:2])
-                peer = sock.getpeername()
-            return PunchResult(
-                peer_addr=peer,
-                first_datagram=puncher.first_datagram,
-                sent=puncher.sent,
-                elapsed=loop.time() - puncher.started,
-            )
+        if not puncher.on_datagram(data, loop.time()):
+            if puncher.reply_now():
+                with contextlib.suppress(OSError):
+                    if peer_reflexive:
+                        sock.sendto(b"", addr)
+                    else:
+                        sock.send(b"")
+            continue
+        if peer_reflexive:
+            sock.connect(addr[:2])
+            peer = sock.getpeername()
+        return PunchResult(
+            peer_addr=peer,
+            first_datagram=puncher.first_datagram,
+            sent=puncher.sent,
+            elapsed=loop.time() - puncher.started,
+        )

@@ -27,7 +27,9 @@ from agent.rendezvous.requests import (
 )
 from agent.servers.rendezvous_server import RendezvousServer, start_rendezvous
 from agent.wire import addr as addrmangle
+from agent.wire import messages
 from agent.wire.addr import SockAddr
+from agent.wire.frames import encode_frame
 from agent.wire.keys import open_signed_id_pk
 from tests.integration.test_nat_probe import FakeTcpServer
 from tests.integration.test_registrar import FAST, Pushes, config, ident, signer
@@ -164,6 +166,25 @@ async def test_same_lan_gets_fetch_local_addr_and_is_local_answer(server: Rendez
     # B was told where A's request came from
     assert addrmangle.decode(b.pushes[0][1].socket_addr) == result.local_address
     assert result.elapsed > 0
+
+
+async def test_same_lan_udp_request_is_answered_at_once_and_only_the_tcp_one_reaches_b(
+    server: RendezvousServer, a: Signer
+) -> None:
+    """On one LAN a UDP punch is not needed: its request is answered at once (is_local, no address),
+    which the client passes on as an answer, not as "peer does not exist"; B hears of A once."""
+    async with PeerB(server) as b:
+        result = await punch_hole_exchange(b.main, b.id.peer_id, pb.ASYMMETRIC, udp_port=40000, timeout=5, signer=a)
+        resp = result.response
+        assert isinstance(resp, pb.PunchHoleResponse)
+        assert (resp.is_local, resp.is_udp, resp.socket_addr) == (True, False, b"")
+        await asyncio.sleep(0.2)
+        assert b.pushes == []
+    # the same bare is_local answer to a TCP request (no udp_port) is no answer: the peer is unavailable
+    bare = messages.build(punch_hole_response=pb.PunchHoleResponse(is_local=True))
+    async with FakeTcpServer(_fake_handler(encode_frame(bare), False)) as srv:
+        with pytest.raises(PeerUnavailable):
+            await punch_hole_request(("127.0.0.1", srv.port), "1234567890", 0, timeout=2)
 
 
 async def test_punch_hole_from_another_address_and_punch_hole_sent(server: RendezvousServer, a: Signer) -> None:

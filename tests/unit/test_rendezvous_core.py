@@ -846,6 +846,24 @@ def test_same_ip_goes_lan_fetch_local_addr_then_is_local_response() -> None:
     assert h.core.pending == {}
 
 
+def test_same_ip_udp_punch_request_answered_at_once_without_a_push() -> None:
+    """A's UDP punch request beside its TCP one: on one LAN no UDP punch is needed, and a second
+    FetchLocalAddr only made B answer twice (and spent a push token)."""
+    h = Harness(relays=["relay.example.com:21117"])
+    h.register()
+    a = sa("198.51.100.7:50002")  # same public IP as B
+    acts = h.ask(A_CONN, a, punch_hole_request=pb.PunchHoleRequest(id=B_ID, udp_port=61000))
+    assert not [act for act in acts if isinstance(act, SendUdp)]
+    kind, resp = parsed(only(acts, SendTcp).payload)
+    assert (kind, resp.is_local, resp.is_udp, resp.failure) == ("punch_hole_response", True, False, 0)
+    assert h.core.pending == {}
+    assert h.core.events["punch_udp_same_lan"] == 1
+    tcp = h.ask(A_CONN, a, punch_hole_request=pb.PunchHoleRequest(id=B_ID))  # the TCP request still fetches
+    assert pushed(only(tcp, SendUdp))[0] == "fetch_local_addr"
+    forced = h.ask(A_CONN, a, punch_hole_request=pb.PunchHoleRequest(id=B_ID, udp_port=61000, force_relay=True))
+    assert pushed(only(forced, SendUdp))[0] == "request_relay"
+
+
 def test_different_ip_punch_hole_then_punch_hole_sent() -> None:
     h = Harness(relays=["r1:21117"])
     online_b(h)

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from agent.strategies.punch_schedule import Puncher, PunchSchedule, _same_endpoint
+from agent.strategies.punch_schedule import TRIGGERED_REPLIES, Puncher, PunchSchedule, _same_endpoint
 
 
 def test_schedule_starts_at_once_then_20ms_growing_by_half() -> None:
@@ -56,6 +56,22 @@ def test_responder_ignores_empty_datagrams_and_keeps_the_syn() -> None:
     assert p.ignored_empty == 2
 
 
+def test_responder_answers_an_empty_datagram_at_once_a_bounded_number_of_times() -> None:
+    """ICE's triggered check: the peer's punch got through to us, so one sent back now gets through
+    to the peer (its NAT opened toward us when it sent), a schedule gap (20 ms or more) sooner."""
+    p = Puncher(listen=True, now=0.0)
+    assert not p.reply_now()  # nothing heard yet: only the schedule sends
+    assert not p.on_datagram(b"", 0.01)
+    assert p.reply_now()
+    assert not p.reply_now()  # one reply per datagram heard
+    for i in range(20):
+        p.on_datagram(b"", 0.02 + i / 1000)
+    replies = sum(p.reply_now() for _ in range(40))
+    assert replies == TRIGGERED_REPLIES - 1  # a flood of empties gets a bounded answer, never more
+    q = Puncher(listen=False, now=0.0)
+    assert q.on_datagram(b"", 0.01) and not q.reply_now()  # the initiator is done: KCP's SYN answers
+
+
 def test_deadline() -> None:
     p = Puncher(listen=True, now=0.0, schedule=PunchSchedule(deadline=1.0))
     sent = 0
@@ -82,3 +98,30 @@ def test_deadline() -> None:
 )
 def test_same_endpoint(a: tuple[object, ...], b: tuple[object, ...], same: bool) -> None:
     assert _same_endpoint(a, b) is same
+
+
+async def test_answer_copies_follow_the_first_and_stop_when_the_socket_closes() -> None:
+    """B's two later PunchHoleSent copies go out while it punches (udp_punch._copies); once the punch
+    socket is closed they end quietly instead of raising into the actor."""
+    import asyncio
+    import socket
+
+    from agent.strategies.udp_punch import _copies
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(5)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        await _copies(sock, b"sent", server.getsockname())
+        assert [server.recv(64), server.recv(64)] == [b"sent", b"sent"]
+        task = asyncio.ensure_future(_copies(sock, b"late", server.getsockname(), copies=5))
+        await asyncio.sleep(0)
+        sock.close()
+        await asyncio.wait_for(task, 5)
+        server.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            server.recv(64)
+    finally:
+        sock.close()
+        server.close()
