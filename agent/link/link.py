@@ -139,6 +139,8 @@ class Link:
         self.moving = False
         """The link is between transports (paused for a move, or lost and being brought back)."""
         self.moves = 0
+        self.confirmed = False
+        """A record from the peer has opened (it took our SELECT): only then is there a link to resume."""
         self.accept = accept
         self.keepalive = session_stream.KEEPALIVE_INTERVAL if keepalive is None else keepalive
         self.idle = idle
@@ -347,7 +349,13 @@ class Link:
             self._end(f"link failed: {type(exc).__name__}: {exc}")
 
     def _lost(self, reason: str) -> None:
-        """The transport is gone (cut, silent, or failing): bring the link back on a new one if we can."""
+        """The transport is gone (cut, silent, or failing): bring the link back on a new one if we can.
+        Not a link the peer never confirmed (nothing heard from it on its first transport): the peer
+        may never have taken it (a SELECT it could not open), so there is nothing to resume, and the
+        streams waiting on it hear so now instead of at the end of their open timeout (15 s)."""
+        if self.dialer and self.moves == 0 and not self.confirmed:
+            self._end(f"{reason}, before the peer confirmed the link")
+            return
         self.moving = True
         self._old_broken = True  # whatever comes next, it is not this transport
         self._installed.clear()
@@ -450,6 +458,7 @@ class Link:
         self._wake()
 
     def _on_record(self, record: bytes) -> None:
+        self.confirmed = True
         body = self.resend.receive(record)
         if body is not None:
             for event in self.mux.receive(body):

@@ -9,7 +9,9 @@ runs. It stops there and registers nothing (the agent's registrar does that a mo
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.common.netutil import describe_error
@@ -26,6 +28,10 @@ from agent.wire.ports import RENDEZVOUS_PORT
 WAIT = 6.0
 """Seconds without any answer before `up` says the server does not answer (the registrar's own
 schedule resends at 0, 3 and 9 s; two sends fit)."""
+UDP_AFTER_TCP = 2.0
+"""Seconds from the first UDP request after which UDP counts as blocked if the server has answered
+over TCP meanwhile (a server's UDP answer takes a round trip, not seconds). A lost datagram
+misjudged so costs little: the agent registers over TCP and goes back to UDP at its next probe."""
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,16 @@ class ServerCheck:
 
 
 def check_server(server: str, address: tuple[str, int], ident: Identity, trusted: bytes | None) -> ServerCheck:
-    """The UDP challenge round trip; when it gets nothing, whether the server answers over TCP at all."""
-    check = check_udp(server, address, ident, trusted)
+    """The UDP challenge round trip and, beside it, whether the server answers over TCP at all: a
+    network that drops UDP is known in UDP_AFTER_TCP seconds, not WAIT (`up` took 13-15 s there)."""
+    tcp: dict[str, str] = {}
+    asking = threading.Thread(target=lambda: tcp.update(error=tcp_answers(address)), daemon=True)
+    asking.start()
+    check = check_udp(server, address, ident, trusted, tcp_answered=lambda: tcp.get("error") == "")
     if not check.unanswered:
         return check
-    tcp_error = tcp_answers(address)
+    asking.join()
+    tcp_error = tcp["error"]
     if tcp_error:
         return ServerCheck.silent(server, f"UDP: {check.unanswered}; TCP: {tcp_error}", check.sent)
     return ServerCheck("", None, check.sent, udp_blocked=check.unanswered)
@@ -75,8 +86,15 @@ def tcp_answers(address: tuple[str, int], timeout: float = 3.0) -> str:
         return describe_error(exc)
 
 
-def check_udp(server: str, address: tuple[str, int], ident: Identity, trusted: bytes | None) -> ServerCheck:
-    """Ask `address` (resolved from `server`) for a registration challenge and check who signed it."""
+def check_udp(
+    server: str,
+    address: tuple[str, int],
+    ident: Identity,
+    trusted: bytes | None,
+    tcp_answered: Callable[[], bool] | None = None,
+) -> ServerCheck:
+    """Ask `address` (resolved from `server`) for a registration challenge and check who signed it;
+    give up after UDP_AFTER_TCP seconds once `tcp_answered()` says the server answered over TCP."""
     try:
         infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_DGRAM)
     except OSError as exc:
@@ -91,7 +109,11 @@ def check_udp(server: str, address: tuple[str, int], ident: Identity, trusted: b
         except OSError as exc:
             return ServerCheck(f"cannot reach rendezvous server {server}: {exc.strerror or exc}")
         started = time.monotonic()
+        waited = WAIT
         while (now := time.monotonic()) - started < WAIT:
+            if tcp_answered is not None and now - started >= UDP_AFTER_TCP and tcp_answered():
+                waited = UDP_AFTER_TCP
+                break
             try:
                 for datagram in core.datagrams_to_send(now - started):
                     sock.send(datagram)
@@ -123,7 +145,7 @@ def check_udp(server: str, address: tuple[str, int], ident: Identity, trusted: b
             sent=core.sent_pk,
         )
     return ServerCheck.silent(
-        server, f"no reply to {core.sent_pk} request{'s' if core.sent_pk != 1 else ''} in {WAIT:g} s", core.sent_pk
+        server, f"no reply to {core.sent_pk} request{'s' if core.sent_pk != 1 else ''} in {waited:g} s", core.sent_pk
     )
 
 

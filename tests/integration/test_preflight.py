@@ -131,10 +131,10 @@ async def test_a_silent_server_times_out_with_what_to_check(
 
 
 async def test_udp_blocked_but_tcp_answering_is_a_warning_not_a_failure(
-    tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes], socket.socket], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, silent_or_unsigned: tuple[int, list[bytes], socket.socket]
 ) -> None:
-    """A network that drops UDP (natlab `udp-blocked`): a note, not a failure (the agent registers over TCP)."""
-    monkeypatch.setattr(preflight, "WAIT", 1.0)
+    """A network that drops UDP (natlab `udp-blocked`): a note, not a failure (the agent registers over TCP).
+    TCP is asked beside UDP, so UDP gets UDP_AFTER_TCP seconds, not the whole WAIT."""
     port, _, listener = silent_or_unsigned
     listener.listen()
 
@@ -150,7 +150,8 @@ async def test_udp_blocked_but_tcp_answering_is_a_warning_not_a_failure(
         result = await check(f"127.0.0.1:{port}", tmp_path, None)
     finally:
         listener.close()
-    assert (result.problem, result.udp_blocked, result.key) == ("", "no reply to 1 request in 1 s", None)
+    assert (result.problem, result.udp_blocked, result.key) == ("", "no reply to 1 request in 2 s", None)
+    assert preflight.UDP_AFTER_TCP == 2.0 < preflight.WAIT
 
 
 async def test_an_unsigned_answer_is_not_a_punchthrough_server(
