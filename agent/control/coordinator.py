@@ -58,6 +58,17 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPT_RECORDS = 256
 NAT_STATUS_TTL = 1.0
 """Seconds a NAT probe status is reused for new sessions."""
+NAT_STATUS_STALE = 30.0
+"""An answer up to this old is used while a fresh one is asked for; an older one is waited for."""
+
+
+def nat_cache_use(age: float, measured: bool) -> str:
+    """How a cached NAT probe status `age` seconds old serves a request: "fresh" (as it is), "stale"
+    (as it is, with a fresh one asked for in the background) or "ask" (wait for the probe: too old,
+    or cached before the first measurement, when a plan made with it would be made blind)."""
+    if age <= NAT_STATUS_TTL:
+        return "fresh"
+    return "stale" if measured and age <= NAT_STATUS_STALE else "ask"
 
 
 @dataclass
@@ -612,7 +623,10 @@ class Coordinator:
         cache = self._nat_cache
         if cache is None:
             return await self._ask_nat_status()
-        if time.monotonic() - cache[0] > NAT_STATUS_TTL and (self._nat_refresh is None or self._nat_refresh.done()):
+        use = nat_cache_use(time.monotonic() - cache[0], bool(cache[1].get("measurements")))
+        if use == "ask":
+            return await self._ask_nat_status()
+        if use == "stale" and (self._nat_refresh is None or self._nat_refresh.done()):
             self._nat_refresh = asyncio.ensure_future(self._ask_nat_status())
         return cache[1]
 
