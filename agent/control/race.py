@@ -349,10 +349,16 @@ class Race:
                 self._v4_go.set()
 
     def _v4_after(self, v6_task: asyncio.Future[None]) -> None:
-        """IPv4 punches go once the IPv6 attempt has had IPV6_HEAD_START seconds (or ended sooner)."""
+        """IPv4 punches go once the IPv6 attempt has had IPV6_HEAD_START seconds, or sooner if it failed.
+        One that got through keeps the whole head start: its handshake is under way, and IPv4 attempts
+        started beside it only took CPU from it (ipv6 first byte 34 -> 46-53 ms in the lab)."""
 
         async def gate() -> None:
+            loop = asyncio.get_running_loop()
+            until = loop.time() + IPV6_HEAD_START
             await asyncio.wait({v6_task}, timeout=IPV6_HEAD_START)
+            if "ipv6" in self.handed:
+                await asyncio.sleep(max(0.0, until - loop.time()))
             self._v4_go.set()
 
         self._v4_gate = asyncio.ensure_future(gate())
