@@ -153,6 +153,8 @@ class Race:
         """Happy Eyeballs: set when IPv4 punches may go (the IPv6 attempt had its head start, or there
         is none), for the UDP punch as for the TCP one."""
         self._v4_gate: asyncio.Future[None] | None = None
+        self._v6_here = False
+        """The policy allows IPv6 and this host has a global IPv6 address (looked up once per race)."""
 
     def coroutines(self, policy: Policy) -> list[Any]:
         """The race as the plan allows it, planned before the peer has answered (optimistic about
@@ -169,7 +171,8 @@ class Race:
         coros: list[Any] = []
         if Strategy.TCP_PUNCH in steps or Strategy.LAN in steps or Strategy.IPV6 in steps:
             coros.append(self._direct())
-        if Strategy.IPV6 not in steps or not policy.ipv6 or global_v6() is None:
+        self._v6_here = policy.ipv6 and global_v6() is not None
+        if Strategy.IPV6 not in steps or not self._v6_here:
             self._v4_go.set()
         if Strategy.UDP_PUNCH in steps:
             coros.append(self.udp_rendezvous())
@@ -368,7 +371,7 @@ class Race:
         self._record("tcp_punch", Outcome.RUNNING)
         our_nat = await coord.our_nat_type()
         our_behavior = await coord.our_nat_behavior()
-        our_v6: bytes = await self.ipv6.prepare(self.sid) if self.policy.ipv6 and global_v6() else b""
+        our_v6: bytes = await self.ipv6.prepare(self.sid) if self._v6_here else b""
         try:
             res = await punch_hole_exchange(
                 coord.server_addr,
