@@ -5,11 +5,10 @@ this module proves it where the bytes take a direct path: one both-cone lab and 
 (each with its own Ray) for the whole module.
 
 - A KCP session (udp_punch) carries its bytes through two actors on each side: the udp_punch
-  actor (the KCP pump lives where the UDP socket is) and the session owner. Every other actor
-  of A and of B is killed in turn while a paced transfer runs: the transfer stays intact and
-  each actor comes back (new pid, restarts + 1 in `punchthrough-ops actors`).
-- A tcp_punch session only passes through the session owner: everything else is killed,
-  udp_punch included.
+  actor (the KCP pump lives where the UDP socket is) and the session owner; a tcp_punch session
+  only through the session owner. Every other actor of A and of B is killed in turn while a
+  paced transfer runs on each: both stay intact and each actor comes back (new pid, restarts + 1
+  in `punchthrough-ops actors`). One round of kills serves both sessions (a round is ~15 s).
 - Killing A's udp_punch actor while a KCP and a TCP session both run ends the KCP session with
   one line at the client naming the cause; the TCP session completes intact, and a new KCP
   session works once the actor is back.
@@ -281,29 +280,23 @@ def new_session_works(pair: Pair, path: str, expect: str, deadline: float = 30) 
     raise AssertionError(f"no working {expect} session within {deadline}s: {errors[-1:]}")
 
 
-def _transfer_survives(pair: Pair, path: str, expect: str, spare: set[str]) -> None:
-    pipe, session = start_session(pair, path, expect)
+def test_kcp_and_tcp_transfers_survive_killing_every_other_actor(pair: Pair) -> None:
+    """A KCP session's bytes pass through udp_punch and sessions on each side, a tcp_punch session's only
+    through sessions: both run while every other actor of A and then of B is killed in turn. (Killing
+    udp_punch under a tcp_punch session, and under a KCP one: the KCP pump tests below.)"""
+    pipes = [start_session(pair, path, expect) for path, expect in ((KCP, "udp_punch"), (TCP, "tcp_punch"))]
     time.sleep(1.0)
-    run = kill_in_turn(pair, spare, [pipe])
+    run = kill_in_turn(pair, {"sessions", "udp_punch"}, [pipe for pipe, _ in pipes])
     time.sleep(0.5)
-    rc = pipe.finish()
     actors = len({(k.host, k.old_pid) for k in run.kills})
-    print(f"\n{expect} session {session['id']}: {pipe.figures()}; killed {actors} actors "
-          f"({len(run.kills)} components):\n{run.report()}")
-    assert rc == 0, pipe.stderr.decode()
-    assert pipe.intact(), f"sent {pipe.n_sent} got {pipe.n_got}, SHA-256 {'same' if pipe.intact() else 'differs'}"
+    print(f"\nkilled {actors} actors ({len(run.kills)} components):\n{run.report()}")
+    for (pipe, session), (path, expect) in zip(pipes, ((KCP, "udp_punch"), (TCP, "tcp_punch")), strict=True):
+        rc = pipe.finish()
+        print(f"{expect} session {session['id']}: {pipe.figures()}")
+        assert rc == 0, pipe.stderr.decode()
+        assert pipe.intact(), f"sent {pipe.n_sent} got {pipe.n_got}, SHA-256 {'same' if pipe.intact() else 'differs'}"
+        print(f"  new {expect} session worked {new_session_works(pair, path, expect):.2f}s after the last restart")
     check_visible(pair.agents, run.kills)
-    print(f"  new {expect} session worked {new_session_works(pair, path, expect):.2f}s after the last restart")
-
-
-def test_kcp_transfer_survives_killing_every_other_actor(pair: Pair) -> None:
-    """The KCP session's bytes pass through udp_punch and sessions on each side: kill all the others."""
-    _transfer_survives(pair, KCP, "udp_punch", spare={"sessions", "udp_punch"})
-
-
-def test_tcp_punch_transfer_survives_killing_every_other_actor(pair: Pair) -> None:
-    """A tcp_punch session's socket lives only in the session owner: kill everything else, udp_punch too."""
-    _transfer_survives(pair, TCP, "tcp_punch", spare={"sessions"})
 
 
 def _kill_the_kcp_pump(pair: Pair, host: str) -> None:
