@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from actors import direct_calls
 from agent import placement
 from agent.common.files import private_dir
 from agent.common.logfiles import component_handler
@@ -55,13 +56,18 @@ class RayRef:
     `call(kind, method, *args)` entry point.
     """
 
-    def __init__(self, actor: str, namespace: str, kind: str | None = None) -> None:
+    def __init__(self, actor: str, namespace: str, kind: str | None = None, direct: Path | None = None) -> None:
         self.actor = actor
         self.kind = kind or actor
         self.namespace = namespace
+        self.direct = direct
+        """The actor's socket for direct calls on this host (actors/direct_calls.py); Ray when it fails."""
         self._handle: Any = None
 
     async def call(self, method: str, *args: Any) -> Any:
+        if self.direct is not None:
+            with contextlib.suppress(direct_calls.Unreachable):
+                return await direct_calls.call(self.direct, self.kind, method, args)
         if self._handle is None:
             self._handle = ray.get_actor(self.actor, namespace=self.namespace)
         return await self._handle.call.remote(self.kind, method, *args)
@@ -82,13 +88,20 @@ class HostActor:
         _setup_logging(self.state_dir, name)
         kinds = [kind for kind, actor in where.items() if actor == name]
         self.host = ComponentHost(kinds, self._elsewhere)
+        self.direct: direct_calls.DirectCallServer | None = None
         self._ready = asyncio.get_running_loop().create_task(self._boot())
 
     def _elsewhere(self, kind: str) -> Ref:
-        return RayRef(self.where.get(kind, kind), self.namespace, kind)
+        actor = self.where.get(kind, kind)
+        return RayRef(actor, self.namespace, kind, direct_calls.socket_path(self.state_dir, actor))
 
     async def _boot(self) -> None:
         await self.host.start(load_runtime(self.state_dir))
+        self.direct = direct_calls.DirectCallServer(direct_calls.socket_path(self.state_dir, self.name), self.call)
+        try:
+            await self.direct.start()
+        except OSError as exc:  # the others reach us through Ray alone: slower, not broken
+            logging.getLogger(__name__).warning("no socket for direct calls: %s", exc)
         await self._announce()
         if "coordinator" in self.host.kinds:
             await self._collect_announcements()

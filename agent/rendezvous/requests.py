@@ -27,7 +27,7 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from agent.common.netutil import describe_error
+from agent.common.netutil import addr_infos, describe_error
 from agent.proto import rendezvous_pb2 as pb
 from agent.wire import messages, signing
 from agent.wire.addr import SockAddr, join_host_port
@@ -99,12 +99,12 @@ async def open_tcp(
     last: OSError | None = None
     try:
         async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(server[0], server[1], type=socket.SOCK_STREAM)
+            infos = await addr_infos(server[0], server[1], socket.SOCK_STREAM)
             if bind is not None:
                 want = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
                 infos = [i for i in infos if i[0] == want] or infos
-            for family, type_, proto, _name, sockaddr in infos:
-                sock = socket.socket(family, type_, proto)
+            for family, sockaddr in infos:
+                sock = socket.socket(family, socket.SOCK_STREAM)
                 try:
                     sock.setblocking(False)
                     if reuse:

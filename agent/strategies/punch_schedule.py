@@ -25,6 +25,8 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from agent.common.netutil import addr_infos
+
 PUNCH_FIRST_INTERVAL = 0.02
 PUNCH_GROWTH = 1.5
 PUNCH_MAX_INTERVAL = 0.2
@@ -176,8 +178,8 @@ async def punch(
     sock.setblocking(False)
     if peer_reflexive:
         family = sock.family
-        infos = await loop.getaddrinfo(peer_addr[0], peer_addr[1], family=family, type=socket.SOCK_DGRAM)
-        peer: Address = (str(infos[0][4][0]), int(infos[0][4][1]))
+        infos = await addr_infos(peer_addr[0], peer_addr[1], socket.SOCK_DGRAM, family)
+        peer: Address = (str(infos[0][1][0]), int(infos[0][1][1]))
     else:
         sock.connect(peer_addr)
         peer = sock.getpeername()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.common.netutil import describe_error
+from agent.common.netutil import addr_infos, describe_error
 from agent.common.tasks import TaskSet
 from agent.kcp.stream import KcpError, KcpTransport
 from agent.proto import rendezvous_pb2 as pb
@@ -116,8 +116,8 @@ class UdpPunchStrategy(Tracked):
         await self._tasks.close()
 
     async def _server_addr(self) -> tuple[str, int]:
-        infos = await asyncio.get_running_loop().getaddrinfo(self.server[0], self.server[1], type=socket.SOCK_DGRAM)
-        return str(infos[0][4][0]), int(infos[0][4][1])
+        infos = await addr_infos(self.server[0], self.server[1], socket.SOCK_DGRAM)
+        return str(infos[0][1][0]), int(infos[0][1][1])
 
     # ---- A --------------------------------------------------------------------------------
 
