@@ -248,7 +248,8 @@ def supervise(state_dir: Path, announce: bool = False, udp_blocked: str = "") ->
     from actors.ray_runtime import lean_env, namespace_for, start_private_head
 
     (state_dir / PID_FILE).write_text(f"{os.getpid()} up\n")
-    shutil.rmtree(runtime_dir(state_dir) / "boots", ignore_errors=True)
+    for leftover in ("boots", "calls"):  # a crashed run's boot counts and direct-call sockets
+        shutil.rmtree(runtime_dir(state_dir) / leftover, ignore_errors=True)
     stopping = failed = False
 
     def stop(_sig: int, _frame: Any) -> None:
@@ -304,6 +305,7 @@ def supervise(state_dir: Path, announce: bool = False, udp_blocked: str = "") ->
         for path in (state_dir / PID_FILE, control_socket(state_dir)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        shutil.rmtree(runtime_dir(state_dir) / "calls", ignore_errors=True)
 
 
 def _living(pid: int) -> psutil.Process | None:

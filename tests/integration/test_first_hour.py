@@ -25,6 +25,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from agent.runner import running_pid
+from agent.runtime_paths import runtime_dir
 from tests.agent_fixtures import b64
 from tests.integration.test_agent_e2e import OPS, PT, _Echo, _EchoServer, free_triple, pt
 
@@ -247,3 +248,5 @@ def test_down_is_quiet_clean_and_idempotent(hour: Hour) -> None:
     assert (again.returncode, again.stdout, again.stderr) == (0, b"", b"")
     for log in (foreground_output(hour.a), (hour.b / "logs" / "agent.log").read_text()):
         assert "Traceback" not in log, log[-2000:]
+    for state in (hour.a, hour.b):  # the actors' direct-call sockets go with them
+        assert not (runtime_dir(state) / "calls").exists(), list((runtime_dir(state) / "calls").iterdir())
