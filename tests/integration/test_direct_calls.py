@@ -117,13 +117,15 @@ async def test_junk_on_the_socket_is_counted_and_dropped(short_dir: Path) -> Non
     server = DirectCallServer(short_dir / "j.sock", Components().call)
     await server.start()
     try:
-        for junk in (b"", b"\x00\x00", b"\xff\xff\xff\xff" + b"x" * 10, b"\x00\x00\x00\x05hello"):
+        junks = (b"", b"\x00\x00", b"\xff\xff\xff\xff" + b"x" * 10, b"\x00\x00\x00\x05hello",
+                 direct_calls._frame(5), direct_calls._frame(("lan",)))  # pickles, but not a call
+        for junk in junks:
             reader, writer = await asyncio.open_unix_connection(str(server.path))
             writer.write(junk)
             writer.write_eof()
             assert await reader.read() == b""
             writer.close()
-        assert server.errors == 4 and server.served == 0
+        assert server.errors == len(junks) and server.served == 0
         assert (await direct_calls.call(server.path, "lan", "status", ())).ok
     finally:
         await server.close()
