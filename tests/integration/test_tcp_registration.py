@@ -114,7 +114,10 @@ async def test_when_udp_answers_again_registration_moves_back_to_it(udp_blocked:
         await until(lambda: server.core.peers[peer_id].tcp_conn == 0 and server.stats()["peers_online"] == 1)
         assert reg.status()["back_to_udp"] == 1
         await until(lambda: server.stats()["tcp_connections"] == 0)
-        assert reg.status()["state"] == REGISTERED
+        # the server marks the peer back on UDP when the RegisterPeer arrives, before its answer
+        # reaches us: wait for that answer, do not assume it came first
+        await until(lambda: reg.status()["state"] == REGISTERED)
+        assert reg.status()["transport"] == "udp" and reg.status()["tcp_connects"] == 1
 
 
 async def test_an_answering_server_is_never_registered_over_tcp(tmp_path: Path) -> None:
