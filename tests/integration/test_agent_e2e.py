@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +157,9 @@ def send_all_then_eof(sock: socket.socket, data: bytes) -> None:
 def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lab]:
     lab = Lab(tmp_path_factory.mktemp("e2e"), request.param)
     lab.start_server()
-    for name, state in lab.dirs.items():
-        out = pt(state, "id", "--json")
-        lab.ids[name] = json.loads(out.stdout)["id"]
+    with ThreadPoolExecutor(len(lab.dirs)) as pool:  # each is a CLI start: side by side
+        outs = dict(zip(lab.dirs, pool.map(lambda state: pt(state, "id", "--json"), lab.dirs.values()), strict=True))
+    lab.ids.update({name: json.loads(out.stdout)["id"] for name, out in outs.items()})
     pw = lab.root / "b.password"
     pw.write_text("correct horse\n")
     started = time.monotonic()
@@ -176,9 +177,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
         print(f"\n3 agents up and registered ({lab.placement}) in {time.monotonic() - started:.1f}s")
         yield lab
     finally:
-        for state in lab.dirs.values():
+        def down(state: Path) -> None:
             with contextlib.suppress(Exception):
                 pt(state, "down", timeout=60)
+
+        with ThreadPoolExecutor(len(lab.dirs)) as pool:
+            list(pool.map(down, lab.dirs.values()))
         with contextlib.suppress(Exception):
             lab.kill_server()
         lab.echo.shutdown()

@@ -108,7 +108,16 @@ class LabAgents:
         """name -> the actor's row in `punchthrough-ops actors --json`."""
         return {a["name"]: a for a in self.ops(host, "actors")["actors"]}
 
-    def ops(self, host: str, what: str) -> Any:
+    def ops(self, host: str, what: str) -> dict[str, Any]:
+        """What `punchthrough-ops WHAT --json` prints, read from the control socket: tests that poll
+        an agent while a transfer runs do not start a Python process per look (the CLI itself is
+        run by `ops_cli` and tested in tests/integration/test_ops_cli.py)."""
+        reply = dict(self.control(host, what, timeout=30))
+        reply.pop("ok", None)
+        return reply
+
+    def ops_cli(self, host: str, what: str) -> Any:
+        """`punchthrough-ops WHAT --json` run in the host's namespace, as a user runs it."""
         out = self.lab.run(host, [*OPS, "--state-dir", str(self.state(host)), what, "--json"], capture_output=True,
                            timeout=60)
         assert out.returncode == 0, out.stderr

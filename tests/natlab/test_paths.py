@@ -83,7 +83,7 @@ def test_best_path_and_intact_data(agents: LabAgents) -> None:
     assert won in expected, session
     assert {x["outcome"] for x in session["attempts"]} <= OUTCOMES, session["attempts"]
     with ThreadPoolExecutor(2) as pool:  # each measures for a second or two: both sides at once
-        checks = dict(zip((a, b), pool.map(lambda h: agents.ops(h, "netcheck"), (a, b)), strict=True))
+        checks = dict(zip((a, b), pool.map(lambda h: agents.ops_cli(h, "netcheck"), (a, b)), strict=True))
     for host in (a, b):  # netcheck measures each NAT as its ruleset built it
         behavior = checks[host]["nat"]["behavior"]
         want = BEHAVIOR[agents.lab.plan.nodes[host].nat or ""]
