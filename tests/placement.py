@@ -1,7 +1,8 @@
 """Which placement (agent/placement.py) the agents of a test run in.
 
 Each module that starts real agents picks its placement(s) (`for_module`); CI thus runs both
-placements without running every slow test twice. PUNCHTHROUGH_TEST_PLACEMENT=isolated|grouped
+placements without running every slow test twice (a placement a module leaves to `-m slow` is
+one another module's default run covers). PUNCHTHROUGH_TEST_PLACEMENT=isolated|grouped
 forces one placement on every module (run the ray and natlab suites once per placement by hand).
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
+
 ENV = "PUNCHTHROUGH_TEST_PLACEMENT"
 
 
@@ -17,9 +20,12 @@ def forced() -> str | None:
     return os.environ.get(ENV) or None
 
 
-def for_module(*placements: str) -> list[str]:
-    """The placements a module runs its agents in: its own choice, unless the environment forces one."""
-    return [forced()] if forced() else list(placements)  # type: ignore[list-item]
+def for_module(*placements: str, slow: tuple[str, ...] = ()) -> list[Any]:
+    """The placements a module runs its agents in: its own choice, unless the environment forces one.
+    Those in `slow` run only with `-m slow` (a placement the default run covers in another module)."""
+    if forced():
+        return [forced()]
+    return [pytest.param(p, marks=pytest.mark.slow) if p in slow else p for p in placements]
 
 
 def flags(placement: str | None = None) -> list[str]:
