@@ -9,6 +9,7 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 from agent.wire.addr import split_host_port
@@ -44,22 +45,42 @@ async def addr_infos(host: str, port: int, kind: int, family: int = 0) -> list[t
 async def connect_tcp(address: str, default_port: int | None = None, timeout: float = 5.0) -> socket.socket:
     """A connected non-blocking TCP socket (IPv4 or IPv6, first address that answers)."""
     host, port = split_host_port(address, default_port)
-    loop = asyncio.get_running_loop()
     infos = await addr_infos(host, port, socket.SOCK_STREAM)
-    last: OSError | None = None
     async with asyncio.timeout(timeout):
-        for family, sockaddr in infos:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+        return await connect_first(infos, what=address)
+
+
+async def connect_first(
+    infos: Sequence[tuple[int, Any]], bind: tuple[str, int] | None = None, reuse: bool = False, what: str = ""
+) -> socket.socket:
+    """The first of `infos` that accepts a TCP connection: non-blocking, TCP_NODELAY; from `bind` if given.
+
+    `reuse` sets SO_REUSEADDR and SO_REUSEPORT before binding, so the same local port can punch or
+    listen again (a rendezvous request's port is the one its punch leaves from). Raises the last
+    address's OSError; a socket is never left open, cancelled or not."""
+    loop = asyncio.get_running_loop()
+    last: OSError | None = None
+    for family, sockaddr in infos:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
             sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, sockaddr)
-            except OSError as exc:
-                sock.close()
-                last = exc
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-    raise last or OSError(f"no address for {address}")
+            if reuse:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if hasattr(socket, "SO_REUSEPORT"):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if bind is not None:
+                sock.bind(bind)
+            await loop.sock_connect(sock, sockaddr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise last or OSError(f"no address for {what or 'the connection'}")
 
 
 async def tcp_round_trip(

@@ -27,7 +27,7 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from agent.common.netutil import addr_infos, describe_error
+from agent.common.netutil import addr_infos, connect_first, describe_error
 from agent.proto import rendezvous_pb2 as pb
 from agent.wire import messages, signing
 from agent.wire.addr import SockAddr, join_host_port
@@ -94,42 +94,20 @@ async def open_tcp(
     `reuse` sets SO_REUSEADDR and SO_REUSEPORT before binding, so the same local
     port can later be used again to punch or listen (section 10, item 4).
     """
-    loop = asyncio.get_running_loop()
     where = _where(server)
-    last: OSError | None = None
     try:
         async with asyncio.timeout(timeout):
             infos = await addr_infos(server[0], server[1], socket.SOCK_STREAM)
+            if not infos:
+                raise RendezvousError(f"rendezvous server {where}: no address")
             if bind is not None:
                 want = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
                 infos = [i for i in infos if i[0] == want] or infos
-            for family, sockaddr in infos:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                try:
-                    sock.setblocking(False)
-                    if reuse:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                        if hasattr(socket, "SO_REUSEPORT"):
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                    if bind is not None:
-                        sock.bind(bind)
-                    await loop.sock_connect(sock, sockaddr)
-                except OSError as exc:
-                    sock.close()
-                    last = exc
-                    continue
-                except BaseException:
-                    sock.close()
-                    raise
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return sock
+            return await connect_first(infos, bind, reuse)
     except TimeoutError:
         raise RendezvousError(f"rendezvous server {where}: connect timed out after {timeout:g} s") from None
     except OSError as exc:
         raise RendezvousError(f"rendezvous server {where}: {describe_error(exc)}") from None
-    if last is None:
-        raise RendezvousError(f"rendezvous server {where}: no address")
-    raise RendezvousError(f"rendezvous server {where}: {describe_error(last)}")
 
 
 class _Conn:
