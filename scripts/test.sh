@@ -35,10 +35,10 @@ if [ $# -gt 0 ]; then  # a chosen selection: as given, in one process
   run_pytest --durations=30 "$@"
   exit $?
 fi
-# The default run, in two parts. The core (no Ray, no NAT lab) spends most of its time waiting on
-# loopback timers: two workers (pytest-xdist) take it from ~195 s to ~115 s on two cores. Ray and
-# the NAT lab start real agents whose start is CPU-bound: one test at a time, after the core, so
-# their races run on a machine as quiet as before.
+# The default run, in two parts. The core (no Ray, no NAT lab) keeps about one core busy (150 CPU-s
+# in 195 s, the rest waits on loopback timers): two workers (pytest-xdist) take it to ~115 s on two
+# cores (four: ~110 s). Ray and the NAT lab start real agents, CPU-bound: one test at a time, after
+# the core, so their races run on a machine no busier than before.
 rc=0
 run_pytest -n 2 -m "not natlab and not ray and not slow" --durations=10 || rc=1
 run_pytest -m "(natlab or ray) and not slow" --durations=30 || rc=1
