@@ -24,7 +24,7 @@ from agent import placement
 from agent.common.files import private_dir
 from agent.common.logfiles import component_handler
 from agent.refs import Ref
-from agent.runtime_paths import runtime_dir
+from agent.runtime_paths import call_socket, runtime_dir
 from agent.stack import ComponentHost, load_runtime
 
 ACTOR_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
@@ -93,11 +93,11 @@ class HostActor:
 
     def _elsewhere(self, kind: str) -> Ref:
         actor = self.where.get(kind, kind)
-        return RayRef(actor, self.namespace, kind, direct_calls.socket_path(self.state_dir, actor))
+        return RayRef(actor, self.namespace, kind, call_socket(self.state_dir, actor))
 
     async def _boot(self) -> None:
         await self.host.start(load_runtime(self.state_dir))
-        self.direct = direct_calls.DirectCallServer(direct_calls.socket_path(self.state_dir, self.name), self.call)
+        self.direct = direct_calls.DirectCallServer(call_socket(self.state_dir, self.name), self.call)
         try:
             await self.direct.start()
         except OSError as exc:  # the others reach us through Ray alone: slower, not broken

@@ -29,7 +29,6 @@ from typing import Any
 
 from agent.common.files import private_dir
 from agent.common.tasks import TaskSet
-from agent.runtime_paths import runtime_dir
 
 _HEAD = struct.Struct(">I")
 MAX_MESSAGE = 16 << 20
@@ -41,10 +40,6 @@ Dispatch = Callable[..., Awaitable[Any]]
 
 class Unreachable(Exception):
     """The call did not reach the actor, or its answer did not come back: use Ray instead."""
-
-
-def socket_path(state_dir: Path, actor: str) -> Path:
-    return runtime_dir(state_dir) / "calls" / f"{actor}.sock"
 
 
 async def _read(reader: asyncio.StreamReader) -> Any:

@@ -37,7 +37,7 @@ from agent.common.procs import wait_exited
 from agent.config import Config
 from agent.control.pins import SERVER_PINS_FILE, ServerPins
 from agent.rendezvous.preflight import no_answer
-from agent.runtime_paths import control_socket, runtime_dir
+from agent.runtime_paths import calls_dir, control_socket, runtime_dir
 from agent.wire.addr import split_host_port
 from agent.wire.ports import RENDEZVOUS_PORT
 
@@ -248,8 +248,8 @@ def supervise(state_dir: Path, announce: bool = False, udp_blocked: str = "") ->
     from actors.ray_runtime import lean_env, namespace_for, start_private_head
 
     (state_dir / PID_FILE).write_text(f"{os.getpid()} up\n")
-    for leftover in ("boots", "calls"):  # a crashed run's boot counts and direct-call sockets
-        shutil.rmtree(runtime_dir(state_dir) / leftover, ignore_errors=True)
+    for leftover in (runtime_dir(state_dir) / "boots", calls_dir(state_dir)):  # a crashed run's boot counts
+        shutil.rmtree(leftover, ignore_errors=True)  # and direct-call sockets
     stopping = failed = False
 
     def stop(_sig: int, _frame: Any) -> None:
@@ -305,7 +305,7 @@ def supervise(state_dir: Path, announce: bool = False, udp_blocked: str = "") ->
         for path in (state_dir / PID_FILE, control_socket(state_dir)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        shutil.rmtree(runtime_dir(state_dir) / "calls", ignore_errors=True)
+        shutil.rmtree(calls_dir(state_dir), ignore_errors=True)
 
 
 def _living(pid: int) -> psutil.Process | None:

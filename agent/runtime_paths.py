@@ -13,11 +13,18 @@ import time
 from pathlib import Path
 
 _MAX_SOCK_PATH = 100
+CALLS = "calls"
+"""Below the runtime dir: each actor's socket for direct calls (actors/direct_calls.py)."""
+CALL_NAME_MAX = 16
+"""Longest actor name a direct-call socket is named after (the built-in ones are 4-11 characters);
+a longer one (a plug-in strategy's) is named by a hash of that length."""
+_LONGEST = f"{CALLS}/{'x' * CALL_NAME_MAX}.sock"
+"""The longest socket path below the runtime dir: the one the length check must fit."""
 
 
 def runtime_dir(state_dir: Path) -> Path:
     state_dir = state_dir.resolve()
-    if len(str(state_dir / "sessions.sock")) < _MAX_SOCK_PATH:
+    if len(str(state_dir / _LONGEST)) < _MAX_SOCK_PATH:
         return state_dir
     digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:16]
     short = Path("/tmp") / f"punchthrough-{os.getuid()}-{digest}"
@@ -35,6 +42,17 @@ def control_socket(state_dir: Path) -> Path:
 def sessions_socket(state_dir: Path) -> Path:
     """The session owner's socket: strategies hand it their connected transports."""
     return runtime_dir(state_dir) / "sessions.sock"
+
+
+def calls_dir(state_dir: Path) -> Path:
+    """The actors' direct-call sockets (removed by the supervisor at start and stop)."""
+    return runtime_dir(state_dir) / CALLS
+
+
+def call_socket(state_dir: Path, actor: str) -> Path:
+    """The socket on which `actor` takes direct calls from the agent's other actors."""
+    name = actor if len(actor) <= CALL_NAME_MAX else hashlib.sha256(actor.encode()).hexdigest()[:CALL_NAME_MAX]
+    return calls_dir(state_dir) / f"{name}.sock"
 
 
 UDP_BLOCKED_HINT = "udp_blocked"

@@ -13,6 +13,7 @@ import pytest
 
 from actors import direct_calls
 from actors.direct_calls import DirectCallServer, Unreachable
+from agent import runtime_paths
 from agent.strategies.base import Result
 
 
@@ -127,5 +128,30 @@ async def test_junk_on_the_socket_is_counted_and_dropped(short_dir: Path) -> Non
             writer.close()
         assert server.errors == len(junks) and server.served == 0
         assert (await direct_calls.call(server.path, "lan", "status", ())).ok
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("actor", ["coordinator", "a-plug-in-strategy-with-a-long-name"])
+async def test_every_actor_gets_a_socket_under_the_deepest_state_dir_kept_in_place(
+    short_dir: Path, actor: str
+) -> None:
+    """runtime_dir keeps a state dir in place while its sockets fit (else a short /tmp twin): that
+    must hold for the direct-call sockets too, not only for sessions.sock (a state dir 85 characters
+    long kept sessions.sock at 99 and put calls/coordinator.sock at 108, one past the limit)."""
+    deepest = short_dir.resolve() / "y"
+    while True:  # one character deeper at a time, until runtime_dir moves the sockets to /tmp
+        deeper = deepest.parent / (deepest.name + "y")
+        moved = runtime_paths.runtime_dir(deeper)
+        if moved != deeper:
+            moved.rmdir()  # the twin runtime_dir just made for it
+            break
+        deepest = deeper
+    deepest.mkdir(parents=True, exist_ok=True)
+    server = DirectCallServer(runtime_paths.call_socket(deepest, actor), Components().call)
+    await server.start()
+    try:
+        got = await direct_calls.call(server.path, actor, "status", ())
+        assert got.reason == f"{actor}.status()"
     finally:
         await server.close()

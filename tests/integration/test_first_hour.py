@@ -25,7 +25,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from agent.runner import running_pid
-from agent.runtime_paths import runtime_dir
+from agent.runtime_paths import calls_dir
 from tests.agent_fixtures import b64
 from tests.integration.test_agent_e2e import OPS, PT, _Echo, _EchoServer, free_triple, pt
 
@@ -249,4 +249,4 @@ def test_down_is_quiet_clean_and_idempotent(hour: Hour) -> None:
     for log in (foreground_output(hour.a), (hour.b / "logs" / "agent.log").read_text()):
         assert "Traceback" not in log, log[-2000:]
     for state in (hour.a, hour.b):  # the actors' direct-call sockets go with them
-        assert not (runtime_dir(state) / "calls").exists(), list((runtime_dir(state) / "calls").iterdir())
+        assert not calls_dir(state).exists(), list(calls_dir(state).iterdir())
